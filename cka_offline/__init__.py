@@ -1,0 +1,36 @@
+"""cka-offline: extract layer activations to HDF5 once, compare them with streaming minibatch CKA.
+
+Public API (imported lazily so that ``import cka_offline`` and ``--help`` stay fast):
+
+- :func:`extract` -- run an extractor plugin over inputs and write an activation file;
+- :func:`analyze` -- stream activation files into the minibatch CKA accumulator, return a :class:`CKAResult`;
+- :func:`open_activations` -- read an activation file (or shards of one);
+- :class:`MinibatchCKA` -- the streaming accumulator itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "extract": ("cka_offline.extract", "extract"),
+    "analyze": ("cka_offline.analyze", "analyze"),
+    "CKAResult": ("cka_offline.results", "CKAResult"),
+    "load_result": ("cka_offline.results", "load_result"),
+    "open_activations": ("cka_offline.store.reader", "open_activations"),
+    "MinibatchCKA": ("cka_offline.cka.accumulator", "MinibatchCKA"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'cka_offline' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_LAZY]

@@ -1,0 +1,78 @@
+"""Errors a user can cause. Every one is a :class:`CKAOfflineError`.
+
+The message of each says what went wrong, where (file, layer, example id) and how to fix it.
+The CLI prints it as one line on stderr and exits non-zero; ``--debug`` shows the traceback.
+This module imports nothing from the package so that every layer can use it.
+"""
+
+from __future__ import annotations
+
+
+class CKAOfflineError(Exception):
+    """Base class of every error a user can cause (bad input, bad file, bad option)."""
+
+    exit_code = 2
+
+
+class FormatError(CKAOfflineError):
+    """A file is not a valid activation (or result) file: wrong type, missing or malformed content."""
+
+
+class VersionError(FormatError):
+    """A file was written in a format major version this release cannot read."""
+
+
+class IncompleteFileError(FormatError):
+    """A file is still being written, or its writer died before finishing."""
+
+
+class UnsafeFileError(FormatError):
+    """A file points outside itself (external links, external storage, virtual datasets)."""
+
+
+class AlignmentError(CKAOfflineError):
+    """Two files do not hold the same examples, or shards do not fit together."""
+
+
+class LayerSelectionError(CKAOfflineError):
+    """A layer name or pattern matches nothing, or is ambiguous."""
+
+
+class InputError(CKAOfflineError):
+    """Model inputs cannot be read or do not fit the model."""
+
+
+class ModelError(CKAOfflineError):
+    """A model cannot be loaded or run."""
+
+
+class PluginError(CKAOfflineError):
+    """No extractor fits a source, several do, or a plugin is broken."""
+
+
+class ActivationValueError(CKAOfflineError):
+    """Activations hold NaN or Inf."""
+
+
+class InsufficientDataError(CKAOfflineError):
+    """Too few examples for the requested estimator (HSIC_1 needs at least 4 per minibatch)."""
+
+
+class OutputError(CKAOfflineError):
+    """An output cannot be written: it exists (use --overwrite), its folder is not writable, the disk is full."""
+
+
+class DeviceError(CKAOfflineError):
+    """A requested device (cuda, cuda:N) or execution provider is not available."""
+
+
+class ResourceError(CKAOfflineError):
+    """A computation would need more memory than allowed (for example the exact full-data estimator)."""
+
+
+class ResumeError(CKAOfflineError):
+    """An interrupted extraction cannot be resumed with the given model, inputs or options."""
+
+
+class DistributedError(CKAOfflineError):
+    """A rank of a torch.distributed run failed or disagrees with the others."""

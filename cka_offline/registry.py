@@ -1,0 +1,155 @@
+"""Finding plugins: the plugin manager factory and look-ups of extractors and input readers.
+
+The manager is built by :func:`get_plugin_manager`, never at import time, so tests can build their own
+and register plugins by hand. Every installed distribution that declares an entry point in the
+``cka_offline`` group is loaded; one that fails to import is recorded in :func:`broken_plugins` and
+the others carry on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Iterable
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+from .extractor import Extractor, InputReader
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = hookspecs.PROJECT
+
+
+@dataclass(frozen=True)
+class PluginEntry:
+    """An extractor or input-reader class with where it came from."""
+
+    name: str
+    cls: type
+    plugin: str
+    distribution: str
+    version: str
+    description: str
+
+
+def get_plugin_manager(*, entry_points: bool = True, plugins: Iterable[object] = ()) -> pluggy.PluginManager:
+    """Build a plugin manager with the core's own plugins, installed entry points and ``plugins``.
+
+    Args:
+        entry_points: load plugins from the ``cka_offline`` entry-point group.
+        plugins: extra plugin objects (modules or instances with ``@hookimpl`` functions), registered last.
+    """
+    from . import inputs  # the core's own input readers, registered like any plugin
+
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(inputs, name="cka_offline.inputs")
+    pm.broken = []  # type: ignore[attr-defined]
+    if entry_points:
+        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+                continue
+            dist = ep.dist.name if ep.dist is not None else "?"
+            try:
+                plugin = ep.load()
+                pm.register(plugin, name=ep.name)
+            except Exception as exc:  # a broken third-party plugin must not break the others
+                log.warning("plugin %r from %s failed to load: %s", ep.name, dist, exc)
+                pm.broken.append((ep.name, dist, f"{type(exc).__name__}: {exc}"))  # type: ignore[attr-defined]
+                continue
+            pm._cka_dists = getattr(pm, "_cka_dists", {})  # type: ignore[attr-defined]
+            pm._cka_dists[ep.name] = (dist, ep.dist.version if ep.dist is not None else "")  # type: ignore[attr-defined]
+    for i, plugin in enumerate(plugins):
+        pm.register(plugin, name=getattr(plugin, "__name__", None) or f"plugin-{i}-{id(plugin)}")
+    pm.check_pending()
+    return pm
+
+
+def broken_plugins(pm: pluggy.PluginManager) -> list[tuple[str, str, str]]:
+    """``(entry point name, distribution, error)`` for every plugin that failed to load."""
+    return list(getattr(pm, "broken", []))
+
+
+def _collect(pm: pluggy.PluginManager, hook_name: str, base: type) -> list[PluginEntry]:
+    from . import __version__
+
+    dists = getattr(pm, "_cka_dists", {})
+    entries: list[PluginEntry] = []
+    seen: dict[str, PluginEntry] = {}
+    hook = getattr(pm.hook, hook_name)
+    for impl in hook.get_hookimpls()[::-1]:  # pluggy calls the last registered first; we keep that order
+        plugin_name = pm.get_name(impl.plugin) or "?"
+        try:
+            classes = impl.function() or []
+        except Exception as exc:
+            log.warning("plugin %r failed in %s: %s", plugin_name, hook_name, exc)
+            pm.broken.append((plugin_name, dists.get(plugin_name, ("?", ""))[0], f"{type(exc).__name__}: {exc}"))  # type: ignore[attr-defined]
+            continue
+        dist, version = dists.get(plugin_name, ("cka-offline", __version__) if plugin_name.startswith("cka_offline") else ("?", ""))
+        for cls in classes:
+            if not (isinstance(cls, type) and issubclass(cls, base)) or not getattr(cls, "name", ""):
+                pm.broken.append((plugin_name, dist, f"{cls!r} is not a named {base.__name__} subclass"))  # type: ignore[attr-defined]
+                continue
+            entry = PluginEntry(cls.name, cls, plugin_name, dist, version, getattr(cls, "description", ""))
+            if cls.name in seen and seen[cls.name].cls is not cls:
+                raise PluginError(
+                    f"two plugins provide a {base.__name__.lower()} named {cls.name!r}: "
+                    f"{seen[cls.name].distribution} and {dist}; uninstall one of them"
+                )
+            if cls.name not in seen:
+                seen[cls.name] = entry
+                entries.append(entry)
+    return entries
+
+
+def list_extractors(pm: pluggy.PluginManager | None = None) -> list[PluginEntry]:
+    """Every extractor class the installed plugins provide, in call order (latest registered first)."""
+    return _collect(pm or get_plugin_manager(), "cka_extractors", Extractor)
+
+
+def list_input_readers(pm: pluggy.PluginManager | None = None) -> list[PluginEntry]:
+    """Every input reader class, latest registered first (so plugins can override built-in readers)."""
+    return _collect(pm or get_plugin_manager(), "cka_input_readers", InputReader)
+
+
+def get_extractor(name: str, pm: pluggy.PluginManager | None = None) -> type[Extractor]:
+    """The extractor class called ``name``; an error lists the installed names."""
+    entries = list_extractors(pm)
+    for entry in entries:
+        if entry.name == name:
+            return entry.cls
+    known = ", ".join(sorted(e.name for e in entries)) or "none"
+    raise PluginError(f"no extractor named {name!r}; installed extractors: {known} (see cka-extract --list-extractors)")
+
+
+def find_extractor(source: str, pm: pluggy.PluginManager | None = None) -> type[Extractor]:
+    """The one extractor whose ``can_open(source)`` is true; none or several is an error."""
+    entries = list_extractors(pm)
+    matches = []
+    for entry in entries:
+        try:
+            if entry.cls.can_open(source):
+                matches.append(entry)
+        except Exception as exc:  # a plugin's bug must not hide the others
+            log.warning("extractor %r failed in can_open(%r): %s", entry.name, source, exc)
+    if not matches:
+        known = ", ".join(f"{e.name} ({e.description})" for e in entries) or "none installed"
+        raise PluginError(f"no extractor can open {source!r}; installed: {known}")
+    if len(matches) > 1:
+        names = ", ".join(e.name for e in matches)
+        raise PluginError(f"several extractors can open {source!r} ({names}); choose one with --extractor NAME")
+    return matches[0].cls
+
+
+def find_input_reader(path: str, pm: pluggy.PluginManager | None = None) -> type[InputReader]:
+    """The input reader for ``path`` (first that can open it, plugins before built-ins)."""
+    entries = list_input_readers(pm)
+    for entry in entries:
+        if entry.cls.can_open(path):
+            return entry.cls
+    known = ", ".join(f"{e.name} ({e.description})" for e in entries)
+    raise PluginError(f"no input reader can open {path!r}; readers: {known}")

@@ -1,0 +1,1 @@
+"""cka-offline onnx plugin."""
