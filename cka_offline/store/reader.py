@@ -1,0 +1,405 @@
+"""Validating, streaming reader of activation files (format v1, see ``docs/format.md``).
+
+:func:`open_activations` opens one file, or several shard files of one logical file, checks everything
+the format promises (type, version, attributes, ids, row counts, completeness, no links outside the
+file) and reads row blocks on demand: a layer is never loaded whole unless asked.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from ..errors import AlignmentError, FormatError, IncompleteFileError, UnsafeFileError, VersionError
+from . import schema
+from .writer import PARTIAL_SUFFIX, _read_ids
+
+#: the filter id HDF5 registers for LZ4 (hdf5plugin)
+_LZ4_FILTER = 32004
+
+
+@dataclass(frozen=True)
+class LayerMeta:
+    """One stored layer: its original name and how it was stored."""
+
+    name: str
+    key: str
+    features: int
+    original_shape: tuple[int, ...]
+    reduction: str
+    dtype: str
+    order: int
+
+
+class _Shard:
+    """One physical file: validated on open, holds the h5py handle."""
+
+    def __init__(self, path: str, *, allow_external: bool) -> None:
+        self.path = path
+        if not os.path.exists(path):
+            hint = ""
+            if os.path.exists(path + PARTIAL_SUFFIX):
+                hint = f"; {path + PARTIAL_SUFFIX} exists: the extraction did not finish, complete it with cka-extract --resume"
+            raise FormatError(f"{path}: no such file{hint}")
+        if path.endswith(PARTIAL_SUFFIX):
+            raise IncompleteFileError(
+                f"{path} is an unfinished extraction (still being written, or its writer stopped); "
+                "complete it with cka-extract --resume"
+            )
+        try:
+            self.file = h5py.File(path, "r")
+        except OSError as exc:
+            text = str(exc)
+            if "lock" in text.lower():
+                raise IncompleteFileError(
+                    f"{path} is open for writing by another process; wait until it finishes"
+                ) from exc
+            raise FormatError(
+                f"{path} is not a readable HDF5 file (truncated, corrupt or another file type); "
+                "activation files are written by cka-extract"
+            ) from exc
+        try:
+            self._validate(allow_external)
+        except BaseException:
+            self.file.close()
+            raise
+
+    def _validate(self, allow_external: bool) -> None:
+        f, path = self.file, self.path
+        attrs = f.attrs
+        fmt = _str_attr(attrs, schema.ATTR_FORMAT)
+        if fmt != schema.FORMAT_NAME:
+            raise FormatError(
+                f"{path} is an HDF5 file but not a cka-offline activation file (attribute "
+                f"{schema.ATTR_FORMAT!r} is {fmt!r}, expected {schema.FORMAT_NAME!r}); write it with cka-extract"
+            )
+        version = _str_attr(attrs, schema.ATTR_VERSION)
+        try:
+            self.version = schema.parse_version(version)
+        except ValueError:
+            raise FormatError(f"{path}: malformed format version {version!r}; expected MAJOR.MINOR") from None
+        if self.version[0] != schema.FORMAT_MAJOR:
+            raise VersionError(
+                f"{path} uses activation format {version}, but this cka-offline reads format "
+                f"{schema.FORMAT_MAJOR}.x; install a cka-offline release that reads format {self.version[0]}.x "
+                "(pip install -U cka-offline)"
+            )
+        for key in schema.REQUIRED_ROOT_ATTRS:
+            if key not in attrs:
+                raise FormatError(f"{path}: required attribute {key!r} is missing; the file is damaged, extract it again")
+        if not allow_external:
+            _refuse_external(f, path)
+        self.n = _int_attr(attrs, schema.ATTR_N_EXAMPLES, path)
+        if not bool(attrs[schema.ATTR_COMPLETE]):
+            done = _int_attr(attrs, schema.ATTR_ROWS_COMPLETE, path)
+            raise IncompleteFileError(
+                f"{path} is incomplete ({done} of {self.n} rows written): it is still being written or its "
+                "writer stopped; complete it with cka-extract --resume"
+            )
+        self.chunk_rows = _int_attr(attrs, schema.ATTR_CHUNK_ROWS, path)
+        ids_ds = f.get(schema.IDS_DATASET)
+        if not isinstance(ids_ds, h5py.Dataset):
+            raise FormatError(f"{path}: dataset /{schema.IDS_DATASET} (example ids) is missing")
+        if ids_ds.ndim != 1 or ids_ds.shape[0] != self.n:
+            raise FormatError(
+                f"{path}: /{schema.IDS_DATASET} has shape {ids_ds.shape}, expected ({self.n},) as {schema.ATTR_N_EXAMPLES} says"
+            )
+        if not (ids_ds.dtype.kind in "iu" or h5py.check_string_dtype(ids_ds.dtype) is not None):
+            raise FormatError(f"{path}: example ids have dtype {ids_ds.dtype}; expected integers or strings")
+        self.ids = _read_ids(ids_ds)
+        if self.ids.dtype.kind in "iu":
+            self.ids = self.ids.astype(np.int64)
+        uniq, counts = np.unique(self.ids, return_counts=True)
+        if len(uniq) != len(self.ids):
+            raise FormatError(f"{path}: example id {uniq[counts > 1][0]!r} occurs more than once; ids must be unique")
+        group = f.get(schema.LAYERS_GROUP)
+        if not isinstance(group, h5py.Group) or len(group) == 0:
+            raise FormatError(f"{path}: group /{schema.LAYERS_GROUP} is missing or holds no layers")
+        layers = []
+        for key in group:
+            ds = group[key]
+            if not isinstance(ds, h5py.Dataset):
+                raise FormatError(f"{path}: /{schema.LAYERS_GROUP}/{key} is not a dataset")
+            for attr in schema.REQUIRED_LAYER_ATTRS:
+                if attr not in ds.attrs:
+                    raise FormatError(f"{path}: layer dataset /{schema.LAYERS_GROUP}/{key} lacks attribute {attr!r}")
+            name = _str_attr(ds.attrs, schema.LAYER_ATTR_NAME)
+            if ds.ndim != 2:
+                raise FormatError(f"{path}: layer {name!r} has {ds.ndim} dimensions; expected (examples, features)")
+            if ds.shape[0] != self.n:
+                raise FormatError(
+                    f"{path}: layer {name!r} has {ds.shape[0]} rows but the file has {self.n} example ids"
+                )
+            if ds.dtype.name not in schema.STORED_DTYPES:
+                raise FormatError(f"{path}: layer {name!r} is stored as {ds.dtype}; expected float32 or float16")
+            features = _int_attr(ds.attrs, schema.LAYER_ATTR_FEATURES, path)
+            if features != ds.shape[1]:
+                raise FormatError(f"{path}: layer {name!r} says {features} features but stores {ds.shape[1]}")
+            reduction = _str_attr(ds.attrs, schema.LAYER_ATTR_REDUCTION)
+            try:
+                shape = tuple(int(x) for x in np.asarray(ds.attrs[schema.LAYER_ATTR_ORIGINAL_SHAPE]).reshape(-1))
+            except (TypeError, ValueError):
+                raise FormatError(f"{path}: layer {name!r} has a malformed original_shape attribute") from None
+            if _LZ4_FILTER in ds._filters or "32004" in ds._filters:  # noqa: SLF001 - h5py exposes no public API
+                _load_hdf5plugin(path)
+            layers.append(
+                LayerMeta(name, key, features, shape, reduction, ds.dtype.name, _int_attr(ds.attrs, schema.LAYER_ATTR_ORDER, path))
+            )
+        layers.sort(key=lambda m: m.order)
+        names = [m.name for m in layers]
+        if len(set(names)) != len(names):
+            raise FormatError(f"{path}: two layers share a name; the file is damaged")
+        self.layers = layers
+        self.shard_index = int(attrs.get(schema.ATTR_SHARD_INDEX, 0))
+        self.shard_count = int(attrs.get(schema.ATTR_SHARD_COUNT, 1))
+        self.offset = int(attrs.get(schema.ATTR_EXAMPLE_OFFSET, 0))
+
+    def provenance(self) -> dict[str, Any]:
+        attrs = self.file.attrs
+        out: dict[str, Any] = {key: _str_attr(attrs, key) for key in schema.PROVENANCE_ATTRS if key in attrs}
+        for key in (schema.ATTR_TOOL_VERSION, schema.ATTR_CREATED):
+            out[key] = _str_attr(attrs, key)
+        out["format_version"] = f"{self.version[0]}.{self.version[1]}"
+        extra = _str_attr(attrs, schema.ATTR_EXTRA) if schema.ATTR_EXTRA in attrs else "{}"
+        try:
+            out["extra"] = json.loads(extra or "{}")
+        except json.JSONDecodeError:
+            raise FormatError(f"{self.path}: attribute 'extra' is not valid JSON") from None
+        return out
+
+
+class ActivationFile:
+    """One logical activation file: a single file or several shards concatenated in example order."""
+
+    def __init__(self, paths: Sequence[str], *, allow_external: bool = False) -> None:
+        self.paths = list(paths)
+        shards: list[_Shard] = []
+        try:
+            for path in self.paths:
+                shards.append(_Shard(path, allow_external=allow_external))
+            self._shards = _order_shards(shards)
+        except BaseException:
+            for shard in shards:
+                shard.file.close()
+            raise
+        first = self._shards[0]
+        self.paths = [s.path for s in self._shards]
+        self.version = first.version
+        self.layers: list[LayerMeta] = first.layers
+        self.layer_names = [m.name for m in self.layers]
+        self._by_name = {m.name: m for m in self.layers}
+        self.chunk_rows = first.chunk_rows
+        self.n_examples = sum(s.n for s in self._shards)
+        self.ids = np.concatenate([s.ids for s in self._shards]) if len(self._shards) > 1 else first.ids
+        self._starts = np.cumsum([0] + [s.n for s in self._shards])
+        self.provenance = first.provenance()
+        if len(self._shards) > 1:
+            self.provenance["shards"] = [s.path for s in self._shards]
+
+    @property
+    def path(self) -> str:
+        """The first (or only) file's path, for messages."""
+        return self.paths[0] if len(self.paths) == 1 else f"{self.paths[0]} (+{len(self.paths) - 1} shards)"
+
+    def layer(self, name: str) -> LayerMeta:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise FormatError(f"{self.path}: no layer named {name!r}; it has {', '.join(self.layer_names)}") from None
+
+    def read(self, layer: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of ``layer`` (stored dtype), across shard boundaries."""
+        meta = self.layer(layer)
+        start, stop = max(0, int(start)), min(self.n_examples, int(stop))
+        parts = []
+        for i, shard in enumerate(self._shards):
+            lo, hi = self._starts[i], self._starts[i + 1]
+            a, b = max(start, lo), min(stop, hi)
+            if a < b:
+                parts.append(shard.file[schema.LAYERS_GROUP][meta.key][a - lo : b - lo])
+        if not parts:
+            return np.empty((0, meta.features), dtype=meta.dtype)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def read_rows(self, layer: str, index: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Rows ``index`` (any order) of ``layer``. Reads the chunk-aligned blocks those rows lie in, one
+        block at a time, so memory is the output plus one block."""
+        meta = self.layer(layer)
+        index = np.asarray(index, dtype=np.int64)
+        out = np.empty((len(index), meta.features), dtype=meta.dtype)
+        if len(index) == 0:
+            return out
+        if index.min() < 0 or index.max() >= self.n_examples:
+            raise IndexError(f"row index out of range 0..{self.n_examples - 1}")
+        order = np.argsort(index, kind="stable")
+        sorted_idx = index[order]
+        block = self.chunk_rows
+        block_of = sorted_idx // block
+        bounds = np.flatnonzero(np.diff(block_of)) + 1
+        for seg in np.split(np.arange(len(sorted_idx)), bounds):
+            b = int(block_of[seg[0]])
+            lo = b * block
+            rows = self.read(layer, lo, lo + block)
+            out[order[seg]] = rows[sorted_idx[seg] - lo]
+        return out
+
+    def iter_blocks(
+        self, layers: Sequence[str] | None = None, block_rows: int | None = None
+    ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+        """Yield ``(start, stop, {layer: rows})`` over all examples in chunk-aligned blocks."""
+        names = list(layers) if layers is not None else self.layer_names
+        step = block_rows or self.chunk_rows
+        for start in range(0, self.n_examples, step):
+            stop = min(self.n_examples, start + step)
+            yield start, stop, {name: self.read(name, start, stop) for name in names}
+
+    def close(self) -> None:
+        for shard in self._shards:
+            shard.file.close()
+
+    def __enter__(self) -> "ActivationFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ActivationFile({self.path!r}, n_examples={self.n_examples}, layers={len(self.layers)})"
+
+
+def expand_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    """A path, a glob pattern or a list of them -> sorted list of existing-or-named paths."""
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    out: list[str] = []
+    for item in items:
+        text = os.fspath(item)
+        if any(ch in text for ch in "*?[") and not os.path.exists(text):
+            matches = sorted(p for p in globlib.glob(text) if not p.endswith(PARTIAL_SUFFIX))
+            if not matches:
+                partial = globlib.glob(text + PARTIAL_SUFFIX)
+                hint = f" ({len(partial)} unfinished .partial file(s) match: finish them with --resume)" if partial else ""
+                raise FormatError(f"no activation file matches {text!r}{hint}")
+            out.extend(matches)
+        else:
+            out.append(text)
+    if not out:
+        raise FormatError("no activation file given")
+    return out
+
+
+def open_activations(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *, allow_external: bool = False
+) -> ActivationFile:
+    """Open an activation file, or shard files (list or glob) of one logical file, and validate it.
+
+    Args:
+        paths: a path, a glob (``"run/acts-*.h5"``) or a list of paths.
+        allow_external: read files holding HDF5 external links, external storage or virtual datasets
+            (refused by default: a shared file must not make the reader open arbitrary local files).
+    """
+    return ActivationFile(expand_paths(paths), allow_external=allow_external)
+
+
+def _order_shards(shards: list[_Shard]) -> list[_Shard]:
+    if len(shards) == 1:
+        return shards
+    shards = sorted(shards, key=lambda s: (s.offset, s.shard_index))
+    first = shards[0]
+    names = [p.path for p in shards]
+    counts = {s.shard_count for s in shards}
+    if len(counts) != 1:
+        raise AlignmentError(f"shards disagree on the number of shards ({sorted(counts)}): {names}")
+    (count,) = counts
+    if count != len(shards):
+        have = sorted(s.shard_index for s in shards)
+        raise AlignmentError(
+            f"the logical file has {count} shards but {len(shards)} were given (shard indexes {have}); "
+            "pass all shard files"
+        )
+    if sorted(s.shard_index for s in shards) != list(range(count)):
+        raise AlignmentError(f"shard indexes {[s.shard_index for s in shards]} are not 0..{count - 1}: {names}")
+    ref = first.provenance()
+    ref_layers = [(m.name, m.features, m.reduction, m.original_shape, m.dtype) for m in first.layers]
+    expected_offset = 0
+    for shard in shards:
+        prov = shard.provenance()
+        for key in ("model", "model_sha256", "extractor", "options", "inputs_sha256"):
+            if prov.get(key, "") != ref.get(key, ""):
+                raise AlignmentError(
+                    f"shard {shard.path} differs from {first.path} in {key!r}: shards must come from the same "
+                    "model, inputs and options"
+                )
+        layers = [(m.name, m.features, m.reduction, m.original_shape, m.dtype) for m in shard.layers]
+        if layers != ref_layers:
+            raise AlignmentError(f"shard {shard.path} has other layers than {first.path}")
+        if shard.offset != expected_offset:
+            raise AlignmentError(
+                f"shard {shard.path} starts at example {shard.offset} but the shards before it end at "
+                f"{expected_offset}: shards overlap or one is missing"
+            )
+        expected_offset += shard.n
+    all_ids = np.concatenate([s.ids for s in shards])
+    uniq, counts_ = np.unique(all_ids, return_counts=True)
+    if len(uniq) != len(all_ids):
+        raise AlignmentError(f"example id {uniq[counts_ > 1][0]!r} occurs in more than one shard; shards must be disjoint")
+    return shards
+
+
+def _refuse_external(f: h5py.File, path: str) -> None:
+    problems: list[str] = []
+
+    def visit(name: str, link: Any) -> None:
+        if isinstance(link, h5py.ExternalLink):
+            problems.append(f"/{name} is an external link to {link.filename}")
+        elif isinstance(link, h5py.SoftLink):
+            problems.append(f"/{name} is a soft link to {link.path}")
+        elif isinstance(link, h5py.HardLink):
+            obj = f.get(name)
+            if isinstance(obj, h5py.Dataset):
+                if obj.is_virtual:
+                    problems.append(f"/{name} is a virtual dataset")
+                elif obj.external:
+                    problems.append(f"/{name} keeps its data in external file(s)")
+
+    f.visititems_links(visit) if hasattr(f, "visititems_links") else f.visit_links(visit)
+    if problems:
+        raise UnsafeFileError(
+            f"{path}: {problems[0]}; files that point outside themselves are refused by default. "
+            "If you trust the file, pass allow_external=True (cka-analyze --allow-external)"
+        )
+
+
+def _load_hdf5plugin(path: str) -> None:
+    try:
+        import hdf5plugin  # noqa: F401 - registers the LZ4 filter with HDF5
+    except ImportError:
+        raise FormatError(f"{path} is compressed with LZ4; install hdf5plugin to read it (pip install hdf5plugin)") from None
+
+
+def _str_attr(attrs: Any, key: str) -> str:
+    value = attrs.get(key, "")
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value[()]
+    return str(value)
+
+
+def _int_attr(attrs: Any, key: str, path: str) -> int:
+    value = attrs.get(key)
+    try:
+        arr = np.asarray(value)
+        if arr.shape != () or arr.dtype.kind not in "iub":
+            raise TypeError
+        return int(arr)
+    except (TypeError, ValueError):
+        raise FormatError(f"{path}: attribute {key!r} must be an integer, got {value!r}") from None
+
+
+__all__ = ["ActivationFile", "LayerMeta", "open_activations", "expand_paths"]

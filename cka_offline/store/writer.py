@@ -1,0 +1,344 @@
+"""Crash-safe writer of activation files (format v1, see ``docs/format.md``).
+
+The file is written to ``<path>.partial`` next to the target. After every batch the rows are flushed
+and ``rows_complete`` is updated; only when every row is written is ``complete`` set and the file
+renamed to ``path``. A file at the final path is therefore always complete. A ``.partial`` file left by
+an interrupted run can be resumed (``resume=True``) when its ``resume_key`` matches.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Mapping, Sequence
+
+import h5py
+import numpy as np
+
+from ..errors import FormatError, InputError, OutputError, ResumeError
+from . import schema
+
+log = logging.getLogger(__name__)
+
+PARTIAL_SUFFIX = ".partial"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What the writer needs to know about one layer before the first row is written."""
+
+    name: str
+    original_shape: tuple[int, ...]
+    reduction: str
+    features: int
+
+
+def partial_path(path: str | os.PathLike[str]) -> str:
+    """The temporary name a file is written under until it is complete."""
+    return os.fspath(path) + PARTIAL_SUFFIX
+
+
+def normalize_ids(ids: Any, *, where: str) -> np.ndarray:
+    """Ids as int64 or str array, 1-D and unique; raises InputError naming a duplicate."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1:
+        raise InputError(f"{where}: example ids must be 1-D, got shape {arr.shape}")
+    if arr.dtype.kind in "iu":
+        arr = arr.astype(np.int64)
+    elif arr.dtype.kind in "USO":
+        arr = np.asarray([str(x) for x in arr.tolist()], dtype=str)
+    else:
+        raise InputError(f"{where}: example ids must be integers or strings, got dtype {arr.dtype}")
+    uniq, counts = np.unique(arr, return_counts=True)
+    if len(uniq) != len(arr):
+        dup = uniq[counts > 1]
+        raise InputError(
+            f"{where}: example ids must be unique; {len(dup)} id(s) occur more than once, e.g. {dup[0]!r}"
+        )
+    return arr
+
+
+def _compression_kwargs(compression: str | None) -> dict[str, Any]:
+    if compression in (None, "none"):
+        return {}
+    if compression == "gzip":
+        return {"compression": "gzip", "compression_opts": 4}
+    if compression == "lz4":
+        try:
+            import hdf5plugin
+        except ImportError as exc:  # pragma: no cover - hdf5plugin is in requirements.txt
+            raise OutputError("lz4 compression needs the hdf5plugin package: pip install hdf5plugin") from exc
+        return dict(hdf5plugin.LZ4())
+    raise OutputError(f"unknown compression {compression!r}; use one of none, gzip, lz4")
+
+
+class ActivationWriter:
+    """Write one activation file row block by row block; see the module docstring for crash safety.
+
+    Args:
+        path: final path of the file.
+        ids: one unique id (int or str) per example, in row order.
+        layers: one LayerSpec per layer, in model order.
+        provenance: str values for the keys in ``schema.PROVENANCE_ATTRS``; other keys go to ``extra``.
+        dtype: stored dtype, ``"float32"`` or ``"float16"``.
+        chunk_rows: rows per HDF5 chunk (default: about 4 MB for the widest layer).
+        compression: None, ``"gzip"`` or ``"lz4"``.
+        overwrite: replace an existing file at ``path`` (it is only replaced once the new one is complete).
+        resume: continue ``<path>.partial`` if it exists and its ``resume_key`` matches.
+        resume_key: fingerprint of everything that determines the content (model, inputs, options).
+        shard: ``(index, count, example_offset)`` when this file is one shard of a logical file.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        ids: Any,
+        layers: Sequence[LayerSpec],
+        provenance: Mapping[str, Any],
+        dtype: str = "float32",
+        chunk_rows: int | None = None,
+        compression: str | None = None,
+        overwrite: bool = False,
+        resume: bool = False,
+        resume_key: str = "",
+        shard: tuple[int, int, int] | None = None,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.tmp_path = partial_path(self.path)
+        if dtype not in schema.STORED_DTYPES:
+            raise OutputError(f"{self.path}: unknown dtype {dtype!r}; use one of {', '.join(schema.STORED_DTYPES)}")
+        if not layers:
+            raise OutputError(f"{self.path}: no layers to write; select at least one layer")
+        names = [spec.name for spec in layers]
+        if len(set(names)) != len(names):
+            raise OutputError(f"{self.path}: a layer is selected twice; layer names must be unique")
+        for spec in layers:
+            if spec.reduction not in schema.REDUCTIONS:
+                raise OutputError(f"layer {spec.name!r}: unknown reduction {spec.reduction!r}")
+            if spec.features < 1:
+                raise OutputError(f"layer {spec.name!r}: has no features (stored width {spec.features})")
+        self.ids = normalize_ids(ids, where=self.path)
+        self.n = len(self.ids)
+        if self.n == 0:
+            raise InputError(f"{self.path}: there are no examples to write")
+        self.layers = list(layers)
+        self.dtype = np.dtype(dtype)
+        self.resume_key = resume_key
+        if os.path.exists(self.path) and not overwrite:
+            raise OutputError(f"{self.path} already exists; pass --overwrite to replace it or choose another -o")
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise OutputError(f"{self.path}: folder {folder} does not exist; create it first")
+        if not os.access(folder, os.W_OK):
+            raise OutputError(f"{self.path}: folder {folder} is not writable; choose another -o")
+        if chunk_rows is None:
+            chunk_rows = schema.default_chunk_rows(max(s.features for s in self.layers), self.dtype.itemsize)
+        if chunk_rows < 1:
+            raise OutputError(f"{self.path}: chunk_rows must be >= 1, got {chunk_rows}")
+        self.chunk_rows = int(min(chunk_rows, self.n))
+        self.rows_done = 0
+        self._closed = False
+        self._file: h5py.File | None = None
+        if resume and os.path.exists(self.tmp_path):
+            self._file = self._reopen()
+        if self._file is None:
+            self._file = self._create(provenance, compression, shard)
+
+    # -- creation and resume --------------------------------------------------------------------------
+    def _create(self, provenance: Mapping[str, Any], compression: str | None, shard: tuple[int, int, int] | None) -> h5py.File:
+        comp = _compression_kwargs(compression)
+        try:
+            f = h5py.File(self.tmp_path, "w")
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot create {self.tmp_path}: {exc}") from exc
+        try:
+            from .. import __version__
+
+            attrs = f.attrs
+            attrs[schema.ATTR_FORMAT] = schema.FORMAT_NAME
+            attrs[schema.ATTR_VERSION] = schema.FORMAT_VERSION
+            attrs[schema.ATTR_TOOL_VERSION] = __version__
+            attrs[schema.ATTR_CREATED] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            attrs[schema.ATTR_N_EXAMPLES] = self.n
+            attrs[schema.ATTR_ROWS_COMPLETE] = 0
+            attrs[schema.ATTR_COMPLETE] = False
+            attrs[schema.ATTR_CHUNK_ROWS] = self.chunk_rows
+            attrs[schema.ATTR_RESUME_KEY] = self.resume_key
+            index, count, offset = shard if shard is not None else (0, 1, 0)
+            attrs[schema.ATTR_SHARD_INDEX] = int(index)
+            attrs[schema.ATTR_SHARD_COUNT] = int(count)
+            attrs[schema.ATTR_EXAMPLE_OFFSET] = int(offset)
+            extra: dict[str, Any] = {}
+            for key, value in provenance.items():
+                if key in schema.PROVENANCE_ATTRS:
+                    attrs[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+                else:
+                    extra[key] = value
+            for key in schema.PROVENANCE_ATTRS:
+                if key not in attrs:
+                    attrs[key] = ""
+            attrs[schema.ATTR_EXTRA] = json.dumps(extra, sort_keys=True, default=str)
+            if self.ids.dtype.kind == "U":
+                f.create_dataset(schema.IDS_DATASET, data=self.ids.astype(object), dtype=h5py.string_dtype("utf-8"))
+            else:
+                f.create_dataset(schema.IDS_DATASET, data=self.ids)
+            group = f.create_group(schema.LAYERS_GROUP)
+            for order, spec in enumerate(self.layers):
+                ds = group.create_dataset(
+                    schema.layer_key(order),
+                    shape=(self.n, spec.features),
+                    dtype=self.dtype,
+                    chunks=(self.chunk_rows, spec.features),
+                    **comp,
+                )
+                ds.attrs[schema.LAYER_ATTR_NAME] = spec.name
+                ds.attrs[schema.LAYER_ATTR_ORDER] = order
+                ds.attrs[schema.LAYER_ATTR_ORIGINAL_SHAPE] = np.asarray(spec.original_shape, dtype=np.int64)
+                ds.attrs[schema.LAYER_ATTR_REDUCTION] = spec.reduction
+                ds.attrs[schema.LAYER_ATTR_DTYPE] = self.dtype.name
+                ds.attrs[schema.LAYER_ATTR_FEATURES] = spec.features
+            f.flush()
+        except BaseException:
+            f.close()
+            _remove_quietly(self.tmp_path)
+            raise
+        return f
+
+    def _reopen(self) -> h5py.File | None:
+        try:
+            f = h5py.File(self.tmp_path, "a")
+        except OSError as exc:
+            # a writer killed at the wrong moment can leave an unreadable partial file: start over
+            log.warning("%s is unreadable (%s); starting the extraction from the first example", self.tmp_path, exc)
+            _remove_quietly(self.tmp_path)
+            return None
+        try:
+            key = str(f.attrs.get(schema.ATTR_RESUME_KEY, ""))
+            if key != self.resume_key:
+                raise ResumeError(
+                    f"{self.tmp_path} was written with a different model, inputs or options; rerun with the "
+                    "same ones to resume, or pass --overwrite to start over"
+                )
+            ids_ds = f.get(schema.IDS_DATASET)
+            same_ids = ids_ds is not None and ids_ds.shape == (self.n,) and np.array_equal(
+                _read_ids(ids_ds), self.ids
+            )
+            layers = f.get(schema.LAYERS_GROUP)
+            same_layers = layers is not None and len(layers) == len(self.layers) and all(
+                schema.layer_key(i) in layers
+                and layers[schema.layer_key(i)].shape == (self.n, spec.features)
+                and str(layers[schema.layer_key(i)].attrs.get(schema.LAYER_ATTR_NAME)) == spec.name
+                and layers[schema.layer_key(i)].dtype == self.dtype
+                for i, spec in enumerate(self.layers)
+            )
+            if not (same_ids and same_layers):
+                raise ResumeError(
+                    f"{self.tmp_path} holds other examples or layers than this run would write; "
+                    "rerun with the same inputs and options to resume, or pass --overwrite to start over"
+                )
+            self.chunk_rows = int(f.attrs[schema.ATTR_CHUNK_ROWS])
+            self.rows_done = int(f.attrs[schema.ATTR_ROWS_COMPLETE])
+        except BaseException:
+            f.close()
+            raise
+        log.info("resuming %s at example %d of %d", self.tmp_path, self.rows_done, self.n)
+        return f
+
+    # -- writing ----------------------------------------------------------------------------------------
+    def write(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Append the next rows: ``{layer name: (rows, features)}``, the same row count for every layer."""
+        if self._file is None or self._closed:
+            raise RuntimeError("write() on a closed ActivationWriter")
+        missing = [spec.name for spec in self.layers if spec.name not in arrays]
+        if missing:
+            raise OutputError(f"{self.path}: batch lacks layer(s) {missing}; every layer must be written together")
+        rows = {int(np.shape(arrays[spec.name])[0]) for spec in self.layers}
+        if len(rows) != 1:
+            raise OutputError(f"{self.path}: layers of one batch have different row counts {sorted(rows)}")
+        (b,) = rows
+        start, stop = self.rows_done, self.rows_done + b
+        if stop > self.n:
+            raise OutputError(f"{self.path}: {stop} rows written but the file holds {self.n} examples")
+        group = self._file[schema.LAYERS_GROUP]
+        try:
+            for order, spec in enumerate(self.layers):
+                arr = np.asarray(arrays[spec.name])
+                if arr.shape != (b, spec.features):
+                    raise OutputError(
+                        f"layer {spec.name!r}: expected rows of {spec.features} features, got shape {arr.shape}"
+                    )
+                group[schema.layer_key(order)][start:stop] = arr.astype(self.dtype, copy=False)
+            self._file.attrs[schema.ATTR_ROWS_COMPLETE] = stop
+            self._file.flush()
+        except OSError as exc:
+            raise _disk_error(self.path, self.tmp_path, exc) from exc
+        self.rows_done = stop
+
+    def close(self) -> str:
+        """Check every row is written, mark the file complete and move it to its final path."""
+        if self._closed:
+            return self.path
+        assert self._file is not None
+        if self.rows_done != self.n:
+            self.abort()
+            raise OutputError(
+                f"{self.path}: only {self.rows_done} of {self.n} rows were written; the partial file is kept "
+                f"at {self.tmp_path} for --resume"
+            )
+        try:
+            self._file.attrs[schema.ATTR_COMPLETE] = True
+            self._file.flush()
+            self._file.close()
+        except OSError as exc:
+            self._closed = True
+            raise _disk_error(self.path, self.tmp_path, exc) from exc
+        self._closed = True
+        os.replace(self.tmp_path, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Close without completing; ``<path>.partial`` stays for ``resume=True``."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._file is not None:
+            try:
+                self._file.close()
+            except Exception as exc:  # already failing; do not mask the original error
+                log.warning("closing %s failed: %s", self.tmp_path, exc)
+
+    def __enter__(self) -> "ActivationWriter":
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _read_ids(ds: h5py.Dataset) -> np.ndarray:
+    if h5py.check_string_dtype(ds.dtype) is not None:
+        return np.asarray(ds.asstr()[()], dtype=str)
+    return np.asarray(ds[()])
+
+
+def _disk_error(path: str, tmp_path: str, exc: OSError) -> OutputError:
+    nospace = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "space" in str(exc).lower()
+    what = "the disk is full" if nospace else f"writing failed ({exc})"
+    return OutputError(f"{path}: {what}; the partial file {tmp_path} is kept: free space and rerun with --resume")
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+__all__ = ["ActivationWriter", "LayerSpec", "partial_path", "normalize_ids", "PARTIAL_SUFFIX"]
