@@ -1,0 +1,240 @@
+"""Streaming minibatch CKA: a thin holder of float64 HSIC_1 sums (Nguyen, Raghu & Kornblith 2020).
+
+For minibatches ``b`` of ``m`` examples each and Grams ``K_{i,b}`` of layers ``i = 0..L-1``::
+
+    CKA_ij = sum_b HSIC_1(K_{i,b}, K_{j,b}) / sqrt( sum_b HSIC_1(K_{i,b}, K_{i,b}) * sum_b HSIC_1(K_{j,b}, K_{j,b}) )
+
+(sums over minibatches, not an average of per-minibatch CKA), with the unbiased HSIC_1 of Song et al. 2012
+(:func:`cka_offline.cka.hsic.hsic1_matrix`). The sums are kept per jackknife group ``batch_index % n_groups``
+so that a grouped leave-one-group-out jackknife gives a standard error for every entry in bounded memory.
+
+The state is float64 sums and int64 counts only, so merging two accumulators (two processes, two GPUs,
+two halves of a dataset) is addition, and ``torch.distributed.all_reduce(SUM)`` of every tensor of
+:meth:`MinibatchCKA.state_dict` gives what a single process would have computed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cka_offline.cka.hsic import hsic1_matrix
+from cka_offline.cka.stats import student_t_ppf
+from cka_offline.errors import ActivationValueError, InsufficientDataError
+
+__all__ = ["MinibatchCKA", "CKAStats"]
+
+logger = logging.getLogger(__name__)
+
+_STATE_KEYS = ("hsic_sum", "n_batches", "n_examples")
+
+
+@dataclass(frozen=True)
+class CKAStats:
+    """CKA with grouped-jackknife uncertainty; every array is numpy float64 of shape ``(L, L)``.
+
+    ``cka``: the point estimate (:meth:`MinibatchCKA.compute`). ``se``: jackknife standard error.
+    ``low``/``high``: ``cka -+ t_{G-1, (1+confidence)/2} * se``. Rows and columns of ``degenerate_layers``
+    are NaN in all four. ``se``/``low``/``high`` are NaN everywhere when fewer than 2 groups hold a minibatch.
+    ``n_groups``: the number of non-empty jackknife groups used (``G``).
+    """
+
+    cka: np.ndarray
+    se: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    degenerate_layers: list[int]
+    confidence: float = 0.95
+    n_groups: int = 0
+
+
+def _cka_from_sums(hsic: torch.Tensor) -> torch.Tensor:
+    """CKA from summed HSIC_1 ``(..., L, L)``: ``H_ij / sqrt(H_ii H_jj)``; NaN where ``H_ii <= 0`` or ``H_jj <= 0``."""
+    diag = hsic.diagonal(dim1=-2, dim2=-1)
+    ok = diag > 0
+    root = torch.where(ok, diag, torch.ones_like(diag)).sqrt()
+    cka = hsic / (root[..., :, None] * root[..., None, :])
+    valid = ok[..., :, None] & ok[..., None, :]
+    return torch.where(valid, cka, torch.full_like(cka, math.nan))
+
+
+class MinibatchCKA:
+    """Accumulate unbiased HSIC_1 sums between ``n_layers`` layers over minibatches; compute CKA and its SE.
+
+    All layers of all compared files are stacked as one list of ``L = n_layers`` layers; a comparison of
+    model A with model B is a block of the ``L x L`` result.
+
+    State (all on ``device``): ``hsic_sum`` float64 ``(n_groups, L, L)`` (per-group sums of the HSIC_1
+    matrices), ``n_batches`` and ``n_examples`` int64 ``(n_groups,)``.
+
+    Example::
+
+        acc = MinibatchCKA(n_layers=L, n_groups=16)
+        for b, batch in enumerate(batches):               # batch: list of L tensors (m, d_i)
+            acc.update(torch.stack([gram_linear(x) for x in batch]), batch_index=b)
+        cka = acc.compute()                               # (L, L) float64
+        stats = acc.compute_stats(confidence=0.95)        # CKAStats, numpy
+
+    Multi-process: give each rank distinct ``batch_index`` values, then
+    ``sd = acc.state_dict(); [dist.all_reduce(t, op=SUM) for t in sd.values()]; acc.load_state_dict(sd)``.
+    """
+
+    def __init__(self, n_layers: int, n_groups: int = 16, device: str | torch.device = "cpu") -> None:
+        if not (isinstance(n_layers, int) and n_layers >= 1):
+            raise ValueError(f"n_layers must be an int >= 1, got {n_layers!r}")
+        if not (isinstance(n_groups, int) and n_groups >= 1):
+            raise ValueError(f"n_groups must be an int >= 1, got {n_groups!r}")
+        self.n_layers = n_layers
+        self.n_groups = n_groups
+        self.device = torch.device(device)
+        self.hsic_sum = torch.zeros((n_groups, n_layers, n_layers), dtype=torch.float64, device=self.device)
+        self.n_batches = torch.zeros(n_groups, dtype=torch.int64, device=self.device)
+        self.n_examples = torch.zeros(n_groups, dtype=torch.int64, device=self.device)
+
+    def __repr__(self) -> str:
+        return (
+            f"MinibatchCKA(n_layers={self.n_layers}, n_groups={self.n_groups}, device={str(self.device)!r}, "
+            f"batches={int(self.n_batches.sum())}, examples={int(self.n_examples.sum())})"
+        )
+
+    def update(self, grams: torch.Tensor, batch_index: int) -> None:
+        """Add the ``L x L`` HSIC_1 matrix of one minibatch into group ``batch_index % n_groups``.
+
+        ``grams``: ``(L, m, m)`` symmetric Grams of all layers for the same ``m >= 4`` examples, float32 or
+        float64, on any device (pair products run there in float64; the result moves to ``device``).
+        ``batch_index``: a non-negative int, distinct per minibatch (across ranks too) so groups stay balanced.
+        Raises InsufficientDataError for ``m < 4`` and ActivationValueError when the HSIC values are not
+        finite (NaN/Inf activations); the state is left unchanged then.
+        """
+        if not isinstance(grams, torch.Tensor) or grams.ndim != 3 or grams.shape[0] != self.n_layers:
+            shape = tuple(grams.shape) if isinstance(grams, torch.Tensor) else type(grams).__name__
+            raise ValueError(f"grams must have shape ({self.n_layers}, m, m), got {shape}")
+        if isinstance(batch_index, bool) or not isinstance(batch_index, int) or batch_index < 0:
+            raise ValueError(f"batch_index must be an int >= 0, got {batch_index!r}")
+        hsic = hsic1_matrix(grams)
+        finite = torch.isfinite(hsic)
+        if not bool(finite.all()):
+            bad = torch.nonzero(~finite.all(dim=1)).flatten().tolist()
+            raise ActivationValueError(
+                f"minibatch {batch_index}: HSIC is NaN or Inf for layer indices {bad}; the activations "
+                "hold NaN/Inf or overflow the Gram dtype (try float64 Grams); the minibatch was not added"
+            )
+        group = batch_index % self.n_groups
+        self.hsic_sum[group] += hsic.to(self.device)
+        self.n_batches[group] += 1
+        self.n_examples[group] += grams.shape[1]
+
+    def merge(self, other: MinibatchCKA) -> MinibatchCKA:
+        """Add ``other``'s sums into this accumulator (in place) and return ``self``."""
+        if not isinstance(other, MinibatchCKA):
+            raise TypeError(f"can only merge a MinibatchCKA, got {type(other).__name__}")
+        if (other.n_layers, other.n_groups) != (self.n_layers, self.n_groups):
+            raise ValueError(
+                f"cannot merge MinibatchCKA(n_layers={other.n_layers}, n_groups={other.n_groups}) into "
+                f"MinibatchCKA(n_layers={self.n_layers}, n_groups={self.n_groups}): both must match"
+            )
+        self.hsic_sum += other.hsic_sum.to(self.device)
+        self.n_batches += other.n_batches.to(self.device)
+        self.n_examples += other.n_examples.to(self.device)
+        return self
+
+    def reset(self) -> None:
+        """Zero all sums and counts."""
+        self.hsic_sum.zero_()
+        self.n_batches.zero_()
+        self.n_examples.zero_()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies of the state tensors: ``hsic_sum`` float64 ``(G, L, L)``, ``n_batches``/``n_examples`` int64 ``(G,)``.
+
+        Every value is a tensor whose sum over processes is the merged state, so it can go through
+        ``torch.distributed.all_reduce(t, op=ReduceOp.SUM)`` as is and back through :meth:`load_state_dict`.
+        """
+        return {key: getattr(self, key).clone() for key in _STATE_KEYS}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the state by ``state`` (as from :meth:`state_dict`), copied onto ``device``."""
+        expected = {
+            "hsic_sum": ((self.n_groups, self.n_layers, self.n_layers), torch.float64),
+            "n_batches": ((self.n_groups,), torch.int64),
+            "n_examples": ((self.n_groups,), torch.int64),
+        }
+        if set(state) != set(expected):
+            raise ValueError(f"state keys must be {sorted(expected)}, got {sorted(state)}")
+        for key, (shape, dtype) in expected.items():
+            value = state[key]
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape or value.dtype != dtype:
+                got = (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"state[{key!r}] must be a {dtype} tensor of shape {shape}, got {got}")
+        for key in _STATE_KEYS:
+            getattr(self, key).copy_(state[key])
+
+    @property
+    def degenerate_layers(self) -> list[int]:
+        """Indices of layers whose summed self-HSIC_1 is ``<= 0`` (e.g. a constant layer); their CKA is NaN."""
+        diag = self.hsic_sum.sum(dim=0).diagonal()
+        return torch.nonzero(diag <= 0).flatten().tolist()
+
+    def _check_not_empty(self) -> None:
+        if int(self.n_batches.sum()) == 0:
+            raise InsufficientDataError("no minibatch was added to the CKA accumulator; nothing to compute")
+
+    def compute(self) -> torch.Tensor:
+        """Minibatch CKA ``(L, L)`` float64 on ``device`` (formula in the module docstring).
+
+        Rows and columns of :attr:`degenerate_layers` are NaN (the caller should warn, naming the layer);
+        no other entry is NaN. No clamping: with the unbiased HSIC an entry can fall slightly outside
+        [0, 1] by chance. Raises InsufficientDataError when nothing was added.
+        """
+        self._check_not_empty()
+        return _cka_from_sums(self.hsic_sum.sum(dim=0))
+
+    def compute_stats(self, confidence: float = 0.95) -> CKAStats:
+        """CKA with grouped-jackknife standard errors and ``confidence`` intervals (numpy float64 ``(L, L)``).
+
+        Over the ``G`` non-empty groups (empty ones are skipped): ``theta_(-g)`` is the CKA of the totals
+        minus group ``g``; ``SE = sqrt((G-1)/G * sum_g (theta_(-g) - mean_g theta_(-g))^2)``; the interval is
+        ``theta -+ t_{G-1, (1+confidence)/2} * SE`` around the full-data ``theta``.
+
+        With fewer than 2 non-empty groups the SE cannot be estimated: ``se``, ``low`` and ``high`` are NaN
+        everywhere (logged as a warning). An entry whose leave-one-group-out self-HSIC is ``<= 0`` for some
+        ``g`` (tiny data) also gets a NaN SE, with a warning. Raises InsufficientDataError when nothing was added.
+        """
+        if not (isinstance(confidence, (int, float)) and 0.0 < confidence < 1.0):
+            raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
+        self._check_not_empty()
+        totals = self.hsic_sum.sum(dim=0)
+        theta = _cka_from_sums(totals)
+        used = self.n_batches > 0
+        n_used = int(used.sum())
+        if n_used < 2:
+            logger.warning(
+                "jackknife needs minibatches in at least 2 groups, got %d; standard errors are NaN", n_used
+            )
+            se = torch.full_like(theta, math.nan)
+        else:
+            loo = _cka_from_sums(totals[None] - self.hsic_sum[used])  # (G, L, L)
+            dev = loo - loo.mean(dim=0, keepdim=True)
+            se = ((n_used - 1) / n_used * (dev * dev).sum(dim=0)).sqrt()
+            unstable = torch.isnan(se) & ~torch.isnan(theta)
+            if bool(unstable.any()):
+                logger.warning(
+                    "jackknife SE is NaN for %d CKA entries: leaving out one group makes a self-HSIC <= 0 "
+                    "(too few examples); use more data",
+                    int(unstable.sum()),
+                )
+        half = student_t_ppf(0.5 + confidence / 2.0, n_used - 1) * se if n_used >= 2 else se
+        to_np = lambda t: t.detach().cpu().numpy().astype(np.float64)  # noqa: E731
+        return CKAStats(
+            cka=to_np(theta),
+            se=to_np(se),
+            low=to_np(theta - half),
+            high=to_np(theta + half),
+            degenerate_layers=self.degenerate_layers,
+            confidence=float(confidence),
+            n_groups=n_used,
+        )
