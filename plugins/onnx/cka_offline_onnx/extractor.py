@@ -1,0 +1,451 @@
+"""The ONNX extractor: any ``.onnx`` model (PyTorch, TensorFlow, JAX, Paddle exports), run by onnxruntime.
+
+How a batch is extracted: the graph is loaded *without* its weights (``load_external_data=False``, so
+models over 2 GB and external-data models stay cheap), the chosen tensors become the graph's outputs,
+the modified graph is serialized and handed to onnxruntime, which reads the weights from the model's
+folder. One session is built per set of chosen tensors and kept (a few at most).
+
+``onnx`` and ``onnxruntime`` are imported inside methods only: listing plugins must stay fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+from cka_offline.errors import DeviceError, InputError, LayerSelectionError, ModelError
+from cka_offline.extractor import Extractor, LayerInfo, sha256_path
+
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime
+
+log = logging.getLogger(__name__)
+
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+#: sessions kept per extractor; each holds the weights once more, so keep few
+MAX_SESSIONS = 2
+#: onnxruntime >= 1.20 resolves external data of a model given as bytes against this folder
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+
+
+class OnnxExtractor(Extractor):
+    """Extract any float tensor of an ONNX graph with onnxruntime."""
+
+    name = "onnx"
+    framework = "onnxruntime"
+    description = "ONNX models (.onnx file, or a folder holding model.onnx; external data and >2 GB ok), run with onnxruntime"
+    options_help = {
+        "optimization_level": (
+            "onnxruntime graph optimisation: disable (default; every tensor keeps its name and value), "
+            "basic, extended or all (faster; fused tensors may vanish, which is then an error naming them)"
+        ),
+        "batch_axis": "axis of the chosen tensors that holds the batch (default 0); it is moved to axis 0",
+        "threads": "onnxruntime intra-op threads (default 0: onnxruntime decides)",
+    }
+
+    @classmethod
+    def can_open(cls, source: str) -> bool:
+        source = os.fspath(source)
+        if source.lower().endswith(".onnx"):
+            return True
+        return os.path.isdir(source) and os.path.isfile(os.path.join(source, "model.onnx"))
+
+    def __init__(self, source: str, *, device: str = "cpu", options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(source, device=device, options=options)
+        self.optimization_level, self.batch_axis, self.threads = _parse_options(self.options)
+        self.path = os.path.abspath(os.path.join(source, "model.onnx") if os.path.isdir(source) else source)
+        self._providers = _providers(device)
+        self._model = _load(self.path)
+        self._external_files = _external_files(self._model, self.path)
+        self._layers: list[LayerInfo] | None = None
+        self._sessions: OrderedDict[tuple[str, ...], onnxruntime.InferenceSession] = OrderedDict()
+        self._inputs = _input_specs(self._model)
+        # a graph traced at batch 1 often bakes the 1 into Reshape constants: only example-by-example is safe
+        self.fixed_batch_one = any(spec[2] and spec[2][0] == 1 for spec in self._inputs)
+
+    # --- listing ---------------------------------------------------------------------------------------
+
+    def layers(self) -> list[LayerInfo]:
+        if self._layers is None:
+            from .graph import list_layers
+
+            self._layers = list_layers(self._model, self.batch_axis)
+        return list(self._layers)
+
+    def input_names(self) -> list[str] | None:
+        return [name for name, _, _ in self._inputs]
+
+    # --- running ---------------------------------------------------------------------------------------
+
+    def run(self, inputs: Mapping[str, np.ndarray], layers: Sequence[str]) -> dict[str, np.ndarray]:
+        tensors = self._resolve(layers)
+        feeds, batch = self._feeds(inputs)
+        wanted = tuple(dict.fromkeys(tensors.values()))
+        session = self._session(wanted)
+        if self.fixed_batch_one and batch != 1:
+            parts = [session.run(list(wanted), {k: v[i : i + 1] for k, v in feeds.items()}) for i in range(batch)]
+            fetched = [self._batch_first(parts_of_tensor, name) for name, parts_of_tensor in zip(wanted, zip(*parts))]
+            arrays = {name: np.concatenate(a, axis=0) for name, a in zip(wanted, fetched)}
+        else:
+            values = session.run(list(wanted), feeds)
+            arrays = {name: self._batch_first([v], name)[0] for name, v in zip(wanted, values)}
+        out: dict[str, np.ndarray] = {}
+        for requested, tensor in tensors.items():
+            arr = arrays[tensor]
+            if arr.shape[0] != batch:
+                raise ModelError(
+                    f"{self.path}: tensor {tensor!r} has shape {arr.shape} for a batch of {batch}: its axis "
+                    f"{self.batch_axis} is not the batch axis; choose another layer or set -X batch_axis=N"
+                )
+            out[requested] = arr
+        return out
+
+    def _batch_first(self, arrays: Sequence[np.ndarray], name: str) -> list[np.ndarray]:
+        result = []
+        for arr in arrays:
+            arr = np.asarray(arr)
+            if arr.ndim == 0 or not -arr.ndim <= self.batch_axis < arr.ndim:
+                raise ModelError(
+                    f"{self.path}: tensor {name!r} has shape {arr.shape}, which has no axis {self.batch_axis} "
+                    "to hold the batch; choose another layer or set -X batch_axis=N"
+                )
+            result.append(np.moveaxis(arr, self.batch_axis, 0) if self.batch_axis not in (0, -arr.ndim) else arr)
+        return result
+
+    def _resolve(self, layers: Sequence[str]) -> dict[str, str]:
+        """``{requested name: tensor name}``; aliases are accepted too when they name one tensor."""
+        infos = {i.name: i for i in self.layers()}
+        by_alias: dict[str, list[str]] = {}
+        for info in infos.values():
+            for alias in info.aliases:
+                by_alias.setdefault(alias, []).append(info.name)
+        resolved: dict[str, str] = {}
+        for name in layers:
+            if name in infos:
+                info = infos[name]
+            elif len(by_alias.get(name, ())) == 1:
+                info = infos[by_alias[name][0]]
+            else:
+                close = difflib.get_close_matches(name, list(infos) + list(by_alias), n=5)
+                hint = f"; close matches: {', '.join(close)}" if close else ""
+                raise LayerSelectionError(
+                    f"{self.path}: no tensor named {name!r}{hint}; list the layers with cka-extract --list-layers"
+                )
+            if not info.exposable:
+                raise ModelError(f"{self.path}: layer {name!r} cannot be extracted: {info.reason}; choose another layer")
+            resolved[name] = info.name
+        if not resolved:
+            raise LayerSelectionError(f"{self.path}: no layers requested; name at least one tensor")
+        return resolved
+
+    def _feeds(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+        """Check and cast the inputs: ``({model input name: array}, batch size)``."""
+        expected = {name: (dtype, dims) for name, dtype, dims in self._inputs}
+        given = dict(inputs)
+        if len(expected) == 1 and len(given) == 1 and not set(given) & set(expected):
+            given = {next(iter(expected)): next(iter(given.values()))}  # one input: passed by position
+        described = ", ".join(f"{n} {_fmt_dims(d)} {np.dtype(t).name if t else '?'}" for n, (t, d) in expected.items())
+        for name in given:
+            if name not in expected:
+                raise InputError(f"{self.path}: the model has no input {name!r}; it takes: {described}")
+        feeds: dict[str, np.ndarray] = {}
+        batch: int | None = None
+        for name, (dtype, dims) in expected.items():
+            if name not in given:
+                raise InputError(f"{self.path}: input {name!r} is missing; the model takes: {described}")
+            arr = np.asarray(given[name])
+            if dims is not None:
+                self._check_shape(name, arr, dims)
+            if dtype is not None and arr.dtype != dtype:
+                arr = _cast(arr, dtype, name, self.path)
+            feeds[name] = arr
+            if arr.ndim == 0:
+                continue
+            if batch is not None and arr.shape[0] != batch:
+                raise InputError(
+                    f"{self.path}: input {name!r} has {arr.shape[0]} examples, the other inputs {batch}; "
+                    "give every input the same number of rows"
+                )
+            batch = arr.shape[0]
+        return feeds, batch if batch is not None else 1
+
+    def _check_shape(self, name: str, arr: np.ndarray, dims: tuple[int | str | None, ...]) -> None:
+        expected = _fmt_dims(dims)
+        if arr.ndim != len(dims):
+            raise InputError(
+                f"{self.path}: input {name!r} expects shape {expected} (rank {len(dims)}), got {tuple(arr.shape)} "
+                f"(rank {arr.ndim}); reshape the input array"
+            )
+        for axis, (want, got) in enumerate(zip(dims, arr.shape)):
+            if not isinstance(want, int) or want == got or (axis == 0 and want == 1):
+                continue  # batch 1 fixed in the graph: run() feeds one example at a time
+            what = f"a batch of {want} (the graph fixes it; use --batch-size {want})" if axis == 0 else f"{want} on axis {axis}"
+            raise InputError(
+                f"{self.path}: input {name!r} expects shape {expected}, got {tuple(arr.shape)}: needs {what}"
+            )
+
+    # --- sessions --------------------------------------------------------------------------------------
+
+    def _session(self, tensors: tuple[str, ...]) -> "onnxruntime.InferenceSession":
+        key = tuple(sorted(tensors))
+        if key in self._sessions:
+            self._sessions.move_to_end(key)
+            return self._sessions[key]
+        session = self._build_session(key)
+        self._sessions[key] = session
+        while len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
+        return session
+
+    def _build_session(self, tensors: tuple[str, ...]) -> "onnxruntime.InferenceSession":
+        import onnx
+        import onnxruntime as ort
+
+        graph = self._model.graph
+        kept = list(graph.output)
+        try:
+            # only the chosen tensors are outputs: nothing else is kept alive or copied back
+            del graph.output[:]
+            graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors)
+            model_bytes = self._model.SerializeToString()
+        finally:
+            del graph.output[:]
+            graph.output.extend(kept)
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[self.optimization_level]
+        # The CPU arena keeps the peak of every batch reserved for the session's life and never returns it
+        # to the system; extracting many intermediate tensors makes that peak large, so allocate per run.
+        opts.enable_cpu_mem_arena = False
+        opts.log_severity_level = 3  # warnings about unused initializers of the pruned graph are noise
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        folder = os.path.dirname(self.path)
+        if self._external_files:
+            opts.add_session_config_entry(EXTERNAL_FOLDER_KEY, folder)
+        try:
+            session = _new_session(model_bytes, opts, self._providers)
+        except Exception as exc:
+            if not self._external_files:
+                raise ModelError(f"{self.path}: onnxruntime cannot load the model: {exc}") from exc
+            # older onnxruntime ignores the folder key: save the graph next to its weights instead
+            log.info("loading %s from bytes failed (%s); using a temporary file beside it", self.path, exc)
+            session = self._session_via_file(model_bytes, opts, folder)
+        self._check_session(session, tensors)
+        return session
+
+    def _session_via_file(self, model_bytes: bytes, opts: Any, folder: str) -> "onnxruntime.InferenceSession":
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".cka-offline-", suffix=".onnx", dir=folder)
+        except OSError as exc:
+            raise ModelError(
+                f"{self.path}: onnxruntime needs the modified graph beside its external data, but {folder} is not "
+                f"writable ({exc}); copy the model folder somewhere writable or upgrade onnxruntime (>= 1.20)"
+            ) from exc
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(model_bytes)
+            return _new_session(tmp, opts, self._providers)
+        except Exception as exc:
+            raise ModelError(f"{self.path}: onnxruntime cannot load the model: {exc}") from exc
+        finally:
+            os.unlink(tmp)
+
+    def _check_session(self, session: "onnxruntime.InferenceSession", tensors: tuple[str, ...]) -> None:
+        outputs = {o.name for o in session.get_outputs()}
+        missing = [t for t in tensors if t not in outputs]
+        if missing:
+            raise ModelError(
+                f"{self.path}: tensor(s) {', '.join(map(repr, missing))} vanished at optimization_level="
+                f"{self.optimization_level} (fused by onnxruntime); use -X optimization_level=disable"
+            )
+        if self._providers[0] != "CPUExecutionProvider" and self.device != "auto":
+            if "CUDAExecutionProvider" not in session.get_providers():
+                raise DeviceError(
+                    f"{self.path}: onnxruntime could not start CUDAExecutionProvider for device {self.device!r} "
+                    "(driver, CUDA or cuDNN libraries missing?); check `nvidia-smi` and the onnxruntime-gpu "
+                    "CUDA requirements, or use --device cpu"
+                )
+
+    # --- provenance ------------------------------------------------------------------------------------
+
+    def provenance(self) -> dict[str, str]:
+        import onnxruntime as ort
+
+        model = self._model
+        prov = {
+            "framework": self.framework,
+            "framework_version": ort.__version__,
+            "model": self.path,
+            "model_sha256": sha256_path(self.path),
+            "opset": ",".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in model.opset_import),
+            "producer": " ".join(p for p in (model.producer_name, model.producer_version) if p),
+            "ir_version": str(model.ir_version),
+            "optimization_level": self.optimization_level,
+            "execution_provider": self._providers[0] if isinstance(self._providers[0], str) else self._providers[0][0],
+        }
+        if self._external_files:
+            # model_sha256 covers the graph only; the weights live in these files
+            digest = hashlib.sha256()
+            for path in self._external_files:
+                digest.update(os.path.basename(path).encode())
+                digest.update(sha256_path(path).encode())
+            prov["external_data_sha256"] = digest.hexdigest()
+        return prov
+
+    def close(self) -> None:
+        self._sessions.clear()
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+
+
+def _parse_options(options: Mapping[str, Any]) -> tuple[str, int, int]:
+    unknown = sorted(set(options) - set(OnnxExtractor.options_help))
+    if unknown:
+        raise ModelError(
+            f"unknown option(s) {', '.join(unknown)} for the onnx extractor; it understands: "
+            f"{', '.join(OnnxExtractor.options_help)}"
+        )
+    level = str(options.get("optimization_level", "disable")).lower()
+    if level not in OPTIMIZATION_LEVELS:
+        raise ModelError(
+            f"onnx extractor: optimization_level={level!r} is not one of {', '.join(OPTIMIZATION_LEVELS)}"
+        )
+    return level, _int_option(options, "batch_axis", 0), _int_option(options, "threads", 0, minimum=0)
+
+
+def _int_option(options: Mapping[str, Any], key: str, default: int, minimum: int | None = None) -> int:
+    value = options.get(key, default)
+    try:
+        number = int(value)
+        if isinstance(value, float) and number != value:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ModelError(f"onnx extractor: {key}={value!r} is not an integer; give e.g. -X {key}={default}") from None
+    if minimum is not None and number < minimum:
+        raise ModelError(f"onnx extractor: {key}={number} must be >= {minimum}")
+    return number
+
+
+def _providers(device: str) -> list[Any]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    dev = (device or "cpu").strip().lower()
+    has_cuda = "CUDAExecutionProvider" in available
+    if dev == "cpu":
+        return ["CPUExecutionProvider"]
+    if dev == "auto":
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if has_cuda else ["CPUExecutionProvider"]
+    if dev == "cuda" or dev.startswith("cuda:"):
+        index = dev.partition(":")[2] or "0"
+        if not index.isdigit():
+            raise DeviceError(f"device {device!r} is not understood; use cpu, cuda, cuda:N or auto")
+        if not has_cuda:
+            raise DeviceError(
+                f"device {device!r} needs onnxruntime's CUDAExecutionProvider, but onnxruntime {ort.__version__} "
+                f"here has only {', '.join(available)}; install onnxruntime-gpu instead of onnxruntime, "
+                "or use --device cpu"
+            )
+        return [("CUDAExecutionProvider", {"device_id": int(index)}), "CPUExecutionProvider"]
+    raise DeviceError(f"device {device!r} is not understood by the onnx extractor; use cpu, cuda, cuda:N or auto")
+
+
+def _load(path: str) -> "onnx.ModelProto":
+    import onnx
+
+    if not os.path.isfile(path):
+        raise ModelError(f"{path}: no such ONNX file; give the path of an .onnx file (or a folder holding model.onnx)")
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as exc:
+        raise ModelError(
+            f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc}); "
+            "check that the file is complete and was written by an ONNX exporter"
+        ) from exc
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.graph.node:
+        raise ModelError(
+            f"{path} is not an ONNX model (no IR version or no graph nodes); check that the file is complete "
+            "and was written by an ONNX exporter"
+        )
+    return model
+
+
+def _external_files(model: "onnx.ModelProto", path: str) -> list[str]:
+    """Absolute paths of the external data files the graph refers to; a missing one is an error now."""
+    from onnx import TensorProto
+
+    folder = os.path.dirname(path)
+    files: list[str] = []
+    for tensor in model.graph.initializer:
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        full = os.path.normpath(os.path.join(folder, location))
+        if full not in files:
+            if not os.path.isfile(full):
+                raise ModelError(
+                    f"{path}: weight {tensor.name!r} lives in external data file {location!r}, which is not in "
+                    f"{folder}; keep the .onnx file and its data files together"
+                )
+            files.append(full)
+    return sorted(files)
+
+
+def _input_specs(model: "onnx.ModelProto") -> list[tuple[str, Any, tuple[int | str | None, ...] | None]]:
+    """``(name, numpy dtype or None, dims or None)`` of each input the caller feeds."""
+    from onnx import helper
+
+    from .graph import model_inputs, tensor_type
+
+    specs = []
+    for vi in model_inputs(model):
+        t = tensor_type(vi)
+        try:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)) if t.elem_type else None
+        except (KeyError, TypeError, ValueError):
+            dtype = None
+        specs.append((vi.name, dtype, t.dims))
+    return specs
+
+
+def _cast(arr: np.ndarray, dtype: np.dtype, name: str, path: str) -> np.ndarray:
+    """Cast to the model's element type; refuse casts that would change values (3.5 -> int, 300 -> uint8)."""
+    if dtype.kind in "iub" and arr.dtype.kind in "iufb":
+        cast = arr.astype(dtype)
+        if arr.size and not np.array_equal(cast.astype(arr.dtype), arr):
+            raise InputError(
+                f"input {name!r} of {path} is {dtype.name} in the model, but the given {arr.dtype.name} values do "
+                f"not fit it (fractions or out of range); give {dtype.name}-valued data"
+            )
+        return cast
+    try:
+        return arr.astype(dtype)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"input {name!r} of {path} expects {dtype.name}, got {arr.dtype.name} ({exc})") from exc
+
+
+def _fmt_dims(dims: tuple[int | str | None, ...] | None) -> str:
+    if dims is None:
+        return "[?]"
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def _new_session(model: bytes | str, opts: Any, providers: list[Any]) -> "onnxruntime.InferenceSession":
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model, opts, providers=providers)
