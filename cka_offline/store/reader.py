@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import AlignmentError, FormatError, IncompleteFileError, UnsafeFileError, VersionError
 from . import schema
-from .writer import PARTIAL_SUFFIX, _read_ids
+from .writer import PARTIAL_SUFFIX, _read_ids, format_id
 
 #: the filter id HDF5 registers for LZ4 (hdf5plugin)
 _LZ4_FILTER = 32004
@@ -117,7 +117,7 @@ class _Shard:
             self.ids = self.ids.astype(np.int64)
         uniq, counts = np.unique(self.ids, return_counts=True)
         if len(uniq) != len(self.ids):
-            raise FormatError(f"{path}: example id {uniq[counts > 1][0]!r} occurs more than once; ids must be unique")
+            raise FormatError(f"{path}: example id {format_id(uniq[counts > 1][0])} occurs more than once; ids must be unique")
         group = f.get(schema.LAYERS_GROUP)
         if not isinstance(group, h5py.Group) or len(group) == 0:
             raise FormatError(f"{path}: group /{schema.LAYERS_GROUP} is missing or holds no layers")
@@ -347,7 +347,7 @@ def _order_shards(shards: list[_Shard]) -> list[_Shard]:
     all_ids = np.concatenate([s.ids for s in shards])
     uniq, counts_ = np.unique(all_ids, return_counts=True)
     if len(uniq) != len(all_ids):
-        raise AlignmentError(f"example id {uniq[counts_ > 1][0]!r} occurs in more than one shard; shards must be disjoint")
+        raise AlignmentError(f"example id {format_id(uniq[counts_ > 1][0])} occurs in more than one shard; shards must be disjoint")
     return shards
 
 

@@ -57,9 +57,14 @@ def normalize_ids(ids: Any, *, where: str) -> np.ndarray:
     if len(uniq) != len(arr):
         dup = uniq[counts > 1]
         raise InputError(
-            f"{where}: example ids must be unique; {len(dup)} id(s) occur more than once, e.g. {dup[0]!r}"
+            f"{where}: example ids must be unique; {len(dup)} id(s) occur more than once, e.g. {format_id(dup[0])}"
         )
     return arr
+
+
+def format_id(value: Any) -> str:
+    """An example id as a user wrote it: ``5`` or ``'img/003.png'`` (no numpy type names)."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
 
 
 def _compression_kwargs(compression: str | None) -> dict[str, Any]:
@@ -273,6 +278,8 @@ class ActivationWriter:
                         f"layer {spec.name!r}: expected rows of {spec.features} features, got shape {arr.shape}"
                     )
                 group[schema.layer_key(order)][start:stop] = arr.astype(self.dtype, copy=False)
+            # rows first, then the count: a crash between the two flushes never claims unwritten rows
+            self._file.flush()
             self._file.attrs[schema.ATTR_ROWS_COMPLETE] = stop
             self._file.flush()
         except OSError as exc:
