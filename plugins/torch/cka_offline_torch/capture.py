@@ -1,0 +1,166 @@
+"""Capturing module outputs with forward hooks during one forward pass.
+
+A module's output may be a tensor, a tuple/list, a dict or a transformers ``ModelOutput``; by default the
+first tensor (depth first) is kept, ``output_index`` (an int position or a key) picks another.
+Each captured tensor is copied at hook time, because a later in-place op (``ReLU(inplace=True)``
+after a BatchNorm) would otherwise change it. A module called more than once in one forward pass is an
+error: its outputs cannot be told apart per example, and silently keeping one of them would be a guess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cka_offline.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def parse_output_index(value: Any) -> int | str | None:
+    """``output_index`` as given on the CLI (a string) or from Python: an int position, a key, or None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise ModelError(f"output_index={value!r} must be an int position or a key name")
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _first_tensor(output: Any) -> "torch.Tensor | None":
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output
+    items = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
+    for item in items:
+        found = _first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def _describe(output: Any) -> str:
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return f"tensor{tuple(output.shape)}"
+    if isinstance(output, Mapping):
+        return f"{type(output).__name__} with keys {list(output.keys())}"
+    if isinstance(output, (tuple, list)):
+        return f"{type(output).__name__} of {len(output)} ({', '.join(type(o).__name__ for o in output)})"
+    return type(output).__name__
+
+
+def select_output(output: Any, index: int | str | None, layer: str) -> "torch.Tensor":
+    """The tensor of ``output`` to keep for ``layer`` (see the module docstring)."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output
+    if index is None:
+        found = _first_tensor(output)
+        if found is None:
+            raise ModelError(f"layer {layer!r} returned {_describe(output)} holding no tensor; select another layer")
+        return found
+    try:
+        if isinstance(output, Mapping):  # dicts and transformers ModelOutput
+            chosen = output[index] if isinstance(index, str) else list(output.values())[index]
+        elif isinstance(output, (tuple, list)):
+            chosen = getattr(output, index) if isinstance(index, str) and hasattr(output, "_fields") else output[index]
+        else:
+            raise TypeError(f"cannot index a {type(output).__name__}")
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise ModelError(
+            f"output_index={index!r} does not fit the output of layer {layer!r}, which is {_describe(output)}; "
+            "give a position (0, 1, ...) or one of its keys"
+        ) from exc
+    if not isinstance(chosen, torch.Tensor):
+        raise ModelError(
+            f"output_index={index!r} picks a {type(chosen).__name__} from layer {layer!r} ({_describe(output)}), "
+            "not a tensor; pick a tensor element"
+        )
+    return chosen
+
+
+def to_numpy(tensor: "torch.Tensor") -> np.ndarray:
+    import torch
+
+    tensor = tensor.detach()
+    if tensor.dtype in (torch.bfloat16,) or str(tensor.dtype).startswith("torch.float8"):
+        tensor = tensor.float()  # numpy has no bfloat16 / float8
+    return tensor.cpu().numpy()
+
+
+class Capture:
+    """Forward hooks on ``modules`` (``{layer name: module}``) for one forward pass; a context manager.
+
+    The hooks are removed on exit, also when the forward pass raises.
+    """
+
+    def __init__(self, modules: Mapping[str, "torch.nn.Module"], output_index: int | str | None) -> None:
+        self.modules = dict(modules)
+        self.output_index = output_index
+        self.calls: dict[str, int] = {name: 0 for name in self.modules}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            self.calls[name] += 1
+            self.outputs[name] = select_output(output, self.output_index, name).detach().clone()
+
+        return hook
+
+    def __enter__(self) -> "Capture":
+        try:
+            for name, module in self.modules.items():
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def results(self, batch: int, where: str) -> dict[str, np.ndarray]:
+        """The captured arrays; a layer that ran zero or several times or lost the batch axis is an error."""
+        silent = [name for name, count in self.calls.items() if count == 0]
+        if silent:
+            raise ModelError(
+                f"layer(s) {', '.join(map(repr, silent))} of {where} produced no output during the forward pass "
+                "(a container such as ModuleList that is never called, a branch not taken, or a module whose "
+                ".forward() is called directly); select its child modules or another layer"
+            )
+        repeated = {name: count for name, count in self.calls.items() if count > 1}
+        if repeated:
+            name, count = next(iter(repeated.items()))
+            raise ModelError(
+                f"layer {name!r} of {where} ran {count} times in one forward pass (a shared or looped module), so "
+                "its outputs cannot be told apart; select a child that runs once, or the parent module that "
+                "contains the repeated calls"
+            )
+        arrays = {}
+        for name, tensor in self.outputs.items():
+            if tensor.dim() == 0 or tensor.shape[0] != batch:
+                raise ModelError(
+                    f"layer {name!r} of {where} returned shape {tuple(tensor.shape)}, whose first axis is not the "
+                    f"batch ({batch} examples); select a layer whose output keeps the batch first "
+                    "(or use output_index to pick another element)"
+                )
+            arrays[name] = to_numpy(tensor)
+        return arrays

@@ -1,0 +1,300 @@
+"""The ``torch`` extractor: PyTorch models from factories, torch.export archives or (opt-in) pickles.
+
+Importing this module is cheap: torch is imported inside methods.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+from cka_offline.errors import DeviceError, ModelError
+from cka_offline.extractor import Extractor, LayerInfo, sha256_path
+
+from . import __version__
+from .binding import ForwardSignature, bind, export_signature, module_signature, tensors_for
+from .capture import Capture, parse_output_index
+from .sources import (
+    SourceSpec,
+    factory_file,
+    load_export,
+    load_factory,
+    load_pickle,
+    load_weights,
+    parse_flag,
+    parse_model_args,
+    parse_source,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+#: module classes that hold other modules but are never called themselves
+_CONTAINERS = ("ModuleList", "ModuleDict", "ParameterList", "ParameterDict")
+
+
+def resolve_device(spec: str | None) -> "torch.device":
+    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (cuda if available) as a torch device."""
+    import torch
+
+    text = (spec or "cpu").strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError("device 'mps' is not available on this machine; use --device cpu")
+        return torch.device("mps")
+    if text == "cuda" or text.startswith("cuda:"):
+        try:
+            device = torch.device(text)
+        except RuntimeError as exc:
+            raise DeviceError(f"device {spec!r} is not a valid device; write cuda or cuda:N") from exc
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"device {spec!r} was requested but CUDA is not available (torch {torch.__version__}, "
+                f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu or auto, or install a CUDA build of torch"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"device {spec!r} does not exist: {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
+        return device
+    raise DeviceError(f"unknown device {spec!r}; use cpu, cuda, cuda:N, mps or auto")
+
+
+class TorchExtractor(Extractor):
+    """PyTorch models, with layers captured by forward hooks on named submodules.
+
+    Sources: ``package.module:callable`` or ``path/to/file.py:callable`` (a factory returning an
+    ``nn.Module``, called with ``model_args``, optionally loaded with ``weights``); a ``torch.export``
+    archive ``.pt2`` (unflattened, so layers keep their original module names); a pickled ``nn.Module``
+    ``.pt``/``.pth`` only with ``allow_pickle_code_execution``. TorchScript archives and bare state dicts
+    are refused with what to use instead.
+
+    Layers are the named submodules in ``named_modules()`` order (the root excluded); a module reachable
+    under several names is listed once, with the other names as aliases. ``run`` captures each requested
+    module's output in eval mode under ``torch.inference_mode``; a tuple/list/dict/``ModelOutput`` output
+    gives its first tensor unless ``output_index`` picks another. A requested module that does not run, or
+    runs more than once in one forward pass, is a :class:`~cka_offline.errors.ModelError`.
+
+    Inputs: an ``ids`` array is never passed; arrays named like forward parameters are passed by name
+    (``input_ids``, ``attention_mask``); a single array with another name is passed positionally.
+    Floating inputs are cast to the model's floating dtype (float64 -> float32 for a float32 model) unless
+    ``keep_dtype``; integer and bool inputs keep their dtype.
+    """
+
+    name = "torch"
+    framework = "torch"
+    description = (
+        "PyTorch models: factory 'pkg.mod:make' or 'file.py:make' (+ weights .safetensors/.pt), "
+        "torch.export archives (.pt2), pickled nn.Module .pt/.pth (opt-in)"
+    )
+    options_help = {
+        "model_args": "keyword arguments for a factory, key=value pairs (values parsed as Python literals: "
+        "ints, floats, true/false, none; otherwise strings)",
+        "weights": "state dict loaded into the factory's model: .safetensors, or .pt/.pth/.bin read with "
+        "torch.load(weights_only=True); every key must fit",
+        "output_index": "which element of a tuple/list/dict/ModelOutput module output to keep: a position "
+        "(0, 1, ...) or a key (default: the first tensor)",
+        "allow_pickle_code_execution": "true to load a fully pickled nn.Module (.pt/.pth) or a .pt2 with "
+        "pickled entries; unpickling runs code from the file, so only for files you trust",
+        "keep_dtype": "true to pass floating inputs in their stored dtype (default: cast to the model's "
+        "floating dtype, so float64 arrays become float32)",
+    }
+
+    @classmethod
+    def can_open(cls, source: str) -> bool:
+        return parse_source(source) is not None
+
+    def __init__(self, source: str, *, device: str = "cpu", options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(source, device=device, options=options)
+        unknown = sorted(set(self.options) - set(self.options_help))
+        if unknown:
+            raise ModelError(
+                f"unknown torch extractor option(s) {', '.join(unknown)}; known: {', '.join(self.options_help)}"
+            )
+        spec = parse_source(source)
+        if spec is None:
+            raise ModelError(
+                f"{source!r} is not a torch model source; give 'pkg.module:factory', 'file.py:factory' or a .pt2 file"
+            )
+        self.spec: SourceSpec = spec
+        self.model_args = parse_model_args(self.options.get("model_args"))
+        self.weights = str(self.options.get("weights") or "")
+        self.output_index = parse_output_index(self.options.get("output_index"))
+        self.allow_pickle = parse_flag(self.options.get("allow_pickle_code_execution"), "allow_pickle_code_execution")
+        self.keep_dtype = parse_flag(self.options.get("keep_dtype"), "keep_dtype")
+        if spec.kind != "factory" and (self.model_args or self.weights):
+            given = ", ".join(k for k in ("model_args", "weights") if self.options.get(k))
+            raise ModelError(f"option(s) {given} apply only to a factory source ('pkg.mod:make'), not to {source!r}")
+        self._device = resolve_device(device)
+        self._model: torch.nn.Module | None = None
+        self._signature: ForwardSignature | None = None
+        self._kinds: dict[str, str] = {}
+        self._model_file = ""
+
+    # ----------------------------------------------------------------------------------- loading
+
+    def _load(self) -> "torch.nn.Module":
+        if self._model is not None:
+            return self._model
+        import torch
+
+        spec = self.spec
+        if spec.kind == "weights":
+            raise ModelError(
+                f"{self.source!r} holds only weights; give the code that builds the model as a factory and load "
+                f"the file into it: 'my_pkg.models:make -X weights={self.source}'"
+            )
+        if spec.kind == "export":
+            program, model = load_export(spec.path, self.allow_pickle)
+            self._signature = export_signature(program)
+            self._kinds = _export_kinds(program)
+            self._model_file = spec.path
+        else:
+            if spec.kind == "factory":
+                model = load_factory(spec, self.source, self.model_args)
+                if self.weights:
+                    load_weights(model, self.weights, self.source)
+                self._model_file = self.weights or factory_file(spec)
+            else:
+                model = load_pickle(spec.path, self.allow_pickle)
+                self._model_file = spec.path
+            self._signature = module_signature(model)
+        try:
+            model = model.to(self._device)
+        except Exception as exc:
+            raise ModelError(f"cannot move the model of {self.source!r} to {self._device}: {type(exc).__name__}: {exc}") from exc
+        model.eval()
+        self._model = model
+        log.debug("loaded %s (%s) on %s", self.source, type(model).__name__, self._device)
+        return model
+
+    def _float_dtype(self) -> "torch.dtype | None":
+        import torch
+
+        if self.keep_dtype:
+            return None
+        model = self._load()
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            if tensor.is_floating_point():
+                return tensor.dtype
+        return torch.float32
+
+    # ----------------------------------------------------------------------------------- contract
+
+    def layers(self) -> list[LayerInfo]:
+        model = self._load()
+        primary: dict[int, str] = {}
+        aliases: dict[int, list[str]] = {}
+        modules: dict[int, Any] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            if not name:
+                continue
+            key = id(module)
+            if key in primary:
+                aliases[key].append(name)
+            else:
+                primary[key], aliases[key], modules[key] = name, [], module
+        infos = []
+        for key, name in primary.items():
+            kind = self._kinds.get(name) or type(modules[key]).__name__
+            container = kind in _CONTAINERS
+            infos.append(
+                LayerInfo(
+                    name=name,
+                    kind=kind,
+                    shape=None,
+                    aliases=tuple(aliases[key]),
+                    exposable=not container,
+                    reason=f"{name!r} is a {kind}, a container that is never called; select its elements" if container else "",
+                )
+            )
+        return infos
+
+    def input_names(self) -> list[str] | None:
+        self._load()
+        return self._signature.names if self._signature is not None else None
+
+    def run(self, inputs: Mapping[str, np.ndarray], layers: Sequence[str]) -> dict[str, np.ndarray]:
+        import torch
+
+        model = self._load()
+        available = dict(model.named_modules())
+        unknown = [name for name in layers if name not in available or not name]
+        if unknown:
+            import difflib
+
+            hints = [difflib.get_close_matches(n, list(available), n=1) for n in unknown]
+            near = "; ".join(f"{n!r} -> {h[0]!r}?" for n, h in zip(unknown, hints) if h)
+            raise ModelError(
+                f"unknown layer(s) {', '.join(map(repr, unknown))} in {self.source!r}"
+                + (f" (close: {near})" if near else "")
+                + "; list the layers with cka-extract --list-layers"
+            )
+        plan = bind(self._signature, list(inputs), repr(self.source))
+        args, kwargs = tensors_for(inputs, plan, self._device, self._float_dtype())
+        batch = len(args[0]) if args else len(next(iter(kwargs.values())))
+        with Capture({name: available[name] for name in layers}, self.output_index) as capture:
+            try:
+                with torch.inference_mode():
+                    model(*args, **kwargs)
+            except Exception as exc:
+                if isinstance(exc, ModelError):
+                    raise
+                shapes = ", ".join(f"{k}: {tuple(np.shape(v))} {np.asarray(v).dtype}" for k, v in inputs.items())
+                raise ModelError(
+                    f"the forward pass of {self.source!r} failed on a batch of {batch} ({shapes}): "
+                    f"{type(exc).__name__}: {exc}; check that the inputs fit the model"
+                    + (" (a .pt2 accepts only the shapes it was exported with: export with dynamic_shapes for "
+                       "a variable batch)" if self.spec.kind == "export" else "")
+                ) from exc
+        return capture.results(batch, repr(self.source))
+
+    def provenance(self) -> dict[str, str]:
+        import torch
+
+        self._load()
+        record = {
+            "framework": self.framework,
+            "framework_version": torch.__version__,
+            "model": self.source,
+            "model_sha256": sha256_path(self._model_file) if self._model_file else "",
+            "extractor_version": __version__,
+            "device": str(self._device),
+        }
+        if self.spec.kind == "factory":
+            record["model_args"] = json.dumps(self.model_args, sort_keys=True, default=str)
+            record["factory_file"] = factory_file(self.spec)
+            if self.weights:
+                record["weights"] = os.path.abspath(self.weights)
+                record["factory_sha256"] = sha256_path(record["factory_file"]) if record["factory_file"] else ""
+        if self.output_index is not None:
+            record["output_index"] = str(self.output_index)
+        return record
+
+    def close(self) -> None:
+        import torch
+
+        self._model = None
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _export_kinds(program: Any) -> dict[str, str]:
+    """Original module class names of an exported program, from its nodes' ``nn_module_stack``."""
+    kinds: dict[str, str] = {}
+    for node in program.graph.nodes:
+        for fqn, type_name in (node.meta.get("nn_module_stack") or {}).values():
+            if fqn and isinstance(type_name, str):
+                kinds.setdefault(fqn, type_name.rsplit(".", 1)[-1])
+            elif fqn:
+                kinds.setdefault(fqn, getattr(type_name, "__name__", str(type_name)))
+    return kinds
