@@ -1,0 +1,162 @@
+"""ONNX exports of PyTorch models: layers selected by module name agree with PyTorch forward hooks."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+from torch import nn  # noqa: E402
+
+from cka_offline.errors import InputError  # noqa: E402
+from cka_offline_onnx.extractor import OnnxExtractor  # noqa: E402
+
+MODULES = ["features.0", "features.1", "features.2", "features.3", "features.4", "features.5", "features", "pool", "fc"]
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def make_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    model = SmallCNN()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so that BN outputs differ from their inputs
+        for bn in (model.features[1], model.features[4]):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def export(model: nn.Module, path: str, example: torch.Tensor, *, dynamo: bool, dynamic_batch: bool = True) -> None:
+    kwargs: dict = {"input_names": ["x"], "output_names": ["y"], "dynamo": dynamo}
+    if dynamic_batch:
+        kwargs["dynamic_axes"] = {"x": {0: "N"}, "y": {0: "N"}}
+    if dynamo:
+        kwargs["optimize"] = False  # keep BatchNorm as its own node
+    else:
+        kwargs.update(do_constant_folding=False, training=torch.onnx.TrainingMode.EVAL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, (example,), path, **kwargs)
+        except Exception as exc:  # an exporter this torch no longer ships
+            if not dynamo and "dynamo" in str(exc).lower():
+                pytest.skip(f"TorchScript exporter unavailable: {exc}")
+            raise
+
+
+def hooked(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, np.ndarray]:
+    """Module outputs through plain forward hooks (independent of the torch plugin)."""
+    found: dict[str, np.ndarray] = {}
+    handles = [
+        module.register_forward_hook(lambda _m, _i, out, name=name: found.__setitem__(name, out.detach().numpy()))
+        for name, module in model.named_modules() if name in names
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return found
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["torchscript", "dynamo"])
+def exported(request, tmp_path_factory):
+    model = make_cnn()
+    path = str(tmp_path_factory.mktemp("export") / "cnn.onnx")
+    export(model, path, torch.randn(2, 3, 8, 8), dynamo=request.param)
+    return model, path
+
+
+def test_module_aliases(exported):
+    _, path = exported
+    infos = OnnxExtractor(path).layers()
+    aliases = {a: i for i in infos for a in i.aliases}
+    assert set(MODULES) <= set(aliases)
+    assert aliases["features.0"].kind == "Conv" and aliases["features.1"].kind == "BatchNormalization"
+    assert aliases["features.5"] is aliases["features"]  # a Sequential's output is its last child's
+    assert aliases["fc"].kind == "Gemm" and aliases["fc"].shape == (5,)
+    assert aliases["features.3"].shape == (6, 6, 6)
+
+
+def test_agreement_with_pytorch_hooks(exported):
+    model, path = exported
+    x = torch.randn(5, 3, 8, 8)
+    expected = hooked(model, x, MODULES)
+    ex = OnnxExtractor(path)
+    by_alias = {a: i.name for i in ex.layers() for a in i.aliases}
+    out = ex.run({"x": x.numpy()}, [by_alias[m] for m in MODULES])
+    for module in MODULES:
+        got = out[by_alias[module]]
+        assert got.shape == expected[module].shape, module
+        assert np.max(np.abs(got - expected[module])) < 1e-4, module
+    # BatchNorm really ran: its output differs from the Conv output it normalises
+    assert np.max(np.abs(out[by_alias["features.1"]] - out[by_alias["features.0"]])) > 1e-2
+
+
+def test_alias_accepted_by_run(exported):
+    model, path = exported
+    x = torch.randn(2, 3, 8, 8)
+    out = OnnxExtractor(path).run({"x": x.numpy()}, ["features.3"])
+    np.testing.assert_allclose(out["features.3"], hooked(model, x, ["features.3"])["features.3"], atol=1e-4)
+
+
+def test_model_exported_with_fixed_batch_of_one(tmp_path):
+    model = make_cnn()
+    path = str(tmp_path / "b1.onnx")
+    export(model, path, torch.randn(1, 3, 8, 8), dynamo=False, dynamic_batch=False)
+    ex = OnnxExtractor(path)
+    assert ex.fixed_batch_one
+    x = torch.randn(4, 3, 8, 8)
+    by_alias = {a: i.name for i in ex.layers() for a in i.aliases}
+    out = ex.run({"x": x.numpy()}, [by_alias["features.2"], by_alias["fc"]])
+    ref = hooked(model, x, ["features.2", "fc"])
+    np.testing.assert_allclose(out[by_alias["fc"]], ref["fc"], atol=1e-4)
+    np.testing.assert_allclose(out[by_alias["features.2"]], ref["features.2"], atol=1e-4)
+    with pytest.raises(InputError, match=r"input 'x' expects shape \[1, 3, 8, 8\], got \(4, 3, 9, 8\): needs 8 on axis 2"):
+        ex.run({"x": np.zeros((4, 3, 9, 8), np.float32)}, [by_alias["fc"]])
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 3, 1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.conv1(x)) + x
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_nested_module_aliases(tmp_path, dynamo):
+    torch.manual_seed(1)
+    model = nn.Sequential(Block(), Block()).eval()
+    path = str(tmp_path / "nested.onnx")
+    export(model, path, torch.randn(2, 3, 4, 4), dynamo=dynamo)
+    ex = OnnxExtractor(path)
+    aliases = {a: i for i in ex.layers() for a in i.aliases}
+    # the TorchScript exporter writes the child's local name (/0/conv1/Conv): the full path is rebuilt
+    assert {"0", "0.conv1", "0.act", "1", "1.conv1", "1.act"} <= set(aliases)
+    assert aliases["0"].kind == "Add" and aliases["1.conv1"].kind == "Conv"
+    x = torch.randn(3, 3, 4, 4)
+    names = ["0", "0.conv1", "1.act", "1"]
+    out = ex.run({"x": x.numpy()}, [aliases[n].name for n in names])
+    ref = hooked(model, x, names)
+    for n in names:
+        np.testing.assert_allclose(out[aliases[n].name], ref[n], atol=1e-5)
