@@ -1,0 +1,813 @@
+"""Compare the layers of activation files with CKA: files -> aligned minibatches -> accumulator -> result.
+
+:func:`analyze` opens every file, aligns their example ids, cuts the examples into random minibatches
+(:func:`plan_minibatches`), reads them on a background thread while the Grams and HSIC sums are computed on
+the device, and returns a :class:`~cka_offline.results.CKAResult`.
+
+All selected layers of all files are stacked into one list of ``L`` layers and fed to one
+:class:`~cka_offline.cka.accumulator.MinibatchCKA`, so each file's Grams are computed once per minibatch and
+shared by every pair of files; a pair's CKA matrix is a block of the ``L x L`` result. One file is compared
+with itself (the matrix is symmetric by construction).
+
+What is random (docs paragraph, kept in step with :func:`plan_minibatches`)
+---------------------------------------------------------------------------
+Only the *composition and order of the minibatches* is random; which examples are used is not (all aligned
+examples are used exactly once per epoch). Positions ``0..n-1`` index the aligned examples in the order of
+the first file. Epoch ``e`` (``0 <= e < epochs``) draws everything from ``numpy.random.default_rng(seed + e)``:
+(1) the positions are cut into consecutive blocks of ``block_rows`` positions (the first file's HDF5 chunk
+rows, so a block is one chunk read) and the order of the blocks is shuffled (``rng.permutation``);
+(2) consecutive shuffled blocks are grouped ``buffer_blocks`` at a time into a shuffle buffer and the
+positions inside each buffer are shuffled (``rng.permutation``); (3) the concatenated shuffled positions
+are cut into ``k = max(1, min(ceil(n / m), n // 4))`` consecutive minibatches whose sizes differ by at most
+one (the first ``n mod k`` have one more), so no minibatch has fewer than 4 examples (the unbiased HSIC_1
+needs 4) and none more than ``m`` unless ``m < 8``. Minibatches are numbered globally across epochs; minibatch
+``b`` goes to jackknife group ``b mod n_groups``. The CKA estimate does not depend on the order in which
+minibatches are processed, only on their composition. ``block_rows`` and ``buffer_blocks`` are recorded in
+the result's ``params`` so a run can be reproduced exactly; with the RBF kernel, the bandwidth sample of
+up to 1000 positions is drawn with ``numpy.random.default_rng([seed, 1]).choice(n, k, replace=False)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from . import __version__
+from .errors import (
+    ActivationValueError,
+    AlignmentError,
+    DeviceError,
+    InsufficientDataError,
+    ResourceError,
+)
+from .results import CKAResult, FileInfo
+
+if TYPE_CHECKING:
+    import torch
+
+    from .store.reader import ActivationFile
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("linear", "rbf")
+PRECISIONS = ("float32", "float64")
+ESTIMATORS = ("minibatch", "full", "full-debiased")
+MIN_BATCH = 4
+#: examples sampled (at most) to estimate each layer's RBF bandwidth
+BANDWIDTH_SAMPLE = 1000
+#: preferred number of chunk-aligned blocks in one shuffle buffer
+BUFFER_BLOCKS = 8
+#: memory the shuffle buffer may use for all layers of all files together
+BUFFER_BYTES = 256 * 2**20
+#: memory the full-data estimators may use to hold the data of all selected layers
+FULL_DATA_BYTES = 4 * 2**30
+
+ProgressCallback = Callable[[int, int], None]
+
+
+# ====================================================================== the minibatch plan
+def batch_sizes(n: int, m: int) -> list[int]:
+    """Sizes of the minibatches one epoch of ``n`` examples is cut into, for batch size ``m``.
+
+    ``k = max(1, min(ceil(n / m), n // 4))`` minibatches whose sizes differ by at most one, larger ones
+    first. No size is below 4 when ``n >= 4``; sizes exceed ``m`` only when ``m < 8`` would otherwise leave
+    a minibatch smaller than 4.
+    """
+    if n < MIN_BATCH:
+        raise InsufficientDataError(
+            f"CKA needs at least {MIN_BATCH} examples (the unbiased HSIC_1 is undefined below), got {n}"
+        )
+    if m < MIN_BATCH:
+        raise InsufficientDataError(f"batch size must be at least {MIN_BATCH} (unbiased HSIC_1), got {m}; use -m 256")
+    k = max(1, min(math.ceil(n / m), n // MIN_BATCH))
+    base, extra = divmod(n, k)
+    return [base + 1] * extra + [base] * (k - extra)
+
+
+def _epoch_order(n: int, seed: int, epoch: int, block_rows: int, buffer_blocks: int) -> tuple[np.ndarray, list[int]]:
+    """Shuffled positions of one epoch and the end offsets (into them) of its shuffle buffers."""
+    rng = np.random.default_rng(seed + epoch)
+    n_blocks = math.ceil(n / block_rows)
+    blocks = rng.permutation(n_blocks)
+    parts: list[np.ndarray] = []
+    ends: list[int] = []
+    done = 0
+    for start in range(0, n_blocks, buffer_blocks):
+        rows = np.concatenate(
+            [np.arange(b * block_rows, min(n, (b + 1) * block_rows)) for b in blocks[start : start + buffer_blocks]]
+        )
+        parts.append(rows[rng.permutation(len(rows))])
+        done += len(rows)
+        ends.append(done)
+    return np.concatenate(parts), ends
+
+
+def plan_minibatches(
+    n: int,
+    m: int = 256,
+    *,
+    seed: int = 0,
+    epochs: int = 1,
+    block_rows: int = 1024,
+    buffer_blocks: int = BUFFER_BLOCKS,
+) -> list[np.ndarray]:
+    """The minibatches :func:`analyze` forms: a list (all epochs, in global minibatch order) of int64 arrays
+    of positions into the aligned examples (``0..n-1`` in the first file's order).
+
+    See the module docstring ("What is random") for the exact procedure; :func:`batch_sizes` for the sizes.
+    ``block_rows`` and ``buffer_blocks`` are the values recorded in ``CKAResult.params``.
+    """
+    _check_plan_args(epochs, block_rows, buffer_blocks)
+    sizes = batch_sizes(n, m)
+    out: list[np.ndarray] = []
+    for epoch in range(epochs):
+        order, _ = _epoch_order(n, seed, epoch, block_rows, buffer_blocks)
+        out.extend(np.split(order, np.cumsum(sizes)[:-1]))
+    return out
+
+
+def _check_plan_args(epochs: int, block_rows: int, buffer_blocks: int) -> None:
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if block_rows < 1 or buffer_blocks < 1:
+        raise ValueError(f"block_rows and buffer_blocks must be >= 1, got {block_rows} and {buffer_blocks}")
+
+
+# ====================================================================== alignment
+@dataclass
+class _Alignment:
+    ids: np.ndarray  # the aligned example ids, in the first file's order
+    rows: list[np.ndarray | None]  # per file: row of each aligned example, None = identity
+
+
+def _describe_ids(ids: np.ndarray, limit: int = 3) -> str:
+    shown = ", ".join(repr(x.item() if isinstance(x, np.generic) else x) for x in ids[:limit])
+    return shown + (", ..." if len(ids) > limit else "")
+
+
+def align_ids(id_lists: Sequence[np.ndarray], labels: Sequence[str], *, intersect: bool = False) -> _Alignment:
+    """Match the example ids of every file to the first file's.
+
+    Same ids in the same order: identity. Same set in another order: row maps. Different sets: AlignmentError
+    saying how many ids each side lacks (with examples), unless ``intersect`` (then the common ids, in the
+    first file's order).
+    """
+    ref = np.asarray(id_lists[0])
+    kinds = {np.asarray(ids).dtype.kind in "iu" for ids in id_lists}
+    if len(kinds) > 1:
+        kind = ["integers" if np.asarray(i).dtype.kind in "iu" else "strings" for i in id_lists]
+        raise AlignmentError(
+            "example ids are integers in some files and strings in others ("
+            + ", ".join(f"{lab}: {k}" for lab, k in zip(labels, kind))
+            + "); extract all files from the same inputs"
+        )
+    if intersect:
+        common = ref
+        for ids in id_lists[1:]:
+            common = common[np.isin(common, ids)]
+        ref_rows: np.ndarray | None = None if len(common) == len(ref) else np.flatnonzero(np.isin(ref, common))
+        if ref_rows is not None:
+            log.info("using the %d example ids common to all files (%d in %s)", len(common), len(ref), labels[0])
+    else:
+        common, ref_rows = ref, None
+        for ids, label in zip(id_lists[1:], labels[1:]):
+            ids = np.asarray(ids)
+            if len(ids) == len(ref) and np.array_equal(ids, ref):
+                continue
+            only_ref = ref[~np.isin(ref, ids)]
+            only_other = ids[~np.isin(ids, ref)]
+            if len(only_ref) or len(only_other):
+                raise AlignmentError(
+                    f"{labels[0]} and {label} hold different examples: {len(only_ref)} id(s) of {labels[0]} are "
+                    f"missing from {label} (e.g. {_describe_ids(only_ref) or '-'}), {len(only_other)} id(s) of "
+                    f"{label} are missing from {labels[0]} (e.g. {_describe_ids(only_other) or '-'}); extract both "
+                    "from the same inputs, or use the common examples with --intersection"
+                )
+    rows: list[np.ndarray | None] = [ref_rows]
+    for ids in id_lists[1:]:
+        ids = np.asarray(ids)
+        if len(ids) == len(common) and np.array_equal(ids, common):
+            rows.append(None)
+            continue
+        sorter = np.argsort(ids, kind="stable")
+        rows.append(sorter[np.searchsorted(ids, common, sorter=sorter)].astype(np.int64))
+    return _Alignment(ids=common, rows=rows)
+
+
+# ====================================================================== devices and options
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available else ``cpu``; checks that a requested CUDA device exists.
+
+    Raises:
+        DeviceError: CUDA requested but not available, or the index is out of range.
+    """
+    import torch
+
+    text = (device or "auto").strip().lower()
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return "cpu"
+    if text == "cuda" or text.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"device {device!r} requested but CUDA is not available (torch {torch.__version__}, "
+                "no GPU or a CPU-only build); use --device cpu"
+            )
+        if ":" in text:
+            try:
+                index = int(text.split(":", 1)[1])
+            except ValueError:
+                raise DeviceError(f"device {device!r}: expected cuda:N with an integer N") from None
+            if not 0 <= index < torch.cuda.device_count():
+                raise DeviceError(
+                    f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist "
+                    f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+                )
+        return text
+    raise DeviceError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+
+
+def check_options(
+    *, batch_size: int, epochs: int, kernel: str, rbf_fraction: float, precision: str, estimator: str, n_groups: int
+) -> None:
+    """Validate option values and combinations; raises ValueError with the fix (the CLI shows it as usage)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; use one of {', '.join(KERNELS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; use one of {', '.join(ESTIMATORS)}")
+    if estimator != "minibatch" and kernel != "linear":
+        raise ValueError(f"the {estimator} estimator supports the linear kernel only; use --kernel linear")
+    if not (math.isfinite(rbf_fraction) and rbf_fraction > 0):
+        raise ValueError(f"rbf fraction must be a number > 0, got {rbf_fraction}")
+    if batch_size < MIN_BATCH:
+        raise ValueError(f"batch size must be at least {MIN_BATCH} (unbiased HSIC_1), got {batch_size}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    if n_groups < 2:
+        raise ValueError(f"n_groups must be at least 2 for a jackknife standard error, got {n_groups}")
+
+
+# ====================================================================== the streaming reader
+@dataclass
+class _Layer:
+    file: int
+    name: str
+    features: int
+    itemsize: int
+
+
+@dataclass
+class _Batch:
+    index: int
+    positions: np.ndarray
+    arrays: list[Any]  # one per stacked layer: torch tensors (pinned on CUDA)
+
+
+@dataclass
+class _Buffer:
+    start: int
+    end: int
+    local: np.ndarray  # shuffled order -> row of `data`
+    data: list[np.ndarray] = field(default_factory=list)
+
+
+def _read_rows(f: "ActivationFile", layer: str, rows: np.ndarray, sorted_rows: bool) -> np.ndarray:
+    """Rows ``rows`` of ``layer`` in that order; contiguous runs of sorted rows are read as slices."""
+    if sorted_rows:
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        if len(breaks) < 16:
+            starts = np.concatenate([[0], breaks])
+            stops = np.concatenate([breaks, [len(rows)]])
+            parts = [f.read(layer, int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops)]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return f.read_rows(layer, rows)
+
+
+class _Reader:
+    """Background thread: reads shuffle buffers and yields minibatches through a bounded queue."""
+
+    _DONE = object()
+
+    def __init__(
+        self,
+        files: Sequence["ActivationFile"],
+        layers: Sequence[_Layer],
+        alignment: _Alignment,
+        *,
+        batch_size: int,
+        seed: int,
+        epochs: int,
+        block_rows: int,
+        buffer_blocks: int,
+        pin: bool,
+        prefetch: int,
+    ) -> None:
+        self.files, self.layers, self.alignment = files, layers, alignment
+        self.batch_size, self.seed, self.epochs = batch_size, seed, epochs
+        self.block_rows, self.buffer_blocks, self.pin = block_rows, buffer_blocks, pin
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="cka-reader", daemon=True)
+
+    def __enter__(self) -> "_Reader":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        while self.thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                self.queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self.thread.join()
+
+    def __iter__(self) -> Iterator[_Batch]:
+        while True:
+            item = self.queue.get()
+            if item is self._DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _put(self, item: Any) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for batch in self._batches():
+                if not self._put(batch):
+                    return
+            self._put(self._DONE)
+        except BaseException as exc:  # handed to the consumer, which re-raises it with its traceback
+            self._put(exc)
+
+    def _load(self, positions: np.ndarray, start: int, end: int) -> _Buffer:
+        ordered = np.sort(positions)
+        data: list[np.ndarray] = []
+        rows_of: dict[int, tuple[np.ndarray, bool]] = {}
+        for k, rows in enumerate(self.alignment.rows):
+            rows_of[k] = (ordered, True) if rows is None else (rows[ordered], k == 0)
+        for layer in self.layers:
+            rows, is_sorted = rows_of[layer.file]
+            data.append(_read_rows(self.files[layer.file], layer.name, rows, is_sorted))
+        return _Buffer(start=start, end=end, local=np.searchsorted(ordered, positions), data=data)
+
+    def _batches(self) -> Iterator[_Batch]:
+        import torch
+
+        n = len(self.alignment.ids)
+        sizes = batch_sizes(n, self.batch_size)
+        index = 0
+        for epoch in range(self.epochs):
+            order, ends = _epoch_order(n, self.seed, epoch, self.block_rows, self.buffer_blocks)
+            loaded: deque[_Buffer] = deque()
+            next_buffer, start = 0, 0
+            for size in sizes:
+                end = start + size
+                while not loaded or loaded[-1].end < end:
+                    b_start = ends[next_buffer - 1] if next_buffer else 0
+                    b_end = ends[next_buffer]
+                    loaded.append(self._load(order[b_start:b_end], b_start, b_end))
+                    next_buffer += 1
+                while loaded[0].end <= start:
+                    loaded.popleft()
+                pieces = [
+                    [buf.data[k][buf.local[max(start, buf.start) - buf.start : min(end, buf.end) - buf.start]]
+                     for buf in loaded if buf.start < end and buf.end > start]
+                    for k in range(len(self.layers))
+                ]
+                arrays = []
+                for parts in pieces:
+                    x = torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
+                    arrays.append(x.pin_memory() if self.pin else x)
+                yield _Batch(index=index, positions=order[start:end], arrays=arrays)
+                if self.stop.is_set():
+                    return
+                index += 1
+                start = end
+
+
+# ====================================================================== analyze
+def analyze(
+    files: Sequence[str | os.PathLike[str] | Sequence[str]],
+    *,
+    layers: Sequence[str] | None = None,
+    layers_a: Sequence[str] | None = None,
+    layers_b: Sequence[str] | None = None,
+    batch_size: int = 256,
+    epochs: int = 1,
+    seed: int = 0,
+    kernel: str = "linear",
+    rbf_fraction: float = 0.5,
+    precision: str = "float32",
+    device: str = "auto",
+    estimator: str = "minibatch",
+    intersect: bool = False,
+    n_groups: int = 16,
+    confidence: float = 0.95,
+    allow_external: bool = False,
+    progress: ProgressCallback | None = None,
+    buffer_bytes: int = BUFFER_BYTES,
+    prefetch: int = 4,
+    hash_files: bool = True,
+) -> CKAResult:
+    """CKA between the layers of one or more activation files.
+
+    One file is compared with itself; two or more are compared pairwise in one pass (every file's Grams
+    are computed once per minibatch and shared by all pairs). See the module docstring for exactly what is
+    random; :func:`plan_minibatches` reproduces the minibatches.
+
+    Args:
+        files: activation files; each a path, a glob of shard files or a list of shard paths.
+        layers: layer names or glob patterns selecting the layers of every file (default: all layers).
+        layers_a: selection for the first file (overrides ``layers`` there).
+        layers_b: selection for the second and every further file (overrides ``layers`` there).
+        batch_size: examples per minibatch ``m`` (>= 4); the tail is spread so no minibatch is below 4.
+        epochs: passes over the data, each with its own shuffle (epoch ``e`` uses ``seed + e``).
+        seed: seed of the shuffle and of the RBF bandwidth sample.
+        kernel: ``linear`` or ``rbf``.
+        rbf_fraction: RBF bandwidth = this fraction of the median pairwise distance in a sample of up to
+            1000 examples, estimated once per layer (default 0.5, as in Kornblith et al. 2019's experiments).
+        precision: Gram dtype, ``float32`` or ``float64``; HSIC sums are float64 always.
+        device: ``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N``.
+        estimator: ``minibatch`` (default), ``full`` (exact biased full-data CKA) or ``full-debiased``.
+        intersect: compare the examples common to all files instead of requiring identical sets.
+        n_groups: jackknife groups for standard errors (minibatch ``b`` goes to group ``b % n_groups``).
+        confidence: level of the reported interval.
+        allow_external: read files holding external HDF5 links (refused by default).
+        progress: called as ``progress(examples_done, examples_total)`` after each minibatch.
+        buffer_bytes: memory the shuffle buffer may take (all layers of all files).
+        prefetch: minibatches the reader thread may hold ready.
+        hash_files: compute the SHA-256 of every file (on a background thread) for the result.
+
+    Raises:
+        AlignmentError: the files hold different examples (and ``intersect`` is false).
+        LayerSelectionError: a layer name or pattern matches nothing.
+        InsufficientDataError: fewer than 4 (common) examples.
+        ActivationValueError: NaN or Inf in the activations (names the file, layer and example id).
+        DeviceError: CUDA requested but not available.
+        ResourceError: the full-data estimator does not fit in memory.
+        FormatError and subclasses: a file is not a valid, complete activation file.
+    """
+    import torch
+
+    from .store.reader import open_activations
+
+    check_options(
+        batch_size=batch_size, epochs=epochs, kernel=kernel, rbf_fraction=rbf_fraction, precision=precision,
+        estimator=estimator, n_groups=n_groups,
+    )
+    if not files:
+        raise ValueError("analyze() needs at least one activation file")
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    labels = _labels(files)
+    opened: list[ActivationFile] = []
+    hasher: _Hasher | None = None
+    try:
+        for spec in files:
+            opened.append(open_activations(_as_paths(spec), allow_external=allow_external))
+        if hash_files:
+            hasher = _Hasher([p for f in opened for p in f.paths])
+        selected = _select(opened, labels, layers, layers_a, layers_b)
+        alignment = align_ids([f.ids for f in opened], labels, intersect=intersect)
+        n = len(alignment.ids)
+        if n < MIN_BATCH:
+            what = "common to all files" if intersect else "in the files"
+            raise InsufficientDataError(
+                f"CKA needs at least {MIN_BATCH} examples (the unbiased HSIC_1 is undefined below); "
+                f"{n} example(s) {what}"
+            )
+        stacked = [
+            _Layer(k, name, f.layer(name).features, np.dtype(f.layer(name).dtype).itemsize)
+            for k, (f, names) in enumerate(zip(opened, selected))
+            for name in names
+        ]
+        gram_dtype = torch.float64 if precision == "float64" else torch.float32
+        warnings: list[str] = []
+        params: dict[str, Any] = {
+            "batch_size": int(batch_size), "epochs": int(epochs), "seed": int(seed), "kernel": kernel,
+            "rbf_fraction": float(rbf_fraction) if kernel == "rbf" else None, "precision": precision,
+            "device": dev, "estimator": estimator, "n_groups": int(n_groups), "intersect": bool(intersect),
+            "confidence": float(confidence),
+        }
+        if estimator == "minibatch":
+            row_bytes = sum(layer.features * layer.itemsize for layer in stacked)
+            block_rows, buffer_blocks = _buffer_shape(opened[0].chunk_rows, row_bytes, batch_size, buffer_bytes)
+            params.update(block_rows=block_rows, buffer_blocks=buffer_blocks)
+            bandwidths: list[float] | None = None
+            if kernel == "rbf":
+                bandwidths = _bandwidths(opened, stacked, alignment, labels, seed, rbf_fraction, dev, warnings)
+                params["bandwidths"] = _per_file(bandwidths, stacked, labels)
+            stats, n_batches, timing = _run_minibatch(
+                opened, stacked, alignment, labels, batch_size=batch_size, seed=seed, epochs=epochs,
+                block_rows=block_rows, buffer_blocks=buffer_blocks, device=dev, gram_dtype=gram_dtype,
+                bandwidths=bandwidths, n_groups=n_groups, confidence=confidence, progress=progress,
+                prefetch=prefetch,
+            )
+            cka, se, low, high, degenerate = stats.cka, stats.se, stats.low, stats.high, set(stats.degenerate_layers)
+            if bandwidths is not None:
+                degenerate |= {i for i, bw in enumerate(bandwidths) if math.isnan(bw)}
+        else:
+            cka, timing = _run_full(
+                opened, stacked, alignment, labels, debiased=estimator == "full-debiased", device=dev,
+                progress=progress,
+            )
+            se = low = high = np.full_like(cka, np.nan)
+            n_batches = 0
+            degenerate = {i for i in range(len(stacked)) if math.isnan(cka[i, i])}
+        for i in sorted(degenerate):
+            layer = stacked[i]
+            cka[i, :] = cka[:, i] = np.nan
+            for arr in (se, low, high):
+                arr[i, :] = arr[:, i] = np.nan
+            message = (
+                f"layer {layer.name!r} of {labels[layer.file]} is constant over the examples, so its CKA is "
+                "undefined (NaN)"
+            )
+            if message not in warnings:
+                warnings.append(message)
+                log.warning(message)
+        timing["total"] = time.perf_counter() - t0
+        infos = [
+            FileInfo(label=labels[k], paths=list(f.paths), layers=list(selected[k]), provenance=dict(f.provenance),
+                     sha256=[], n_examples=int(f.n_examples))
+            for k, f in enumerate(opened)
+        ]
+        if hasher is not None:
+            t_hash = time.perf_counter()
+            digests = hasher.result()
+            timing["hash_wait"] = time.perf_counter() - t_hash
+            for info in infos:
+                info.sha256 = [digests[p] for p in info.paths]
+        pairs = [(0, 0)] if len(opened) == 1 else [(i, j) for i in range(len(opened)) for j in range(i + 1, len(opened))]
+        return CKAResult(
+            files=infos, cka=cka, se=se, low=low, high=high, pairs=pairs, params=params, n_examples=n,
+            n_minibatches=n_batches, timing=timing, warnings=warnings, version=__version__, confidence=confidence,
+        )
+    finally:
+        if hasher is not None:
+            hasher.cancel()
+        for f in opened:
+            f.close()
+
+
+def _as_paths(spec: str | os.PathLike[str] | Sequence[str]) -> str | list[str]:
+    if isinstance(spec, (str, os.PathLike)):
+        return os.fspath(spec)
+    return [os.fspath(p) for p in spec]
+
+
+def _labels(files: Sequence[Any]) -> list[str]:
+    labels: list[str] = []
+    for spec in files:
+        if isinstance(spec, (str, os.PathLike)):
+            label = os.fspath(spec)
+        else:
+            items = [os.fspath(p) for p in spec]
+            label = items[0] + (f" (+{len(items) - 1} shards)" if len(items) > 1 else "")
+        base, k = label, 2
+        while label in labels:
+            label, k = f"{base} #{k}", k + 1
+        labels.append(label)
+    return labels
+
+
+def _select(
+    opened: Sequence["ActivationFile"],
+    labels: Sequence[str],
+    layers: Sequence[str] | None,
+    layers_a: Sequence[str] | None,
+    layers_b: Sequence[str] | None,
+) -> list[list[str]]:
+    from .selection import select_layers
+
+    out = []
+    for k, f in enumerate(opened):
+        own = layers_a if k == 0 else layers_b
+        patterns = own if own is not None else layers
+        out.append(list(select_layers(f.layer_names, list(patterns) if patterns else None, what="layer",
+                                      where=labels[k], hint=f"list them with cka-inspect {labels[k]}")))
+    return out
+
+
+def _buffer_shape(chunk_rows: int, row_bytes: int, batch_size: int, budget: int) -> tuple[int, int]:
+    """``(block_rows, buffer_blocks)``: chunk-aligned blocks, as many per buffer as the budget allows
+    (8, or enough for two minibatches), at least one; a chunk larger than the budget is split."""
+    row_bytes = max(1, row_bytes)
+    block_rows = max(1, int(chunk_rows))
+    if block_rows * row_bytes > budget:
+        block_rows = max(MIN_BATCH, budget // row_bytes)
+    want = max(BUFFER_BLOCKS, math.ceil(2 * batch_size / block_rows))
+    fits = max(1, budget // (block_rows * row_bytes))
+    return block_rows, int(min(want, fits))
+
+
+def _per_file(values: Sequence[float], stacked: Sequence[_Layer], labels: Sequence[str]) -> dict[str, dict[str, float | None]]:
+    out: dict[str, dict[str, float | None]] = {label: {} for label in labels}
+    for value, layer in zip(values, stacked):
+        out[labels[layer.file]][layer.name] = None if math.isnan(value) else float(value)
+    return out
+
+
+def _read_aligned(f: "ActivationFile", layer: str, alignment: _Alignment, k: int, positions: np.ndarray) -> np.ndarray:
+    rows = alignment.rows[k]
+    if rows is None:
+        return _read_rows(f, layer, positions, True)
+    return _read_rows(f, layer, rows[positions], k == 0)
+
+
+def _check_finite(x: np.ndarray, positions: np.ndarray, layer: _Layer, label: str, ids: np.ndarray) -> None:
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row = int(np.flatnonzero(bad.any(axis=1))[0])
+        value = x[row][bad[row]][0]
+        example = ids[positions[row]]
+        example = example.item() if isinstance(example, np.generic) else example
+        raise ActivationValueError(
+            f"{label}: layer {layer.name!r} holds {value} for example id {example!r} "
+            f"({int(bad.any(axis=1).sum())} example(s) in this minibatch affected); CKA needs finite activations -- "
+            "fix the model or inputs and extract again"
+        )
+
+
+def _bandwidths(
+    files: Sequence["ActivationFile"], stacked: Sequence[_Layer], alignment: _Alignment, labels: Sequence[str],
+    seed: int, fraction: float, device: str, warnings: list[str],
+) -> list[float]:
+    import torch
+
+    from .cka.hsic import rbf_bandwidth
+
+    n = len(alignment.ids)
+    size = min(n, BANDWIDTH_SAMPLE)
+    positions = np.sort(np.random.default_rng([seed, 1]).choice(n, size=size, replace=False))
+    out = []
+    for layer in stacked:
+        x = _read_aligned(files[layer.file], layer.name, alignment, layer.file, positions)
+        _check_finite(x, positions, layer, labels[layer.file], alignment.ids)
+        if np.all(x == x[:1]):
+            out.append(math.nan)  # constant: CKA undefined; reported with the other constant layers
+            continue
+        out.append(rbf_bandwidth(torch.from_numpy(x).to(device), fraction))
+    return out
+
+
+def _run_minibatch(
+    files: Sequence["ActivationFile"], stacked: Sequence[_Layer], alignment: _Alignment, labels: Sequence[str], *,
+    batch_size: int, seed: int, epochs: int, block_rows: int, buffer_blocks: int, device: str,
+    gram_dtype: "torch.dtype", bandwidths: Sequence[float] | None, n_groups: int, confidence: float,
+    progress: ProgressCallback | None, prefetch: int,
+) -> tuple[Any, int, dict[str, float]]:
+    import torch
+
+    from .cka.accumulator import MinibatchCKA
+    from .cka.hsic import gram_linear, gram_rbf
+
+    n = len(alignment.ids)
+    total = n * epochs
+    acc = MinibatchCKA(n_layers=len(stacked), n_groups=n_groups, device=device)
+    on_cuda = device.startswith("cuda")
+    done = n_batches = 0
+    wait = 0.0
+    t_start = time.perf_counter()
+    reader = _Reader(
+        files, stacked, alignment, batch_size=batch_size, seed=seed, epochs=epochs, block_rows=block_rows,
+        buffer_blocks=buffer_blocks, pin=on_cuda, prefetch=prefetch,
+    )
+    with reader, torch.no_grad():
+        batches = iter(reader)
+        while True:
+            t_wait = time.perf_counter()
+            batch = next(batches, None)
+            wait += time.perf_counter() - t_wait
+            if batch is None:
+                break
+            m = len(batch.positions)
+            grams = torch.empty((len(stacked), m, m), dtype=gram_dtype, device=device)
+            for i, x in enumerate(batch.arrays):
+                x = x.to(device, non_blocking=True)
+                if bandwidths is None:
+                    grams[i] = gram_linear(x, dtype=gram_dtype)
+                elif math.isnan(bandwidths[i]):
+                    grams[i] = 0.0  # constant layer: zero self-HSIC marks it undefined
+                else:
+                    grams[i] = gram_rbf(x, bandwidths[i], dtype=gram_dtype)
+            try:
+                acc.update(grams, batch_index=batch.index)
+            except ActivationValueError:
+                _raise_non_finite(batch, stacked, labels, alignment.ids, gram_dtype)
+            n_batches += 1
+            done += m
+            if progress is not None:
+                progress(done, total)
+    if on_cuda:
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t_start
+    stats = acc.compute_stats(confidence=confidence)
+    return stats, n_batches, {"read_wait": wait, "compute": elapsed - wait}
+
+
+def _raise_non_finite(
+    batch: _Batch, stacked: Sequence[_Layer], labels: Sequence[str], ids: np.ndarray, gram_dtype: "torch.dtype"
+) -> None:
+    for i, layer in enumerate(stacked):
+        _check_finite(batch.arrays[i].numpy(), batch.positions, layer, labels[layer.file], ids)
+    raise ActivationValueError(
+        f"minibatch {batch.index}: the Grams overflow {str(gram_dtype).replace('torch.', '')} although the "
+        "activations are finite (very large values); use --precision float64"
+    )
+
+
+def _run_full(
+    files: Sequence["ActivationFile"], stacked: Sequence[_Layer], alignment: _Alignment, labels: Sequence[str], *,
+    debiased: bool, device: str, progress: ProgressCallback | None,
+) -> tuple[np.ndarray, dict[str, float]]:
+    import torch
+
+    from .cka.hsic import cka_linear_full
+
+    n = len(alignment.ids)
+    need = n * sum(layer.features * layer.itemsize for layer in stacked)
+    if need > FULL_DATA_BYTES:
+        raise ResourceError(
+            f"the full-data estimator holds all {n} examples of the {len(stacked)} selected layers in memory "
+            f"({need / 2**30:.1f} GiB, limit {FULL_DATA_BYTES / 2**30:.0f} GiB); select fewer layers or use "
+            "--estimator minibatch"
+        )
+    t_read = time.perf_counter()
+    positions = np.arange(n)
+    data = []
+    for layer in stacked:
+        x = _read_aligned(files[layer.file], layer.name, alignment, layer.file, positions)
+        _check_finite(x, positions, layer, labels[layer.file], alignment.ids)
+        data.append(torch.from_numpy(x).to(device))
+    t_compute = time.perf_counter()
+    size = len(stacked)
+    cka = np.full((size, size), np.nan)
+    with torch.no_grad():
+        for i in range(size):
+            for j in range(i, size):
+                cka[i, j] = cka[j, i] = cka_linear_full(data[i], data[j], debiased=debiased)
+            if progress is not None:
+                progress(n * (i + 1) // size, n)
+    return cka, {"read_wait": t_compute - t_read, "compute": time.perf_counter() - t_compute}
+
+
+class _Hasher:
+    """SHA-256 of files on a background thread, overlapping the analysis (hashing is I/O bound)."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = list(dict.fromkeys(paths))
+        self.digests: dict[str, str] = {}
+        self.error: BaseException | None = None
+        self._cancel = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="cka-hash", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import hashlib
+
+        try:
+            for path in self.paths:
+                digest = hashlib.sha256()
+                with open(path, "rb") as fh:
+                    while block := fh.read(1 << 22):
+                        if self._cancel.is_set():
+                            return
+                        digest.update(block)
+                self.digests[path] = digest.hexdigest()
+        except BaseException as exc:
+            self.error = exc
+
+    def result(self) -> dict[str, str]:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.digests
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+
+__all__ = ["analyze", "plan_minibatches", "batch_sizes", "align_ids", "resolve_device", "check_options"]

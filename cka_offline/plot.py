@@ -1,0 +1,140 @@
+"""Heatmap of a CKA matrix from a :class:`~cka_offline.results.CKAResult` (matplotlib, Agg backend).
+
+matplotlib is imported inside :func:`plot_heatmap`, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import OutputError
+from .results import atomic_output, shorten_name
+
+if TYPE_CHECKING:
+    from .results import CKAResult
+
+PLOT_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
+#: above this many layers on an axis only every k-th tick label is drawn
+MAX_TICK_LABELS = 50
+#: cells are annotated with their value by default when the matrix has at most this many cells
+AUTO_ANNOTATE_CELLS = 144
+
+
+def plot_format(path: str) -> str:
+    """``png``, ``pdf`` or ``svg`` from the extension of ``path``.
+
+    Raises:
+        OutputError: any other extension.
+    """
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in PLOT_FORMATS:
+        raise OutputError(
+            f"cannot tell the plot format of {path!r} from its extension {ext or '(none)'!r}; use .png, .pdf or .svg"
+        )
+    return PLOT_FORMATS[ext]
+
+
+def plot_heatmap(
+    result: "CKAResult",
+    path: str | os.PathLike[str],
+    pair: tuple[int, int] | None = None,
+    annotate: bool | None = None,
+    *,
+    title: str | None = None,
+    cmap: str = "magma",
+    dpi: int = 150,
+) -> str:
+    """Draw the CKA matrix of one file pair as a heatmap and write it to ``path`` (PNG, PDF or SVG).
+
+    Rows are the layers of file ``pair[0]`` (A, y axis, first layer at the bottom), columns those of
+    file ``pair[1]`` (B, x axis); axis titles name the models from the files' provenance. The colour
+    scale is fixed to [0, 1]; undefined cells (NaN, constant layers) are grey. The figure and font sizes
+    scale with the layer counts, so 100 layers a side stay readable: beyond 50 layers on an axis only
+    every k-th tick label is drawn.
+
+    Args:
+        result: the analysis result.
+        path: output file; the format comes from the extension.
+        pair: ``(i, j)`` file indices; default ``(0, 1)``, or ``(0, 0)`` for a one-file result.
+        annotate: write each cell's value in it; default: only when the matrix has at most 144 cells.
+        title: figure title; default names the kernel, estimator and example count.
+        cmap: matplotlib colour map.
+        dpi: resolution of raster output.
+
+    Returns:
+        ``path``.
+    """
+    path = os.fspath(path)
+    fmt = plot_format(path)
+    if pair is None:
+        pair = (0, 0) if len(result.files) == 1 else (0, 1)
+    block = result.pair(*pair)
+    values = np.asarray(block.cka, dtype=np.float64)
+    n_rows, n_cols = values.shape
+    if annotate is None:
+        annotate = n_rows * n_cols <= AUTO_ANNOTATE_CELLS
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    largest = max(n_rows, n_cols, 1)
+    side = min(16.0, max(5.0, 3.0 + 0.13 * largest))
+    font = max(3.0, min(10.0, 320.0 / largest))
+    fig = Figure(figsize=(side * min(1.0, 0.35 + n_cols / max(n_rows, 1)) + 1.5, side), dpi=dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    colours = matplotlib.colormaps[cmap].copy()
+    colours.set_bad("#bbbbbb")
+    image = ax.imshow(
+        np.ma.masked_invalid(values), origin="lower", cmap=colours, vmin=0.0, vmax=1.0, aspect="auto",
+        interpolation="nearest",
+    )
+    colorbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
+    colorbar.set_label("CKA", fontsize=max(font, 7))
+    colorbar.ax.tick_params(labelsize=max(font, 6))
+
+    _ticks(ax.set_xticks, ax.set_xticklabels, block.layers_b, font, rotation=90)
+    _ticks(ax.set_yticks, ax.set_yticklabels, block.layers_a, font, rotation=0)
+    ax.set_xlabel(f"B: {_axis_title(block.file_b)}", fontsize=max(font + 1, 8))
+    ax.set_ylabel(f"A: {_axis_title(block.file_a)}", fontsize=max(font + 1, 8))
+
+    if annotate:
+        cell_font = max(2.5, min(9.0, 0.9 * side * 72 / max(n_cols, 1) / 4))
+        for a in range(n_rows):
+            for b in range(n_cols):
+                v = values[a, b]
+                text = "nan" if math.isnan(v) else f"{v:.2f}"
+                ax.text(b, a, text, ha="center", va="center", fontsize=cell_font,
+                        color="black" if (not math.isnan(v) and v > 0.6) else "white")
+    if title is None:
+        p = result.params
+        title = (
+            f"CKA ({p.get('kernel', 'linear')} kernel, {p.get('estimator', 'minibatch')}), "
+            f"{result.n_examples} examples"
+        )
+    ax.set_title(title, fontsize=max(font + 2, 9))
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=dpi)
+    return path
+
+
+def _axis_title(info: object) -> str:
+    model = getattr(info, "model_name", "")
+    label = getattr(info, "label", "")
+    return f"{model} ({os.path.basename(label)})" if model and model != label else str(label)
+
+
+def _ticks(set_ticks, set_labels, names: list[str], font: float, rotation: int) -> None:  # type: ignore[no-untyped-def]
+    step = max(1, math.ceil(len(names) / MAX_TICK_LABELS))
+    positions = list(range(0, len(names), step))
+    set_ticks(positions)
+    set_labels([shorten_name(names[k]) for k in positions], fontsize=font, rotation=rotation)
+
+
+__all__ = ["plot_heatmap", "plot_format"]

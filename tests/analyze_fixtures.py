@@ -1,0 +1,112 @@
+"""Small activation files for the analyze / results / plot / CLI tests, and an independent float64 reference.
+
+The reference is written from the formulas (Song et al. 2012 unbiased HSIC_1; Nguyen et al. 2020
+minibatch CKA as sums over minibatches; grouped jackknife) with plain numpy, sharing nothing with
+``cka_offline.cka``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+
+from cka_offline.store.writer import ActivationWriter, LayerSpec
+
+
+def chain_activations(
+    n: int, widths: Sequence[int] = (6, 5, 4), seed: int = 0, d_in: int = 7, input_seed: int = 1234
+) -> dict[str, np.ndarray]:
+    """Activations of a random linear+ReLU chain (weights from ``seed``) on the same Gaussian inputs (from
+    ``input_seed``): ``{"layer<k>": (n, width_k) float32}``."""
+    h = np.random.default_rng(input_seed).normal(size=(n, d_in))
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, width in enumerate(widths):
+        w = rng.normal(size=(h.shape[1], width)) / math.sqrt(h.shape[1])
+        h = np.maximum(h @ w + 0.1 * rng.normal(size=width), 0.0)
+        out[f"layer{k}"] = h.astype(np.float32)
+    return out
+
+
+def write_acts(
+    path: str | os.PathLike[str],
+    arrays: dict[str, np.ndarray],
+    ids: np.ndarray | None = None,
+    *,
+    chunk_rows: int = 16,
+    model: str = "chain",
+    dtype: str = "float32",
+    shard: tuple[int, int, int] | None = None,
+) -> str:
+    n = len(next(iter(arrays.values())))
+    ids = np.arange(n) if ids is None else np.asarray(ids)
+    specs = [LayerSpec(name, (a.shape[1],), "none", a.shape[1]) for name, a in arrays.items()]
+    with ActivationWriter(
+        path, ids=ids, layers=specs, provenance={"model": model, "extractor": "test"}, dtype=dtype,
+        chunk_rows=chunk_rows, shard=shard,
+    ) as w:
+        for s in range(0, n, 10):
+            w.write({k: v[s : s + 10] for k, v in arrays.items()})
+    return os.fspath(path)
+
+
+# ---------------------------------------------------------------- reference math
+def ref_linear_gram(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x @ x.T
+
+
+def ref_rbf_gram(x: np.ndarray, sigma: float) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    return np.exp(-d2 / (2 * sigma**2))
+
+
+def ref_hsic1(k: np.ndarray, l: np.ndarray) -> float:
+    """[tr(K~L~) + 1'K~1 1'L~1 / ((m-1)(m-2)) - 2/(m-2) 1'K~L~1] / (m(m-3)), K~ = K with zero diagonal."""
+    k = k - np.diag(np.diag(k))
+    l = l - np.diag(np.diag(l))
+    m = k.shape[0]
+    one = np.ones(m)
+    value = np.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((m - 1) * (m - 2)) - 2 / (m - 2) * (one @ k @ l @ one)
+    return float(value / (m * (m - 3)))
+
+
+def ref_minibatch(
+    layers: Sequence[np.ndarray], batches: Sequence[np.ndarray], n_groups: int = 16, sigmas: Sequence[float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(CKA, jackknife SE) over the stacked ``layers`` (each (n, d)) for the given minibatches of row indices.
+
+    CKA_ij = sum_b H_ij,b / sqrt(sum_b H_ii,b sum_b H_jj,b); the SE is the grouped leave-one-group-out
+    jackknife over groups b % n_groups."""
+    size = len(layers)
+    sums = np.zeros((n_groups, size, size))
+    for b, rows in enumerate(batches):
+        grams = [
+            ref_linear_gram(x[rows]) if sigmas is None else ref_rbf_gram(x[rows], sigmas[i])
+            for i, x in enumerate(layers)
+        ]
+        for i in range(size):
+            for j in range(size):
+                sums[b % n_groups, i, j] += ref_hsic1(grams[i], grams[j])
+
+    def cka(h: np.ndarray) -> np.ndarray:
+        d = np.sqrt(np.diag(h))
+        return h / np.outer(d, d)
+
+    total = sums.sum(0)
+    used = [g for g in range(n_groups) if np.any(sums[g])]
+    loo = np.stack([cka(total - sums[g]) for g in used])
+    g = len(used)
+    se = np.sqrt((g - 1) / g * ((loo - loo.mean(0)) ** 2).sum(0))
+    return cka(total), se
+
+
+def ref_full_linear(x: np.ndarray, y: np.ndarray) -> float:
+    """Biased linear CKA (Kornblith et al. 2019): ||Yc'Xc||_F^2 / (||Xc'Xc||_F ||Yc'Yc||_F)."""
+    x = np.asarray(x, np.float64) - np.mean(x, 0, dtype=np.float64)
+    y = np.asarray(y, np.float64) - np.mean(y, 0, dtype=np.float64)
+    return float(np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
