@@ -369,3 +369,37 @@ def test_device_not_understood(mlp_path, device):
 def test_option_errors(mlp_path, options, message):
     with pytest.raises(ModelError, match=message):
         OnnxExtractor(mlp_path, options=options)
+
+
+# --- the core's conformance checks -----------------------------------------------------------------------
+
+
+def test_conformance(mlp_path):
+    from cka_offline.testing import check_extractor
+
+    # branch_out is left out: the If picks its branch from the sum over the whole batch, on purpose
+    layers = ["h", "h_bias", "act", "y"]
+    checked = check_extractor(OnnxExtractor, mlp_path, {"x": RNG.normal(size=(5, 4)).astype(np.float32)}, layers=layers)
+    assert checked == layers
+
+
+def test_conformance_external_data_and_batch_axis(tmp_path):
+    from cka_offline.testing import check_extractor
+
+    path = str(tmp_path / "t.onnx")
+    onnx.save_model(transpose_model(), path, save_as_external_data=True, location="t.bin", size_threshold=0)
+    check_extractor(OnnxExtractor, path, {"x": RNG.normal(size=(3, 4)).astype(np.float32)},
+                    layers=["t"], options={"batch_axis": 1})
+
+
+def test_end_to_end_through_the_core(mlp_path, tmp_path):
+    from cka_offline.extract import extract
+    from cka_offline.store.reader import open_activations
+
+    x = RNG.normal(size=(7, 4)).astype(np.float32)
+    np.savez(tmp_path / "inputs.npz", x=x)
+    out = extract(mlp_path, str(tmp_path / "inputs.npz"), str(tmp_path / "acts.h5"), layers=["kind:Relu", "y"],
+                  batch_size=3)
+    with open_activations(out) as f:
+        assert f.layer_names == ["act", "y"] and f.provenance["framework"] == "onnxruntime"
+        np.testing.assert_allclose(f.read("y", 0, 7), reference(x)["y"], atol=1e-5)
