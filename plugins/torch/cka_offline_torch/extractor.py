@@ -84,7 +84,7 @@ class TorchExtractor(Extractor):
     gives its first tensor unless ``output_index`` picks another. A requested module that does not run, or
     runs more than once in one forward pass, is a :class:`~cka_offline.errors.ModelError`.
 
-    Inputs: an ``ids`` array is never passed; arrays named like forward parameters are passed by name
+    Inputs (see :meth:`input_names`): an ``ids`` array is never passed; arrays named like forward parameters are passed by name
     (``input_ids``, ``attention_mask``); a single array with another name is passed positionally.
     Floating inputs are cast to the model's floating dtype (float64 -> float32 for a float32 model) unless
     ``keep_dtype``; integer and bool inputs keep their dtype.
@@ -220,8 +220,15 @@ class TorchExtractor(Extractor):
         return infos
 
     def input_names(self) -> list[str] | None:
+        """The forward's parameter names when exactly those inputs are needed (every parameter required,
+        no ``*args``/``**kwargs``, as for a ``.pt2`` program); otherwise ``None`` and :meth:`run` matches
+        the arrays it is given to the forward's parameters by name (so ``input_ids`` + ``attention_mask``
+        reach a transformers model whose other parameters are optional)."""
         self._load()
-        return self._signature.names if self._signature is not None else None
+        sig = self._signature
+        if sig is None or sig.var_positional or sig.var_keyword or not all(p.required for p in sig.params):
+            return None
+        return sig.names
 
     def run(self, inputs: Mapping[str, np.ndarray], layers: Sequence[str]) -> dict[str, np.ndarray]:
         import torch
