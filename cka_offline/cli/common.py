@@ -1,0 +1,176 @@
+"""Helpers every command shares: known errors as one line, --debug/--quiet, -X key=value, the progress bar.
+
+Imports nothing heavy (no torch, h5py, onnxruntime) so that ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import sys
+import time
+import traceback
+from typing import Any, Callable, Iterable, Iterator, TextIO, TypeVar
+
+import click
+
+from ..errors import CKAOfflineError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+INTERRUPTED_EXIT_CODE = 130
+
+
+def debug_option(f: F) -> F:
+    return click.option("--debug", is_flag=True, help="Show the full traceback of errors, and debug logging.")(f)
+
+
+def quiet_option(f: F) -> F:
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bar and no informational messages.")(f)
+
+
+def setup_logging(debug: bool, quiet: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    if not debug:  # plugins' frameworks are chatty at INFO
+        for name in ("h5py", "matplotlib", "PIL"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def fail(prog: str, message: str, code: int = 2) -> None:
+    """Print ``prog: error: message`` as one line on stderr and exit with ``code``."""
+    one_line = " ".join(str(message).split())
+    click.echo(f"{prog}: error: {one_line}", err=True)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def cli_errors(prog: str, debug: bool = False, *, interrupted: str | Callable[[], str] | None = None) -> Iterator[None]:
+    """Inside it, a known error becomes one line ``prog: error: message`` on stderr and its exit code
+    (``--debug``: the traceback too); Ctrl-C prints ``interrupted`` (a text or a function giving it) and
+    exits with 130. Bugs (other exceptions) keep their traceback."""
+    try:
+        yield
+    except CKAOfflineError as exc:
+        if debug:
+            traceback.print_exc(file=sys.stderr)
+        fail(prog, str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc(file=sys.stderr)
+        text = interrupted() if callable(interrupted) else interrupted or "interrupted"
+        click.echo(f"{prog}: {text}", err=True)
+        sys.exit(INTERRUPTED_EXIT_CODE)
+
+
+def handle_errors(prog: str, *, interrupted: Callable[..., str] | None = None) -> Callable[[F], F]:
+    """Decorator form of :func:`cli_errors` for a click command that takes a ``debug`` parameter;
+    ``interrupted(**command kwargs)`` gives the Ctrl-C message."""
+
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            message = (lambda: interrupted(**kwargs)) if interrupted is not None else None
+            with cli_errors(prog, bool(kwargs.get("debug")), interrupted=message):
+                return func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: JSON numbers, true/false/null, lists and objects; anything else is a string."""
+    stripped = text.strip()
+    if stripped and (stripped[0] in "-0123456789[{" or stripped in ("true", "false", "null")):
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError:
+            pass
+    return text
+
+
+def parse_key_values(values: Iterable[str], option: str) -> dict[str, Any]:
+    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}``; a malformed item is a usage error naming ``option``."""
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=option)
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def split_list(values: Iterable[str]) -> list[str]:
+    """Repeated and comma-separated values -> one list (``--layers a,b --layers c``)."""
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+class ProgressBar:
+    """A progress callback ``(done, total)`` that draws ``label [####....] done/total  12.3 ex/s  ETA 0:42``.
+
+    Draws on ``stream`` (stderr) only when it is a terminal and ``enabled``; at most 10 times a second.
+    """
+
+    def __init__(self, label: str, *, enabled: bool = True, stream: TextIO | None = None, width: int = 30) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = enabled and getattr(self.stream, "isatty", lambda: False)()
+        self.label = label
+        self.width = width
+        self._start: float | None = None
+        self._start_done = 0
+        self._last = 0.0
+        self._drawn = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if self._start is None:  # rate counts only this run's examples, not resumed ones
+            self._start, self._start_done = now, done
+        if done < total and now - self._last < 0.1:
+            return
+        self._last = now
+        self.stream.write("\r" + self.render(done, total, now - self._start, done - self._start_done))
+        self._drawn = done < total
+        if not self._drawn:
+            self.stream.write("\n")
+        self.stream.flush()
+
+    def render(self, done: int, total: int, elapsed: float, new: int) -> str:
+        frac = done / total if total else 1.0
+        filled = int(round(frac * self.width))
+        bar = "#" * filled + "." * (self.width - filled)
+        rate = new / elapsed if elapsed > 0 else 0.0
+        eta = _clock((total - done) / rate) if rate > 0 else "?"
+        return f"{self.label} [{bar}] {done}/{total}  {rate:.1f} ex/s  ETA {eta} "
+
+    def finish(self) -> None:
+        """End the line if the bar was left unfinished (an error or Ctrl-C)."""
+        if self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn = False
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+__all__ = [
+    "debug_option",
+    "quiet_option",
+    "setup_logging",
+    "fail",
+    "cli_errors",
+    "handle_errors",
+    "parse_value",
+    "parse_key_values",
+    "split_list",
+    "ProgressBar",
+]

@@ -1,0 +1,278 @@
+"""``cka-extract``: run a model over inputs and store chosen layers' activations in an HDF5 file.
+
+Heavy modules (the extraction core, h5py, and through plugins torch and onnxruntime) are imported inside
+the command, so ``cka-extract --help`` answers fast.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+from typing import Any
+
+import click
+
+from .common import ProgressBar, debug_option, fail, handle_errors, parse_key_values, quiet_option, setup_logging, split_list
+
+PROG = "cka-extract"
+_DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
+
+
+def _interrupted(output: str | None = None, **_: Any) -> str:
+    partial = f"{output}.partial" if output else None
+    if partial and os.path.exists(partial):
+        return f"interrupted; the partial file {partial} was kept: run the same command with --resume to continue"
+    return "interrupted; nothing was written"
+
+
+def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", value)
+    if not m:
+        raise click.BadParameter(f"{value!r} is not I/K (shard I of K, I counting from 0), for example 0/4")
+    index, count = int(m.group(1)), int(m.group(2))
+    if count < 1 or index >= count:
+        raise click.BadParameter(f"{value!r}: I must be 0..K-1 (shards count from 0), for example 0/{max(count, 1)}")
+    return index, count
+
+
+def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not _DEVICE.match(value):
+        raise click.BadParameter(f"{value!r} is not one of cpu, cuda, cuda:N, auto")
+    return value
+
+
+def _reduction(values: tuple[str, ...]) -> str | dict[str, str]:
+    default = "flatten"
+    per_layer: dict[str, str] = {}
+    for value in values:
+        pattern, sep, name = value.rpartition("=")
+        if sep:
+            per_layer[pattern] = name
+        else:
+            default = name
+    if not per_layer:
+        return default
+    per_layer.setdefault("*", default)
+    return per_layer
+
+
+def _extractor_options(
+    option: tuple[str, ...],
+    model_arg: tuple[str, ...],
+    weights: str | None,
+    output_index: str | None,
+    allow_pickle_code_execution: bool,
+    batch_axis: int | None,
+    onnx_optimization: str | None,
+) -> dict[str, Any]:
+    opts = parse_key_values(option, "-X/--option")
+    if model_arg:
+        opts["model_args"] = parse_key_values(model_arg, "--model-arg")
+    if weights is not None:
+        opts["weights"] = weights
+    if output_index is not None:
+        opts["output_index"] = int(output_index) if output_index.lstrip("-").isdigit() else output_index
+    if allow_pickle_code_execution:
+        opts["allow_pickle_code_execution"] = True
+    if batch_axis is not None:
+        opts["batch_axis"] = batch_axis
+    if onnx_optimization is not None:
+        opts["optimization_level"] = onnx_optimization
+    return opts
+
+
+def _shape(shape: tuple[int | None, ...] | None) -> str:
+    if shape is None:
+        return "?"
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _list_extractors(pm: Any) -> None:
+    from ..registry import broken_plugins, list_extractors, list_input_readers
+
+    extractors = list_extractors(pm)
+    readers = list_input_readers(pm)
+    if extractors:
+        rows = [("EXTRACTOR", "VERSION", "DISTRIBUTION", "OPENS")]
+        rows += [(e.name, e.version or "?", e.distribution, e.description) for e in extractors]
+        click.echo(_table(rows))
+        for e in extractors:
+            for key, text in getattr(e.cls, "options_help", {}).items():
+                click.echo(f"  {e.name}: -X {key}=...  {text}")
+    else:
+        click.echo("no extractors installed (pip install cka-offline-torch, cka-offline-onnx, ...)")
+    click.echo("")
+    rows = [("INPUT READER", "VERSION", "DISTRIBUTION", "READS")]
+    rows += [(e.name, e.version or "?", e.distribution, e.description) for e in readers]
+    click.echo(_table(rows))
+    broken = broken_plugins(pm)
+    if broken:
+        click.echo("")
+        click.echo("broken plugins (not loaded):")
+        for name, dist, error in broken:
+            click.echo(f"  {name} ({dist}): {' '.join(error.split())}")
+
+
+def _list_layers(model: str, extractor: str | None, device: str, options: dict[str, Any], pm: Any) -> None:
+    from ..extract import _pick_extractor
+
+    cls, _ = _pick_extractor(model, extractor, pm)
+    with cls(model, device=device, options=options) as ext:
+        infos = ext.layers()
+    rows = [("LAYER", "KIND", "SHAPE", "ALIASES")]
+    for info in infos:
+        aliases = ", ".join(info.aliases)
+        if not info.exposable:
+            aliases = (aliases + "  " if aliases else "") + f"[not extractable: {info.reason}]"
+        rows.append((info.name, info.kind or "-", _shape(info.shape), aliases))
+    click.echo(_table(rows))
+
+
+HELP = """Run MODEL over INPUTS and store the activations of chosen layers in an HDF5 file.
+
+MODEL is whatever an installed extractor plugin opens (a .onnx file, torch weights or a
+`package.module:factory` spec; see --list-extractors). INPUTS is a .npz (arrays named after the
+model's inputs, plus optional `ids`), a .npy, `file.h5:/dataset` or a folder of images. Each layer's
+output is reduced to one row of features per example (--reduction) and written batch by batch, so an
+interrupted run continues with --resume, and large inputs can be split with --shard I/K.
+
+\b
+Example:
+  cka-extract resnet18.onnx --inputs images.npz -o resnet18.h5 --layers 'kind:Relu' --reduction mean
+  cka-extract resnet18.onnx --list-layers
+"""
+
+
+@click.command(name=PROG, help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("model", required=False)
+@click.option("--inputs", "-i", "inputs", metavar="INPUTS", help="Model inputs: .npz, .npy, file.h5:/dataset or an image folder.")
+@click.option("--output", "-o", "output", metavar="OUT.h5", help="Activation file to write.")
+@click.option("--layers", "-l", multiple=True, metavar="PATTERN",
+              help="Layers: names, globs ('layer*.conv1'), kind:Relu, aliases; repeatable and comma-separated. Default: all.")
+@click.option("--extractor", "-e", metavar="NAME", help="Extractor plugin to use (default: the one that can open MODEL).")
+@click.option("--list-extractors", is_flag=True, help="List installed extractors and input readers, and broken plugins.")
+@click.option("--list-layers", is_flag=True, help="List the layers MODEL offers (name, kind, shape, aliases) and exit.")
+@click.option("--reduction", "-r", multiple=True, metavar="[PATTERN=]NAME",
+              help="flatten (default), mean (over spatial positions), token_mean, first_token, last_token or none; "
+              "PATTERN=NAME for some layers only. Repeatable.")
+@click.option("--mask-input", default="attention_mask", show_default=True, metavar="NAME",
+              help="Input holding the attention mask for token reductions; 'none' counts every token.")
+@click.option("--batch-size", "-b", default=64, show_default=True, type=click.IntRange(min=1), help="Examples per forward pass.")
+@click.option("--device", default="cpu", show_default=True, callback=_device, help="cpu, cuda, cuda:N or auto.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]), help="Stored dtype.")
+@click.option("--max-examples", type=click.IntRange(min=1), metavar="N", help="Use only the first N examples.")
+@click.option("--shard", callback=_shard, metavar="I/K",
+              help="Write only part I of K (I counts from 0) of the examples; the K files form one logical file.")
+@click.option("--resume", is_flag=True, help="Continue OUT.h5.partial left by an interrupted run with the same options.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT.h5 if it exists.")
+@click.option("--chunk-rows", type=click.IntRange(min=1), metavar="N", help="Rows per HDF5 chunk (default: about 4 MB).")
+@click.option("--compression", default="none", show_default=True, type=click.Choice(["none", "gzip", "lz4"]), help="HDF5 compression.")
+@click.option("--option", "-X", "option", multiple=True, metavar="KEY=VALUE",
+              help="Extractor option (see --list-extractors); values are JSON (numbers, true, lists) or strings.")
+@click.option("--input-option", "-I", "input_option", multiple=True, metavar="KEY=VALUE",
+              help="Input reader option: for image folders resize=HxW, mean=, std=, grayscale=true; for HDF5 dataset=, ids=.")
+@click.option("--model-arg", multiple=True, metavar="KEY=VALUE", help="torch: keyword argument of the model factory. Repeatable.")
+@click.option("--weights", metavar="PATH", help="torch: weights (state dict or safetensors) to load into the factory's model.")
+@click.option("--output-index", metavar="N|KEY", help="torch: which element of a tuple/dict model output is the output.")
+@click.option("--allow-pickle-code-execution", is_flag=True,
+              help="torch: load a pickled model file. Unpickling RUNS CODE FROM THE FILE: only for files you trust.")
+@click.option("--batch-axis", type=int, metavar="N", help="onnx: axis of the batch in the model's inputs and outputs.")
+@click.option("--onnx-optimization", type=click.Choice(["disable", "basic", "extended", "all"]),
+              help="onnx: onnxruntime graph optimization level.")
+@quiet_option
+@debug_option
+@click.pass_context
+@handle_errors(PROG, interrupted=lambda **kw: _interrupted(**kw))
+def main(
+    ctx: click.Context,
+    model: str | None,
+    inputs: str | None,
+    output: str | None,
+    layers: tuple[str, ...],
+    extractor: str | None,
+    list_extractors: bool,
+    list_layers: bool,
+    reduction: tuple[str, ...],
+    mask_input: str,
+    batch_size: int,
+    device: str,
+    dtype: str,
+    max_examples: int | None,
+    shard: tuple[int, int] | None,
+    resume: bool,
+    overwrite: bool,
+    chunk_rows: int | None,
+    compression: str,
+    option: tuple[str, ...],
+    input_option: tuple[str, ...],
+    model_arg: tuple[str, ...],
+    weights: str | None,
+    output_index: str | None,
+    allow_pickle_code_execution: bool,
+    batch_axis: int | None,
+    onnx_optimization: str | None,
+    quiet: bool,
+    debug: bool,
+) -> None:
+    setup_logging(debug, quiet)
+    from ..registry import get_plugin_manager
+
+    obj = ctx.obj if isinstance(ctx.obj, dict) else {}
+    pm = obj.get("plugin_manager") or get_plugin_manager()
+    if list_extractors:
+        _list_extractors(pm)
+        return
+    if not model:
+        raise click.UsageError("give a MODEL (or --list-extractors)")
+    options = _extractor_options(
+        option, model_arg, weights, output_index, allow_pickle_code_execution, batch_axis, onnx_optimization
+    )
+    if list_layers:
+        _list_layers(model, extractor, device, options, pm)
+        return
+    if not output:
+        raise click.UsageError("give the output file with -o OUT.h5")
+
+    from ..extract import extract
+
+    bar = ProgressBar("extracting", enabled=not quiet)
+    try:
+        path = extract(
+            model,
+            inputs,
+            output,
+            layers=split_list(layers) or None,
+            extractor=extractor,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            reduction=_reduction(reduction),
+            max_examples=max_examples,
+            shard=shard,
+            resume=resume,
+            overwrite=overwrite,
+            chunk_rows=chunk_rows,
+            compression=None if compression == "none" else compression,
+            options=options,
+            input_options=parse_key_values(input_option, "-I/--input-option"),
+            mask_input=None if mask_input.lower() == "none" else mask_input,
+            progress=bar,
+            command=shlex.join([PROG, *sys.argv[1:]]),
+            plugin_manager=pm,
+        )
+    finally:
+        bar.finish()
+    if not quiet:
+        click.echo(f"{PROG}: wrote {path}", err=True)
+
+
+__all__ = ["main"]

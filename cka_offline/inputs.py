@@ -1,0 +1,470 @@
+"""The core's own input readers: ``.npz``, ``.npy``, a dataset in an HDF5 file, a folder of images.
+
+They are registered through the ``cka_input_readers`` hook like any plugin's readers
+(:func:`cka_offline.registry.get_plugin_manager` registers this module), so a plugin can override one.
+Every reader reads only the rows it is asked for (memory maps, HDF5 slices, per-file image loads), so
+memory stays bounded by the batch size whatever the size of the inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import zipfile
+from typing import Any, BinaryIO, Sequence
+
+import numpy as np
+
+from .errors import InputError
+from .extractor import InputReader, sha256_path
+from .hookspecs import hookimpl
+
+log = logging.getLogger(__name__)
+
+#: the ``.npz`` member that holds example ids (not a model input)
+IDS_NAME = "ids"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+HDF5_EXTENSIONS = (".h5", ".hdf5", ".hdf")
+
+
+def check_ids(ids: np.ndarray, where: str) -> np.ndarray:
+    """Example ids as int64 or str, 1-D and unique; an :class:`InputError` names a duplicate."""
+    from .store.writer import normalize_ids  # h5py: imported only when inputs are read
+
+    return normalize_ids(ids, where=where)
+
+
+def _check_lengths(lengths: dict[str, int], where: str) -> int:
+    if not lengths:
+        raise InputError(f"{where} holds no input arrays")
+    if len(set(lengths.values())) != 1:
+        listing = ", ".join(f"{k}: {v}" for k, v in lengths.items())
+        raise InputError(f"arrays in {where} have different numbers of examples (axis 0): {listing}; they must all match")
+    return next(iter(lengths.values()))
+
+
+def _parse_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise InputError(f"input option {key}={value!r} must be true or false")
+
+
+def _parse_floats(value: Any, key: str) -> np.ndarray | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        parts = [p for p in value.replace(" ", "").split(",") if p]
+    else:
+        parts = list(np.atleast_1d(value))
+    try:
+        return np.asarray([float(p) for p in parts], dtype=np.float32)
+    except ValueError:
+        raise InputError(f"input option {key}={value!r} must be a number or comma-separated numbers") from None
+
+
+class _Reader(InputReader):
+    """Shared parts: ids checked once, fingerprint that includes the options."""
+
+    def _options_text(self) -> str:
+        return json.dumps(self.options, sort_keys=True, default=str) if self.options else ""
+
+    def fingerprint(self) -> dict[str, str]:
+        desc = f"{self.name}:{os.path.abspath(self.path)}"
+        if self.options:
+            desc += f" {self._options_text()}"
+        return {"description": desc, "sha256": sha256_path(self.path)}
+
+
+# ------------------------------------------------------------------------------------------------ npz
+
+
+class _NpzMember:
+    """One array of an ``.npz``: memory-mapped when stored uncompressed, otherwise streamed forward."""
+
+    def __init__(self, path: str, zf: zipfile.ZipFile, member: str, name: str) -> None:
+        self.path, self.zf, self.member, self.name = path, zf, member, name
+        self._stream: BinaryIO | None = None
+        self._pos = 0
+        self._full: np.ndarray | None = None
+        with zf.open(member) as fh:
+            self.shape, self.fortran, self.dtype = self._header(fh)
+            header_len = fh.tell()
+        if self.dtype.hasobject:
+            raise InputError(
+                f"array {name!r} in {path} holds Python objects (dtype {self.dtype}); "
+                "object arrays need pickle, which is never loaded; save it as a numeric or string array"
+            )
+        if not self.shape:
+            raise InputError(f"array {name!r} in {path} is a scalar; inputs need the examples on axis 0")
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._memmap: np.ndarray | None = None
+        info = zf.getinfo(member)
+        if info.compress_type == zipfile.ZIP_STORED and not self.fortran:
+            # the local file header has variable-length fields; read it to find where the data starts
+            with open(path, "rb") as raw:
+                raw.seek(info.header_offset)
+                local = raw.read(30)
+                name_len = int.from_bytes(local[26:28], "little")
+                extra_len = int.from_bytes(local[28:30], "little")
+            offset = info.header_offset + 30 + name_len + extra_len + header_len
+            self._memmap = np.memmap(path, dtype=self.dtype, mode="r", offset=offset, shape=self.shape)
+
+    def _header(self, fh: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+        try:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                return np.lib.format.read_array_header_1_0(fh)
+            return np.lib.format.read_array_header_2_0(fh)
+        except ValueError as exc:
+            raise InputError(f"member {self.member!r} of {self.path} is not a valid .npy array: {exc}") from None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if self._memmap is not None:
+            return np.array(self._memmap[start:stop])
+        if self.fortran:  # rows are not contiguous on disk; rare, so load once
+            if self._full is None:
+                log.warning("array %r in %s is Fortran-ordered; loading it whole", self.name, self.path)
+                with np.load(self.path, allow_pickle=False) as npz:
+                    self._full = npz[self.name]
+            return np.array(self._full[start:stop])
+        # compressed: the core reads forward in contiguous blocks, so keep one decompressing stream open
+        if self._stream is None or start < self._pos:
+            self.close()
+            self._stream = self.zf.open(self.member)
+            self._header(self._stream)
+            self._pos = 0
+        skip = (start - self._pos) * self.row_bytes
+        while skip > 0:
+            got = len(self._stream.read(min(skip, 1 << 24)))
+            if got == 0:
+                break
+            skip -= got
+        want = (stop - start) * self.row_bytes
+        data = self._stream.read(want)
+        if len(data) != want:
+            raise InputError(f"array {self.name!r} in {self.path} is truncated (rows {start}:{stop} missing)")
+        self._pos = stop
+        return np.frombuffer(data, dtype=self.dtype).reshape((stop - start, *self.shape[1:])).copy()
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+
+class NpzInputs(_Reader):
+    """Named arrays in a ``.npz``, passed to the model by name; an ``ids`` array gives the example ids."""
+
+    name = "npz"
+    description = ".npz file: every array is a model input by name, except 'ids' (example ids)"
+
+    @classmethod
+    def can_open(cls, path: str) -> bool:
+        return path.lower().endswith(".npz")
+
+    def __init__(self, path: str, **options: Any) -> None:
+        super().__init__(path, **options)
+        try:
+            self._zip = zipfile.ZipFile(path)
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise InputError(f"cannot read inputs {path}: {exc}; expected a .npz written by numpy.savez") from None
+        self._members: dict[str, _NpzMember] = {}
+        try:
+            for member in self._zip.namelist():
+                if not member.endswith(".npy"):
+                    continue
+                name = member[: -len(".npy")]
+                self._members[name] = _NpzMember(path, self._zip, member, name)
+            ids_member = self._members.pop(IDS_NAME, None)
+            self._n = _check_lengths({k: len(m) for k, m in self._members.items()}, path)
+            if ids_member is not None:
+                if len(ids_member) != self._n:
+                    raise InputError(
+                        f"'{IDS_NAME}' in {path} has {len(ids_member)} entries but the inputs have {self._n} examples"
+                    )
+                self._ids = check_ids(ids_member.read(0, len(ids_member)), path)
+            else:
+                self._ids = np.arange(self._n, dtype=np.int64)
+        except BaseException:
+            self.close()
+            raise
+
+    def __len__(self) -> int:
+        return self._n
+
+    def ids(self) -> np.ndarray:
+        return self._ids
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        return {name: m.read(start, stop) for name, m in self._members.items()}
+
+    def close(self) -> None:
+        for m in self._members.values():
+            m.close()
+        self._zip.close()
+
+
+# ------------------------------------------------------------------------------------------------ npy
+
+
+class NpyInputs(_Reader):
+    """One array in a ``.npy`` (memory-mapped), given to the model as its input ``"input"``."""
+
+    name = "npy"
+    description = ".npy file: one array, the model's single input (examples on axis 0)"
+    input_name = "input"
+
+    @classmethod
+    def can_open(cls, path: str) -> bool:
+        return path.lower().endswith(".npy")
+
+    def __init__(self, path: str, **options: Any) -> None:
+        super().__init__(path, **options)
+        try:
+            self._array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read inputs {path}: {exc}") from None
+        if self._array.ndim == 0:
+            raise InputError(f"the array in {path} is a scalar; inputs need the examples on axis 0")
+
+    def __len__(self) -> int:
+        return int(self._array.shape[0])
+
+    def ids(self) -> np.ndarray:
+        return np.arange(len(self), dtype=np.int64)
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        return {self.input_name: np.array(self._array[start:stop])}
+
+    def close(self) -> None:
+        self._array = None  # type: ignore[assignment]  # drops the memory map
+
+
+# ----------------------------------------------------------------------------------------------- HDF5
+
+
+def _split_h5(path: str) -> tuple[str, str | None]:
+    """``file.h5:/a/b`` -> (``file.h5``, ``/a/b``); a plain path -> (path, None)."""
+    lower = path.lower()
+    for ext in HDF5_EXTENSIONS:
+        idx = lower.rfind(ext + ":")
+        if idx >= 0:
+            cut = idx + len(ext)
+            return path[:cut], path[cut + 1 :]
+    return path, None
+
+
+class HDF5Inputs(_Reader):
+    """Datasets in an HDF5 file: ``file.h5:/path/to/dataset`` or ``file.h5`` with option ``dataset=...``.
+
+    Options: ``dataset`` (one path, or several comma-separated; each is a model input named by its
+    basename), ``ids`` (path of a dataset of example ids). A file with a single dataset needs neither.
+    """
+
+    name = "hdf5"
+    description = "HDF5 dataset: file.h5:/path/to/dataset (input named by the basename), ids with option ids=/path"
+
+    @classmethod
+    def can_open(cls, path: str) -> bool:
+        file, _ = _split_h5(path)
+        return file.lower().endswith(HDF5_EXTENSIONS)
+
+    def __init__(self, path: str, **options: Any) -> None:
+        super().__init__(path, **options)
+        import h5py
+
+        self.file, inner = _split_h5(path)
+        datasets = inner or options.get("dataset")
+        try:
+            self._h5 = h5py.File(self.file, "r")
+        except OSError as exc:
+            raise InputError(f"cannot open inputs {self.file}: {exc}") from None
+        try:
+            if not datasets:
+                found: list[str] = []
+                self._h5.visititems(lambda n, o: found.append("/" + n) if isinstance(o, h5py.Dataset) else None)
+                if len(found) != 1:
+                    listing = ", ".join(found[:10]) or "none"
+                    raise InputError(
+                        f"{self.file} holds {len(found)} datasets ({listing}); name the input as "
+                        f"{self.file}:/path/to/dataset or with --input-option dataset=/path"
+                    )
+                datasets = found[0]
+            paths = [d.strip() for d in str(datasets).split(",") if d.strip()]
+            self._datasets = {}
+            for p in paths:
+                ds = self._dataset(p)
+                if ds.ndim == 0:
+                    raise InputError(f"dataset {p} in {self.file} is a scalar; inputs need the examples on axis 0")
+                self._datasets[p.rstrip("/").rsplit("/", 1)[-1]] = ds
+            self._n = _check_lengths({k: d.shape[0] for k, d in self._datasets.items()}, self.file)
+            ids_path = options.get("ids")
+            if ids_path:
+                ids = self._dataset(ids_path)[()]
+                if len(ids) != self._n:
+                    raise InputError(f"ids {ids_path} in {self.file} has {len(ids)} entries, the inputs {self._n}")
+                self._ids = check_ids(ids, f"{self.file}:{ids_path}")
+            else:
+                self._ids = np.arange(self._n, dtype=np.int64)
+        except BaseException:
+            self._h5.close()
+            raise
+
+    def _dataset(self, p: str) -> Any:
+        import h5py
+
+        obj = self._h5.get(p)
+        if not isinstance(obj, h5py.Dataset):
+            raise InputError(f"{self.file} has no dataset {p!r}; check the path (h5ls -r {self.file})")
+        if obj.dtype.kind == "O":
+            raise InputError(f"dataset {p} in {self.file} has variable-length type {obj.dtype}; inputs must be numeric")
+        return obj
+
+    def __len__(self) -> int:
+        return self._n
+
+    def ids(self) -> np.ndarray:
+        return self._ids
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        return {name: ds[start:stop] for name, ds in self._datasets.items()}
+
+    def fingerprint(self) -> dict[str, str]:
+        desc = f"{self.name}:{os.path.abspath(self.file)}:{','.join(self._datasets)}"
+        if self.options:
+            desc += f" {self._options_text()}"
+        return {"description": desc, "sha256": sha256_path(self.file)}
+
+    def close(self) -> None:
+        self._h5.close()
+
+
+# --------------------------------------------------------------------------------------------- images
+
+
+class ImageFolderInputs(_Reader):
+    """A folder of images, sorted recursively; ids are the paths relative to the folder.
+
+    Images become channels-first float32 arrays in [0, 1], then ``(x - mean) / std``. Options:
+    ``resize=HxW`` (needed unless every image has one size), ``mean`` and ``std`` (one number or one per
+    channel, comma-separated), ``grayscale`` (one channel instead of RGB), ``name`` (input name, "input").
+    """
+
+    name = "images"
+    description = "folder of images (png, jpg, ...): options resize=HxW, mean=, std=, grayscale=true, name="
+
+    @classmethod
+    def can_open(cls, path: str) -> bool:
+        return os.path.isdir(path)
+
+    def __init__(self, path: str, **options: Any) -> None:
+        super().__init__(path, **options)
+        known = {"resize", "mean", "std", "grayscale", "name"}
+        unknown = set(options) - known
+        if unknown:
+            raise InputError(f"unknown image option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        files = []
+        for root, dirs, names in os.walk(path):
+            dirs.sort()
+            files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+        if not files:
+            raise InputError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
+        rel = sorted(os.path.relpath(f, path).replace(os.sep, "/") for f in files)
+        self._files = rel
+        self._ids = np.asarray(rel, dtype=str)
+        self.input_name = str(options.get("name", "input"))
+        self.grayscale = _parse_bool(options.get("grayscale", False), "grayscale")
+        self.size = self._parse_size(options.get("resize"))
+        self.mean = _parse_floats(options.get("mean"), "mean")
+        self.std = _parse_floats(options.get("std"), "std")
+        channels = 1 if self.grayscale else 3
+        for key, vec in (("mean", self.mean), ("std", self.std)):
+            if vec is not None and len(vec) not in (1, channels):
+                raise InputError(f"image option {key} has {len(vec)} values; give 1 or {channels} (one per channel)")
+        if self.std is not None and np.any(self.std == 0):
+            raise InputError("image option std must not contain 0")
+        self._shape = self._load(0).shape
+
+    @staticmethod
+    def _parse_size(value: Any) -> tuple[int, int] | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            parts = value.lower().replace("*", "x").split("x")
+        else:
+            parts = list(value)
+        try:
+            h, w = (int(p) for p in parts)
+        except (TypeError, ValueError):
+            raise InputError(f"image option resize={value!r} must be HxW, for example 224x224") from None
+        if h <= 0 or w <= 0:
+            raise InputError(f"image option resize={value!r} must be positive")
+        return h, w
+
+    def _load(self, index: int) -> np.ndarray:
+        from PIL import Image
+
+        full = os.path.join(self.path, self._files[index])
+        try:
+            with Image.open(full) as img:
+                img = img.convert("L" if self.grayscale else "RGB")
+                if self.size is not None:
+                    img = img.resize((self.size[1], self.size[0]), Image.BILINEAR)
+                arr = np.asarray(img, dtype=np.float32) / 255.0
+        except OSError as exc:
+            raise InputError(f"cannot read image {full}: {exc}") from None
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        if self.mean is not None:
+            arr = arr - self.mean.reshape(-1, 1, 1)
+        if self.std is not None:
+            arr = arr / self.std.reshape(-1, 1, 1)
+        return np.ascontiguousarray(arr, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def ids(self) -> np.ndarray:
+        return self._ids
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        out = np.empty((stop - start, *self._shape), dtype=np.float32)
+        for i in range(start, stop):
+            arr = self._load(i)
+            if arr.shape != self._shape:
+                raise InputError(
+                    f"image {self._files[i]} in {self.path} has shape {arr.shape[1:]} (HxW), the first image "
+                    f"{self._shape[1:]}; give a common size with --input-option resize=HxW"
+                )
+            out[i - start] = arr
+        return {self.input_name: out}
+
+    def fingerprint(self) -> dict[str, str]:
+        digest = hashlib.sha256()
+        for rel in self._files:  # only the images that are read, not other files in the folder
+            digest.update(rel.encode())
+            digest.update(bytes.fromhex(sha256_path(os.path.join(self.path, rel))))
+        desc = f"{self.name}:{os.path.abspath(self.path)}"
+        if self.options:
+            desc += f" {self._options_text()}"
+        return {"description": desc, "sha256": digest.hexdigest()}
+
+
+BUILTIN_READERS: Sequence[type[InputReader]] = (NpzInputs, NpyInputs, HDF5Inputs, ImageFolderInputs)
+
+
+@hookimpl
+def cka_input_readers() -> list[type[InputReader]]:
+    return list(BUILTIN_READERS)
+
+
+__all__ = ["NpzInputs", "NpyInputs", "HDF5Inputs", "ImageFolderInputs", "check_ids", "cka_input_readers"]
