@@ -1,0 +1,102 @@
+"""``cka-inspect``: print what an activation file holds."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from .common import debug_option, handle_errors
+
+EPILOG = """\b
+Example:
+  cka-inspect demo_output/cnn_a.h5
+  cka-inspect "shards/acts-*.h5" --json
+"""
+
+
+def describe(f: Any) -> dict[str, Any]:
+    """A JSON-ready description of an open ActivationFile."""
+    ids = f.ids
+    return {
+        "paths": f.paths,
+        "format_version": f"{f.version[0]}.{f.version[1]}",
+        "n_examples": int(f.n_examples),
+        "ids": {"dtype": "str" if ids.dtype.kind == "U" else "int64", "first": ids[0].item(), "last": ids[-1].item()},
+        "chunk_rows": int(f.chunk_rows),
+        "provenance": f.provenance,
+        "layers": [
+            {
+                "name": m.name,
+                "stored_shape": [int(f.n_examples), m.features],
+                "original_shape": list(m.original_shape),
+                "dtype": m.dtype,
+                "reduction": m.reduction,
+            }
+            for m in f.layers
+        ],
+    }
+
+
+def format_text(info: dict[str, Any]) -> str:
+    prov = info["provenance"]
+    lines = [", ".join(info["paths"])]
+
+    def row(key: str, value: str) -> None:
+        if value:
+            lines.append(f"  {key:<11} {value}")
+
+    row("format", f"cka-offline-activations {info['format_version']} (written by cka-offline "
+        f"{prov.get('cka_offline_version', '?')} at {prov.get('created', '?')})")
+    ids = info["ids"]
+    row("examples", f"{info['n_examples']} (ids: {ids['dtype']}, {ids['first']!r} .. {ids['last']!r})")
+    row("extractor", f"{prov.get('extractor', '')} {prov.get('extractor_version', '')}".strip())
+    row("framework", f"{prov.get('framework', '')} {prov.get('framework_version', '')}".strip())
+    sha = prov.get("model_sha256", "")
+    row("model", prov.get("model", "") + (f"  (sha256 {sha[:16]}...)" if sha else ""))
+    sha = prov.get("inputs_sha256", "")
+    row("inputs", prov.get("inputs", "") + (f"  (sha256 {sha[:16]}...)" if sha else ""))
+    row("command", prov.get("command", ""))
+    row("options", prov.get("options", ""))
+    if prov.get("extra"):
+        row("extra", json.dumps(prov["extra"], sort_keys=True))
+    if prov.get("shards"):
+        row("shards", str(len(prov["shards"])))
+    layers = info["layers"]
+    lines.append(f"  layers ({len(layers)}):")
+    width = max(len(layer["name"]) for layer in layers)
+    lines.append(f"    {'#':>3}  {'name':<{width}}  {'stored shape':<14} {'original shape':<16} {'dtype':<8} reduction")
+    for i, layer in enumerate(layers):
+        stored = "x".join(str(d) for d in layer["stored_shape"])
+        original = "x".join(str(d) for d in layer["original_shape"]) or "scalar"
+        lines.append(
+            f"    {i:>3}  {layer['name']:<{width}}  {stored:<14} {original:<16} {layer['dtype']:<8} {layer['reduction']}"
+        )
+    return "\n".join(lines)
+
+
+@click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("files", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file instead of text.")
+@click.option("--allow-external", is_flag=True, help="Open files with HDF5 external links or virtual datasets (only files you trust).")
+@debug_option
+@handle_errors("cka-inspect")
+def inspect(files: tuple[str, ...], as_json: bool, allow_external: bool, debug: bool) -> None:
+    """Print what activation files hold: format version, provenance, number of examples, and each layer's
+    name, stored shape, original shape, dtype and reduction. A glob or several shard files of one
+    extraction are shown as one logical file when given as one quoted pattern."""
+    from ..store.reader import open_activations
+
+    for spec in files:
+        with open_activations(spec, allow_external=allow_external) as f:
+            info = describe(f)
+        click.echo(json.dumps(info, default=str) if as_json else format_text(info))
+
+
+def main() -> None:
+    inspect(prog_name="cka-inspect")
+
+
+if __name__ == "__main__":
+    main()
