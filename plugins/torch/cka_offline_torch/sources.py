@@ -344,7 +344,7 @@ def _unsafe_globals(data: bytes | str) -> list[str] | None:
     import torch
 
     try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data) if isinstance(data, bytes) else data))
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data) if isinstance(data, bytes) else data))
     except Exception:
         return None
 
@@ -426,6 +426,9 @@ def load_pickle(path: str, allow_pickle: bool) -> "torch.nn.Module":
         needs_code = unsafe != []
     else:  # legacy (pre-1.6) format: try the safe loader, which refuses anything but tensors
         unsafe = None
+        with open(path, "rb") as fh:
+            if fh.read(1) != b"\x80":  # every pickle of protocol 2+ (all torch.save output) starts so
+                raise ModelError(f"{path!r} is not a file torch.load can read (neither a zip archive nor a pickle)")
         try:
             torch.load(path, map_location="cpu", weights_only=True)
             needs_code = False
