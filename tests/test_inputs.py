@@ -1,0 +1,198 @@
+"""The built-in input readers: .npz, .npy, HDF5 datasets, image folders."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from cka_offline.errors import InputError, PluginError
+from cka_offline.extractor import InputReader
+from cka_offline.hookspecs import hookimpl
+from cka_offline.inputs import HDF5Inputs, ImageFolderInputs, NpyInputs, NpzInputs
+from cka_offline.registry import find_input_reader, get_plugin_manager
+
+RNG = np.random.default_rng(1)
+
+
+def blocks(reader: InputReader, step: int) -> dict[str, np.ndarray]:
+    parts = [reader.read(s, min(len(reader), s + step)) for s in range(0, len(reader), step)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_reads_blocks_of_every_array(tmp_path, save):
+    a = RNG.normal(size=(11, 3, 2)).astype(np.float32)
+    b = RNG.integers(0, 9, size=(11, 4))
+    save(tmp_path / "in.npz", a=a, b=b, ids=np.array([f"ex{i}" for i in range(11)]))
+    reader = NpzInputs(str(tmp_path / "in.npz"))
+    assert len(reader) == 11 and list(reader.ids()[:2]) == ["ex0", "ex1"]
+    got = blocks(reader, 4)
+    assert set(got) == {"a", "b"}  # ids are not a model input
+    np.testing.assert_array_equal(got["a"], a)
+    np.testing.assert_array_equal(got["b"], b)
+    np.testing.assert_array_equal(reader.read(2, 5)["a"], a[2:5])  # going back reopens the stream
+    reader.close()
+
+
+def test_npz_fortran_order_and_default_ids(tmp_path):
+    a = np.asfortranarray(RNG.normal(size=(6, 5)))
+    np.savez(tmp_path / "f.npz", a=a)
+    with_reader = NpzInputs(str(tmp_path / "f.npz"))
+    np.testing.assert_array_equal(with_reader.ids(), np.arange(6))
+    np.testing.assert_array_equal(blocks(with_reader, 4)["a"], a)
+    with_reader.close()
+
+
+def test_npz_errors(tmp_path):
+    np.savez(tmp_path / "obj.npz", a=np.array([{"x": 1}, None], dtype=object))
+    with pytest.raises(InputError, match="holds Python objects.*pickle"):
+        NpzInputs(str(tmp_path / "obj.npz"))
+    np.savez(tmp_path / "len.npz", a=np.zeros((3, 2)), b=np.zeros((4, 2)))
+    with pytest.raises(InputError, match="different numbers of examples.*a: 3, b: 4"):
+        NpzInputs(str(tmp_path / "len.npz"))
+    np.savez(tmp_path / "dup.npz", a=np.zeros((3, 2)), ids=np.array([5, 7, 5]))
+    with pytest.raises(InputError, match="more than once, e.g. 5"):
+        NpzInputs(str(tmp_path / "dup.npz"))
+    np.savez(tmp_path / "ids.npz", a=np.zeros((3, 2)), ids=np.arange(4))
+    with pytest.raises(InputError, match="'ids' .* has 4 entries but the inputs have 3"):
+        NpzInputs(str(tmp_path / "ids.npz"))
+    np.savez(tmp_path / "scalar.npz", a=np.float32(1))
+    with pytest.raises(InputError, match="is a scalar"):
+        NpzInputs(str(tmp_path / "scalar.npz"))
+    np.savez(tmp_path / "only_ids.npz", ids=np.arange(3))
+    with pytest.raises(InputError, match="holds no input arrays"):
+        NpzInputs(str(tmp_path / "only_ids.npz"))
+    (tmp_path / "bad.npz").write_text("not a zip")
+    with pytest.raises(InputError, match="cannot read inputs .*bad.npz"):
+        NpzInputs(str(tmp_path / "bad.npz"))
+
+
+def test_npy(tmp_path):
+    x = RNG.normal(size=(7, 2, 2)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    reader = NpyInputs(str(tmp_path / "x.npy"))
+    assert len(reader) == 7 and list(reader.read(0, 1)) == ["input"]
+    np.testing.assert_array_equal(blocks(reader, 3)["input"], x)
+    np.testing.assert_array_equal(reader.ids(), np.arange(7))
+    reader.close()
+    np.save(tmp_path / "s.npy", np.float32(2))
+    with pytest.raises(InputError, match="is a scalar"):
+        NpyInputs(str(tmp_path / "s.npy"))
+    np.save(tmp_path / "o.npy", np.array([None, 1], dtype=object), allow_pickle=True)
+    with pytest.raises(InputError, match="cannot read inputs .*o.npy"):
+        NpyInputs(str(tmp_path / "o.npy"))
+
+
+def test_hdf5_dataset(tmp_path):
+    x = RNG.normal(size=(9, 4)).astype(np.float32)
+    path = tmp_path / "in.h5"
+    with h5py.File(path, "w") as f:
+        f["group/pixels"] = x
+        f["group/mask"] = np.ones((9, 4), dtype=np.int8)
+        f["meta/ids"] = np.arange(10, 19)
+        f["meta/dup"] = np.zeros(9, dtype=np.int64)
+    reader = HDF5Inputs(f"{path}:/group/pixels", ids="/meta/ids")
+    assert HDF5Inputs.can_open(f"{path}:/group/pixels") and len(reader) == 9
+    np.testing.assert_array_equal(blocks(reader, 4)["pixels"], x)
+    np.testing.assert_array_equal(reader.ids(), np.arange(10, 19))
+    assert reader.fingerprint()["description"].endswith(":pixels {\"ids\": \"/meta/ids\"}")
+    reader.close()
+    both = HDF5Inputs(str(path), dataset="/group/pixels,/group/mask")
+    assert sorted(both.read(0, 2)) == ["mask", "pixels"]
+    both.close()
+    with pytest.raises(InputError, match="holds 4 datasets .*name the input as .*in.h5:/path/to/dataset"):
+        HDF5Inputs(str(path))
+    with pytest.raises(InputError, match="has no dataset '/group/nope'"):
+        HDF5Inputs(f"{path}:/group/nope")
+    with pytest.raises(InputError, match="more than once, e.g. 0"):
+        HDF5Inputs(f"{path}:/group/pixels", ids="/meta/dup")
+    with pytest.raises(InputError, match="cannot open inputs"):
+        HDF5Inputs(str(tmp_path / "missing.h5"))
+    with h5py.File(tmp_path / "one.h5", "w") as f:
+        f["x"] = x
+    single = HDF5Inputs(str(tmp_path / "one.h5"))
+    assert list(single.read(0, 1)) == ["x"]
+    single.close()
+
+
+def write_images(folder, sizes):
+    paths = []
+    for i, (rel, size) in enumerate(sizes):
+        p = folder / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        arr = (RNG.random((*size, 3)) * 255).astype(np.uint8)
+        Image.fromarray(arr).save(p)
+        paths.append((rel, arr))
+    return dict(paths)
+
+
+def test_image_folder(tmp_path):
+    images = write_images(tmp_path / "img", [("b/2.png", (4, 6)), ("a.png", (4, 6)), ("b/1.png", (4, 6))])
+    (tmp_path / "img" / "notes.txt").write_text("ignored")
+    reader = ImageFolderInputs(str(tmp_path / "img"), mean="0.5", std="0.25,0.5,1")
+    assert list(reader.ids()) == ["a.png", "b/1.png", "b/2.png"]
+    x = reader.read(0, 3)["input"]
+    assert x.dtype == np.float32 and x.shape == (3, 3, 4, 6)
+    ref = (images["b/1.png"].transpose(2, 0, 1) / 255.0 - 0.5) / np.array([0.25, 0.5, 1.0]).reshape(3, 1, 1)
+    np.testing.assert_allclose(x[1], ref, rtol=1e-5, atol=1e-6)
+    gray = ImageFolderInputs(str(tmp_path / "img"), resize="8x5", grayscale="true", name="pixels")
+    assert gray.read(0, 2)["pixels"].shape == (2, 1, 8, 5)
+    assert gray.fingerprint() != reader.fingerprint()
+
+
+def test_image_folder_errors(tmp_path):
+    write_images(tmp_path / "img", [("a.png", (4, 6)), ("b.png", (5, 6))])
+    reader = ImageFolderInputs(str(tmp_path / "img"))
+    with pytest.raises(InputError, match="image b.png .* --input-option resize=HxW"):
+        reader.read(0, 2)
+    with pytest.raises(InputError, match="resize='big' must be HxW"):
+        ImageFolderInputs(str(tmp_path / "img"), resize="big")
+    with pytest.raises(InputError, match="resize='0x3' must be positive"):
+        ImageFolderInputs(str(tmp_path / "img"), resize="0x3")
+    with pytest.raises(InputError, match="mean has 2 values; give 1 or 3"):
+        ImageFolderInputs(str(tmp_path / "img"), mean="1,2")
+    with pytest.raises(InputError, match="std must not contain 0"):
+        ImageFolderInputs(str(tmp_path / "img"), std=0)
+    with pytest.raises(InputError, match="mean='a' must be a number"):
+        ImageFolderInputs(str(tmp_path / "img"), mean="a")
+    with pytest.raises(InputError, match="grayscale='maybe' must be true or false"):
+        ImageFolderInputs(str(tmp_path / "img"), grayscale="maybe")
+    with pytest.raises(InputError, match="unknown image option\\(s\\) size"):
+        ImageFolderInputs(str(tmp_path / "img"), size=3)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no image files"):
+        ImageFolderInputs(str(tmp_path / "empty"))
+    (tmp_path / "img" / "c.png").write_text("not an image")
+    with pytest.raises(InputError, match="cannot read image .*c.png"):
+        ImageFolderInputs(str(tmp_path / "img"), resize="4x4").read(0, 3)
+
+
+def test_fingerprint_follows_content(tmp_path):
+    np.savez(tmp_path / "a.npz", x=np.zeros((2, 2)))
+    before = NpzInputs(str(tmp_path / "a.npz")).fingerprint()
+    np.savez(tmp_path / "a.npz", x=np.ones((2, 2)))
+    after = NpzInputs(str(tmp_path / "a.npz")).fingerprint()
+    assert before["description"] == after["description"] and before["sha256"] != after["sha256"]
+
+
+class MyNpz(NpzInputs):
+    name = "my-npz"
+
+
+class Readers:
+    @hookimpl
+    def cka_input_readers(self):
+        return [MyNpz]
+
+
+def test_reader_lookup_and_plugin_override(tmp_path):
+    pm = get_plugin_manager(entry_points=False)
+    assert find_input_reader("x.npz", pm) is NpzInputs
+    assert find_input_reader("x.NPY", pm) is NpyInputs
+    assert find_input_reader("f.hdf5:/a/b", pm) is HDF5Inputs
+    assert find_input_reader(str(tmp_path), pm) is ImageFolderInputs
+    with pytest.raises(PluginError, match="no input reader can open 'x.csv'"):
+        find_input_reader("x.csv", pm)
+    assert find_input_reader("x.npz", get_plugin_manager(entry_points=False, plugins=[Readers()])) is MyNpz
