@@ -526,6 +526,11 @@ def analyze(
                 prefetch=prefetch,
             )
             cka, se, low, high, degenerate = stats.cka, stats.se, stats.low, stats.high, set(stats.degenerate_layers)
+            if stats.n_groups < 2:
+                warnings.append(
+                    f"only {n_batches} minibatch(es) of {n} examples: no standard errors or intervals (NaN); "
+                    "use a smaller batch size (-m) or more examples"
+                )
             if bandwidths is not None:
                 degenerate |= {i for i, bw in enumerate(bandwidths) if math.isnan(bw)}
         else:

@@ -84,24 +84,25 @@ def plot_heatmap(
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     largest = max(n_rows, n_cols, 1)
-    side = min(16.0, max(5.0, 3.0 + 0.13 * largest))
-    font = max(3.0, min(10.0, 320.0 / largest))
+    side = min(16.0, max(6.0, 3.0 + 0.2 * largest))
+    # tick labels: at most MAX_TICK_LABELS per axis, sized to the space each one gets (points)
+    shown = min(largest, MAX_TICK_LABELS)
+    font = max(4.0, min(10.0, 0.45 * side * 72 * 0.75 / shown))
     fig = Figure(figsize=(side * min(1.0, 0.35 + n_cols / max(n_rows, 1)) + 1.5, side), dpi=dpi)
     ax = fig.add_subplot(1, 1, 1)
-    colours = matplotlib.colormaps[cmap].copy()
-    colours.set_bad("#bbbbbb")
+    colours = matplotlib.colormaps[cmap].with_extremes(bad="#bbbbbb")
     image = ax.imshow(
         np.ma.masked_invalid(values), origin="lower", cmap=colours, vmin=0.0, vmax=1.0, aspect="auto",
         interpolation="nearest",
     )
     colorbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
-    colorbar.set_label("CKA", fontsize=max(font, 7))
-    colorbar.ax.tick_params(labelsize=max(font, 6))
+    colorbar.set_label("CKA", fontsize=10)
+    colorbar.ax.tick_params(labelsize=9)
 
     _ticks(ax.set_xticks, ax.set_xticklabels, block.layers_b, font, rotation=90)
     _ticks(ax.set_yticks, ax.set_yticklabels, block.layers_a, font, rotation=0)
-    ax.set_xlabel(f"B: {_axis_title(block.file_b)}", fontsize=max(font + 1, 8))
-    ax.set_ylabel(f"A: {_axis_title(block.file_a)}", fontsize=max(font + 1, 8))
+    ax.set_xlabel(f"B: {_axis_title(block.file_b)}", fontsize=10)
+    ax.set_ylabel(f"A: {_axis_title(block.file_a)}", fontsize=10)
 
     if annotate:
         cell_font = max(2.5, min(9.0, 0.9 * side * 72 / max(n_cols, 1) / 4))
@@ -117,7 +118,7 @@ def plot_heatmap(
             f"CKA ({p.get('kernel', 'linear')} kernel, {p.get('estimator', 'minibatch')}), "
             f"{result.n_examples} examples"
         )
-    ax.set_title(title, fontsize=max(font + 2, 9))
+    ax.set_title(title, fontsize=12)
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi)
@@ -134,7 +135,18 @@ def _ticks(set_ticks, set_labels, names: list[str], font: float, rotation: int) 
     step = max(1, math.ceil(len(names) / MAX_TICK_LABELS))
     positions = list(range(0, len(names), step))
     set_ticks(positions)
-    set_labels([shorten_name(names[k]) for k in positions], fontsize=font, rotation=rotation)
+    set_labels([label for k, label in enumerate(tick_labels(names)) if k % step == 0], fontsize=font, rotation=rotation)
 
 
-__all__ = ["plot_heatmap", "plot_format"]
+def tick_labels(names: list[str], width: int = 32) -> list[str]:
+    """Layer names short enough for tick labels: a prefix all names share (up to a ``.``, ``/`` or ``_``)
+    becomes ``…`` when a name is longer than ``width``, then names are cut in the middle."""
+    if len(names) > 1 and max(len(n) for n in names) > width:
+        prefix = os.path.commonprefix(names)
+        cut = max(prefix.rfind(sep) for sep in "./_")
+        if cut > 0:
+            names = ["…" + n[cut + 1 :] for n in names]
+    return [shorten_name(n, width) for n in names]
+
+
+__all__ = ["plot_heatmap", "plot_format", "tick_labels"]

@@ -22,7 +22,7 @@ import csv
 import json
 import math
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -191,7 +191,7 @@ class CKAResult:
         est = p.get("estimator", "minibatch")
         parts = [f"CKA ({p.get('kernel', 'linear')} kernel, {est} estimator)"]
         parts.append(f"{self.n_examples} examples")
-        if est == "minibatch":
+        if est == "minibatch" and self.n_minibatches:
             per_epoch = max(1, self.n_minibatches // max(1, int(p.get("epochs") or 1)))
             small, large = self.n_examples // per_epoch, -(-self.n_examples // per_epoch)
             size = f"{small}" if small == large else f"{small}-{large}"
@@ -320,6 +320,7 @@ def load_result(path: str | os.PathLike[str], *, format: str | None = None) -> C
         if fmt == "json":
             with open(path, encoding="utf-8") as fh:
                 doc = json.load(fh)
+            _check_meta(doc, path)
             matrices = {name: _none_to_nan(doc.get(name)) for name in _MATRICES}
             return _from_meta(doc, matrices, path)
         return _read_h5(path)
@@ -340,15 +341,20 @@ def _read_h5(path: str) -> CKAResult:
     return _from_meta(meta, matrices, path)
 
 
-def _from_meta(meta: dict[str, Any], matrices: dict[str, Any], path: str) -> CKAResult:
-    if meta.get("format") != RESULT_FORMAT:
-        raise FormatError(f"{path} is not a cka-offline result (format {meta.get('format')!r})")
+def _check_meta(meta: Any, path: str) -> None:
+    if not isinstance(meta, dict) or meta.get("format") != RESULT_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise FormatError(f"{path} is not a cka-offline result (format {found!r})")
     major = str(meta.get("format_version", "")).split(".")[0]
     if major != RESULT_FORMAT_VERSION.split(".")[0]:
         raise FormatError(
             f"{path} is a cka-offline result of format version {meta.get('format_version')}; this release reads "
             f"{RESULT_FORMAT_VERSION.split('.')[0]}.x -- upgrade cka-offline"
         )
+
+
+def _from_meta(meta: dict[str, Any], matrices: dict[str, Any], path: str) -> CKAResult:
+    _check_meta(meta, path)
     files = [
         FileInfo(
             label=f["label"],
@@ -430,11 +436,11 @@ def atomic_output(path: str) -> Iterator[str]:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise OutputError(f"cannot write {path}: folder {folder} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".partial")
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+    try:  # created like open() would (mode 0o666 less the umask), unlike mkstemp's 0o600
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    os.close(fd)
     try:
         yield tmp
         os.replace(tmp, path)

@@ -99,8 +99,10 @@ def ref_minibatch(
 
     total = sums.sum(0)
     used = [g for g in range(n_groups) if np.any(sums[g])]
-    loo = np.stack([cka(total - sums[g]) for g in used])
     g = len(used)
+    if g < 2:
+        return cka(total), np.full((size, size), np.nan)
+    loo = np.stack([cka(total - sums[g_]) for g_ in used])
     se = np.sqrt((g - 1) / g * ((loo - loo.mean(0)) ** 2).sum(0))
     return cka(total), se
 

@@ -1,0 +1,174 @@
+"""``cka-analyze``: compare the layers of activation files with CKA, print a summary, save and plot it.
+
+torch, h5py and matplotlib are imported inside the command, so ``cka-analyze --help`` answers fast.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import click
+
+from .common import ProgressBar, debug_option, handle_errors, quiet_option, setup_logging, split_list
+
+PROG = "cka-analyze"
+_DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
+
+HELP = """Compare the layers of activation files (written by cka-extract) with CKA.
+
+With one FILE its layers are compared with each other; with two, every layer of the first (A)
+with every layer of the second (B); with more (say the checkpoints of one run), every pair, in a
+single pass that computes each file's Gram matrices once per minibatch. A FILE may be a glob or
+shard set ('run/acts-*.h5'). The files must hold the same example ids (in any order), or use
+--intersection. CKA is the unbiased minibatch estimator of Nguyen et al. (2021): random minibatches
+of -m examples from a seeded, I/O-friendly shuffle, with jackknife standard errors and 95%
+intervals. The summary (best B layer for each A layer) goes to stdout; -o saves the result (.h5,
+.json or .csv) and --plot draws the heatmap (.png, .pdf or .svg; one file per pair for 3+ files).
+
+\b
+Example:
+  cka-analyze resnet_a.h5 resnet_b.h5 -o cka.json --plot cka.png
+  cka-analyze ckpt-*.h5 --layers 'layer*.relu' --device cuda -m 1024 --epochs 3
+"""
+
+
+def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not _DEVICE.match(value):
+        raise click.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+    return value
+
+
+def _pairs(n_files: int) -> list[tuple[int, int]]:
+    return [(0, 0)] if n_files == 1 else [(i, j) for i in range(n_files) for j in range(i + 1, n_files)]
+
+
+def _plot_paths(plot: str, pairs: list[tuple[int, int]]) -> list[tuple[tuple[int, int], str]]:
+    """One heatmap per file pair: PATH itself for one pair, PATH with ``_i-j`` before the extension otherwise."""
+    if len(pairs) == 1:
+        return [(pairs[0], plot)]
+    stem, ext = os.path.splitext(plot)
+    return [((i, j), f"{stem}_{i}-{j}{ext}") for i, j in pairs]
+
+
+def _check_outputs(output: str | None, fmt: str | None, plot: str | None, n_files: int, overwrite: bool) -> None:
+    """Refuse bad or existing outputs before hours of computing, not after."""
+    from ..errors import OutputError
+    from ..plot import plot_format
+    from ..results import result_format
+
+    targets = []
+    if output:
+        result_format(output, fmt)
+        targets.append(output)
+    if plot:
+        plot_format(plot)
+        targets.extend(path for _, path in _plot_paths(plot, _pairs(n_files)))
+    for path in targets:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise OutputError(f"cannot write {path}: folder {folder} does not exist")
+        if os.path.exists(path) and not overwrite:
+            raise OutputError(f"{path} already exists; pass --overwrite to replace it or choose another name")
+
+
+@click.command(name=PROG, help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("files", nargs=-1, required=True, metavar="A.h5 [B.h5 ...]")
+@click.option("--output", "-o", metavar="PATH", help="Save the result: .h5, .json or .csv (by extension, or --format).")
+@click.option("--format", "fmt", type=click.Choice(["h5", "json", "csv"]), help="Result format, overriding the extension.")
+@click.option("--plot", metavar="PATH", help="Heatmap of A against B: .png, .pdf or .svg.")
+@click.option("--annotate/--no-annotate", default=None, help="Write values in the heatmap cells (default: when small).")
+@click.option("--batch-size", "-m", default=256, show_default=True, type=click.IntRange(min=4),
+              help="Examples per minibatch; the last ones are evened out so none is below 4.")
+@click.option("--epochs", default=1, show_default=True, type=click.IntRange(min=1), help="Passes over the data, each reshuffled.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the shuffle (epoch e uses seed+e).")
+@click.option("--layers", "-l", multiple=True, metavar="PATTERN",
+              help="Layers of every file: names or globs; repeatable and comma-separated. Default: all.")
+@click.option("--layers-a", multiple=True, metavar="PATTERN", help="Layers of the first file (overrides --layers).")
+@click.option("--layers-b", multiple=True, metavar="PATTERN", help="Layers of the other files (overrides --layers).")
+@click.option("--kernel", default="linear", show_default=True, type=click.Choice(["linear", "rbf"]), help="CKA kernel.")
+@click.option("--rbf-fraction", default=0.5, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="RBF bandwidth as a fraction of the median pairwise distance (per layer, from up to 1000 examples).")
+@click.option("--precision", default="float32", show_default=True, type=click.Choice(["float32", "float64"]),
+              help="Gram matrix precision (sums are always float64).")
+@click.option("--device", default="auto", show_default=True, callback=_device, help="auto, cpu, cuda or cuda:N.")
+@click.option("--estimator", default="minibatch", show_default=True,
+              type=click.Choice(["minibatch", "full", "full-debiased"]),
+              help="minibatch CKA, or the exact full-data CKA (biased or debiased; needs all examples in memory).")
+@click.option("--intersection", is_flag=True, help="Use the examples common to all files instead of requiring the same ones.")
+@click.option("--n-groups", default=16, show_default=True, type=click.IntRange(min=2),
+              help="Jackknife groups for standard errors (minibatch b goes to group b mod n).")
+@click.option("--overwrite", is_flag=True, help="Replace the -o / --plot files if they exist.")
+@click.option("--allow-external", is_flag=True, help="Read files with external HDF5 links (only files you trust).")
+@quiet_option
+@debug_option
+@handle_errors(PROG)
+def main(
+    files: tuple[str, ...],
+    output: str | None,
+    fmt: str | None,
+    plot: str | None,
+    annotate: bool | None,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    layers: tuple[str, ...],
+    layers_a: tuple[str, ...],
+    layers_b: tuple[str, ...],
+    kernel: str,
+    rbf_fraction: float,
+    precision: str,
+    device: str,
+    estimator: str,
+    intersection: bool,
+    n_groups: int,
+    overwrite: bool,
+    allow_external: bool,
+    quiet: bool,
+    debug: bool,
+) -> None:
+    setup_logging(debug, quiet)
+    from ..analyze import analyze, check_options
+
+    try:
+        check_options(batch_size=batch_size, epochs=epochs, kernel=kernel, rbf_fraction=rbf_fraction,
+                      precision=precision, estimator=estimator, n_groups=n_groups)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    _check_outputs(output, fmt, plot, len(files), overwrite)
+    bar = ProgressBar("analyzing", enabled=not quiet)
+    try:
+        result = analyze(
+            list(files),
+            layers=split_list(layers) or None,
+            layers_a=split_list(layers_a) or None,
+            layers_b=split_list(layers_b) or None,
+            batch_size=batch_size,
+            epochs=epochs,
+            seed=seed,
+            kernel=kernel,
+            rbf_fraction=rbf_fraction,
+            precision=precision,
+            device=device,
+            estimator=estimator,
+            intersect=intersection,
+            n_groups=n_groups,
+            allow_external=allow_external,
+            progress=bar,
+        )
+    finally:
+        bar.finish()
+    click.echo(result.summary())
+    written: list[str] = []
+    if output:
+        written.append(result.save(output, format=fmt, overwrite=overwrite))
+    if plot:
+        from ..plot import plot_heatmap
+
+        for pair, path in _plot_paths(plot, result.pairs):
+            written.append(plot_heatmap(result, path, pair=pair, annotate=annotate))
+    if written and not quiet:
+        click.echo(f"{PROG}: wrote {', '.join(written)}", err=True)
+
+
+__all__ = ["main"]

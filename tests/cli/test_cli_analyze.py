@@ -1,0 +1,112 @@
+"""cka-analyze with click's CliRunner: success path, outputs, failures as one line, fast import."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cka_offline.cli.analyze import main
+from cka_offline.results import load_result
+
+from ..analyze_fixtures import chain_activations, write_acts
+
+
+@pytest.fixture
+def files(tmp_path):
+    a = write_acts(tmp_path / "a.h5", chain_activations(64, seed=1), model="net_a")
+    b = write_acts(tmp_path / "b.h5", chain_activations(64, seed=2), model="net_b")
+    return a, b
+
+
+def run(args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_success_writes_result_and_plot_and_prints_summary(tmp_path, files):
+    out, plot = tmp_path / "r.json", tmp_path / "r.png"
+    res = run([*files, "-m", "16", "--seed", "3", "-o", out, "--plot", plot, "--layers-b", "layer0,layer2"])
+    assert res.exit_code == 0, res.output
+    assert "A = " in res.stdout and "best layer of B" in res.stdout and "layer identification" not in res.stdout
+    r = load_result(out)
+    assert r.files[1].layers == ["layer0", "layer2"] and r.params["seed"] == 3 and r.params["batch_size"] == 16
+    assert r.files[0].provenance["model"] == "net_a"
+    assert plot.stat().st_size > 1000
+    assert "wrote" in res.stderr
+
+
+def test_three_files_csv_and_one_plot_per_pair(tmp_path, files):
+    c = write_acts(tmp_path / "c.h5", chain_activations(64, seed=3))
+    res = run([*files, c, "-m", "16", "-o", tmp_path / "r.out", "--format", "csv", "--plot", tmp_path / "p.svg",
+               "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert res.stderr == ""
+    assert sorted(p.name for p in tmp_path.glob("p_*.svg")) == ["p_0-1.svg", "p_0-2.svg", "p_1-2.svg"]
+    assert open(tmp_path / "r.out").readline().startswith("file_a,layer_a,file_b,layer_b,cka")
+
+
+def test_constant_layer_warning_is_printed(tmp_path):
+    acts = chain_activations(40, seed=1)
+    acts["layer2"][:] = 1.0
+    path = write_acts(tmp_path / "k.h5", acts)
+    res = run([path, "-m", "8", "--estimator", "full-debiased"])
+    assert res.exit_code == 0, res.output
+    assert "warnings:" in res.stdout and "'layer2'" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["{a}", "{missing}"], "no such file"),
+        (["{a}", "--layers", "nope"], "no layer matches 'nope'"),
+        (["{a}", "--device", "cuda:7"], "cuda:7"),
+        (["{a}", "-o", "{a}"], "already exists; pass --overwrite"),
+        (["{a}", "-o", "{tmp}/r.xml"], "cannot tell the result format"),
+        (["{a}", "--plot", "{tmp}/p.gif"], "cannot tell the plot format"),
+    ],
+)
+def test_known_errors_are_one_line(tmp_path, files, args, message):
+    if "cuda" in args[-1]:
+        import torch
+
+        if torch.cuda.device_count() > 7:
+            pytest.skip("this machine has a cuda:7")
+    values = {"a": files[0], "missing": tmp_path / "missing.h5", "tmp": tmp_path}
+    res = run([arg.format(**values) for arg in args])
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cka-analyze: error: ") and message in lines[0], res.stderr
+    assert res.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5", "b.h5"]  # nothing half-written
+
+
+def test_bad_option_combination_is_a_usage_error(files):
+    res = run([files[0], "--kernel", "rbf", "--estimator", "full"])
+    assert res.exit_code == 2 and "linear kernel only" in res.stderr
+
+
+def test_help_has_description_and_example():
+    res = run(["--help"])
+    assert res.exit_code == 0
+    assert "Example:" in res.stdout and "cka-analyze resnet_a.h5 resnet_b.h5" in res.stdout
+    assert "--intersection" in res.stdout and "--rbf-fraction" in res.stdout
+
+
+def test_import_does_not_load_torch_or_h5py():
+    code = (
+        "import sys, cka_offline.cli.analyze\n"
+        "heavy = [m for m in ('torch', 'h5py', 'matplotlib', 'numpy') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_json_result_is_strict_json(tmp_path, files):
+    out = tmp_path / "r.json"
+    assert run([files[0], "-m", "16", "-o", out]).exit_code == 0
+    doc = json.loads(out.read_text())
+    assert np.allclose(np.diag(np.array(doc["cka"], dtype=float)), 1.0, atol=1e-6)

@@ -1,0 +1,364 @@
+"""analyze(): minibatch plan, alignment, estimators and errors against an independent float64 reference."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from cka_offline.analyze import align_ids, analyze, batch_sizes, check_options, plan_minibatches, resolve_device
+from cka_offline.errors import (
+    ActivationValueError,
+    AlignmentError,
+    DeviceError,
+    InsufficientDataError,
+    LayerSelectionError,
+    ResourceError,
+)
+
+from .analyze_fixtures import chain_activations, ref_full_linear, ref_minibatch, write_acts
+
+N = 120
+
+
+@pytest.fixture
+def two_files(tmp_path):
+    a = chain_activations(N, seed=1)
+    b = chain_activations(N, widths=(5, 3), seed=2)
+    return write_acts(tmp_path / "a.h5", a), write_acts(tmp_path / "b.h5", b, model="other"), a, b
+
+
+def plan_of(result):
+    p = result.params
+    return plan_minibatches(
+        result.n_examples, p["batch_size"], seed=p["seed"], epochs=p["epochs"], block_rows=p["block_rows"],
+        buffer_blocks=p["buffer_blocks"],
+    )
+
+
+# ---------------------------------------------------------------- the plan
+@pytest.mark.parametrize("n", [4, 5, 7, 8, 9, 31, 255, 256, 257, 259, 1000])
+@pytest.mark.parametrize("m", [4, 5, 8, 32, 256])
+def test_batch_sizes_tail_rule(n, m):
+    sizes = batch_sizes(n, m)
+    assert sum(sizes) == n
+    assert min(sizes) >= 4
+    assert max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)
+    if m >= 8:
+        assert max(sizes) <= m
+        assert len(sizes) == -(-n // m)
+
+
+def test_batch_sizes_examples():
+    assert batch_sizes(257, 256) == [129, 128]
+    assert batch_sizes(1000, 256) == [250] * 4
+    assert batch_sizes(9, 4) == [5, 4]  # ceil(9/4) = 3 batches would leave one of 2
+    with pytest.raises(InsufficientDataError, match="at least 4 examples.*got 3"):
+        batch_sizes(3, 256)
+    with pytest.raises(InsufficientDataError, match="batch size must be at least 4"):
+        batch_sizes(100, 3)
+
+
+def test_plan_is_a_seeded_permutation_per_epoch():
+    plan = plan_minibatches(100, 16, seed=3, epochs=2, block_rows=10, buffer_blocks=3)
+    assert len(plan) == 2 * len(batch_sizes(100, 16))
+    half = len(plan) // 2
+    for epoch in (plan[:half], plan[half:]):
+        assert sorted(np.concatenate(epoch).tolist()) == list(range(100))
+    assert not np.array_equal(np.concatenate(plan[:half]), np.concatenate(plan[half:]))
+    again = plan_minibatches(100, 16, seed=3, epochs=2, block_rows=10, buffer_blocks=3)
+    assert all(np.array_equal(x, y) for x, y in zip(plan, again))
+    other = plan_minibatches(100, 16, seed=4, epochs=1, block_rows=10, buffer_blocks=3)
+    assert not np.array_equal(np.concatenate(other), np.concatenate(plan[:half]))
+    # epoch e uses seed + e: epoch 1 of seed 3 is epoch 0 of seed 4
+    assert np.array_equal(np.concatenate(other), np.concatenate(plan[half:]))
+
+
+def test_plan_shuffle_buffer_holds_whole_blocks():
+    block, per_buffer = 10, 3
+    order = np.concatenate(plan_minibatches(100, 16, seed=0, block_rows=block, buffer_blocks=per_buffer))
+    for start in range(0, 90, block * per_buffer):
+        blocks = set((order[start : start + block * per_buffer] // block).tolist())
+        assert len(blocks) == per_buffer  # each buffer is exactly 3 whole chunk-aligned blocks
+    first = order[: block * per_buffer]
+    assert not np.all(np.diff(first) == 1)  # rows shuffled inside the buffer
+
+
+# ---------------------------------------------------------------- against the reference
+@pytest.mark.parametrize("precision,tol", [("float64", 1e-10), ("float32", 1e-5)])
+def test_two_files_match_reference(two_files, precision, tol):
+    pa, pb, a, b = two_files
+    r = analyze([pa, pb], batch_size=16, seed=5, precision=precision, device="cpu", n_groups=4)
+    plan = plan_of(r)
+    assert [len(x) for x in plan] == batch_sizes(N, 16)
+    cka, se = ref_minibatch([*a.values(), *b.values()], plan, n_groups=4)
+    np.testing.assert_allclose(r.cka, cka, atol=tol, rtol=0)
+    np.testing.assert_allclose(r.se, se, atol=tol, rtol=0)
+    block = r.pair(0, 1)
+    # 95% interval: cka -+ t_{G-1=3, 0.975} * se with t = 3.1824463
+    np.testing.assert_allclose(block.high - block.cka, 3.182446305284263 * block.se, rtol=1e-6)
+    np.testing.assert_allclose(block.cka - block.low, 3.182446305284263 * block.se, rtol=1e-6)
+    assert r.matrix(0, 1).shape == (3, 2)
+    np.testing.assert_allclose(r.matrix(0, 1), cka[:3, 3:], atol=tol)
+    assert r.pairs == [(0, 1)]
+    assert [f.layers for f in r.files] == [list(a), list(b)]
+    assert r.files[0].provenance["model"] == "chain" and r.files[1].provenance["model"] == "other"
+    assert len(r.files[0].sha256[0]) == 64
+    assert r.n_examples == N and r.n_minibatches == len(plan)
+    assert r.params["precision"] == precision and r.params["device"] == "cpu"
+
+
+def test_epochs_small_buffer_and_float16_match_reference(tmp_path):
+    a = chain_activations(90, seed=1)
+    pa = write_acts(tmp_path / "a.h5", a, chunk_rows=8, dtype="float16")
+    # a buffer budget below one minibatch: minibatches span several shuffle buffers
+    r = analyze([pa], batch_size=32, epochs=3, seed=1, precision="float64", device="cpu", buffer_bytes=200,
+                n_groups=5)
+    assert r.params["buffer_blocks"] * r.params["block_rows"] < 32
+    plan = plan_of(r)
+    assert len(plan) == 3 * 3
+    stored = [x.astype(np.float16) for x in a.values()]
+    cka, se = ref_minibatch(stored, plan, n_groups=5)
+    np.testing.assert_allclose(r.cka, cka, atol=1e-10)
+    np.testing.assert_allclose(r.se, se, atol=1e-10)
+
+
+def test_rbf_kernel_matches_reference(tmp_path):
+    a = chain_activations(60, widths=(4, 3), seed=1)
+    pa = write_acts(tmp_path / "a.h5", a)
+    r = analyze([pa], batch_size=20, kernel="rbf", rbf_fraction=0.5, precision="float64", device="cpu", n_groups=3)
+    # bandwidth: fraction * median pairwise distance over the seeded sample (all 60 rows here)
+    for name, x in a.items():
+        x = x.astype(np.float64)
+        d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))[np.triu_indices(len(x), 1)]
+        assert r.params["bandwidths"][pa][name] == pytest.approx(0.5 * np.median(d), rel=1e-9)
+    sigmas = [r.params["bandwidths"][pa][name] for name in a]
+    cka, _ = ref_minibatch(list(a.values()), plan_of(r), n_groups=3, sigmas=sigmas)
+    np.testing.assert_allclose(r.cka, cka, atol=1e-10)
+
+
+@pytest.mark.parametrize("estimator", ["full", "full-debiased"])
+def test_full_estimators(two_files, estimator):
+    pa, pb, a, b = two_files
+    r = analyze([pa, pb], estimator=estimator, device="cpu")
+    assert r.n_minibatches == 0 and np.all(np.isnan(r.se))
+    if estimator == "full":
+        for i, x in enumerate(a.values()):
+            for j, y in enumerate(b.values()):
+                assert r.matrix(0, 1)[i, j] == pytest.approx(ref_full_linear(x, y), abs=1e-10)
+    else:
+        cka, _ = ref_minibatch([*a.values(), *b.values()], [np.arange(N)], n_groups=1)
+        np.testing.assert_allclose(r.cka, cka, atol=1e-10)
+
+
+def test_full_estimator_refuses_what_does_not_fit(two_files, monkeypatch):
+    import cka_offline.analyze as mod
+
+    monkeypatch.setattr(mod, "FULL_DATA_BYTES", 1000)
+    with pytest.raises(ResourceError, match="full-data estimator holds all 120 examples.*--estimator minibatch"):
+        analyze([two_files[0]], estimator="full", device="cpu")
+
+
+# ---------------------------------------------------------------- self, many files
+def test_self_comparison_symmetric_unit_diagonal(two_files):
+    r = analyze([two_files[0]], batch_size=16, device="cpu")
+    assert r.pairs == [(0, 0)]
+    m = r.matrix()
+    assert m.shape == (3, 3)
+    np.testing.assert_allclose(np.diag(m), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(m, m.T)
+    assert np.all(np.diag(r.se) < 1e-6)
+
+
+def test_three_files_in_one_pass_equal_pairwise_runs(tmp_path):
+    paths = [write_acts(tmp_path / f"c{k}.h5", chain_activations(80, seed=k)) for k in range(3)]
+    together = analyze(paths, batch_size=16, precision="float64", device="cpu")
+    assert together.pairs == [(0, 1), (0, 2), (1, 2)]
+    for i, j in together.pairs:
+        alone = analyze([paths[i], paths[j]], batch_size=16, precision="float64", device="cpu")
+        np.testing.assert_allclose(together.matrix(i, j), alone.matrix(0, 1), atol=1e-12)
+        np.testing.assert_allclose(together.pair(i, j).se, alone.pair(0, 1).se, atol=1e-12)
+
+
+def test_shards_by_glob_equal_single_file(tmp_path):
+    a = chain_activations(70, seed=1)
+    whole = write_acts(tmp_path / "whole.h5", a)
+    cut = 40
+    write_acts(tmp_path / "part-0.h5", {k: v[:cut] for k, v in a.items()}, ids=np.arange(cut), shard=(0, 2, 0))
+    write_acts(tmp_path / "part-1.h5", {k: v[cut:] for k, v in a.items()}, ids=np.arange(cut, 70), shard=(1, 2, cut))
+    r1 = analyze([whole, str(tmp_path / "part-*.h5")], batch_size=16, precision="float64", device="cpu")
+    np.testing.assert_allclose(r1.matrix(0, 1), r1.matrix(0, 0), atol=1e-12)
+    assert len(r1.files[1].paths) == 2 and len(r1.files[1].sha256) == 2
+
+
+# ---------------------------------------------------------------- alignment
+def test_ids_in_another_order_give_the_same_result(tmp_path, two_files):
+    pa, pb, a, b = two_files
+    perm = np.random.default_rng(0).permutation(N)
+    pb_perm = write_acts(tmp_path / "b_perm.h5", {k: v[perm] for k, v in b.items()}, ids=perm)
+    same = analyze([pa, pb], batch_size=16, precision="float64", device="cpu")
+    shuffled = analyze([pa, pb_perm], batch_size=16, precision="float64", device="cpu")
+    np.testing.assert_allclose(shuffled.cka, same.cka, atol=1e-12)
+    np.testing.assert_allclose(shuffled.se, same.se, atol=1e-12)
+
+
+def test_string_ids_in_another_order(tmp_path):
+    a = chain_activations(40, seed=1)
+    ids = np.array([f"img{k:03d}" for k in range(40)])
+    perm = np.random.default_rng(1).permutation(40)
+    pa = write_acts(tmp_path / "a.h5", a, ids=ids)
+    pb = write_acts(tmp_path / "b.h5", {k: v[perm] for k, v in a.items()}, ids=ids[perm])
+    r = analyze([pa, pb], batch_size=8, precision="float64", device="cpu")
+    np.testing.assert_allclose(np.diag(r.matrix(0, 1)), 1.0, atol=1e-10)
+
+
+def test_different_sets_error_and_intersection(tmp_path):
+    a = chain_activations(100, seed=1)
+    b = chain_activations(100, seed=2)
+    pa = write_acts(tmp_path / "a.h5", {k: v[:80] for k, v in a.items()}, ids=np.arange(80))
+    # B: ids 10..99 shuffled, so 10 ids of A are missing from B and 20 of B from A
+    ids_b = np.random.default_rng(2).permutation(np.arange(10, 100))
+    pb = write_acts(tmp_path / "b.h5", {k: v[ids_b] for k, v in b.items()}, ids=ids_b)
+    with pytest.raises(AlignmentError, match=r"10 id\(s\) of .*a.h5 are missing from .*b.h5 \(e.g. 0, 1, 2, ...\), "
+                       r"20 id\(s\) of .*b.h5 are missing from .*a.h5.*--intersection"):
+        analyze([pa, pb], device="cpu")
+    r = analyze([pa, pb], batch_size=16, intersect=True, precision="float64", device="cpu")
+    assert r.n_examples == 70
+    # the same as files holding just the common examples 10..79
+    pa2 = write_acts(tmp_path / "a2.h5", {k: v[10:80] for k, v in a.items()}, ids=np.arange(10, 80))
+    pb2 = write_acts(tmp_path / "b2.h5", {k: v[10:80] for k, v in b.items()}, ids=np.arange(10, 80))
+    ref = analyze([pa2, pb2], batch_size=16, precision="float64", device="cpu")
+    np.testing.assert_allclose(r.cka, ref.cka, atol=1e-12)
+
+
+def test_disjoint_ids(tmp_path):
+    a = chain_activations(20, seed=1)
+    pa = write_acts(tmp_path / "a.h5", a)
+    pb = write_acts(tmp_path / "b.h5", a, ids=np.arange(100, 120))
+    with pytest.raises(AlignmentError, match=r"20 id\(s\) of .* are missing .* 20 id\(s\)"):
+        analyze([pa, pb], device="cpu")
+    with pytest.raises(InsufficientDataError, match="0 example\\(s\\) common to all files"):
+        analyze([pa, pb], intersect=True, device="cpu")
+
+
+def test_id_types_must_agree():
+    with pytest.raises(AlignmentError, match="integers in some files and strings in others"):
+        align_ids([np.arange(5), np.array(list("abcde"))], ["a.h5", "b.h5"])
+
+
+def test_fewer_than_four_examples(tmp_path):
+    pa = write_acts(tmp_path / "a.h5", chain_activations(3, seed=1))
+    with pytest.raises(InsufficientDataError, match="at least 4 examples.*3 example"):
+        analyze([pa], device="cpu")
+
+
+# ---------------------------------------------------------------- bad values
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("estimator", ["minibatch", "full"])
+def test_non_finite_activation_names_file_layer_and_id(tmp_path, bad, estimator):
+    a = chain_activations(50, seed=1)
+    a["layer1"][17, 2] = bad
+    pa = write_acts(tmp_path / "a.h5", a, ids=np.arange(1000, 1050))
+    with pytest.raises(ActivationValueError, match=r"a.h5: layer 'layer1' holds (nan|inf) for example id 1017"):
+        analyze([pa], batch_size=16, estimator=estimator, device="cpu")
+
+
+def test_non_finite_in_rbf_bandwidth_sample(tmp_path):
+    a = chain_activations(50, seed=1)
+    a["layer0"][3, 0] = np.nan
+    pa = write_acts(tmp_path / "a.h5", a)
+    with pytest.raises(ActivationValueError, match="layer 'layer0' holds nan for example id 3"):
+        analyze([pa], kernel="rbf", device="cpu")
+
+
+def test_gram_overflow_is_reported(tmp_path):
+    a = chain_activations(40, seed=1)
+    a["layer0"] *= np.float32(1e20)  # finite, but the float32 Gram overflows
+    pa = write_acts(tmp_path / "a.h5", a)
+    with pytest.raises(ActivationValueError, match="overflow float32.*--precision float64"):
+        analyze([pa], batch_size=16, device="cpu")
+    r = analyze([pa], batch_size=16, precision="float64", device="cpu")
+    assert np.isfinite(r.cka).all()
+
+
+@pytest.mark.parametrize("kernel,estimator", [("linear", "minibatch"), ("rbf", "minibatch"), ("linear", "full")])
+def test_constant_layer_is_nan_with_warning(tmp_path, caplog, kernel, estimator):
+    a = chain_activations(60, seed=1)
+    a["layer1"][:] = 0.25
+    pa = write_acts(tmp_path / "a.h5", a)
+    with caplog.at_level(logging.WARNING, logger="cka_offline.analyze"):
+        r = analyze([pa], batch_size=16, kernel=kernel, estimator=estimator, device="cpu")
+    m = r.matrix()
+    assert np.all(np.isnan(m[1])) and np.all(np.isnan(m[:, 1]))
+    assert np.isfinite(m[np.ix_([0, 2], [0, 2])]).all()
+    assert np.all(np.isnan(r.se[1]))
+    assert len(r.warnings) == 1 and "'layer1'" in r.warnings[0] and "constant" in r.warnings[0]
+    assert "'layer1'" in caplog.text
+    assert "constant" in r.summary()
+
+
+# ---------------------------------------------------------------- layers, options, devices
+def test_layer_selection_per_side(two_files):
+    pa, pb, a, b = two_files
+    r = analyze([pa, pb], layers_a=["layer[12]"], layers_b=["layer0"], device="cpu")
+    assert r.files[0].layers == ["layer1", "layer2"] and r.files[1].layers == ["layer0"]
+    r = analyze([pa, pb], layers=["layer1"], device="cpu")
+    assert [f.layers for f in r.files] == [["layer1"], ["layer1"]]
+    with pytest.raises(LayerSelectionError, match=r"no layer matches 'layer9' in .*b.h5; close matches: .*layer0"):
+        analyze([pa, pb], layers_b=["layer9"], device="cpu")
+
+
+def test_check_options():
+    good = dict(batch_size=256, epochs=1, kernel="linear", rbf_fraction=0.5, precision="float32",
+                estimator="minibatch", n_groups=16)
+    check_options(**good)
+    for change, message in [
+        ({"kernel": "poly"}, "unknown kernel 'poly'"),
+        ({"precision": "float16"}, "unknown precision"),
+        ({"estimator": "exact"}, "unknown estimator"),
+        ({"estimator": "full", "kernel": "rbf"}, "linear kernel only"),
+        ({"rbf_fraction": 0.0}, "rbf fraction must be a number > 0"),
+        ({"batch_size": 3}, "batch size must be at least 4"),
+        ({"epochs": 0}, "epochs must be at least 1"),
+        ({"n_groups": 1}, "n_groups must be at least 2"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            check_options(**{**good, **change})
+
+
+def test_devices():
+    import torch
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(DeviceError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    if torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="only .* CUDA device"):
+            resolve_device("cuda:99")
+        with pytest.raises(DeviceError, match="expected cuda:N"):
+            resolve_device("cuda:x")
+    else:
+        with pytest.raises(DeviceError, match="'cuda:1' requested but CUDA is not available"):
+            resolve_device("cuda:1")
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu(two_files):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    pa, pb, _, _ = two_files
+    cpu = analyze([pa, pb], batch_size=16, precision="float64", device="cpu")
+    gpu = analyze([pa, pb], batch_size=16, precision="float64", device="cuda")
+    np.testing.assert_allclose(gpu.cka, cpu.cka, atol=1e-10)
+
+
+def test_progress_callback(two_files):
+    seen = []
+    analyze([two_files[0]], batch_size=16, epochs=2, device="cpu", progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (2 * N, 2 * N)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
