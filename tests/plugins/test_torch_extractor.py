@@ -535,3 +535,14 @@ def test_conformance(torch_factory_file):
 
     checked = check_extractor(TorchExtractor, f"{torch_factory_file}:make", {"x": images(4).astype(np.float32)})
     assert checked == [name for name, _ in CNN_LAYERS]
+
+
+def test_module_factory_in_the_current_folder(tmp_path, monkeypatch):
+    package = tmp_path / "cwd_torch_factory_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("from torch import nn\ndef make():\n    return nn.Sequential(nn.GELU())\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "cwd_torch_factory_pkg", raising=False)
+    with TorchExtractor("cwd_torch_factory_pkg:make") as ex:  # as `python -m` would find it
+        assert [(i.name, i.kind) for i in ex.layers()] == [("0", "GELU")]
+    assert str(tmp_path) not in sys.path

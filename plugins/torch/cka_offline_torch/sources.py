@@ -175,7 +175,13 @@ def _import_factory_module(spec: SourceSpec, source: str) -> Any:
             ) from exc
         return module
     try:
-        return importlib.import_module(spec.module)
+        try:
+            return importlib.import_module(spec.module)
+        except ModuleNotFoundError as exc:
+            if exc.name != spec.module.split(".")[0] or os.getcwd() in sys.path:
+                raise
+            with _on_sys_path(os.getcwd()):  # like `python -m`: a package in the current folder is found
+                return importlib.import_module(spec.module)
     except Exception as exc:
         raise ModelError(
             f"cannot import module {spec.module!r} of factory {source!r}: {type(exc).__name__}: {exc}; "
@@ -344,9 +350,10 @@ def _unsafe_globals(data: bytes | str) -> list[str] | None:
     import torch
 
     try:
-        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data) if isinstance(data, bytes) else data))
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data) if isinstance(data, bytes) else data)
     except Exception:
         return None
+    return sorted(found, key=lambda name: (name.startswith("torch."), name))  # the model's own classes first
 
 
 def pt2_pickled_entries(path: str) -> list[str]:
