@@ -32,7 +32,7 @@ def quiet_option(f: F) -> F:
 
 
 def setup_logging(debug: bool, quiet: bool) -> None:
-    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    level = logging.DEBUG if debug else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
     if not debug:  # plugins' frameworks are chatty at INFO
         for name in ("h5py", "matplotlib", "PIL"):
