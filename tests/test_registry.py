@@ -120,3 +120,12 @@ def test_clashes_and_lookup_errors(example):
         get_extractor("nope", pm)
     with pytest.raises(PluginError, match="no extractor can open 'model.xyz'"):
         find_extractor("model.xyz", pm)
+
+
+def test_plugin_guide_shows_the_example_plugin_in_full():
+    root = os.path.join(os.path.dirname(__file__), "..")
+    with open(os.path.join(root, "docs", "plugins.md"), encoding="utf-8") as fh:
+        guide = fh.read()
+    for name in ("cka_offline_example.py", "pyproject.toml"):
+        with open(os.path.join(EXAMPLE_DIR, name), encoding="utf-8") as fh:
+            assert fh.read() in guide, f"docs/plugins.md must show tests/data/example_plugin/{name} as it is"
