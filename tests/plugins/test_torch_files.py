@@ -168,6 +168,21 @@ def test_export_archive_hooks_fire_on_original_module_names(torch_factory, tmp_p
     assert prov["model_sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_export_archive_on_cuda(torch_factory, tmp_path):
+    _, ref = torch_factory
+    archive = export(ref.make(), tmp_path / "cnn.pt2", (torch.randn(2, 3, 6, 6),))
+    x = images(3)
+    with TorchExtractor(str(archive)) as ex:
+        want = ex.run({"x": x}, LAYER_NAMES)
+    with TorchExtractor(str(archive), device="auto") as ex:
+        assert ex.provenance()["device"].startswith("cuda")
+        got = ex.run({"x": x}, LAYER_NAMES)
+    for name in LAYER_NAMES:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4, err_msg=name)
+
+
 class TwoArgs(nn.Module):
     def __init__(self):
         super().__init__()

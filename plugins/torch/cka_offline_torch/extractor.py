@@ -154,7 +154,7 @@ class TorchExtractor(Extractor):
                 f"the file into it: 'my_pkg.models:make -X weights={self.source}'"
             )
         if spec.kind == "export":
-            program, model = load_export(spec.path, self.allow_pickle)
+            program, model = load_export(spec.path, self.allow_pickle, self._device)
             self._signature = export_signature(program)
             self._kinds = _export_kinds(program)
             self._model_file = spec.path

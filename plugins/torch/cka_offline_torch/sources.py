@@ -382,8 +382,8 @@ def _require_file(path: str, what: str) -> None:
         raise ModelError(f"{what} {path!r} does not exist; check the path")
 
 
-def load_export(path: str, allow_pickle: bool) -> "tuple[Any, torch.nn.Module]":
-    """``(ExportedProgram, unflattened module)`` of a ``.pt2`` archive."""
+def load_export(path: str, allow_pickle: bool, device: "torch.device | None" = None) -> "tuple[Any, torch.nn.Module]":
+    """``(ExportedProgram, unflattened module)`` of a ``.pt2`` archive, its tensors on ``device``."""
     import warnings
 
     import torch
@@ -410,6 +410,11 @@ def load_export(path: str, allow_pickle: bool) -> "tuple[Any, torch.nn.Module]":
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
+            if device is not None and device.type != "cpu":
+                # constants baked into the graph (not only parameters) must move too
+                from torch.export.passes import move_to_device_pass
+
+                program = move_to_device_pass(program, str(device))
             module = torch.export.unflatten(program)
     except Exception as exc:
         raise ModelError(f"torch.export.unflatten failed on {path!r}: {type(exc).__name__}: {exc}") from exc
