@@ -137,6 +137,14 @@ def _list_layers(model: str, extractor: str | None, device: str, options: dict[s
     click.echo(_table(rows))
 
 
+class _Command(click.Command):
+    """Keeps the command-line arguments (``ctx.meta["argv"]``) for the provenance of the file."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["argv"] = list(args)
+        return super().parse_args(ctx, args)
+
+
 HELP = """Run MODEL over INPUTS and store the activations of chosen layers in an HDF5 file.
 
 MODEL is whatever an installed extractor plugin opens (a .onnx file, torch weights or a
@@ -152,7 +160,7 @@ Example:
 """
 
 
-@click.command(name=PROG, help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=_Command, name=PROG, help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("model", required=False)
 @click.option("--inputs", "-i", "inputs", metavar="INPUTS", help="Model inputs: .npz, .npy, file.h5:/dataset or an image folder.")
 @click.option("--output", "-o", "output", metavar="OUT.h5", help="Activation file to write.")
@@ -266,7 +274,7 @@ def main(
             input_options=parse_key_values(input_option, "-I/--input-option"),
             mask_input=None if mask_input.lower() == "none" else mask_input,
             progress=bar,
-            command=shlex.join([PROG, *sys.argv[1:]]),
+            command=shlex.join([PROG, *ctx.meta.get("argv", sys.argv[1:])]),
             plugin_manager=pm,
         )
     finally:

@@ -64,7 +64,9 @@ def test_extraction(example, files):
         ref = np.maximum(files["x"] @ files["w1"], 0)
         np.testing.assert_allclose(f.read("fc1", 0, 9), ref, rtol=1e-3, atol=1e-3)
         assert json.loads(f.provenance["options"])["extractor_options"] == {"scale": 2}
-        assert f.provenance["command"].startswith("cka-extract ")
+        assert f.provenance["command"] == "cka-extract " + " ".join(
+            [files["model"], "-i", files["inputs"], "-o", files["out"], "--layers", "fc1", "-b", "4", "-X", "scale=2",
+             "--dtype", "float16"])
     r = invoke(pm, [files["model"], "-i", files["inputs"], "-o", files["out"]])
     assert r.exit_code == 2
     assert error_line(r) == f"cka-extract: error: {files['out']} already exists; pass --overwrite to replace it or choose another -o"
