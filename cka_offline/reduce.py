@@ -76,7 +76,8 @@ def reduced_features(layer: str, reduction: str, shape: tuple[int, ...]) -> int:
         "none": ndim == 1,
     }.get(reduction, ndim == 2)
     if not fits:
-        hint = "use --reduction mean for conv maps, token_mean for sequences, flatten for anything"
+        fitting = "none" if ndim == 1 else "token_mean" if ndim == 2 else "mean"
+        hint = f"give this layer its own reduction, e.g. --reduction '{layer}={fitting}' (flatten fits any shape)"
         raise LayerSelectionError(
             f"reduction {reduction!r} needs {_NEEDS[reduction]}, but layer {layer!r} gives per-example shape "
             f"{tuple(shape)} (batch shape (B, {', '.join(map(str, shape))})); {hint}"

@@ -48,7 +48,7 @@ def test_token_reductions_without_mask():
 
 
 def test_shape_errors_name_the_layer():
-    with pytest.raises(LayerSelectionError, match="'mean' needs a \\(batch, channels, \\*spatial\\) output, but layer 'fc'"):
+    with pytest.raises(LayerSelectionError, match="'mean' needs a \\(batch, channels, \\*spatial\\) output, but layer 'fc'.*--reduction 'fc=none'"):
         reduce("fc", "mean", np.zeros((2, 3)))
     with pytest.raises(LayerSelectionError, match="'token_mean' needs a \\(batch, tokens, features\\) output, but layer 'conv'"):
         reduced_features("conv", "token_mean", (3, 4, 4))

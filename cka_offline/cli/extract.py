@@ -17,7 +17,7 @@ import click
 from .common import ProgressBar, debug_option, fail, handle_errors, parse_key_values, quiet_option, setup_logging, split_list
 
 PROG = "cka-extract"
-_DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
+_DEVICE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
 
 
 def _interrupted(output: str | None = None, **_: Any) -> str:
@@ -41,7 +41,7 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 
 def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
     if not _DEVICE.match(value):
-        raise click.BadParameter(f"{value!r} is not one of cpu, cuda, cuda:N, auto")
+        raise click.BadParameter(f"{value!r} is not one of cpu, cuda, cuda:N, mps, auto")
     return value
 
 
@@ -175,7 +175,7 @@ Example:
 @click.option("--mask-input", default="attention_mask", show_default=True, metavar="NAME",
               help="Input holding the attention mask for token reductions; 'none' counts every token.")
 @click.option("--batch-size", "-b", default=64, show_default=True, type=click.IntRange(min=1), help="Examples per forward pass.")
-@click.option("--device", default="cpu", show_default=True, callback=_device, help="cpu, cuda, cuda:N or auto.")
+@click.option("--device", default="cpu", show_default=True, callback=_device, help="cpu, cuda, cuda:N, mps or auto (cuda if available).")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]), help="Stored dtype.")
 @click.option("--max-examples", type=click.IntRange(min=1), metavar="N", help="Use only the first N examples.")
 @click.option("--shard", callback=_shard, metavar="I/K",

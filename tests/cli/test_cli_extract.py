@@ -87,7 +87,7 @@ def test_bad_input_is_one_line_and_debug_shows_traceback(example, files, tmp_pat
     r = invoke(pm, [files["model"], "-i", files["inputs"]])
     assert r.exit_code == 2 and "give the output file with -o" in r.stderr
     r = invoke(pm, [files["model"], "--device", "gpu", "-o", files["out"]])
-    assert r.exit_code == 2 and "'gpu' is not one of cpu, cuda, cuda:N, auto" in r.stderr
+    assert r.exit_code == 2 and "'gpu' is not one of cpu, cuda, cuda:N, mps, auto" in r.stderr
 
 
 class Broken:
