@@ -1,0 +1,148 @@
+"""Grams, HSIC_1 and the exact full-data estimator against the float64 numpy reference."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cka_offline.cka import center_columns, cka_linear_full, gram_linear, gram_rbf, hsic1_matrix, rbf_bandwidth
+from cka_offline.errors import ActivationValueError, AlignmentError, InsufficientDataError, ResourceError
+
+from . import reference as ref
+
+
+def t64(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+
+
+@pytest.mark.parametrize("m", [4, 5, 37])
+def test_hsic1_matrix_matches_reference_every_pair(m):
+    rng = np.random.default_rng(m)
+    layers = [rng.standard_normal((m, d)) + 2.0 for d in (3, 8, 1)] + [rng.standard_normal((m, 4)) ** 2]
+    grams = torch.stack([gram_linear(t64(z), torch.float64) for z in layers])
+    got = hsic1_matrix(grams).numpy()
+    want = np.array([[ref.hsic1(ref.linear_gram(a), ref.linear_gram(b)) for b in layers] for a in layers])
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, got.T)
+
+
+def test_hsic1_matrix_does_not_modify_its_input():
+    grams = torch.stack([gram_linear(torch.randn(6, 3, dtype=torch.float64), torch.float64) for _ in range(2)])
+    before = grams.clone()
+    hsic1_matrix(grams)
+    assert torch.equal(grams, before)
+
+
+def test_gram_linear_is_the_centred_product_and_symmetric(chain):
+    x = chain[1][:50]
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        k = gram_linear(t64(x).to(torch.float16 if dtype == torch.float32 else torch.float64), dtype)
+        assert k.dtype == dtype
+        assert torch.equal(k, k.T)
+        xin = x.astype(np.float16).astype(np.float64) if dtype == torch.float32 else x
+        want = ref.linear_gram(xin)
+        np.testing.assert_allclose(k.double().numpy(), want, atol=tol * np.abs(want).max())
+
+
+def test_center_columns_removes_the_mean_in_float64_before_rounding():
+    x = t64(50.0 + 1e-3 * np.random.default_rng(1).standard_normal((40, 3)))
+    xc = center_columns(x, torch.float32)
+    assert xc.dtype == torch.float32
+    exact = (x - x.mean(0)).numpy()
+    # rounding only the small centred values: relative error of float32, not of 50
+    np.testing.assert_allclose(xc.double().numpy(), exact, rtol=1e-7, atol=0)
+
+
+def test_reference_hsic1_is_shift_invariant():
+    """The reference centres features; check with uncentred float64 Grams on mild data that this changes nothing."""
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((12, 3)) + 0.7, rng.standard_normal((12, 5)) - 0.4
+    a = ref.hsic1(ref.linear_gram(x, center=False), ref.linear_gram(y, center=False))
+    b = ref.hsic1(ref.linear_gram(x), ref.linear_gram(y))
+    assert a == pytest.approx(b, rel=1e-10)
+
+
+def test_rbf_bandwidth_is_fraction_of_median_distance(chain):
+    sample = chain[2]
+    for n in (40, 6):  # 780 pairs (median averages the two middle ones), 15 pairs (the middle one)
+        got = rbf_bandwidth(t64(sample[:n]), 0.7)
+        assert got == pytest.approx(0.7 * ref.median_pairwise_distance(sample[:n]), rel=1e-12)
+
+
+def test_gram_rbf_matches_reference(chain):
+    x = chain[1][:30]
+    sigma = 1.3
+    want = ref.rbf_gram(x, sigma)
+    got64 = gram_rbf(t64(x), sigma, torch.float64).numpy()
+    np.testing.assert_allclose(got64, want, rtol=0, atol=1e-13)
+    assert np.all(np.diag(got64) == 1.0)
+    got32 = gram_rbf(t64(x).float(), sigma)
+    assert got32.dtype == torch.float32
+    np.testing.assert_allclose(got32.double().numpy(), want, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_full_estimator_matches_reference(chain, debiased):
+    x, y = chain[1][:120] + 5.0, chain[2][:120]
+    want = ref.cka_debiased(x, y) if debiased else ref.cka_biased(x, y)
+    got = cka_linear_full(t64(x).float(), t64(y), debiased=debiased)
+    want32 = (ref.cka_debiased if debiased else ref.cka_biased)(x.astype(np.float32), y)
+    assert abs(got - want32) <= 1e-10
+    assert abs(cka_linear_full(t64(x), t64(y), debiased=debiased) - want) <= 1e-10
+
+
+def test_full_biased_equals_feature_space_formula(chain):
+    """Kornblith et al. 2019 eq. 5: ||Y'X||_F^2 / (||X'X||_F ||Y'Y||_F) on centred features."""
+    x, y = (z - z.mean(0) for z in (chain[0], chain[3]))
+    want = np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+    assert cka_linear_full(t64(x), t64(y), debiased=False) == pytest.approx(want, rel=1e-12)
+
+
+def test_full_estimator_constant_layer_is_nan_with_warning(caplog):
+    x = torch.randn(10, 3, dtype=torch.float64)
+    with caplog.at_level(logging.WARNING, logger="cka_offline.cka.hsic"):
+        assert math.isnan(cka_linear_full(x, torch.full((10, 2), 3.0), debiased=True))
+    assert "constant layer" in caplog.text
+
+
+def test_full_estimator_resource_error_says_how_to_fix():
+    x = torch.randn(100, 3)
+    with pytest.raises(ResourceError, match=r"n=100 .*160000 bytes.*max_bytes=1000.*minibatch CKA.*raise max_bytes"):
+        cka_linear_full(x, x, debiased=False, max_bytes=1000)
+    assert cka_linear_full(x, x, debiased=False, max_bytes=160000) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: cka_linear_full(torch.randn(3, 2), torch.randn(3, 2), debiased=True), InsufficientDataError,
+         "at least 4 examples, got 3"),
+        (lambda: cka_linear_full(torch.randn(5, 2), torch.randn(6, 2), debiased=True), AlignmentError,
+         "5 rows in x and 6 in y"),
+        (lambda: cka_linear_full(torch.tensor([[math.nan], [1.0], [2.0], [3.0]]), torch.randn(4, 2), debiased=False),
+         ActivationValueError, "NaN or Inf"),
+        (lambda: hsic1_matrix(torch.zeros(2, 3, 3)), InsufficientDataError, "at least 4 examples, got 3"),
+        (lambda: hsic1_matrix(torch.zeros(4, 4)), ValueError, r"shape \(L, m, m\), got shape \(4, 4\)"),
+        (lambda: hsic1_matrix(torch.zeros(1, 4, 5)), ValueError, r"shape \(L, m, m\)"),
+        (lambda: hsic1_matrix(torch.zeros(1, 4, 4, dtype=torch.int64)), ValueError, "floating point"),
+        (lambda: hsic1_matrix(np.zeros((1, 4, 4))), TypeError, "torch.Tensor"),
+        (lambda: gram_linear(np.zeros((4, 2))), TypeError, "torch.Tensor"),
+        (lambda: gram_linear(torch.zeros(4)), ValueError, r"shape \(m, d\)"),
+        (lambda: gram_linear(torch.zeros(4, 2, dtype=torch.int32)), ValueError, "floating-point"),
+        (lambda: gram_linear(torch.zeros(4, 2), torch.float16), ValueError, "float32 or torch.float64"),
+        (lambda: gram_rbf(torch.zeros(4, 2), 0.0), ValueError, "sigma must be a finite number > 0"),
+        (lambda: gram_rbf(torch.zeros(4, 2), math.nan), ValueError, "sigma must be a finite number > 0"),
+        (lambda: rbf_bandwidth(torch.randn(5, 2), -1.0), ValueError, "fraction must be a finite number > 0"),
+        (lambda: rbf_bandwidth(torch.randn(1, 2), 1.0), InsufficientDataError, "at least 2 sample examples to measure a distance, got 1"),
+        (lambda: rbf_bandwidth(torch.ones(5, 2), 1.0), InsufficientDataError, "all 5 sample examples are identical"),
+        (lambda: rbf_bandwidth(torch.tensor([[0.0], [math.inf], [1.0]]), 1.0), ValueError, "NaN or Inf"),
+    ],
+)
+def test_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
