@@ -70,7 +70,17 @@ def _parse_floats(value: Any, key: str) -> np.ndarray | None:
 
 
 class _Reader(InputReader):
-    """Shared parts: ids checked once, fingerprint that includes the options."""
+    """Shared parts: option names checked, a fingerprint that includes the options."""
+
+    #: the options (``--input-option KEY=VALUE``) this reader understands
+    known_options: tuple[str, ...] = ()
+
+    def __init__(self, path: str, **options: Any) -> None:
+        super().__init__(path, **options)
+        unknown = sorted(set(options) - set(self.known_options))
+        if unknown:
+            known = ", ".join(self.known_options) or "none"
+            raise InputError(f"unknown input option(s) {', '.join(unknown)} for {self.name} inputs {path}; known: {known}")
 
     def _options_text(self) -> str:
         return json.dumps(self.options, sort_keys=True, default=str) if self.options else ""
@@ -272,6 +282,7 @@ class HDF5Inputs(_Reader):
     """
 
     name = "hdf5"
+    known_options = ("dataset", "ids")
     description = "HDF5 dataset: file.h5:/path/to/dataset (input named by the basename), ids with option ids=/path"
 
     @classmethod
@@ -361,6 +372,7 @@ class ImageFolderInputs(_Reader):
     """
 
     name = "images"
+    known_options = ("resize", "mean", "std", "grayscale", "name")
     description = "folder of images (png, jpg, ...): options resize=HxW, mean=, std=, grayscale=true, name="
 
     @classmethod
@@ -369,10 +381,6 @@ class ImageFolderInputs(_Reader):
 
     def __init__(self, path: str, **options: Any) -> None:
         super().__init__(path, **options)
-        known = {"resize", "mean", "std", "grayscale", "name"}
-        unknown = set(options) - known
-        if unknown:
-            raise InputError(f"unknown image option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
         files = []
         for root, dirs, names in os.walk(path):
             dirs.sort()

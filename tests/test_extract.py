@@ -312,3 +312,17 @@ def test_inputs_resolution(tmp_path, data, pm):
     out = extract("m.toy", None, tmp_path / "a.h5", plugin_manager=pm, layers=["head"],
                   options={"default_inputs": str(tmp_path / "x.npy")})
     np.testing.assert_allclose(read_all(out)["head"], forward(data["x"])["head"], rtol=1e-5, atol=1e-6)
+
+
+class LyingReader(NpyInputs):
+    def ids(self):
+        return np.arange(len(self) + 1)
+
+
+def test_inconsistent_or_empty_inputs(tmp_path, data, pm):
+    np.save(tmp_path / "x.npy", data["x"])
+    with pytest.raises(InputError, match="24 example ids for 23 examples"):
+        extract("m.toy", LyingReader(str(tmp_path / "x.npy")), tmp_path / "a.h5", plugin_manager=pm)
+    np.savez(tmp_path / "empty.npz", x=data["x"][:0])
+    with pytest.raises(InputError, match="the inputs hold no examples"):
+        extract("m.toy", str(tmp_path / "empty.npz"), tmp_path / "a.h5", plugin_manager=pm)

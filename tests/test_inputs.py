@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import h5py
 import numpy as np
 import pytest
@@ -64,6 +66,9 @@ def test_npz_errors(tmp_path):
     np.savez(tmp_path / "only_ids.npz", ids=np.arange(3))
     with pytest.raises(InputError, match="holds no input arrays"):
         NpzInputs(str(tmp_path / "only_ids.npz"))
+    np.savez(tmp_path / "ok.npz", a=np.zeros((3, 2)))
+    with pytest.raises(InputError, match="unknown input option\\(s\\) resize for npz inputs .*known: none"):
+        NpzInputs(str(tmp_path / "ok.npz"), resize="2x2")
     (tmp_path / "bad.npz").write_text("not a zip")
     with pytest.raises(InputError, match="cannot read inputs .*bad.npz"):
         NpzInputs(str(tmp_path / "bad.npz"))
@@ -159,7 +164,7 @@ def test_image_folder_errors(tmp_path):
         ImageFolderInputs(str(tmp_path / "img"), mean="a")
     with pytest.raises(InputError, match="grayscale='maybe' must be true or false"):
         ImageFolderInputs(str(tmp_path / "img"), grayscale="maybe")
-    with pytest.raises(InputError, match="unknown image option\\(s\\) size"):
+    with pytest.raises(InputError, match="unknown input option\\(s\\) size for images inputs .*known: resize, mean"):
         ImageFolderInputs(str(tmp_path / "img"), size=3)
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no image files"):
@@ -196,3 +201,36 @@ def test_reader_lookup_and_plugin_override(tmp_path):
     with pytest.raises(PluginError, match="no input reader can open 'x.csv'"):
         find_input_reader("x.csv", pm)
     assert find_input_reader("x.npz", get_plugin_manager(entry_points=False, plugins=[Readers()])) is MyNpz
+
+
+def test_damaged_npz_members(tmp_path):
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10, 2)})
+    with zipfile.ZipFile(tmp_path / "short.npz", "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.npy", b"\x93NUMPY" + header.getvalue()[6:] + np.zeros(6, "<f4").tobytes())
+    reader = NpzInputs(str(tmp_path / "short.npz"))
+    np.testing.assert_array_equal(reader.read(0, 3)["a"], np.zeros((3, 2)))
+    with pytest.raises(InputError, match="array 'a' in .*short.npz is truncated \\(rows 3:10 missing\\)"):
+        reader.read(3, 10)
+    reader.close()
+    with zipfile.ZipFile(tmp_path / "garbage.npz", "w") as zf:
+        zf.writestr("a.npy", b"this is not an array")
+    with pytest.raises(InputError, match="member 'a.npy' of .*garbage.npz is not a valid .npy array"):
+        NpzInputs(str(tmp_path / "garbage.npz"))
+
+
+def test_hdf5_dataset_errors(tmp_path):
+    path = tmp_path / "in.h5"
+    with h5py.File(path, "w") as f:
+        f["x"] = np.zeros((4, 2))
+        f["scalar"] = 3.0
+        f["ids"] = np.arange(5)
+        f.create_dataset("text", data=["a", "b"], dtype=h5py.string_dtype())
+    with pytest.raises(InputError, match="dataset /scalar in .* is a scalar"):
+        HDF5Inputs(f"{path}:/scalar")
+    with pytest.raises(InputError, match="ids /ids in .* has 5 entries, the inputs 4"):
+        HDF5Inputs(f"{path}:/x", ids="/ids")
+    with pytest.raises(InputError, match="dataset /text in .* has variable-length type"):
+        HDF5Inputs(f"{path}:/text")

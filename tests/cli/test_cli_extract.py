@@ -84,6 +84,12 @@ def test_bad_input_is_one_line_and_debug_shows_traceback(example, files, tmp_pat
     assert r.exit_code == 2 and "close matches: fc2, fc1 (list them with cka-extract --list-layers)" in error_line(r)
     r = invoke(pm, [files["model"], "-i", files["inputs"], "-o", files["out"], "--shard", "4/4"])
     assert r.exit_code == 2 and "I must be 0..K-1" in r.stderr
+    r = invoke(pm, [files["model"], "-i", files["inputs"], "-o", files["out"], "--shard", "2of4"])
+    assert r.exit_code == 2 and "'2of4' is not I/K" in r.stderr
+    r = invoke(pm, [files["model"], "-i", files["inputs"], "-o", files["out"], "--shard", "1/2", "-q"])
+    assert r.exit_code == 0
+    with open_activations(files["out"]) as f:
+        np.testing.assert_array_equal(f.ids, np.arange(4, 9))
     r = invoke(pm, [files["model"], "-i", files["inputs"]])
     assert r.exit_code == 2 and "give the output file with -o" in r.stderr
     r = invoke(pm, [files["model"], "--device", "gpu", "-o", files["out"]])
