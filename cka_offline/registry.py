@@ -22,6 +22,8 @@ from .extractor import Extractor, InputReader
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
+#: the name the core's own input readers are registered under
+CORE_PLUGIN = "cka_offline.inputs"
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ def get_plugin_manager(*, entry_points: bool = True, plugins: Iterable[object] =
 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    pm.register(inputs, name="cka_offline.inputs")
+    pm.register(inputs, name=CORE_PLUGIN)
     pm.broken = []  # type: ignore[attr-defined]
     if entry_points:
         for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
@@ -74,6 +76,9 @@ def broken_plugins(pm: pluggy.PluginManager) -> list[tuple[str, str, str]]:
     return list(getattr(pm, "broken", []))
 
 
+_KIND = {Extractor: "extractor", InputReader: "input reader"}
+
+
 def _collect(pm: pluggy.PluginManager, hook_name: str, base: type) -> list[PluginEntry]:
     from . import __version__
 
@@ -89,7 +94,7 @@ def _collect(pm: pluggy.PluginManager, hook_name: str, base: type) -> list[Plugi
             log.warning("plugin %r failed in %s: %s", plugin_name, hook_name, exc)
             pm.broken.append((plugin_name, dists.get(plugin_name, ("?", ""))[0], f"{type(exc).__name__}: {exc}"))  # type: ignore[attr-defined]
             continue
-        dist, version = dists.get(plugin_name, ("cka-offline", __version__) if plugin_name.startswith("cka_offline") else ("?", ""))
+        dist, version = dists.get(plugin_name, ("cka-offline", __version__) if plugin_name == CORE_PLUGIN else ("?", ""))
         for cls in classes:
             if not (isinstance(cls, type) and issubclass(cls, base)) or not getattr(cls, "name", ""):
                 pm.broken.append((plugin_name, dist, f"{cls!r} is not a named {base.__name__} subclass"))  # type: ignore[attr-defined]
@@ -97,8 +102,9 @@ def _collect(pm: pluggy.PluginManager, hook_name: str, base: type) -> list[Plugi
             entry = PluginEntry(cls.name, cls, plugin_name, dist, version, getattr(cls, "description", ""))
             if cls.name in seen and seen[cls.name].cls is not cls:
                 raise PluginError(
-                    f"two plugins provide a {base.__name__.lower()} named {cls.name!r}: "
-                    f"{seen[cls.name].distribution} and {dist}; uninstall one of them"
+                    f"two plugins provide an {_KIND[base]} named {cls.name!r}: "
+                    f"plugin {seen[cls.name].plugin!r} ({seen[cls.name].distribution}) and plugin {plugin_name!r} "
+                    f"({dist}); uninstall one of them"
                 )
             if cls.name not in seen:
                 seen[cls.name] = entry

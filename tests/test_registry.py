@@ -111,7 +111,7 @@ def test_clashes_and_lookup_errors(example):
             return [Twin]
 
     pm = get_plugin_manager(entry_points=False, plugins=[example, TwinPlugin()])
-    with pytest.raises(PluginError, match="two plugins provide a extractor named 'example-mlp'"):
+    with pytest.raises(PluginError, match="two plugins provide an extractor named 'example-mlp': plugin '.*' \\(.*\\) and plugin"):
         list_extractors(pm)
     pm = get_plugin_manager(entry_points=False, plugins=[example, Faulty()])
     assert [e.name for e in list_extractors(pm)] == ["example-mlp"]
