@@ -1,0 +1,131 @@
+"""Question 5: what does `cka-extract` cost on top of the bare forward passes of the same model?
+
+The model is bench/cnn.py (a small CNN, 3 x 32 x 32 inputs); 8 layers (conv1..relu4) are extracted with
+``--reduction mean`` (one value per channel, the usual choice for CNN CKA) and, separately, ``flatten``
+(every value: 196,608 floats = 768 KiB per example, so the HDF5 writes dominate). Both plugins:
+
+- PyTorch: ``cka-extract bench/cnn.py:make_model`` against ``model(x)`` under ``torch.no_grad()``;
+- ONNX: ``cka-extract cnn.onnx`` against ``onnxruntime.InferenceSession(cnn.onnx).run`` with default
+  session options (what a user runs; the plugin's own default optimisation level is recorded in the file).
+
+Each side runs as a subprocess with the same batch size (64) on N and 2N inputs; the overhead is the ratio of
+the marginal costs (time(2N) - time(N)): start-up and imports cancel out. End-to-end times at 2N are reported
+too.
+
+    python bench/bench_extract.py [--quick | --smoke] [--reductions mean,flatten]
+    python bench/bench_extract.py --bare torch|onnx --model M --inputs x.npz   (the bare loop, used internally)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import benchlib as bl
+
+BENCH = Path(__file__).resolve().parent
+BATCH = 64
+
+
+def bare(kind: str, model: str, inputs: str) -> None:
+    """The bare forward loop: load inputs, run every batch through the model, print the seconds as JSON."""
+    import numpy as np
+
+    t0 = time.perf_counter()
+    x = np.load(inputs)["x"]
+    if kind == "torch":
+        import torch
+
+        sys.path.insert(0, str(BENCH))
+        import cnn
+
+        net = cnn.make_model()
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            for start in range(0, len(x), BATCH):
+                net(torch.from_numpy(x[start : start + BATCH]))
+    else:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        t1 = time.perf_counter()
+        for start in range(0, len(x), BATCH):
+            session.run(None, {"x": x[start : start + BATCH]})
+    t2 = time.perf_counter()
+    print(json.dumps({"load_s": t1 - t0, "loop_s": t2 - t1}))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bl.common_args(p)
+    p.add_argument("--reductions", help="comma-separated (default: mean,flatten; --smoke: mean)")
+    p.add_argument("--n", type=int, help="N (the runs use N and 2N inputs)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per measurement (best kept)")
+    p.add_argument("--bare", choices=["torch", "onnx"], help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--inputs", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.bare:
+        bare(args.bare, args.model, args.inputs)
+        return 0
+    size = bl.size_of(args)
+    n1 = args.n or {"full": 4096, "quick": 1024, "smoke": 128}[size]
+    reductions = (args.reductions or ("mean" if args.smoke else "mean,flatten")).split(",")
+    repeats = 1 if args.smoke else args.repeats
+    directory = bl.data_dir(args, "extract-" + size)
+    directory.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(BENCH))
+    import cnn
+
+    onnx_path = str(directory / "cnn.onnx")
+    cnn.export_onnx(onnx_path)
+    inputs = {}
+    for n in (n1, 2 * n1):
+        inputs[n] = str(directory / f"x{n}.npz")
+        if not Path(inputs[n]).exists():
+            cnn.write_inputs(inputs[n], n)
+    models = {"torch": f"{BENCH / 'cnn.py'}:make_model", "onnx": onnx_path}
+    layers = ",".join(cnn.LAYERS)
+
+    def best(cmd: list[str]) -> bl.Run:
+        return min((bl.run(cmd) for _ in range(repeats)), key=lambda r: r.seconds)
+
+    rows = []
+    for plugin, model in models.items():
+        bare_runs = {n: best([sys.executable, __file__, "--bare", plugin, "--model", model, "--inputs", inputs[n]])
+                     for n in inputs}
+        bare_loop = {n: json.loads(r.stdout.strip().splitlines()[-1])["loop_s"] for n, r in bare_runs.items()}
+        for reduction in reductions:
+            ext = {}
+            for n in inputs:
+                out = str(directory / f"{plugin}-{reduction}-{n}.h5")
+                ext[n] = best([*bl.cli("cka-extract"), model, "-i", inputs[n], "-o", out, "--layers", layers,
+                               "--reduction", reduction, "--batch-size", str(BATCH), "--overwrite", "--quiet"])
+                Path(out).unlink(missing_ok=True)
+            marginal_ext = ext[2 * n1].seconds - ext[n1].seconds
+            marginal_bare = bare_runs[2 * n1].seconds - bare_runs[n1].seconds
+            row = {
+                "plugin": plugin, "reduction": reduction, "n": [n1, 2 * n1],
+                "extract_s": [ext[n].seconds for n in inputs], "bare_s": [bare_runs[n].seconds for n in inputs],
+                "bare_loop_s": [bare_loop[n] for n in inputs],
+                "marginal_extract_s": marginal_ext, "marginal_bare_s": marginal_bare,
+                "overhead_ratio": marginal_ext / marginal_bare if marginal_bare > 0 else float("nan"),
+                "overhead_ratio_vs_loop": marginal_ext / (bare_loop[2 * n1] - bare_loop[n1])
+                if bare_loop[2 * n1] > bare_loop[n1] else float("nan"),
+                "end_to_end_ratio": ext[2 * n1].seconds / bare_runs[2 * n1].seconds,
+                "extract_max_rss_mb": ext[2 * n1].max_rss_mb, "bare_max_rss_mb": bare_runs[2 * n1].max_rss_mb,
+            }
+            rows.append(row)
+            print(f"{plugin:5s} {reduction:7s}: per {n1} inputs cka-extract {marginal_ext:6.2f} s, bare forward "
+                  f"{marginal_bare:6.2f} s -> {row['overhead_ratio']:.2f}x (end to end at {2 * n1}: "
+                  f"{row['end_to_end_ratio']:.2f}x)")
+    bl.write_result("extract", {"size": size, "batch_size": BATCH, "layers": list(cnn.LAYERS), "rows": rows,
+                                "target_ratio": 1.15}, args.results_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Question 2: the hardware floor. How close does `cka-analyze` get to what this machine can do at best?
+
+Measures, in this process and with the same torch thread count `cka-analyze` uses (torch's default):
+the float32/float64 GEMM rate (torch.matmul, square 2048^3: the machine's best), the rate of the Gram products
+at W's actual shapes (m x d) @ (d x m), and the memory bandwidth (read and copy of 512 MiB).
+Counts the work the minibatch computation must do on W:
+
+  Grams:      2 m^2 d FLOPs per layer per minibatch (sum over layers: 2 m^2 D, D = total width)
+  pair terms: 2 L^2 m^2 (tr(K~ L~) for all L^2 pairs as one GEMM) + 2 L^2 m (the 1'K~L~1 terms) per minibatch
+  bytes:      every stored value read once: n D 4 (float32)
+
+and compares `cka-analyze` end to end (start-up, files from the page cache, result written; the best of
+``--runs`` after one warm-up run) against floor = FLOPs / rate and bytes / bandwidth.
+
+    python bench/bench_floor.py [--quick | --smoke] [--runs R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import benchlib as bl
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bl.common_args(p)
+    p.add_argument("--runs", type=int, default=3, help="timed cka-analyze runs after the warm-up (best kept)")
+    args = p.parse_args()
+    size = bl.size_of(args)
+    s = bl.spec(size)
+    directory = bl.data_dir(args, s.name.split()[0] + "-" + size)
+    files = bl.materialize(s, directory, h5=True, npy=False)
+    out = str(directory / "floor-result.json")
+    runs = 1 if args.smoke else args.runs
+    if not args.smoke:
+        bl.run_analyze(files["h5"], out, m=s.m, extra=["--quiet"])  # warm-up: page cache, imports
+
+    widths = list(s.widths_a) + list(s.widths_b)
+    n_layers = len(widths)
+    sizes = __import__("cka_offline.analyze", fromlist=["batch_sizes"]).batch_sizes(s.n, s.m)
+    gram_flops = sum(2.0 * b * b * sum(widths) for b in sizes)
+    pair_flops = sum(2.0 * n_layers**2 * b * b + 2.0 * n_layers**2 * b for b in sizes)
+    nbytes = 4.0 * s.n * sum(widths)
+
+    timings = {}
+    for precision in ("float32", "float64"):
+        best, best_compute = float("inf"), float("inf")
+        for _ in range(runs if precision == "float32" else 1):
+            run, res = bl.run_analyze(files["h5"], out, m=s.m, precision=precision, extra=["--quiet"])
+            best = min(best, run.seconds)
+            best_compute = min(best_compute, res.timing.get("compute", float("nan")))
+        timings[precision] = {"end_to_end_s": best, "compute_s": best_compute, "max_rss_mb": run.max_rss_mb}
+
+    seconds = 0.2 if args.smoke else 1.0
+    square = 512 if args.smoke else 2048
+    rates = {dt: bl.gemm_rate(dt, (square, square, square), seconds) for dt in ("float32", "float64")}
+    gram_time = {}
+    for dt in ("float32", "float64"):
+        per_width = {d: bl.gram_rate(dt, s.m, d, seconds / 4) for d in sorted(set(widths))}
+        gram_time[dt] = sum(2.0 * b * b * d / per_width[d] for b in sizes for d in widths)
+        gram_time[dt + "_rates"] = {str(d): r for d, r in per_width.items()}
+    bw = bl.memory_bandwidth(64 if args.smoke else 512)
+
+    floors = {}
+    for dt in ("float32", "float64"):
+        floor_peak = (gram_flops + pair_flops) / rates[dt]
+        floor_shape = gram_time[dt] + pair_flops / rates[dt]
+        t = timings[dt]
+        floors[dt] = {
+            "gemm_rate_flops": rates[dt], "floor_peak_s": floor_peak, "floor_shapes_s": floor_shape,
+            "ratio_end_to_end_vs_peak": t["end_to_end_s"] / floor_peak,
+            "ratio_end_to_end_vs_shapes": t["end_to_end_s"] / floor_shape,
+            "ratio_compute_vs_peak": t["compute_s"] / floor_peak,
+            "achieved_flops_end_to_end": (gram_flops + pair_flops) / t["end_to_end_s"],
+        }
+        print(f"{dt}: GEMM {rates[dt] / 1e9:.1f} GFLOP/s, floor {floor_peak:.2f} s (at W's shapes {floor_shape:.2f} s); "
+              f"cka-analyze {t['end_to_end_s']:.2f} s end to end ({t['compute_s']:.2f} s compute) = "
+              f"{floors[dt]['ratio_end_to_end_vs_peak']:.2f}x the floor")
+    mem_floor = nbytes / bw["read_Bps"]
+    print(f"memory: read {bw['read_Bps'] / 1e9:.1f} GB/s, copy {bw['copy_Bps'] / 1e9:.1f} GB/s; "
+          f"{nbytes / 1e9:.2f} GB to read = {mem_floor:.2f} s")
+    bl.write_result("floor", {
+        "size": size, "workload": s.describe(), "minibatches": len(sizes), "gram_flops": gram_flops,
+        "pair_flops": pair_flops, "bytes": nbytes, "bandwidth": bw, "memory_floor_s": mem_floor,
+        "square_gemm_n": square, "gram_time_s": gram_time, "analyze": timings, "floors": floors,
+        "target_ratio": 1.5, "target_met": floors["float32"]["ratio_end_to_end_vs_peak"] <= 1.5,
+    }, args.results_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
