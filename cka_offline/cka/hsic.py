@@ -80,7 +80,9 @@ def gram_linear(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Te
     Centring first changes no HSIC_1 value (Song et al. 2012: HSIC_1 is invariant to a constant shift
     of the features) but keeps the float32 product accurate. ``dtype`` selects the Gram precision
     (float32 default, float64 on request); ``x`` may be float16/bfloat16/float32/float64 on any device,
-    and the Gram is computed on ``x``'s device. The result is exactly symmetric.
+    and the Gram is computed on ``x``'s device. The result is exactly symmetric. On CUDA, float32 Grams are
+    only as accurate as stated if TF32 matmuls stay off (PyTorch's default; ``set_float32_matmul_precision``
+    "high" would round the factors to 10-bit mantissas).
     """
     _check_gram_dtype(dtype)
     xc = center_columns(x, dtype)
