@@ -57,7 +57,7 @@ def main() -> int:
     directory.mkdir(parents=True, exist_ok=True)
     base = {"full": 1024, "quick": 512, "smoke": 64}[size]
     extract_rows = []
-    for n in (base, 4 * base, 16 * base):
+    for n in (base, 4 * base) if args.smoke else (base, 4 * base, 16 * base):
         inputs = directory / f"x{n}.npz"
         if not inputs.exists():
             cnn.write_inputs(str(inputs), n)

@@ -1,0 +1,246 @@
+"""Regenerate docs/benchmarks.md from the JSON results in bench/results/ (one per bench script).
+
+    python bench/report.py [--results-dir DIR] [--output docs/benchmarks.md]
+
+Sections whose JSON is missing say so, with the command that produces them. The text around the tables
+(what is measured and how) lives here, so the page always matches the scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+
+SCRIPTS = {
+    "speed": "python bench/bench_speed.py",
+    "floor": "python bench/bench_floor.py",
+    "accuracy": "python bench/bench_accuracy.py",
+    "memory": "python bench/bench_memory.py",
+    "extract": "python bench/bench_extract.py",
+    "gpu": "python bench/bench_gpu.py",
+}
+
+
+def fmt(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, (int, float)):
+        if isinstance(x, float) and math.isnan(x):
+            return "NaN"
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def sci(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and math.isnan(x):
+        return "NaN"
+    return f"{x:.1e}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def provenance(d: dict[str, Any]) -> str:
+    m, v = d["machine"], d["versions"]
+    env = ", ".join(f"{k}={val}" for k, val in sorted(m.get("env", {}).items())) or "none"
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    return (f"*{d['date']}; `{d['command']}`; {m['cpu']} ({m['cores']} cores, {m.get('simd', '')}), "
+            f"{m['memory']} RAM{gpu}; torch threads {m.get('torch_threads')}; Python {m['python']}; "
+            + ", ".join(f"{k} {val}" for k, val in v.items()) + f"; BLAS environment: {env}; size: {d.get('size')}.*")
+
+
+def workload_line(w: dict[str, Any]) -> str:
+    return (f"{w['name']}: {w['layers']} layers ({len(w['widths_a'])} + {len(w['widths_b'])}), total width "
+            f"{w['total_width']:,}, n = {w['n']:,}, m = {w['m']}")
+
+
+def section_speed(d: dict[str, Any]) -> str:
+    a = d["analyze"]
+    rows = []
+    for r in d["peers"]:
+        if not r.get("ok"):
+            rows.append([r["peer"], fmt(r.get("version")), "failed: " + fmt(r.get("error")), "-", "-"])
+            continue
+        est = " (extrapolated from %d of %d minibatches)" % (r["batches_run"], r["batches_total"]) if r["extrapolated"] else ""
+        rows.append([r["peer"], r["version"], fmt(r["peer_s"]) + est, fmt(r["analyze_s"]), fmt(r["ratio"])])
+    body = table(["peer", "version", "peer seconds", "cka-analyze seconds (same pair)", "peer / cka-analyze"], rows)
+    return (f"Workload {workload_line(d['workload'])}. cka-analyze alone: {fmt(a['seconds'])} s end to end "
+            f"({fmt(a['timing'].get('compute'))} s in the minibatch loop, {fmt(a['timing'].get('read_wait'))} s of it "
+            f"waiting for data), peak RSS {fmt(a['max_rss_mb'], 0)} MB.\n\n{body}\n\n"
+            "Each row is one back-to-back pair: cka-analyze end to end as a user runs it (process start, imports, "
+            "reading and hashing the HDF5 files, writing the result), then the peer's own loop on the same values "
+            "(timed inside bench/peers_runner.py: constructor + loop + result, without interpreter start-up and "
+            "imports, which favours the peers by 1-2 s). Peers run sequential minibatches; cka-analyze its "
+            "shuffled ones (same sizes).")
+
+
+def section_floor(d: dict[str, Any]) -> str:
+    rows = []
+    for dt in ("float32", "float64"):
+        f, t = d["floors"][dt], d["analyze"][dt]
+        rows.append([dt, fmt(f["gemm_rate_flops"] / 1e9, 1), fmt(f["floor_peak_s"]), fmt(f["floor_shapes_s"]),
+                     fmt(t["end_to_end_s"]), fmt(t["compute_s"]), fmt(f["ratio_end_to_end_vs_peak"]),
+                     fmt(f["achieved_flops_end_to_end"] / 1e9, 1)])
+    bw = d["bandwidth"]
+    body = table(["Grams", "GEMM GFLOP/s (square)", "GEMM floor s", "floor at W's shapes s", "cka-analyze s",
+                  "of which loop s", "cka-analyze / floor", "achieved GFLOP/s"], rows)
+    return (f"Workload {workload_line(d['workload'])}, {d['minibatches']} minibatches: "
+            f"{d['gram_flops'] / 1e9:.1f} GFLOP of Grams + {d['pair_flops'] / 1e9:.2f} GFLOP of pair terms; "
+            f"{d['bytes'] / 1e9:.2f} GB to read. Memory bandwidth: read {bw['read_Bps'] / 1e9:.1f} GB/s, copy "
+            f"{bw['copy_Bps'] / 1e9:.1f} GB/s, so reading the values once takes at least "
+            f"{fmt(d['memory_floor_s'])} s.\n\n{body}\n\n"
+            f"GEMM floor = FLOPs / the rate of a square {d['square_gemm_n']}^3 torch.matmul measured in the same run "
+            "(the machine's best); \"at W's shapes\" times the (m x d)(d x m) Gram products themselves, which run "
+            "slower than square ones. cka-analyze is the best of the timed runs after a warm-up (files in the page "
+            f"cache). Target: at most {d['target_ratio']}x the float32 GEMM floor: "
+            f"**{'met' if d['target_met'] else 'missed'}**.")
+
+
+def section_accuracy(d: dict[str, Any]) -> str:
+    variants = list(dict.fromkeys(r["variant"] for r in d["rows"]))
+    impls = list(dict.fromkeys((r["impl"], r["precision"]) for r in d["rows"]))
+    names = {"none": "W", "scale1e-3": "W x 1e-3", "shift50": "W + 50"}
+    rows = []
+    for impl, precision in impls:
+        cells = [impl, fmt(next((r["version"] for r in d["rows"] if r["impl"] == impl), "")), precision]
+        for v in variants:
+            r = next((r for r in d["rows"] if r["impl"] == impl and r["precision"] == precision and r["variant"] == v), None)
+            if r is None:
+                cells.append("-")
+            elif not r["ok"]:
+                cells.append("fails: " + fmt(r.get("error")).replace("|", "/")[:70])
+            else:
+                cells.append(sci(r["err_ab"]) + (" (NaN)" if r.get("nan") else ""))
+        rows.append(cells)
+    body = table(["implementation", "version", "Grams", *[names.get(v, v) for v in variants]], rows)
+    full = [r for r in d["rows"] if r["impl"] == "cka-analyze"]
+    worst = {p: max((r["err_all"] for r in full if r["precision"] == p), default=None) for p in ("float32", "float64")}
+    lines = [f"Workload {workload_line(d['workload'])}. Entries: max |CKA - float64 reference| over the A-vs-B "
+             f"block ({len(d['workload']['widths_a'])} x {len(d['workload']['widths_b'])}). Peers ran their first {d['peer_batches']} sequential minibatches, the reference the "
+             "same ones; cka-analyze ran all of its shuffled minibatches, its reference the same ones "
+             "(`plan_minibatches`). Over the whole stacked matrix (A-A, A-B, B-B) cka-analyze's worst error is "
+             f"{sci(worst['float32'])} with float32 Grams and {sci(worst['float64'])} with float64 Grams.", "", body]
+    ck = [r for r in d["rows"] if r["impl"] == "ckatorch" and r.get("ok")]
+    if ck:
+        lines += ["", "ckatorch's CKA class against the CKA of the *last minibatch alone*: max difference "
+                  + ", ".join(f"{sci(r['err_ab_vs_last_batch'])} ({names.get(r['variant'], r['variant'])})" for r in ck)
+                  + " -- its loop assigns each minibatch's CKA instead of accumulating HSIC sums."]
+    return "\n".join(lines)
+
+
+def section_memory(d: dict[str, Any]) -> str:
+    a = table(["n", "files GB", "peak RSS MB", "seconds"],
+              [[f"{r['n']:,}", fmt(r["file_gb"]), fmt(r["max_rss_mb"], 0), fmt(r["seconds"], 1)] for r in d["analyze"]])
+    e = table(["inputs", "inputs MB", "peak RSS MB", "seconds"],
+              [[f"{r['n']:,}", fmt(r["inputs_mb"], 0), fmt(r["max_rss_mb"], 0), fmt(r["seconds"], 1)] for r in d["extract"]])
+    ratio = d.get("analyze_rss_ratio")
+    verdict = "-" if ratio is None else f"{ratio:.3f} ({'within' if d['analyze_target_met'] else 'above'} the 1.10 target)"
+    return (f"`cka-analyze` on {workload_line(d['workload'])} (n varied):\n\n{a}\n\nPeak RSS ratio large/small n: "
+            f"{verdict}.\n\n`cka-extract` (PyTorch plugin, bench/cnn.py, 8 layers, `--reduction mean`):\n\n{e}\n\n"
+            f"Peak RSS ratio largest/smallest: {d['extract_rss_ratio']:.3f}.")
+
+
+def section_extract(d: dict[str, Any]) -> str:
+    rows = [[r["plugin"], r["reduction"], fmt(r["marginal_extract_s"]), fmt(r["marginal_bare_s"]),
+             fmt(r["overhead_ratio"]), fmt(r["end_to_end_ratio"]), fmt(r["extract_max_rss_mb"], 0)] for r in d["rows"]]
+    n = d["rows"][0]["n"] if d["rows"] else ["?", "?"]
+    body = table(["plugin", "reduction", f"cka-extract s per {n[0]:,} inputs", "bare forward s", "ratio",
+                  f"end-to-end ratio at {n[1]:,}", "cka-extract peak RSS MB"], rows)
+    return (f"Small CNN (bench/cnn.py), 8 layers ({', '.join(d['layers'])}), batch {d['batch_size']}, CPU. "
+            f"Seconds are marginal: time({n[1]:,} inputs) - time({n[0]:,} inputs), so start-up cancels out.\n\n"
+            f"{body}\n\nTarget: at most {d['target_ratio']}x the bare forward passes (8 layers, CPU).")
+
+
+def section_gpu(d: dict[str, Any]) -> str:
+    if d.get("skipped"):
+        return f"Skipped on this machine: {d['skipped']}."
+    rows = [[r["device"], r["precision"], fmt(r["seconds"]), fmt(r["compute_s"]), fmt(r["read_wait_s"]),
+             sci(r["max_err"])] for r in d["rows"]]
+    body = table(["device", "Grams", "end to end s", "loop s", "waiting for data s", "max err vs float64"], rows)
+    rates = d["cuda_gemm_rate_flops"]
+    return (f"{d['gpu']}; workload {workload_line(d['workload'])}.\n\n{body}\n\nCUDA GEMM rate: float32 "
+            f"{rates['float32'] / 1e12:.1f} TFLOP/s (TF32 {'on' if d['tf32'] else 'off'}), float64 "
+            f"{rates['float64'] / 1e12:.1f} TFLOP/s; GEMM floor of W on the GPU: {fmt(d['cuda_floor_s']['float32'], 3)} s "
+            f"(float32). Speed-up CUDA over this machine's CPU: float32 {fmt(d['speedup_cuda_vs_cpu']['float32'], 1)}x, "
+            f"float64 {fmt(d['speedup_cuda_vs_cpu']['float64'], 1)}x.")
+
+
+SECTIONS = [
+    ("speed", "1. Analysis speed against the peers", section_speed),
+    ("floor", "2. The hardware floor", section_floor),
+    ("accuracy", "3. Accuracy against a float64 reference", section_accuracy),
+    ("memory", "4. Memory", section_memory),
+    ("extract", "5. Extraction overhead", section_extract),
+    ("gpu", "6. GPU", section_gpu),
+]
+
+INTRO = """# Benchmarks
+
+Generated by `python bench/report.py` from the JSON files the scripts in `bench/` write to `bench/results/`
+(not committed). Every number below carries the date, machine, versions and command that produced it.
+Reproduce everything with `bash bench/run_all.sh` (add `--quick` for a one-minute-per-script version); the peer
+packages live in their own venv, made by `bash bench/setup_peers.sh` from the pins in
+`bench/requirements-peers.txt` -- they are never dependencies of cka-offline.
+
+**Workload W**: two "models" A and B of 12 layers each, widths 256 to 4096 (40,448 features in all),
+n = 8192 examples, minibatch m = 256, float32, uncompressed HDF5 written with `ActivationWriter`. The values are
+deterministic and structured: both models see the same 256-d inputs (decaying spectrum); each is a random
+linear+ReLU chain and each layer emits a random projection of the chain's state through a ReLU, so layers are
+non-negative with non-zero means and their CKA varies from layer to layer (see `bench/benchlib.py`).
+
+**Peers**, each run through its own minibatch loop on the stored activations by `bench/peers_runner.py`
+(trivial `nn.Module`s emit the stored rows as layer outputs so the peers' forward hooks fire; sequential,
+unshuffled minibatches of m rows): ckatorch 1.0.3 (the package this project grew from), torch-cka 0.21,
+pytorch-cka 1.1.3 (import name `cka`), cka-pytorch 1.1.3. The float64 reference is `bench/reference.py`,
+written from the formulas.
+"""
+
+
+def render(results_dir: Path) -> str:
+    out = [INTRO]
+    for key, title, fn in SECTIONS:
+        out.append(f"## {title}\n")
+        path = results_dir / f"{key}.json"
+        if not path.exists():
+            out.append(f"No result yet: run `{SCRIPTS[key]}`.\n")
+            continue
+        d = json.loads(path.read_text())
+        try:
+            out.append(fn(d) + "\n")
+        except (KeyError, TypeError, ZeroDivisionError) as exc:
+            out.append(f"The result file {path.name} could not be rendered ({type(exc).__name__}: {exc}); "
+                       f"run `{SCRIPTS[key]}` again.\n")
+        out.append(provenance(d) + "\n")
+    notes = REPO / "bench" / "NOTES.md"
+    if notes.exists():
+        out.append(notes.read_text())
+    return "\n".join(out)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results-dir", default=str(BENCH / "results"))
+    p.add_argument("--output", default=str(REPO / "docs" / "benchmarks.md"))
+    args = p.parse_args()
+    text = render(Path(args.results_dir))
+    Path(args.output).write_text(text)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
