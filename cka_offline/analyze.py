@@ -29,6 +29,7 @@ up to 1000 positions is drawn with ``numpy.random.default_rng([seed, 1]).choice(
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -757,7 +758,7 @@ def _run_minibatch(
         files, stacked, alignment, batch_size=batch_size, seed=seed, epochs=epochs, block_rows=block_rows,
         buffer_blocks=buffer_blocks, pin=on_cuda, prefetch=prefetch,
     )
-    with reader, torch.no_grad():
+    with reader, torch.no_grad(), _full_float32_matmul():
         batches = iter(reader)
         while True:
             t_wait = time.perf_counter()
@@ -789,6 +790,20 @@ def _run_minibatch(
     elapsed = time.perf_counter() - t_start
     stats = acc.compute_stats(confidence=confidence)
     return stats, n_batches, {"read_wait": wait, "compute": elapsed - wait}
+
+
+@contextlib.contextmanager
+def _full_float32_matmul() -> Iterator[None]:
+    """Keep float32 Grams float32 on CUDA: TF32 (``set_float32_matmul_precision("high")``, which another
+    library in the process may have set) rounds the factors to 10-bit mantissas. Restored afterwards."""
+    import torch
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def _raise_non_finite(

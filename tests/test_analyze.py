@@ -357,6 +357,21 @@ def test_cuda_matches_cpu(two_files):
     np.testing.assert_allclose(gpu.cka, cpu.cka, atol=1e-10)
 
 
+def test_tf32_setting_is_overridden_and_restored(two_files):
+    import torch
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        seen = []
+        analyze([two_files[0]], batch_size=16, device="cpu",
+                progress=lambda *_: seen.append(torch.get_float32_matmul_precision()))
+        assert set(seen) == {"highest"}
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_progress_callback(two_files):
     seen = []
     analyze([two_files[0]], batch_size=16, epochs=2, device="cpu", progress=lambda done, total: seen.append((done, total)))
