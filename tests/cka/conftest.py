@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 
 def relu_chain(n: int, seed: int) -> list[np.ndarray]:
@@ -20,3 +21,12 @@ def relu_chain(n: int, seed: int) -> list[np.ndarray]:
 @pytest.fixture
 def chain() -> list[np.ndarray]:
     return relu_chain(256, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """These tests run thousands of tiny ops; on a busy 2-core box, intra-op threads make them 100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

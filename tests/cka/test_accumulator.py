@@ -141,6 +141,7 @@ def test_summed_state_dicts_equal_one_process(chain):
 def _all_reduce_rank(rank: int, world: int, init_file: str, layers: list[np.ndarray], out: str) -> None:
     import torch.distributed as dist
 
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     acc = MinibatchCKA(len(layers), 4)
     for i, batch in enumerate(batches(layers)):
