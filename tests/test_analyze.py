@@ -372,6 +372,14 @@ def test_tf32_setting_is_overridden_and_restored(two_files):
         torch.set_float32_matmul_precision(before)
 
 
+def test_package_level_call(two_files):
+    import cka_offline
+    import cka_offline.analyze  # binds the submodule to the package attribute
+
+    r = cka_offline.analyze([two_files[0]], batch_size=16, device="cpu")
+    assert isinstance(r, cka_offline.CKAResult) and r.matrix().shape == (3, 3)
+
+
 def test_progress_callback(two_files):
     seen = []
     analyze([two_files[0]], batch_size=16, epochs=2, device="cpu", progress=lambda done, total: seen.append((done, total)))
