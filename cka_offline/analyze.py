@@ -15,9 +15,11 @@ Only the *composition and order of the minibatches* is random; which examples ar
 examples are used exactly once per epoch). Positions ``0..n-1`` index the aligned examples in the order of
 the first file. Epoch ``e`` (``0 <= e < epochs``) draws everything from ``numpy.random.default_rng(seed + e)``:
 (1) the positions are cut into consecutive blocks of ``block_rows`` positions (the first file's HDF5 chunk
-rows, so a block is one chunk read) and the order of the blocks is shuffled (``rng.permutation``);
-(2) consecutive shuffled blocks are grouped ``buffer_blocks`` at a time into a shuffle buffer and the
-positions inside each buffer are shuffled (``rng.permutation``); (3) the concatenated shuffled positions
+rows, so a block is one chunk read; fewer when one chunk of all selected layers exceeds the buffer budget,
+``buffer_bytes``, 256 MiB by default) and the order of the blocks is shuffled (``rng.permutation``);
+(2) consecutive shuffled blocks are grouped ``buffer_blocks`` at a time (8, or enough for two minibatches,
+as far as the budget allows) into a shuffle buffer and the positions inside each buffer are shuffled
+(``rng.permutation``); (3) the concatenated shuffled positions
 are cut into ``k = max(1, min(ceil(n / m), n // 4))`` consecutive minibatches whose sizes differ by at most
 one (the first ``n mod k`` have one more), so no minibatch has fewer than 4 examples (the unbiased HSIC_1
 needs 4) and none more than ``m`` unless ``m < 8``. Minibatches are numbered globally across epochs; minibatch
