@@ -39,7 +39,7 @@ def main() -> int:
 
     widths = list(s.widths_a) + list(s.widths_b)
     n_layers = len(widths)
-    sizes = __import__("cka_offline.analyze", fromlist=["batch_sizes"]).batch_sizes(s.n, s.m)
+    sizes = __import__("cka_offline.analysis", fromlist=["batch_sizes"]).batch_sizes(s.n, s.m)
     gram_flops = sum(2.0 * b * b * sum(widths) for b in sizes)
     pair_flops = sum(2.0 * n_layers**2 * b * b + 2.0 * n_layers**2 * b for b in sizes)
     nbytes = 4.0 * s.n * sum(widths)

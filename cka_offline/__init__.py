@@ -1,6 +1,7 @@
 """cka-offline: extract layer activations to HDF5 once, compare them with streaming minibatch CKA.
 
-Public API (imported lazily so that ``import cka_offline`` and ``--help`` stay fast):
+Public API (imported lazily so that ``import cka_offline`` and ``--help`` stay fast; the modules are
+nouns, ``extraction`` and ``analysis``, so that importing them never shadows the functions):
 
 - :func:`extract` -- run an extractor plugin over inputs and write an activation file;
 - :func:`analyze` -- stream activation files into the minibatch CKA accumulator, return a :class:`CKAResult`;
@@ -15,8 +16,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "extract": ("cka_offline.extract", "extract"),
-    "analyze": ("cka_offline.analyze", "analyze"),
+    "extract": ("cka_offline.extraction", "extract"),
+    "analyze": ("cka_offline.analysis", "analyze"),
     "CKAResult": ("cka_offline.results", "CKAResult"),
     "load_result": ("cka_offline.results", "load_result"),
     "open_activations": ("cka_offline.store.reader", "open_activations"),

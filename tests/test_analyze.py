@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from cka_offline.analyze import align_ids, analyze, batch_sizes, check_options, plan_minibatches, resolve_device
+from cka_offline.analysis import align_ids, analyze, batch_sizes, check_options, plan_minibatches, resolve_device
 from cka_offline.errors import (
     ActivationValueError,
     AlignmentError,
@@ -154,7 +154,7 @@ def test_full_estimators(two_files, estimator):
 
 
 def test_full_estimator_refuses_what_does_not_fit(two_files, monkeypatch):
-    import cka_offline.analyze as mod
+    import cka_offline.analysis as mod
 
     monkeypatch.setattr(mod, "FULL_DATA_BYTES", 1000)
     with pytest.raises(ResourceError, match="full-data estimator holds all 120 examples.*--estimator minibatch"):
@@ -288,7 +288,7 @@ def test_constant_layer_is_nan_with_warning(tmp_path, caplog, kernel, estimator)
     a = chain_activations(60, seed=1)
     a["layer1"][:] = 0.25
     pa = write_acts(tmp_path / "a.h5", a)
-    with caplog.at_level(logging.WARNING, logger="cka_offline.analyze"):
+    with caplog.at_level(logging.WARNING, logger="cka_offline.analysis"):
         r = analyze([pa], batch_size=16, kernel=kernel, estimator=estimator, device="cpu")
     m = r.matrix()
     assert np.all(np.isnan(m[1])) and np.all(np.isnan(m[:, 1]))
@@ -374,10 +374,13 @@ def test_tf32_setting_is_overridden_and_restored(two_files):
 
 def test_package_level_call(two_files):
     import cka_offline
-    import cka_offline.analyze  # binds the submodule to the package attribute
+    import cka_offline.analysis  # binds the submodule to the package attribute
 
     r = cka_offline.analyze([two_files[0]], batch_size=16, device="cpu")
     assert isinstance(r, cka_offline.CKAResult) and r.matrix().shape == (3, 3)
+    import cka_offline.extraction
+
+    assert callable(cka_offline.extract) and cka_offline.extract is cka_offline.extraction.extract
 
 
 def test_progress_callback(two_files):

@@ -15,7 +15,7 @@ from cka_offline.errors import (
     PluginError,
     ResumeError,
 )
-from cka_offline.extract import extract, shard_range
+from cka_offline.extraction import extract, shard_range
 from cka_offline.extractor import Extractor, LayerInfo
 from cka_offline.hookspecs import hookimpl
 from cka_offline.inputs import NpyInputs

@@ -19,10 +19,8 @@ import h5py
 import numpy as np
 import pytest
 
-from cka_offline import load_result
-from cka_offline.analyze import analyze
-from cka_offline.extract import extract
-from cka_offline.analyze import plan_minibatches
+from cka_offline import analyze, extract, load_result
+from cka_offline.analysis import plan_minibatches
 from cka_offline.store.reader import open_activations
 
 from .cka import reference as ref

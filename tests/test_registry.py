@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cka_offline.errors import PluginError
-from cka_offline.extract import extract
+from cka_offline.extraction import extract
 from cka_offline.extractor import Extractor
 from cka_offline.hookspecs import hookimpl
 from cka_offline.registry import (

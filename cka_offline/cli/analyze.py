@@ -128,7 +128,7 @@ def main(
     debug: bool,
 ) -> None:
     setup_logging(debug, quiet)
-    from ..analyze import analyze, check_options
+    from ..analysis import analyze, check_options
 
     try:
         check_options(batch_size=batch_size, epochs=epochs, kernel=kernel, rbf_fraction=rbf_fraction,

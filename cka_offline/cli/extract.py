@@ -123,7 +123,7 @@ def _list_extractors(pm: Any) -> None:
 
 
 def _list_layers(model: str, extractor: str | None, device: str, options: dict[str, Any], pm: Any) -> None:
-    from ..extract import _pick_extractor
+    from ..extraction import _pick_extractor
 
     cls, _ = _pick_extractor(model, extractor, pm)
     with cls(model, device=device, options=options) as ext:
@@ -250,7 +250,7 @@ def main(
     if not output:
         raise click.UsageError("give the output file with -o OUT.h5")
 
-    from ..extract import extract
+    from ..extraction import extract
 
     bar = ProgressBar("extracting", enabled=not quiet)
     try:

@@ -1,4 +1,4 @@
-"""End to end: pack a folder of .npy files with cka_offline.extract and read the activation file back."""
+"""End to end: pack a folder of .npy files with cka_offline.extract() and read the activation file back."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-extract_mod = pytest.importorskip("cka_offline.extract")
+import cka_offline.extraction as extract_mod  # noqa: E402
 from cka_offline.store.reader import open_activations  # noqa: E402
 
 

@@ -393,7 +393,7 @@ def test_conformance_external_data_and_batch_axis(tmp_path):
 
 
 def test_end_to_end_through_the_core(mlp_path, tmp_path):
-    from cka_offline.extract import extract
+    from cka_offline.extraction import extract
     from cka_offline.store.reader import open_activations
 
     x = RNG.normal(size=(7, 4)).astype(np.float32)

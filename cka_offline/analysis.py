@@ -36,10 +36,8 @@ import logging
 import math
 import os
 import queue
-import sys
 import threading
 import time
-import types
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -891,16 +889,5 @@ class _Hasher:
     def cancel(self) -> None:
         self._cancel.set()
 
-
-class _CallableModule(types.ModuleType):
-    """``cka_offline.analyze`` is this module as soon as it is imported (Python binds a submodule to its
-    package attribute), shadowing the lazily exported function of the same name; calling the module calls
-    :func:`analyze`, so ``cka_offline.analyze(files)`` works in any import order."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> CKAResult:
-        return analyze(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["analyze", "plan_minibatches", "batch_sizes", "align_ids", "resolve_device", "check_options"]
