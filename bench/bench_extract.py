@@ -72,7 +72,7 @@ def main() -> int:
         bare(args.bare, args.model, args.inputs)
         return 0
     size = bl.size_of(args)
-    n1 = args.n or {"full": 4096, "quick": 1024, "smoke": 128}[size]
+    n1 = args.n or {"full": 2048, "quick": 512, "smoke": 128}[size]
     reductions = (args.reductions or ("mean" if args.smoke else "mean,flatten")).split(",")
     repeats = 1 if args.smoke else args.repeats
     directory = bl.data_dir(args, "extract-" + size)

@@ -3,7 +3,7 @@
 Every bench script imports this module (it sits beside them), writes one JSON into bench/results/ with
 :func:`write_result`, and ``bench/report.py`` turns those JSONs into docs/benchmarks.md.
 
-Workload W (``spec("full")``): two "models" A and B of 12 layers each, widths 256..4096 (sum 40,448 over the
+Workload W (``spec("full")``): two "models" A and B of 12 layers each, widths 256..4096 (sum 40,960 over the
 24 layers), n = 8192 examples, minibatch m = 256. The activations are deterministic and have real structure:
 both models see the same inputs (a 256-d latent with a decaying spectrum); each model is a random
 linear+ReLU chain on that latent, and layer ``l`` emits ``relu(z_l P_l + b_l)`` (a random projection of
@@ -63,7 +63,7 @@ class Spec:
 
 
 _W_A = (256, 512, 1024, 2048, 4096, 4096, 2048, 2048, 1024, 1024, 512, 256)  # sum 18,944
-_W_B = (256, 512, 512, 1024, 2048, 4096, 4096, 4096, 2048, 2048, 1024, 256)  # sum 21,504
+_W_B = (256, 512, 512, 1024, 2048, 4096, 4096, 4096, 2048, 2048, 1024, 256)  # sum 22,016
 
 
 def spec(size: str, n: int | None = None) -> Spec:
@@ -276,7 +276,7 @@ def run_analyze(files: Sequence[str], output: str, **kw: Any) -> tuple[Run, Any]
 
 def analyze_plan(result: Any) -> list[np.ndarray]:
     """The minibatches a cka-analyze result used (rebuilt from its recorded parameters)."""
-    from cka_offline.analyze import plan_minibatches
+    from cka_offline.analysis import plan_minibatches
 
     p = result.params
     return plan_minibatches(result.n_examples, int(p["batch_size"]), seed=int(p["seed"]), epochs=int(p["epochs"]),

@@ -73,11 +73,12 @@ def section_speed(d: dict[str, Any]) -> str:
     rows = []
     for r in d["peers"]:
         if not r.get("ok"):
-            rows.append([r["peer"], fmt(r.get("version")), "failed: " + fmt(r.get("error")), "-", "-"])
+            rows.append([r["peer"], fmt(r.get("version")), "-", "failed: " + fmt(r.get("error")), "-", "-"])
             continue
         est = " (extrapolated from %d of %d minibatches)" % (r["batches_run"], r["batches_total"]) if r["extrapolated"] else ""
-        rows.append([r["peer"], r["version"], fmt(r["peer_s"]) + est, fmt(r["analyze_s"]), fmt(r["ratio"])])
-    body = table(["peer", "version", "peer seconds", "cka-analyze seconds (same pair)", "peer / cka-analyze"], rows)
+        rows.append([r["peer"], r["version"], r.get("torch", "-"), fmt(r["peer_s"]) + est, fmt(r["analyze_s"]),
+                     fmt(r["ratio"])])
+    body = table(["peer", "version", "peer's torch", "peer seconds", "cka-analyze seconds (same pair)", "peer / cka-analyze"], rows)
     return (f"Workload {workload_line(d['workload'])}. cka-analyze alone: {fmt(a['seconds'])} s end to end "
             f"({fmt(a['timing'].get('compute'))} s in the minibatch loop, {fmt(a['timing'].get('read_wait'))} s of it "
             f"waiting for data), peak RSS {fmt(a['max_rss_mb'], 0)} MB.\n\n{body}\n\n"
@@ -196,7 +197,7 @@ Reproduce everything with `bash bench/run_all.sh` (add `--quick` for a one-minut
 packages live in their own venv, made by `bash bench/setup_peers.sh` from the pins in
 `bench/requirements-peers.txt` -- they are never dependencies of cka-offline.
 
-**Workload W**: two "models" A and B of 12 layers each, widths 256 to 4096 (40,448 features in all),
+**Workload W**: two "models" A and B of 12 layers each, widths 256 to 4096 (40,960 features in all),
 n = 8192 examples, minibatch m = 256, float32, uncompressed HDF5 written with `ActivationWriter`. The values are
 deterministic and structured: both models see the same 256-d inputs (decaying spectrum); each is a random
 linear+ReLU chain and each layer emits a random projection of the chain's state through a ReLU, so layers are
