@@ -88,14 +88,17 @@ def plot_heatmap(
     # tick labels: at most MAX_TICK_LABELS per axis, sized to the space each one gets (points)
     shown = min(largest, MAX_TICK_LABELS)
     font = max(4.0, min(10.0, 0.45 * side * 72 * 0.75 / shown))
-    fig = Figure(figsize=(side * min(1.0, 0.35 + n_cols / max(n_rows, 1)) + 1.5, side), dpi=dpi)
-    ax = fig.add_subplot(1, 1, 1)
+    # square cells: the heatmap gets side x side inches for the larger axis; labels and colour bar get their
+    # own room (savefig's tight bounding box grows the canvas for long layer names instead of squeezing it)
+    cell = side / largest
+    fig = Figure(figsize=(n_cols * cell * 1.12, n_rows * cell), dpi=dpi)
+    ax = fig.add_axes((0.0, 0.0, 1 / 1.12, 1.0))  # the cells fill the figure; labels go outside it
     colours = matplotlib.colormaps[cmap].with_extremes(bad="#bbbbbb")
     image = ax.imshow(
-        np.ma.masked_invalid(values), origin="lower", cmap=colours, vmin=0.0, vmax=1.0, aspect="auto",
+        np.ma.masked_invalid(values), origin="lower", cmap=colours, vmin=0.0, vmax=1.0, aspect="equal",
         interpolation="nearest",
     )
-    colorbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
+    colorbar = fig.colorbar(image, cax=fig.add_axes((1 / 1.12 + 0.02, 0.0, 0.03, 1.0)))
     colorbar.set_label("CKA", fontsize=10)
     colorbar.ax.tick_params(labelsize=9)
 
@@ -119,9 +122,8 @@ def plot_heatmap(
             f"{result.n_examples} examples"
         )
     ax.set_title(title, fontsize=12)
-    fig.tight_layout()
     with atomic_output(path) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=dpi)
+        fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.15)
     return path
 
 
