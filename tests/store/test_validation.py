@@ -138,15 +138,21 @@ def test_ids_missing_wrong_shape_duplicate(tmp_path):
         open_activations(p4)
 
 
+def _replace_layer(key, data):
+    """A mutation that swaps /layers/<key> for ``data``, keeping its attributes."""
+
+    def mutate(h):
+        attrs = dict(h["layers/" + key].attrs)
+        del h["layers/" + key]
+        h["layers/" + key] = data
+        h["layers/" + key].attrs.update(attrs)
+
+    return mutate
+
+
 def test_layer_row_count_and_shape_problems(tmp_path):
     arrays = make_layers(10)
-
-    def rows(h):
-        attrs = dict(h["layers/L0001"].attrs)
-        del h["layers/L0001"]
-        h["layers/L0001"] = np.zeros((9, 8), np.float32)
-        h["layers/L0001"].attrs.update(attrs)
-
+    rows = _replace_layer("L0001", np.zeros((9, 8), np.float32))
     with pytest.raises(FormatError, match="layer 'layer1.0.relu' has 9 rows but the file has 10 example ids"):
         open_activations(_mutate(write_file(tmp_path / "a.h5", arrays), rows))
 
@@ -155,22 +161,10 @@ def test_layer_row_count_and_shape_problems(tmp_path):
 
     with pytest.raises(FormatError, match="says 4 features but stores 5"):
         open_activations(_mutate(write_file(tmp_path / "b.h5", arrays), features))
-
-    def dtype(h):
-        attrs = dict(h["layers/L0000"].attrs)
-        del h["layers/L0000"]
-        h["layers/L0000"] = np.zeros((10, 12), np.int32)
-        h["layers/L0000"].attrs.update(attrs)
-
+    dtype = _replace_layer("L0000", np.zeros((10, 12), np.int32))
     with pytest.raises(FormatError, match="stored as int32"):
         open_activations(_mutate(write_file(tmp_path / "c.h5", arrays), dtype))
-
-    def three_d(h):
-        attrs = dict(h["layers/L0000"].attrs)
-        del h["layers/L0000"]
-        h["layers/L0000"] = np.zeros((10, 3, 4), np.float32)
-        h["layers/L0000"].attrs.update(attrs)
-
+    three_d = _replace_layer("L0000", np.zeros((10, 3, 4), np.float32))
     with pytest.raises(FormatError, match="has 3 dimensions"):
         open_activations(_mutate(write_file(tmp_path / "d.h5", arrays), three_d))
 
