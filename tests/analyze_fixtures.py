@@ -1,8 +1,7 @@
-"""Small activation files for the analyze / results / plot / CLI tests, and an independent float64 reference.
+"""Small activation files for the analyze / results / plot / CLI tests, and the stacked-layer reference.
 
-The reference is written from the formulas (Song et al. 2012 unbiased HSIC_1; Nguyen et al. 2020
-minibatch CKA as sums over minibatches; grouped jackknife) with plain numpy, sharing nothing with
-``cka_offline.cka``.
+The reference math is tests/cka/reference.py (plain numpy float64 from the formulas, sharing nothing with
+``cka_offline.cka``); :func:`ref_minibatch` adds the grouped jackknife over stacked layers that analyze reports.
 """
 
 from __future__ import annotations
@@ -14,6 +13,8 @@ from typing import Sequence
 import numpy as np
 
 from cka_offline.store.writer import ActivationWriter, LayerSpec
+
+from .cka import reference
 
 
 def chain_activations(
@@ -54,25 +55,9 @@ def write_acts(
 
 
 # ---------------------------------------------------------------- reference math
-def ref_linear_gram(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x @ x.T
-
-
-def ref_rbf_gram(x: np.ndarray, sigma: float) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
-    return np.exp(-d2 / (2 * sigma**2))
-
-
-def ref_hsic1(k: np.ndarray, l: np.ndarray) -> float:
-    """[tr(K~L~) + 1'K~1 1'L~1 / ((m-1)(m-2)) - 2/(m-2) 1'K~L~1] / (m(m-3)), K~ = K with zero diagonal."""
-    k = k - np.diag(np.diag(k))
-    l = l - np.diag(np.diag(l))
-    m = k.shape[0]
-    one = np.ones(m)
-    value = np.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((m - 1) * (m - 2)) - 2 / (m - 2) * (one @ k @ l @ one)
-    return float(value / (m * (m - 3)))
+# The formulas live once, in tests/cka/reference.py; this adds the stacked-layer jackknife analyze reports.
+ref_hsic1 = reference.hsic1
+ref_full_linear = reference.cka_biased
 
 
 def ref_minibatch(
@@ -86,7 +71,7 @@ def ref_minibatch(
     sums = np.zeros((n_groups, size, size))
     for b, rows in enumerate(batches):
         grams = [
-            ref_linear_gram(x[rows]) if sigmas is None else ref_rbf_gram(x[rows], sigmas[i])
+            reference.linear_gram(x[rows]) if sigmas is None else reference.rbf_gram(x[rows], sigmas[i])
             for i, x in enumerate(layers)
         ]
         for i in range(size):
@@ -107,8 +92,3 @@ def ref_minibatch(
     return cka(total), se
 
 
-def ref_full_linear(x: np.ndarray, y: np.ndarray) -> float:
-    """Biased linear CKA (Kornblith et al. 2019): ||Yc'Xc||_F^2 / (||Xc'Xc||_F ||Yc'Yc||_F)."""
-    x = np.asarray(x, np.float64) - np.mean(x, 0, dtype=np.float64)
-    y = np.asarray(y, np.float64) - np.mean(y, 0, dtype=np.float64)
-    return float(np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
