@@ -7,6 +7,7 @@ file) and reads row blocks on demand: a layer is never loaded whole unless asked
 
 from __future__ import annotations
 
+import errno
 import glob as globlib
 import json
 import os
@@ -55,10 +56,16 @@ class _Shard:
         try:
             self.file = h5py.File(path, "r")
         except OSError as exc:
-            text = str(exc)
-            if "lock" in text.lower():
+            text = str(exc).lower()
+            # match the lock failure itself: a truncated file's message holds "sblock->base_addr"
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or "unable to lock file" in text:
                 raise IncompleteFileError(
-                    f"{path} is open for writing by another process; wait until it finishes"
+                    f"{path} is incomplete: another process has it open for writing; wait until it finishes"
+                ) from exc
+            if "truncated file" in text:
+                raise FormatError(
+                    f"{path} is truncated (shorter than its HDF5 header says): it was not copied completely or "
+                    "its writer died; copy it again or extract it again"
                 ) from exc
             raise FormatError(
                 f"{path} is not a readable HDF5 file (truncated, corrupt or another file type); "
