@@ -153,6 +153,7 @@ def extract(
             resume=resume,
             resume_key=key,
             shard=(shard[0], shard[1], lo) if shard else None,
+            logical_rows=n_used,
         )
         total = hi - lo
         try:

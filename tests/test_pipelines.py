@@ -194,3 +194,22 @@ def test_minilm_sentences_masked_mean_pooling(tmp_path):
                                buffer_blocks=params["buffer_blocks"])
     np.testing.assert_allclose(matrix, reference_cka(stored, stored, batches), atol=1e-6)
     assert json.loads(open_activations(out).provenance["options"])["reduction"]["encoder.layer.0"] == "token_mean"
+
+
+def test_shards_analyse_exactly_like_one_file(tmp_path):
+    rng = np.random.default_rng(7)
+    folder = tmp_path / "acts"
+    folder.mkdir()
+    h = rng.normal(size=(530, 20))
+    for i in range(3):
+        h = np.maximum(h @ rng.normal(size=(h.shape[1], 24)) / 4, 0) + 2.0
+        np.save(folder / f"layer{i}.npy", h.astype(np.float32))
+    single = extract(str(folder), output=str(tmp_path / "one.h5"), batch_size=64)
+    for i in range(3):
+        extract(str(folder), output=str(tmp_path / f"part-{i}.h5"), batch_size=64, shard=(i, 3))
+    with open_activations(str(tmp_path / "part-*.h5")) as shards, open_activations(single) as one:
+        assert shards.chunk_rows == one.chunk_rows and shards.n_examples == 530
+    whole = analyze([single], batch_size=64, device="cpu")
+    parts = analyze([str(tmp_path / "part-*.h5")], batch_size=64, device="cpu")
+    np.testing.assert_array_equal(parts.cka, whole.cka)
+    np.testing.assert_array_equal(parts.se, whole.se)

@@ -96,6 +96,10 @@ class ActivationWriter:
         resume: continue ``<path>.partial`` if it exists and its ``resume_key`` matches.
         resume_key: fingerprint of everything that determines the content (model, inputs, options).
         shard: ``(index, count, example_offset)`` when this file is one shard of a logical file.
+        logical_rows: examples in the whole logical file (default: this file's). Chunks are capped at this
+            count, not at the shard's, so every shard of a logical file has the chunk rows a single file of
+            all examples would have (analysis cuts its shuffle blocks by chunk rows: shards then analyse
+            exactly like one file).
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class ActivationWriter:
         resume: bool = False,
         resume_key: str = "",
         shard: tuple[int, int, int] | None = None,
+        logical_rows: int | None = None,
     ) -> None:
         self.path = os.fspath(path)
         self.tmp_path = partial_path(self.path)
@@ -145,7 +150,7 @@ class ActivationWriter:
             chunk_rows = schema.default_chunk_rows(max(s.features for s in self.layers), self.dtype.itemsize)
         if chunk_rows < 1:
             raise OutputError(f"{self.path}: chunk_rows must be >= 1, got {chunk_rows}")
-        self.chunk_rows = int(min(chunk_rows, self.n))
+        self.chunk_rows = int(min(chunk_rows, max(self.n, logical_rows or 0)))
         self.rows_done = 0
         self._closed = False
         self._file: h5py.File | None = None
@@ -199,6 +204,8 @@ class ActivationWriter:
                     shape=(self.n, spec.features),
                     dtype=self.dtype,
                     chunks=(self.chunk_rows, spec.features),
+                    # HDF5 allows a chunk longer than the dataset only when the dataset may grow
+                    maxshape=(None if self.chunk_rows > self.n else self.n, spec.features),
                     **comp,
                 )
                 ds.attrs[schema.LAYER_ATTR_NAME] = spec.name
