@@ -12,6 +12,7 @@ import errno
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
@@ -25,6 +26,10 @@ from . import schema
 log = logging.getLogger(__name__)
 
 PARTIAL_SUFFIX = ".partial"
+#: bytes kept free beyond a batch's chunks for HDF5 metadata (chunk index nodes, attributes, the final
+#: flush): this much, plus SPACE_MARGIN_PER_LAYER for each layer
+SPACE_MARGIN = 64 << 10
+SPACE_MARGIN_PER_LAYER = 8 << 10
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,7 @@ class ActivationWriter:
         self.chunk_rows = int(min(chunk_rows, max(self.n, logical_rows or 0)))
         self.rows_done = 0
         self._closed = False
+        self._broken = False
         self._file: h5py.File | None = None
         if resume and os.path.exists(self.tmp_path):
             self._file = self._reopen()
@@ -162,6 +168,8 @@ class ActivationWriter:
     # -- creation and resume --------------------------------------------------------------------------
     def _create(self, provenance: Mapping[str, Any], compression: str | None, shard: tuple[int, int, int] | None) -> h5py.File:
         comp = _compression_kwargs(compression)
+        ids_bytes = sum(len(x.encode()) + 16 for x in self.ids.tolist()) if self.ids.dtype.kind == "U" else 8 * self.n
+        self._check_space(ids_bytes, creating=True)
         try:
             f = h5py.File(self.tmp_path, "w")
         except OSError as exc:
@@ -215,6 +223,10 @@ class ActivationWriter:
                 ds.attrs[schema.LAYER_ATTR_DTYPE] = self.dtype.name
                 ds.attrs[schema.LAYER_ATTR_FEATURES] = spec.features
             f.flush()
+        except (OSError, RuntimeError) as exc:
+            # HDF5 cannot be closed cleanly after a failed write (closing it crashes the process at exit)
+            _remove_quietly(self.tmp_path)
+            raise OutputError(f"{self.path}: cannot create {self.tmp_path}: {_write_failure(exc)}; free space and rerun") from exc
         except BaseException:
             f.close()
             _remove_quietly(self.tmp_path)
@@ -276,6 +288,7 @@ class ActivationWriter:
         start, stop = self.rows_done, self.rows_done + b
         if stop > self.n:
             raise OutputError(f"{self.path}: {stop} rows written but the file holds {self.n} examples")
+        self._check_space(self._new_chunk_bytes(start, stop))
         group = self._file[schema.LAYERS_GROUP]
         try:
             for order, spec in enumerate(self.layers):
@@ -289,9 +302,45 @@ class ActivationWriter:
             self._file.flush()
             self._file.attrs[schema.ATTR_ROWS_COMPLETE] = stop
             self._file.flush()
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
+            self._broken = True
             raise _disk_error(self.path, self.tmp_path, exc) from exc
         self.rows_done = stop
+
+    def _new_chunk_bytes(self, start: int, stop: int) -> int:
+        """Bytes rows ``start:stop`` add to the file at most: HDF5 allocates a whole chunk when its first
+        row is written (uncompressed size, an upper bound with compression)."""
+        rows = self.chunk_rows
+        first_new = -(-start // rows)  # the chunk holding `start` was allocated already unless it begins there
+        new_chunks = max(0, (stop - 1) // rows - first_new + 1)
+        return new_chunks * rows * sum(spec.features for spec in self.layers) * self.dtype.itemsize
+
+    def _check_space(self, need: int, *, creating: bool = False) -> None:
+        """Refuse a write the disk or the process's file size limit cannot take, before HDF5 starts it:
+        HDF5 cannot recover from a failed write (the file handle is lost and closing it crashes)."""
+        need += SPACE_MARGIN + SPACE_MARGIN_PER_LAYER * len(self.layers)
+        size = 0 if creating else _file_size(self.tmp_path)
+        kept = "" if creating else f"; the partial file {self.tmp_path} is kept for --resume"
+        if sys.platform != "win32":
+            import resource
+
+            limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            if limit != resource.RLIM_INFINITY and size + need > limit:
+                raise OutputError(
+                    f"{self.path}: the file would grow past this process's file size limit ({limit} bytes, ulimit -f; "
+                    f"{size + need} needed){kept}: raise the limit and rerun{' with --resume' if kept else ''}"
+                )
+        folder = os.path.dirname(os.path.abspath(self.tmp_path))
+        try:
+            st = os.statvfs(folder)
+        except (AttributeError, OSError):  # no statvfs (Windows): rely on the write errors
+            return
+        free = st.f_frsize * (st.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else st.f_bavail)
+        if need > free:
+            raise OutputError(
+                f"{self.path}: the disk is full ({free / 2**20:.1f} MiB free in {folder}, the next write needs "
+                f"{need / 2**20:.1f} MiB){kept}: free space and rerun{' with --resume' if kept else ''}"
+            )
 
     def close(self) -> str:
         """Check every row is written, mark the file complete and move it to its final path."""
@@ -308,7 +357,7 @@ class ActivationWriter:
             self._file.attrs[schema.ATTR_COMPLETE] = True
             self._file.flush()
             self._file.close()
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
             self._closed = True
             raise _disk_error(self.path, self.tmp_path, exc) from exc
         self._closed = True
@@ -320,7 +369,7 @@ class ActivationWriter:
         if self._closed:
             return
         self._closed = True
-        if self._file is not None:
+        if self._file is not None and not self._broken:  # closing after a failed write crashes HDF5
             try:
                 self._file.close()
             except Exception as exc:  # already failing; do not mask the original error
@@ -342,10 +391,26 @@ def _read_ids(ds: h5py.Dataset) -> np.ndarray:
     return np.asarray(ds[()])
 
 
-def _disk_error(path: str, tmp_path: str, exc: OSError) -> OutputError:
-    nospace = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "space" in str(exc).lower()
-    what = "the disk is full" if nospace else f"writing failed ({exc})"
-    return OutputError(f"{path}: {what}; the partial file {tmp_path} is kept: free space and rerun with --resume")
+def _write_failure(exc: BaseException) -> str:
+    text = str(exc)
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "no space" in text.lower():
+        return "the disk is full"
+    if getattr(exc, "errno", None) == errno.EFBIG or "file too large" in text.lower():
+        return "the file grew past the file size limit"
+    return f"writing failed ({' '.join(text.split())[:200]})"
+
+
+def _disk_error(path: str, tmp_path: str, exc: BaseException) -> OutputError:
+    return OutputError(
+        f"{path}: {_write_failure(exc)}; the partial file {tmp_path} is kept: free space and rerun with --resume"
+    )
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def _remove_quietly(path: str) -> None:
