@@ -9,7 +9,9 @@ import contextlib
 import functools
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 import traceback
 from typing import Any, Callable, Iterable, Iterator, TextIO, TypeVar
@@ -21,6 +23,29 @@ from ..errors import CKAOfflineError
 F = TypeVar("F", bound=Callable[..., Any])
 
 INTERRUPTED_EXIT_CODE = 130
+
+#: set by Ctrl-C inside cli_errors; the progress callback re-raises it (see _on_sigint)
+_interrupted = threading.Event()
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    """Ctrl-C: raise KeyboardInterrupt now, and remember it. Python drops an exception raised while a
+    finalizer or weakref callback runs (h5py has many), so a Ctrl-C landing there would be lost and the
+    run would finish as if nothing happened; the next progress callback raises it again."""
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+def _quiet_unraisable(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An unraisable hook that drops the KeyboardInterrupt a finalizer swallowed (it is re-raised, see
+    _on_sigint) instead of printing "Exception ignored in ..." and a traceback."""
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and _interrupted.is_set():
+            return
+        previous(unraisable)
+
+    return hook
 
 
 def debug_option(f: F) -> F:
@@ -51,6 +76,13 @@ def cli_errors(prog: str, debug: bool = False, *, interrupted: str | Callable[[]
     """Inside it, a known error becomes one line ``prog: error: message`` on stderr and its exit code
     (``--debug``: the traceback too); Ctrl-C prints ``interrupted`` (a text or a function giving it) and
     exits with 130. Bugs (other exceptions) keep their traceback."""
+    _interrupted.clear()
+    try:
+        previous = signal.signal(signal.SIGINT, _on_sigint)
+    except ValueError:  # not the main thread: keep Python's default handler
+        previous = None
+    unraisable_hook = sys.unraisablehook
+    sys.unraisablehook = _quiet_unraisable(unraisable_hook)
     try:
         yield
     except CKAOfflineError as exc:
@@ -63,6 +95,10 @@ def cli_errors(prog: str, debug: bool = False, *, interrupted: str | Callable[[]
         text = interrupted() if callable(interrupted) else interrupted or "interrupted"
         click.echo(f"{prog}: {text}", err=True)
         sys.exit(INTERRUPTED_EXIT_CODE)
+    finally:
+        sys.unraisablehook = unraisable_hook
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def handle_errors(prog: str, *, interrupted: Callable[..., str] | None = None) -> Callable[[F], F]:
@@ -125,6 +161,8 @@ class ProgressBar:
         self._drawn = False
 
     def __call__(self, done: int, total: int) -> None:
+        if _interrupted.is_set():  # a Ctrl-C that a finalizer swallowed (see _on_sigint)
+            raise KeyboardInterrupt
         if not self.enabled:
             return
         now = time.monotonic()
