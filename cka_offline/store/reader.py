@@ -21,6 +21,8 @@ from ..errors import AlignmentError, FormatError, IncompleteFileError, UnsafeFil
 from . import schema
 from .writer import PARTIAL_SUFFIX, _read_ids, format_id
 
+#: the fix for a file whose content breaks the format
+_DAMAGED = "the file is damaged or was not written by cka-extract: extract it again, or ask its author for a new copy"
 #: the filter id HDF5 registers for LZ4 (hdf5plugin)
 _LZ4_FILTER = 32004
 
@@ -90,7 +92,7 @@ class _Shard:
         try:
             self.version = schema.parse_version(version)
         except ValueError:
-            raise FormatError(f"{path}: malformed format version {version!r}; expected MAJOR.MINOR") from None
+            raise FormatError(f"{path}: malformed format version {version!r}; expected MAJOR.MINOR; {_DAMAGED}") from None
         if self.version[0] != schema.FORMAT_MAJOR:
             raise VersionError(
                 f"{path} uses activation format {version}, but this cka-offline reads format "
@@ -99,7 +101,7 @@ class _Shard:
             )
         for key in schema.REQUIRED_ROOT_ATTRS:
             if key not in attrs:
-                raise FormatError(f"{path}: required attribute {key!r} is missing; the file is damaged, extract it again")
+                raise FormatError(f"{path}: required attribute {key!r} is missing; {_DAMAGED}")
         if not allow_external:
             _refuse_external(f, path)
         self.n = _int_attr(attrs, schema.ATTR_N_EXAMPLES, path)
@@ -112,47 +114,47 @@ class _Shard:
         self.chunk_rows = _int_attr(attrs, schema.ATTR_CHUNK_ROWS, path)
         ids_ds = f.get(schema.IDS_DATASET)
         if not isinstance(ids_ds, h5py.Dataset):
-            raise FormatError(f"{path}: dataset /{schema.IDS_DATASET} (example ids) is missing")
+            raise FormatError(f"{path}: dataset /{schema.IDS_DATASET} (example ids) is missing; {_DAMAGED}")
         if ids_ds.ndim != 1 or ids_ds.shape[0] != self.n:
             raise FormatError(
-                f"{path}: /{schema.IDS_DATASET} has shape {ids_ds.shape}, expected ({self.n},) as {schema.ATTR_N_EXAMPLES} says"
+                f"{path}: /{schema.IDS_DATASET} has shape {ids_ds.shape}, expected ({self.n},) as {schema.ATTR_N_EXAMPLES} says; {_DAMAGED}"
             )
         if not (ids_ds.dtype.kind in "iu" or h5py.check_string_dtype(ids_ds.dtype) is not None):
-            raise FormatError(f"{path}: example ids have dtype {ids_ds.dtype}; expected integers or strings")
+            raise FormatError(f"{path}: example ids have dtype {ids_ds.dtype}; expected integers or strings; {_DAMAGED}")
         self.ids = _read_ids(ids_ds)
         if self.ids.dtype.kind in "iu":
             self.ids = self.ids.astype(np.int64)
         uniq, counts = np.unique(self.ids, return_counts=True)
         if len(uniq) != len(self.ids):
-            raise FormatError(f"{path}: example id {format_id(uniq[counts > 1][0])} occurs more than once; ids must be unique")
+            raise FormatError(f"{path}: example id {format_id(uniq[counts > 1][0])} occurs more than once; ids must be unique; {_DAMAGED}")
         group = f.get(schema.LAYERS_GROUP)
         if not isinstance(group, h5py.Group) or len(group) == 0:
-            raise FormatError(f"{path}: group /{schema.LAYERS_GROUP} is missing or holds no layers")
+            raise FormatError(f"{path}: group /{schema.LAYERS_GROUP} is missing or holds no layers; {_DAMAGED}")
         layers = []
         for key in group:
             ds = group[key]
             if not isinstance(ds, h5py.Dataset):
-                raise FormatError(f"{path}: /{schema.LAYERS_GROUP}/{key} is not a dataset")
+                raise FormatError(f"{path}: /{schema.LAYERS_GROUP}/{key} is not a dataset; {_DAMAGED}")
             for attr in schema.REQUIRED_LAYER_ATTRS:
                 if attr not in ds.attrs:
-                    raise FormatError(f"{path}: layer dataset /{schema.LAYERS_GROUP}/{key} lacks attribute {attr!r}")
+                    raise FormatError(f"{path}: layer dataset /{schema.LAYERS_GROUP}/{key} lacks attribute {attr!r}; {_DAMAGED}")
             name = _str_attr(ds.attrs, schema.LAYER_ATTR_NAME)
             if ds.ndim != 2:
-                raise FormatError(f"{path}: layer {name!r} has {ds.ndim} dimensions; expected (examples, features)")
+                raise FormatError(f"{path}: layer {name!r} has {ds.ndim} dimensions; expected (examples, features); {_DAMAGED}")
             if ds.shape[0] != self.n:
                 raise FormatError(
-                    f"{path}: layer {name!r} has {ds.shape[0]} rows but the file has {self.n} example ids"
+                    f"{path}: layer {name!r} has {ds.shape[0]} rows but the file has {self.n} example ids; {_DAMAGED}"
                 )
             if ds.dtype.name not in schema.STORED_DTYPES:
-                raise FormatError(f"{path}: layer {name!r} is stored as {ds.dtype}; expected float32 or float16")
+                raise FormatError(f"{path}: layer {name!r} is stored as {ds.dtype}; expected float32 or float16; {_DAMAGED}")
             features = _int_attr(ds.attrs, schema.LAYER_ATTR_FEATURES, path)
             if features != ds.shape[1]:
-                raise FormatError(f"{path}: layer {name!r} says {features} features but stores {ds.shape[1]}")
+                raise FormatError(f"{path}: layer {name!r} says {features} features but stores {ds.shape[1]}; {_DAMAGED}")
             reduction = _str_attr(ds.attrs, schema.LAYER_ATTR_REDUCTION)
             try:
                 shape = tuple(int(x) for x in np.asarray(ds.attrs[schema.LAYER_ATTR_ORIGINAL_SHAPE]).reshape(-1))
             except (TypeError, ValueError):
-                raise FormatError(f"{path}: layer {name!r} has a malformed original_shape attribute") from None
+                raise FormatError(f"{path}: layer {name!r} has a malformed original_shape attribute; {_DAMAGED}") from None
             if _LZ4_FILTER in ds._filters or "32004" in ds._filters:  # noqa: SLF001 - h5py exposes no public API
                 _load_hdf5plugin(path)
             layers.append(
@@ -161,7 +163,7 @@ class _Shard:
         layers.sort(key=lambda m: m.order)
         names = [m.name for m in layers]
         if len(set(names)) != len(names):
-            raise FormatError(f"{path}: two layers share a name; the file is damaged")
+            raise FormatError(f"{path}: two layers share a name; {_DAMAGED}")
         self.layers = layers
         self.shard_index = int(attrs.get(schema.ATTR_SHARD_INDEX, 0))
         self.shard_count = int(attrs.get(schema.ATTR_SHARD_COUNT, 1))
@@ -177,7 +179,7 @@ class _Shard:
         try:
             out["extra"] = json.loads(extra or "{}")
         except json.JSONDecodeError:
-            raise FormatError(f"{self.path}: attribute 'extra' is not valid JSON") from None
+            raise FormatError(f"{self.path}: attribute 'extra' is not valid JSON; {_DAMAGED}") from None
         return out
 
 
@@ -406,7 +408,7 @@ def _int_attr(attrs: Any, key: str, path: str) -> int:
             raise TypeError
         return int(arr)
     except (TypeError, ValueError):
-        raise FormatError(f"{path}: attribute {key!r} must be an integer, got {value!r}") from None
+        raise FormatError(f"{path}: attribute {key!r} must be an integer, got {value!r}; {_DAMAGED}") from None
 
 
 __all__ = ["ActivationFile", "LayerMeta", "open_activations", "expand_paths"]
