@@ -200,7 +200,8 @@ class NpzInputs(_Reader):
             if ids_member is not None:
                 if len(ids_member) != self._n:
                     raise InputError(
-                        f"'{IDS_NAME}' in {path} has {len(ids_member)} entries but the inputs have {self._n} examples"
+                        f"'{IDS_NAME}' in {path} has {len(ids_member)} entries but the inputs have {self._n} examples; "
+                        "give exactly one id per example"
                     )
                 self._ids = check_ids(ids_member.read(0, len(ids_member)), path)
             else:

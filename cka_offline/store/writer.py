@@ -62,7 +62,8 @@ def normalize_ids(ids: Any, *, where: str) -> np.ndarray:
     if len(uniq) != len(arr):
         dup = uniq[counts > 1]
         raise InputError(
-            f"{where}: example ids must be unique; {len(dup)} id(s) occur more than once, e.g. {format_id(dup[0])}"
+            f"{where}: example ids must be unique; {len(dup)} id(s) occur more than once, e.g. {format_id(dup[0])}; "
+            "give every example its own id"
         )
     return arr
 

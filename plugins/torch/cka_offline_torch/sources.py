@@ -260,7 +260,10 @@ def read_state_dict(path: str) -> "dict[str, torch.Tensor]":
         try:
             return load_file(path, device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ModelError(f"weights file {path!r} is not a readable safetensors file: {exc}") from exc
+            raise ModelError(
+                f"weights file {path!r} is not a readable safetensors file: {exc}; "
+                "check that the file is complete (download or copy it again)"
+            ) from exc
     if is_torchscript(path):
         raise ModelError(f"weights file {path!r} is a TorchScript archive, not a state dict; save model.state_dict() instead")
     try:
