@@ -553,10 +553,10 @@ def analyze(
         alignment = align_ids([f.ids for f in opened], labels, intersect=intersect)
         n = len(alignment.ids)
         if n < MIN_BATCH:
-            what = "common to all files" if intersect else "in the files"
+            what = "common to all files" if intersect else "in"
             raise InsufficientDataError(
                 f"CKA needs at least {MIN_BATCH} examples (the unbiased HSIC_1 is undefined below); "
-                f"{n} example(s) {what}"
+                f"{n} example(s) {what} {', '.join(labels)}; extract at least {MIN_BATCH} examples"
             )
         stacked = [
             _Layer(k, name, f.layer(name).features, f.layer(name).dtype)
