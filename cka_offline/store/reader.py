@@ -46,14 +46,17 @@ class _Shard:
     def __init__(self, path: str, *, allow_external: bool) -> None:
         self.path = path
         if not os.path.exists(path):
-            hint = ""
             if os.path.exists(path + PARTIAL_SUFFIX):
-                hint = f"; {path + PARTIAL_SUFFIX} exists: the extraction did not finish, complete it with cka-extract --resume"
-            raise FormatError(f"{path}: no such file{hint}")
+                raise IncompleteFileError(
+                    f"{path}: no such file yet, the extraction is incomplete: only {path + PARTIAL_SUFFIX} exists "
+                    "(still being written, or its writer stopped); wait for it to finish, or complete it with "
+                    "cka-extract --resume"
+                )
+            raise FormatError(f"{path}: no such file")
         if path.endswith(PARTIAL_SUFFIX):
             raise IncompleteFileError(
-                f"{path} is an unfinished extraction (still being written, or its writer stopped); "
-                "complete it with cka-extract --resume"
+                f"{path} is incomplete: an unfinished extraction (still being written, or its writer stopped); "
+                "wait for it to finish, or complete it with cka-extract --resume"
             )
         try:
             self.file = h5py.File(path, "r")
