@@ -27,6 +27,11 @@ needs 4) and none more than ``m`` unless ``m < 8``. Minibatches are numbered glo
 minibatches are processed, only on their composition. ``block_rows`` and ``buffer_blocks`` are recorded in
 the result's ``params`` so a run can be reproduced exactly; with the RBF kernel, the bandwidth sample of
 up to 1000 positions is drawn with ``numpy.random.default_rng([seed, 1]).choice(n, k, replace=False)``.
+
+Several processes (``torchrun``, :mod:`cka_offline.distributed`): every rank forms the same plan; of the
+``B`` minibatches of all epochs, rank ``r`` of ``K`` processes the contiguous run ``r*B//K .. (r+1)*B//K - 1``
+(:func:`own_minibatches`) and reads only their rows; jackknife groups stay ``b mod n_groups`` by global index,
+so after the sums are all-reduced every rank holds the single-process sums (up to float64 summation order).
 """
 
 from __future__ import annotations
@@ -49,9 +54,11 @@ from .errors import (
     ActivationValueError,
     AlignmentError,
     DeviceError,
+    DistributedError,
     InsufficientDataError,
     ResourceError,
 )
+from .distributed import Distributed
 from .results import CKAResult, FileInfo
 
 if TYPE_CHECKING:
@@ -329,8 +336,10 @@ class _Reader:
         pin: bool,
         prefetch: int,
         workers: int | None = None,
+        own: tuple[int, int] | None = None,
     ) -> None:
         self.files, self.layers, self.alignment = files, layers, alignment
+        self.own = own  # global minibatch indices [lo, hi) this process handles; None: all
         self.batch_size, self.seed, self.epochs = batch_size, seed, epochs
         self.block_rows, self.buffer_blocks, self.pin = block_rows, buffer_blocks, pin
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch))
@@ -428,17 +437,26 @@ class _Reader:
     def _batches(self, pool: Any) -> Iterator[_Batch | None]:
         n = len(self.alignment.ids)
         sizes = batch_sizes(n, self.batch_size)
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
         largest = max(sizes)
-        index = 0
+        own_lo, own_hi = self.own if self.own is not None else (0, len(sizes) * self.epochs)
         for epoch in range(self.epochs):
+            # this process's minibatches of the epoch: a contiguous run of the shuffled order, so it reads
+            # only the rows of its own minibatches (whole buffers only where its run covers them)
+            first = max(own_lo - epoch * len(sizes), 0)
+            last = min(own_hi - epoch * len(sizes), len(sizes))
+            if first >= last:
+                continue
+            row_lo, row_hi = int(offsets[first]), int(offsets[last])
             order, ends = _epoch_order(n, self.seed, epoch, self.block_rows, self.buffer_blocks)
             loaded: deque[_Buffer] = deque()
-            next_buffer, start = 0, 0
-            for size in sizes:
-                end = start + size
+            next_buffer = int(np.searchsorted(ends, row_lo, side="right"))
+            for local_index in range(first, last):
+                start, end = int(offsets[local_index]), int(offsets[local_index + 1])
+                size = end - start
                 while not loaded or loaded[-1].end < end:
-                    b_start = ends[next_buffer - 1] if next_buffer else 0
-                    b_end = ends[next_buffer]
+                    b_start = max(ends[next_buffer - 1] if next_buffer else 0, row_lo)
+                    b_end = min(ends[next_buffer], row_hi)
                     loaded.append(self._load(pool, order[b_start:b_end], b_start, b_end))
                     next_buffer += 1
                 while loaded[0].end <= start:
@@ -462,9 +480,8 @@ class _Reader:
                         np.take(buf.data[k], rows, axis=0, out=out[at : at + len(rows)])
 
                 list(pool.map(gather, range(len(self.layers))))
+                index = epoch * len(sizes) + local_index
                 yield _Batch(index=index, positions=order[start:end], arrays=arrays, slot=slot)
-                index += 1
-                start = end
 
 
 # ====================================================================== analyze
@@ -490,6 +507,7 @@ def analyze(
     buffer_bytes: int = BUFFER_BYTES,
     prefetch: int = 4,
     hash_files: bool = True,
+    distributed: Distributed | None = None,
 ) -> CKAResult:
     """CKA between the layers of one or more activation files.
 
@@ -519,6 +537,10 @@ def analyze(
         buffer_bytes: memory the shuffle buffer may take (all layers of all files).
         prefetch: minibatches the reader thread may hold ready.
         hash_files: compute the SHA-256 of every file (on a background thread) for the result.
+        distributed: this process's place in a torchrun run (:func:`cka_offline.distributed.init`): each
+            rank processes a contiguous share of the minibatches and the sums are all-reduced, so every
+            rank returns the single-process result (up to float64 summation order; file hashes and
+            ``progress`` on rank 0 only). ``None``: one process.
 
     Raises:
         AlignmentError: the files hold different examples (and ``intersect`` is false).
@@ -528,6 +550,8 @@ def analyze(
         DeviceError: CUDA requested but not available.
         ResourceError: the full-data estimator does not fit in memory.
         FormatError and subclasses: a file is not a valid, complete activation file.
+        DistributedError: another rank failed, sees other files, or the full-data estimator was asked for
+            with several ranks.
     """
     import torch
 
@@ -540,50 +564,66 @@ def analyze(
     if not files:
         raise ValueError("analyze() needs at least one activation file")
     t0 = time.perf_counter()
-    dev = resolve_device(device)
+    ctx = distributed if distributed is not None else Distributed()
     labels = _labels(files)
     opened: list[ActivationFile] = []
     hasher: _Hasher | None = None
     try:
-        for spec in files:
-            opened.append(open_activations(_as_paths(spec), allow_external=allow_external))
-        if hash_files:
-            hasher = _Hasher([p for f in opened for p in f.paths])
-        selected = _select(opened, labels, layers, layers_a, layers_b)
-        alignment = align_ids([f.ids for f in opened], labels, intersect=intersect)
-        n = len(alignment.ids)
-        if n < MIN_BATCH:
-            what = "common to all files" if intersect else "in"
-            raise InsufficientDataError(
-                f"CKA needs at least {MIN_BATCH} examples (the unbiased HSIC_1 is undefined below); "
-                f"{n} example(s) {what} {', '.join(labels)}; extract at least {MIN_BATCH} examples"
-            )
-        stacked = [
-            _Layer(k, name, f.layer(name).features, f.layer(name).dtype)
-            for k, (f, names) in enumerate(zip(opened, selected))
-            for name in names
-        ]
-        gram_dtype = torch.float64 if precision == "float64" else torch.float32
-        warnings: list[str] = []
-        params: dict[str, Any] = {
-            "batch_size": int(batch_size), "epochs": int(epochs), "seed": int(seed), "kernel": kernel,
-            "rbf_fraction": float(rbf_fraction) if kernel == "rbf" else None, "precision": precision,
-            "device": dev, "estimator": estimator, "n_groups": int(n_groups), "intersect": bool(intersect),
-            "confidence": float(confidence),
-        }
-        if estimator == "minibatch":
-            row_bytes = sum(layer.features * layer.itemsize for layer in stacked)
-            block_rows, buffer_blocks = _buffer_shape(opened[0].chunk_rows, row_bytes, batch_size, buffer_bytes)
-            params.update(block_rows=block_rows, buffer_blocks=buffer_blocks)
+        with ctx.checked("opening the files"):
+            if ctx.enabled and estimator != "minibatch":
+                raise DistributedError(
+                    f"the {estimator} estimator runs in one process (it holds all examples in memory); "
+                    "run it without torchrun, or use --estimator minibatch"
+                )
+            dev = resolve_device(device)
+            for spec in files:
+                opened.append(open_activations(_as_paths(spec), allow_external=allow_external))
+            if hash_files and ctx.is_main:  # only rank 0 makes the result that is saved
+                hasher = _Hasher([p for f in opened for p in f.paths])
+            selected = _select(opened, labels, layers, layers_a, layers_b)
+            alignment = align_ids([f.ids for f in opened], labels, intersect=intersect)
+            n = len(alignment.ids)
+            if n < MIN_BATCH:
+                what = "common to all files" if intersect else "in"
+                raise InsufficientDataError(
+                    f"CKA needs at least {MIN_BATCH} examples (the unbiased HSIC_1 is undefined below); "
+                    f"{n} example(s) {what} {', '.join(labels)}; extract at least {MIN_BATCH} examples"
+                )
+            stacked = [
+                _Layer(k, name, f.layer(name).features, f.layer(name).dtype)
+                for k, (f, names) in enumerate(zip(opened, selected))
+                for name in names
+            ]
+            gram_dtype = torch.float64 if precision == "float64" else torch.float32
+            warnings: list[str] = []
+            params: dict[str, Any] = {
+                "batch_size": int(batch_size), "epochs": int(epochs), "seed": int(seed), "kernel": kernel,
+                "rbf_fraction": float(rbf_fraction) if kernel == "rbf" else None, "precision": precision,
+                "device": dev, "estimator": estimator, "n_groups": int(n_groups), "intersect": bool(intersect),
+                "confidence": float(confidence),
+            }
+            if ctx.enabled:
+                params["world_size"] = ctx.world_size
             bandwidths: list[float] | None = None
-            if kernel == "rbf":
-                bandwidths = _bandwidths(opened, stacked, alignment, labels, seed, rbf_fraction, dev, warnings)
+            if estimator == "minibatch":
+                row_bytes = sum(layer.features * layer.itemsize for layer in stacked)
+                block_rows, buffer_blocks = _buffer_shape(opened[0].chunk_rows, row_bytes, batch_size, buffer_bytes)
+                params.update(block_rows=block_rows, buffer_blocks=buffer_blocks)
+                if kernel == "rbf":
+                    bandwidths = _bandwidths(opened, stacked, alignment, labels, seed, rbf_fraction, dev, warnings)
+        if ctx.enabled:
+            ctx.agree("data", _fingerprint(opened, stacked, params),
+                      ("example ids", "layers", "file versions", "shuffle blocks"))
+            # one bandwidth for all: a median computed on another GPU model could round differently
+            bandwidths = ctx.broadcast(bandwidths)
+        if estimator == "minibatch":
+            if bandwidths is not None:
                 params["bandwidths"] = _per_file(bandwidths, stacked, labels)
             stats, n_batches, timing = _run_minibatch(
                 opened, stacked, alignment, labels, batch_size=batch_size, seed=seed, epochs=epochs,
                 block_rows=block_rows, buffer_blocks=buffer_blocks, device=dev, gram_dtype=gram_dtype,
                 bandwidths=bandwidths, n_groups=n_groups, confidence=confidence, progress=progress,
-                prefetch=prefetch,
+                prefetch=prefetch, distributed=ctx,
             )
             cka, se, low, high, degenerate = stats.cka, stats.se, stats.low, stats.high, set(stats.degenerate_layers)
             if stats.n_groups < 2:
@@ -738,19 +778,47 @@ def _bandwidths(
     return out
 
 
+def _fingerprint(files: Sequence["ActivationFile"], stacked: Sequence[_Layer], params: dict[str, Any]) -> tuple[Any, ...]:
+    """What every rank must agree on before splitting the minibatches: ids, layers, file versions, blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for f in files:
+        ids = np.asarray(f.ids)
+        digest.update(ids.tobytes() if ids.dtype.kind in "iuSU" else "\0".join(map(str, ids)).encode())
+        digest.update(b"|")
+    layers = tuple((layer.file, layer.name, layer.features, layer.dtype) for layer in stacked)
+    versions = tuple((f.n_examples, str(f.provenance.get("created", ""))) for f in files)
+    blocks = (params.get("block_rows"), params.get("buffer_blocks"))
+    return digest.hexdigest(), layers, versions, blocks
+
+
+def own_minibatches(n_batches: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Global minibatch indices ``[lo, hi)`` that rank ``rank`` of ``world_size`` processes: contiguous runs
+    of equal length (+-1), so each rank reads only its part of the shuffled order."""
+    return rank * n_batches // world_size, (rank + 1) * n_batches // world_size
+
+
 def _run_minibatch(
     files: Sequence["ActivationFile"], stacked: Sequence[_Layer], alignment: _Alignment, labels: Sequence[str], *,
     batch_size: int, seed: int, epochs: int, block_rows: int, buffer_blocks: int, device: str,
     gram_dtype: "torch.dtype", bandwidths: Sequence[float] | None, n_groups: int, confidence: float,
-    progress: ProgressCallback | None, prefetch: int,
+    progress: ProgressCallback | None, prefetch: int, distributed: Distributed | None = None,
 ) -> tuple[Any, int, dict[str, float]]:
     import torch
 
     from .cka.accumulator import MinibatchCKA
     from .cka.hsic import gram_linear, gram_rbf
 
+    ctx = distributed if distributed is not None else Distributed()
     n = len(alignment.ids)
     total = n * epochs
+    sizes = batch_sizes(n, batch_size)
+    own = own_minibatches(len(sizes) * epochs, ctx.rank, ctx.world_size)
+    # rank 0 draws the bar for everyone, scaling its own share up to the total (the ranks run in step)
+    own_total = sum(sizes[i % len(sizes)] for i in range(*own))
+    if not ctx.is_main:
+        progress = None
     acc = MinibatchCKA(n_layers=len(stacked), n_groups=n_groups, device=device)
     on_cuda = device.startswith("cuda")
     done = n_batches = 0
@@ -758,9 +826,9 @@ def _run_minibatch(
     t_start = time.perf_counter()
     reader = _Reader(
         files, stacked, alignment, batch_size=batch_size, seed=seed, epochs=epochs, block_rows=block_rows,
-        buffer_blocks=buffer_blocks, pin=on_cuda, prefetch=prefetch,
+        buffer_blocks=buffer_blocks, pin=on_cuda, prefetch=prefetch, own=own if ctx.enabled else None,
     )
-    with reader, torch.no_grad(), _full_float32_matmul():
+    with ctx.checked("computing the minibatches"), reader, torch.no_grad(), _full_float32_matmul():
         batches = iter(reader)
         while True:
             t_wait = time.perf_counter()
@@ -786,10 +854,16 @@ def _run_minibatch(
             n_batches += 1
             done += m
             if progress is not None:
-                progress(done, total)
-    if on_cuda:
-        torch.cuda.synchronize(device)
+                progress(done if not ctx.enabled else done * total // max(own_total, 1), total)
+            ctx.poll()
+        if on_cuda:
+            torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t_start
+    if ctx.enabled:
+        state = acc.state_dict()
+        ctx.all_reduce_sum(list(state.values()))
+        acc.load_state_dict(state)
+        n_batches = int(acc.n_batches.sum())
     stats = acc.compute_stats(confidence=confidence)
     return stats, n_batches, {"read_wait": wait, "compute": elapsed - wait}
 
@@ -890,4 +964,4 @@ class _Hasher:
         self._cancel.set()
 
 
-__all__ = ["analyze", "plan_minibatches", "batch_sizes", "align_ids", "resolve_device", "check_options"]
+__all__ = ["analyze", "plan_minibatches", "own_minibatches", "batch_sizes", "align_ids", "resolve_device", "check_options"]

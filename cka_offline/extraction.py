@@ -188,6 +188,14 @@ def shard_range(n: int, shard: tuple[int, int] | None) -> tuple[int, int]:
     return lo, hi
 
 
+def shard_path(output: str | os.PathLike[str], index: int | str, count: int) -> str:
+    """The file of shard ``index`` of ``count`` (0-based) that ``cka-extract`` writes under torchrun:
+    ``OUT.h5`` -> ``OUT-00001-of-00004.h5``; ``shard_path(OUT, "*", count)`` is the glob of the set."""
+    root, ext = os.path.splitext(os.fspath(output))
+    number = f"{index:05d}" if isinstance(index, int) else str(index)
+    return f"{root}-{number}-of-{count:05d}{ext}"
+
+
 def resume_key(provenance: Mapping[str, str], layers: Sequence[str], rows: tuple[int, int, int], settings: Mapping[str, Any]) -> str:
     """SHA-256 of everything that determines the stored values.
 
@@ -409,4 +417,4 @@ def _value_error(
     )
 
 
-__all__ = ["extract", "shard_range", "resume_key", "DTYPES"]
+__all__ = ["extract", "shard_range", "shard_path", "resume_key", "DTYPES"]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import time
 
 import click
 
@@ -129,35 +131,48 @@ def main(
 ) -> None:
     setup_logging(debug, quiet)
     from ..analysis import analyze, check_options
+    from ..distributed import FOLLOWER_GRACE, environment, follower_exit, init
 
+    env = environment()
     try:
         check_options(batch_size=batch_size, epochs=epochs, kernel=kernel, rbf_fraction=rbf_fraction,
                       precision=precision, estimator=estimator, n_groups=n_groups)
     except ValueError as exc:
+        if env is not None and env[0] != 0:  # under torchrun every rank finds it: rank 0 says it
+            time.sleep(FOLLOWER_GRACE)
+            sys.exit(2)
         raise click.UsageError(str(exc)) from None
-    _check_outputs(output, fmt, plot, len(files), overwrite)
-    bar = ProgressBar("analyzing", enabled=not quiet)
-    try:
-        result = analyze(
-            list(files),
-            layers=split_list(layers) or None,
-            layers_a=split_list(layers_a) or None,
-            layers_b=split_list(layers_b) or None,
-            batch_size=batch_size,
-            epochs=epochs,
-            seed=seed,
-            kernel=kernel,
-            rbf_fraction=rbf_fraction,
-            precision=precision,
-            device=device,
-            estimator=estimator,
-            intersect=intersection,
-            n_groups=n_groups,
-            allow_external=allow_external,
-            progress=bar,
-        )
-    finally:
-        bar.finish()
+    # under torchrun: every rank computes a share, rank 0 alone checks and writes the outputs and prints
+    with follower_exit(PROG), init(device) as ctx:
+        with ctx.checked("checking the outputs"):
+            device = ctx.device(device)
+            if ctx.is_main:
+                _check_outputs(output, fmt, plot, len(files), overwrite)
+        bar = ProgressBar("analyzing", enabled=not quiet and ctx.is_main)
+        try:
+            result = analyze(
+                list(files),
+                layers=split_list(layers) or None,
+                layers_a=split_list(layers_a) or None,
+                layers_b=split_list(layers_b) or None,
+                batch_size=batch_size,
+                epochs=epochs,
+                seed=seed,
+                kernel=kernel,
+                rbf_fraction=rbf_fraction,
+                precision=precision,
+                device=device,
+                estimator=estimator,
+                intersect=intersection,
+                n_groups=n_groups,
+                allow_external=allow_external,
+                progress=bar,
+                distributed=ctx,
+            )
+        finally:
+            bar.finish()
+        if not ctx.is_main:
+            return
     click.echo(result.summary())
     written: list[str] = []
     if output:
@@ -170,5 +185,8 @@ def main(
     if written and not quiet:
         click.echo(f"{PROG}: wrote {', '.join(written)}", err=True)
 
-
 __all__ = ["main"]
+
+
+if __name__ == "__main__":  # torchrun -m cka_offline.cli.analyze ...
+    main(prog_name=PROG)

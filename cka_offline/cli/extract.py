@@ -250,37 +250,71 @@ def main(
     if not output:
         raise click.UsageError("give the output file with -o OUT.h5")
 
+    from ..distributed import environment
+
+    run = dict(
+        layers=split_list(layers) or None,
+        extractor=extractor,
+        batch_size=batch_size,
+        dtype=dtype,
+        reduction=_reduction(reduction),
+        max_examples=max_examples,
+        resume=resume,
+        overwrite=overwrite,
+        chunk_rows=chunk_rows,
+        compression=None if compression == "none" else compression,
+        options=options,
+        input_options=parse_key_values(input_option, "-I/--input-option"),
+        mask_input=None if mask_input.lower() == "none" else mask_input,
+        command=shlex.join([PROG, *ctx.meta.get("argv", sys.argv[1:])]),
+        plugin_manager=pm,
+    )
+    env = environment()
+    if env is not None and env[1] > 1 and shard is None:
+        _extract_distributed(model, inputs, output, device, quiet, run)
+        return
     from ..extraction import extract
 
     bar = ProgressBar("extracting", enabled=not quiet)
     try:
-        path = extract(
-            model,
-            inputs,
-            output,
-            layers=split_list(layers) or None,
-            extractor=extractor,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            reduction=_reduction(reduction),
-            max_examples=max_examples,
-            shard=shard,
-            resume=resume,
-            overwrite=overwrite,
-            chunk_rows=chunk_rows,
-            compression=None if compression == "none" else compression,
-            options=options,
-            input_options=parse_key_values(input_option, "-I/--input-option"),
-            mask_input=None if mask_input.lower() == "none" else mask_input,
-            progress=bar,
-            command=shlex.join([PROG, *ctx.meta.get("argv", sys.argv[1:])]),
-            plugin_manager=pm,
-        )
+        path = extract(model, inputs, output, device=device, shard=shard, progress=bar, **run)
     finally:
         bar.finish()
     if not quiet:
         click.echo(f"{PROG}: wrote {path}", err=True)
 
 
+def _extract_distributed(model: str, inputs: str | None, output: str, device: str, quiet: bool, run: dict[str, Any]) -> None:
+    """Under torchrun with K ranks (and no --shard): rank r writes shard r/K to OUT-0000r-of-0000K.h5."""
+    from ..distributed import follower_exit, init
+    from ..errors import OutputError
+    from ..extraction import extract, shard_path
+
+    with follower_exit(PROG), init("cpu") as dist:  # gloo: the ranks exchange only flags
+        index, count = dist.rank, dist.world_size
+        target = shard_path(output, index, count)
+        with dist.checked("checking the outputs"):
+            device = dist.device(device)
+            if os.path.exists(target) and not run["overwrite"]:
+                raise OutputError(f"{target} already exists; pass --overwrite to replace it or choose another -o")
+        bar = ProgressBar(f"extracting shard {index}/{count}", enabled=not quiet and dist.is_main)
+
+        def progress(done: int, total: int) -> None:
+            bar(done, total)
+            dist.poll()  # stop early when another rank has failed
+
+        try:
+            with dist.checked("extracting"):
+                extract(model, inputs, target, device=device, shard=(index, count), progress=progress, **run)
+        finally:
+            bar.finish()
+    if dist.is_main and not quiet:
+        pattern = shard_path(output, "*", count)
+        click.echo(f"{PROG}: wrote {count} shards {pattern}; analyze them with cka-analyze '{pattern}'", err=True)
+
+
 __all__ = ["main"]
+
+
+if __name__ == "__main__":  # torchrun -m cka_offline.cli.extract ...
+    main(prog_name=PROG)

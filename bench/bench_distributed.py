@@ -1,0 +1,97 @@
+"""Scale-out: how much faster is `cka-analyze` on 2 processes (torchrun, gloo) than on 1, one thread each?
+
+Workload: two files of 6 layers x 1024 features, n = 8192 examples, minibatch m = 256 (32 minibatches;
+each process computes 16). Each round runs, back to back on the same warm page cache:
+
+    one: cka-analyze a.h5 b.h5 -m 256 --device cpu                                   (1 process)
+    two: python -m torch.distributed.run --standalone --nproc-per-node 2 -m cka_offline.cli.analyze ...
+
+with OMP_NUM_THREADS=MKL_NUM_THREADS=1 (one compute thread per process), and the median of the rounds is
+kept. Two times are reported: the *analysis* (the result's own ``timing.total``: opening the files to the
+summed result, rank 0's clock, including the wait for the other rank and the all-reduce) and *end to end*
+(the command's wall time, including Python and torch start-up and, for two, the torchrun launcher and the
+rendezvous). The ideal speed-up is 2x on 2 idle cores; the two results must agree to float64 rounding.
+
+    python bench/bench_distributed.py [--quick | --smoke] [--rounds R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import benchlib as bl
+
+
+def _spec(size: str) -> "bl.Spec":
+    if size == "smoke":
+        return bl.Spec("scale-out smoke", (32, 48), (40, 24), 256, 32)
+    if size == "quick":
+        return bl.Spec("scale-out quick", (512,) * 6, (512,) * 6, 4096, 256)
+    return bl.Spec("scale-out", (1024,) * 6, (1024,) * 6, 8192, 256)
+
+
+def _torchrun(files: list[str], output: str, m: int, procs: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
+            "-m", "cka_offline.cli.analyze", *files, "-o", output, "-m", str(m), "--device", "cpu",
+            "--overwrite", "--quiet"]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bl.common_args(p)
+    p.add_argument("--rounds", type=int, help="pairs (1 process, 2 processes); the medians are kept "
+                   "(default 3, --quick 2, --smoke 1)")
+    args = p.parse_args()
+    size = bl.size_of(args)
+    rounds = args.rounds or {"full": 3, "quick": 2, "smoke": 1}[size]
+    s = _spec(size)
+    directory = bl.data_dir(args, "distributed-" + size)
+    files = bl.materialize(s, directory, h5=True)["h5"]
+    one_out, two_out = str(directory / "one.json"), str(directory / "two.json")
+    env = bl.child_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CKA_DIST_TIMEOUT="600")
+    print(f"workload {s.name}: {len(s.widths_a) + len(s.widths_b)} layers, {s.total_width} features, n={s.n}, m={s.m}")
+
+    from cka_offline.results import load_result
+
+    one_cmd = bl.analyze_cmd(files, one_out, m=s.m, extra=["--quiet"])
+    two_cmd = _torchrun(files, two_out, s.m, 2)
+    if size != "smoke":
+        bl.run(one_cmd, env=env)  # warm the page cache and the imports
+    rows = []
+    for r in range(rounds):
+        one = bl.run(one_cmd, env=env)
+        two = bl.run(two_cmd, env=env)
+        res_one, res_two = load_result(one_out), load_result(two_out)
+        row = {"round": r, "one_wall": one.seconds, "two_wall": two.seconds,
+               "one_analysis": res_one.timing["total"], "two_analysis": res_two.timing["total"],
+               "max_abs_cka_diff": bl.max_abs(res_one.cka, res_two.cka),
+               "max_abs_se_diff": bl.max_abs(res_one.se, res_two.se)}
+        rows.append(row)
+        print(f"round {r}: 1 process {one.seconds:.2f} s (analysis {row['one_analysis']:.2f} s), "
+              f"2 processes {two.seconds:.2f} s (analysis {row['two_analysis']:.2f} s), "
+              f"max |CKA diff| {row['max_abs_cka_diff']:.1e}")
+    med = {k: statistics.median(row[k] for row in rows) for k in ("one_wall", "two_wall", "one_analysis", "two_analysis")}
+    summary = {
+        "speedup_analysis": med["one_analysis"] / med["two_analysis"],
+        "speedup_end_to_end": med["one_wall"] / med["two_wall"],
+        "ideal": 2.0,
+        "launch_overhead_two": med["two_wall"] - med["two_analysis"],
+        "launch_overhead_one": med["one_wall"] - med["one_analysis"],
+        "max_abs_cka_diff": max(row["max_abs_cka_diff"] for row in rows),
+        "max_abs_se_diff": max(row["max_abs_se_diff"] for row in rows),
+        "n_minibatches": load_result(one_out).n_minibatches,
+        **{f"median_{k}": v for k, v in med.items()},
+    }
+    print(f"speed-up of 2 processes over 1: analysis {summary['speedup_analysis']:.2f}x, end to end "
+          f"{summary['speedup_end_to_end']:.2f}x (ideal 2x)")
+    bl.write_result("distributed", {
+        "size": size, "workload": s.describe(), "rounds": rows, "summary": summary,
+        "threads_per_process": 1, "backend": "gloo", "launcher": "python -m torch.distributed.run --standalone",
+    }, args.results_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

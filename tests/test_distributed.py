@@ -1,0 +1,207 @@
+"""Scale-out with torch.distributed: `cka-analyze` and `cka-extract` under torchrun (2 processes, gloo on
+loopback) give the single-process results; a failing rank stops every rank with one clear line and no result.
+
+Each torchrun launch costs a few seconds of start-up on 2 busy cores, so the module launches four times in
+all (analysis, failure, extraction, the benchmark's smoke run); the rest is tested in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cka_offline import distributed
+from cka_offline.analysis import _Layer, _Reader, align_ids, analyze, own_minibatches, plan_minibatches
+from cka_offline.errors import CKAOfflineError, DistributedError, FormatError
+from cka_offline.extraction import shard_path
+from cka_offline.store.reader import open_activations
+
+from .analyze_fixtures import chain_activations, write_acts
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "sample_data"
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CKA_DISTRIBUTED", "TORCHELASTIC_RUN_ID", "MASTER_ADDR",
+                  "MASTER_PORT")
+
+
+def torchrun(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """``python -m torch.distributed.run --standalone --nproc-per-node 2 -m MODULE ARGS`` with this venv."""
+    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CKA_DIST_TIMEOUT="120",
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def no_torchrun(monkeypatch):
+    for key in _TORCHRUN_VARS:
+        monkeypatch.delenv(key, raising=False)
+
+
+# ---------------------------------------------------------------- in-process: the plan, the environment
+@pytest.mark.parametrize("world", [2, 3, 7])
+def test_ranks_read_exactly_the_single_process_minibatches(tmp_path, world):
+    path = write_acts(tmp_path / "a.h5", chain_activations(150, widths=(5, 3)), chunk_rows=16)
+    with open_activations(path) as f:
+        alignment = align_ids([f.ids], ["a"])
+        layers = [_Layer(0, name, f.layer(name).features, f.layer(name).dtype) for name in f.layer_names]
+        kw = dict(batch_size=12, seed=3, epochs=2, block_rows=16, buffer_blocks=2, pin=False, prefetch=2, workers=1)
+        plan = plan_minibatches(150, 12, seed=3, epochs=2, block_rows=16, buffer_blocks=2)
+
+        def read(own):
+            out = []
+            with _Reader([f], layers, alignment, own=own, **kw) as reader:
+                for batch in reader:
+                    out.append((batch.index, batch.positions.copy(), [a.numpy().copy() for a in batch.arrays]))
+                    reader.release(batch)
+            return out
+
+        whole = read(None)
+        shares = [read(own_minibatches(len(plan), r, world)) for r in range(world)]
+    assert [len(s) for s in shares] == [len(range(*own_minibatches(len(plan), r, world))) for r in range(world)]
+    joined = [b for share in shares for b in share]
+    assert [b[0] for b in joined] == list(range(len(plan)))
+    for (index, positions, arrays), (_, pos_whole, arr_whole), planned in zip(joined, whole, plan):
+        np.testing.assert_array_equal(positions, planned)
+        np.testing.assert_array_equal(positions, pos_whole)
+        for a, b in zip(arrays, arr_whole):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_single_process_is_a_no_op(no_torchrun):
+    assert distributed.environment() is None
+    with distributed.init("cpu") as ctx:
+        assert not ctx.enabled and ctx.is_main
+        assert ctx.device("cuda") == "cuda" and ctx.gather(3) == [3] and ctx.broadcast("x") == "x"
+        ctx.agree("data", 1)
+        ctx.poll(force=True)
+        ctx.barrier()
+        with pytest.raises(FormatError, match="own"), ctx.checked("reading"):
+            raise FormatError("own message")
+
+
+def test_environment(no_torchrun, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.environment() == (1, 4, 1)
+    monkeypatch.setenv("CKA_DISTRIBUTED", "0")
+    assert distributed.environment() is None
+    monkeypatch.delenv("CKA_DISTRIBUTED")
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(DistributedError, match="malformed torchrun environment.*expected integers"):
+        distributed.environment()
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(DistributedError, match="RANK=4, WORLD_SIZE=4"):
+        distributed.environment()
+    monkeypatch.setenv("CKA_DIST_TIMEOUT", "soon")
+    with pytest.raises(DistributedError, match="CKA_DIST_TIMEOUT='soon'"):
+        distributed._timeout()
+
+
+def test_follower_exit(no_torchrun, monkeypatch, capsys):
+    monkeypatch.setattr(distributed, "FOLLOWER_GRACE", 0.0)
+    quiet = DistributedError("rank 0 reports this")
+    quiet.quiet, quiet.exit_code = True, 3
+    with pytest.raises(DistributedError):  # single process: untouched
+        with distributed.follower_exit("prog"):
+            raise quiet
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_info, distributed.follower_exit("prog"):
+        raise quiet
+    assert exit_info.value.code == 3 and capsys.readouterr().err == ""
+    with pytest.raises(SystemExit), distributed.follower_exit("prog"):
+        raise CKAOfflineError("cannot join")
+    assert capsys.readouterr().err == "prog: error: rank 1: cannot join\n"
+
+
+def test_shard_path():
+    assert shard_path("run/acts.h5", 1, 4) == "run/acts-00001-of-00004.h5"
+    assert shard_path("acts", 0, 2) == "acts-00000-of-00002"
+    assert shard_path("acts.h5", "*", 12) == "acts-*-of-00012.h5"
+
+
+# ---------------------------------------------------------------- torchrun: cka-analyze
+def test_analyze_on_two_ranks_equals_one_process(tmp_path):
+    n, cut = 300, 130
+    a, b = chain_activations(n, seed=0), chain_activations(n, seed=1)
+    write_acts(tmp_path / "a-0.h5", {k: v[:cut] for k, v in a.items()}, ids=np.arange(cut), shard=(0, 2, 0))
+    write_acts(tmp_path / "a-1.h5", {k: v[cut:] for k, v in a.items()}, ids=np.arange(cut, n), shard=(1, 2, cut))
+    write_acts(tmp_path / "b.h5", b)
+    out = tmp_path / "out"
+    out.mkdir()
+    # 3 epochs of 15 minibatches: rank 1's share starts inside epoch 1 and inside a shuffle buffer
+    opts = ["-m", "20", "--epochs", "3", "--seed", "5", "--kernel", "rbf", "--precision", "float64", "--device", "cpu"]
+    proc = torchrun(["cka_offline.cli.analyze", "a-*.h5", "b.h5", *opts, "-o", "out/cka.json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["cka.json"]  # rank 0 wrote the result, rank 1 nothing
+    assert proc.stdout.count("layer of A") == 1  # one summary
+    got = json.loads((out / "cka.json").read_text())
+    ref = analyze([str(tmp_path / "a-*.h5"), str(tmp_path / "b.h5")], batch_size=20, epochs=3, seed=5,
+                  kernel="rbf", precision="float64", device="cpu")
+    assert got["n_minibatches"] == ref.n_minibatches == 45 and got["params"]["world_size"] == 2
+    bandwidths = [v for per_file in got["params"]["bandwidths"].values() for v in per_file.values()]
+    assert bandwidths == pytest.approx([v for f in ref.params["bandwidths"].values() for v in f.values()], rel=1e-12)
+    for key in ("cka", "se", "low", "high"):
+        np.testing.assert_allclose(np.array(got[key], dtype=float), getattr(ref, key), rtol=0, atol=1e-12)
+
+
+def test_a_failing_rank_stops_all_with_one_message(tmp_path):
+    n = 300
+    acts = chain_activations(n, seed=2)
+    plan = plan_minibatches(n, 20, block_rows=16, buffer_blocks=8)
+    lo, hi = own_minibatches(len(plan), 1, 2)
+    bad = int(plan[hi - 1][0])  # an example only rank 1 reads
+    acts["layer1"][bad, 0] = np.nan
+    write_acts(tmp_path / "a.h5", acts)
+    proc = torchrun(["cka_offline.cli.analyze", "a.h5", "-m", "20", "--device", "cpu", "-o", "cka.json"], tmp_path)
+    assert proc.returncode != 0
+    message = f"rank 1 of 2 failed while computing the minibatches: a.h5: layer 'layer1' holds nan for example id {bad}"
+    assert proc.stderr.count(message) == 1, proc.stderr[-3000:]
+    assert "No result was written" in proc.stderr
+    assert not (tmp_path / "cka.json").exists() and sorted(os.listdir(tmp_path)) == ["a.h5"]
+
+
+# ---------------------------------------------------------------- torchrun: cka-extract
+def test_extract_on_two_ranks_writes_shards_equal_to_one_file(tmp_path):
+    from cka_offline.extraction import extract
+
+    model = f"{SAMPLE / 'digits_cnn.py'}:make_model"
+    common = ["--weights", str(SAMPLE / "cnn_a.safetensors"), "--inputs", str(SAMPLE / "digits.npz"),
+              "--max-examples", "200", "--layers", "relu3,relu4", "-b", "64"]
+    proc = torchrun(["cka_offline.cli.extract", model, *common, "-o", "acts.h5"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["acts-00000-of-00002.h5", "acts-00001-of-00002.h5"]
+    assert proc.stderr.count("wrote 2 shards acts-*-of-00002.h5") == 1
+    whole = extract(model, str(SAMPLE / "digits.npz"), tmp_path / "whole.h5", layers=["relu3", "relu4"],
+                    options={"weights": str(SAMPLE / "cnn_a.safetensors")}, max_examples=200, batch_size=64)
+    pattern = str(tmp_path / "acts-*-of-00002.h5")
+    with open_activations(pattern) as shards, open_activations(whole) as one:
+        assert shards.n_examples == 200 and np.array_equal(shards.ids, one.ids)
+        for layer in ("relu3", "relu4"):
+            np.testing.assert_allclose(shards.read(layer, 0, 200), one.read(layer, 0, 200), rtol=1e-5, atol=1e-6)
+    kw = dict(batch_size=32, precision="float64", device="cpu")
+    got, ref = analyze([pattern], **kw), analyze([whole], **kw)
+    np.testing.assert_allclose(got.cka, ref.cka, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the benchmark
+def test_bench_distributed_smoke(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
+    env["PYTHONPATH"] = str(REPO)
+    cmd = [sys.executable, str(REPO / "bench" / "bench_distributed.py"), "--smoke", "--results-dir",
+           str(tmp_path / "results"), "--data-dir", str(tmp_path / "data")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "results" / "distributed.json").read_text())
+    summary = doc["summary"]
+    assert summary["speedup_analysis"] > 0 and summary["speedup_end_to_end"] > 0
+    assert summary["max_abs_cka_diff"] <= 1e-12
