@@ -266,7 +266,9 @@ def main(
         options=options,
         input_options=parse_key_values(input_option, "-I/--input-option"),
         mask_input=None if mask_input.lower() == "none" else mask_input,
-        command=shlex.join([PROG, *ctx.meta.get("argv", sys.argv[1:])]),
+        # without --resume: a resumed file keeps its first run's command, and a run with nothing (or an
+        # unreadable .partial) to resume must record the same, so both equal an uninterrupted run's file
+        command=shlex.join([PROG, *[a for a in ctx.meta.get("argv", sys.argv[1:]) if a != "--resume"]]),
         plugin_manager=pm,
     )
     env = environment()
