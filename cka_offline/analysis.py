@@ -539,8 +539,8 @@ def analyze(
         hash_files: compute the SHA-256 of every file (on a background thread) for the result.
         distributed: this process's place in a torchrun run (:func:`cka_offline.distributed.init`): each
             rank processes a contiguous share of the minibatches and the sums are all-reduced, so every
-            rank returns the single-process result (up to float64 summation order; file hashes and
-            ``progress`` on rank 0 only). ``None``: one process.
+            rank returns the single-process result (up to float64 summation order; ``progress`` is called
+            on rank 0 only; each rank hashes a share of the files). ``None``: one process.
 
     Raises:
         AlignmentError: the files hold different examples (and ``intersect`` is false).
@@ -578,8 +578,9 @@ def analyze(
             dev = resolve_device(device)
             for spec in files:
                 opened.append(open_activations(_as_paths(spec), allow_external=allow_external))
-            if hash_files and ctx.is_main:  # only rank 0 makes the result that is saved
-                hasher = _Hasher([p for f in opened for p in f.paths])
+            if hash_files:  # several ranks: each hashes its share of the files
+                paths = list(dict.fromkeys(p for f in opened for p in f.paths))
+                hasher = _Hasher(paths[ctx.rank :: ctx.world_size])
             selected = _select(opened, labels, layers, layers_a, layers_b)
             alignment = align_ids([f.ids for f in opened], labels, intersect=intersect)
             n = len(alignment.ids)
@@ -661,7 +662,9 @@ def analyze(
         ]
         if hasher is not None:
             t_hash = time.perf_counter()
-            digests = hasher.result()
+            with ctx.checked("hashing the files"):
+                digests = hasher.result()
+            digests = {path: digest for part in ctx.gather(digests) for path, digest in part.items()}
             timing["hash_wait"] = time.perf_counter() - t_hash
             for info in infos:
                 info.sha256 = [digests[p] for p in info.paths]

@@ -148,6 +148,7 @@ def test_analyze_on_two_ranks_equals_one_process(tmp_path):
     ref = analyze([str(tmp_path / "a-*.h5"), str(tmp_path / "b.h5")], batch_size=20, epochs=3, seed=5,
                   kernel="rbf", precision="float64", device="cpu")
     assert got["n_minibatches"] == ref.n_minibatches == 45 and got["params"]["world_size"] == 2
+    assert [f["sha256"] for f in got["files"]] == [f.sha256 for f in ref.files]  # each rank hashed a share
     bandwidths = [v for per_file in got["params"]["bandwidths"].values() for v in per_file.values()]
     assert bandwidths == pytest.approx([v for f in ref.params["bandwidths"].values() for v in f.values()], rel=1e-12)
     for key in ("cka", "se", "low", "high"):
