@@ -27,11 +27,13 @@ shard set ('run/acts-*.h5'). The files must hold the same example ids (in any or
 of -m examples from a seeded, I/O-friendly shuffle, with jackknife standard errors and 95%
 intervals. The summary (best B layer for each A layer) goes to stdout; -o saves the result (.h5,
 .json or .csv) and --plot draws the heatmap (.png, .pdf or .svg; one file per pair for 3+ files).
+Under torchrun the processes share the minibatches and rank 0 writes the outputs (docs/distributed.md).
 
 \b
 Example:
   cka-analyze resnet_a.h5 resnet_b.h5 -o cka.json --plot cka.png
   cka-analyze ckpt-*.h5 --layers 'layer*.relu' --device cuda -m 1024 --epochs 3
+  torchrun --standalone --nproc-per-node 4 --no-python cka-analyze ckpt-*.h5 --device cuda -o cka.h5
 """
 
 

@@ -151,12 +151,16 @@ MODEL is whatever an installed extractor plugin opens (a .onnx file, torch weigh
 `package.module:factory` spec; see --list-extractors). INPUTS is a .npz (arrays named after the
 model's inputs, plus optional `ids`), a .npy, `file.h5:/dataset` or a folder of images. Each layer's
 output is reduced to one row of features per example (--reduction) and written batch by batch, so an
-interrupted run continues with --resume, and large inputs can be split with --shard I/K.
+interrupted run continues with --resume, and large inputs can be split with --shard I/K. Under
+torchrun with K processes (and no --shard), rank r writes shard r/K to OUT-0000r-of-0000K.h5
+(docs/distributed.md).
 
 \b
 Example:
   cka-extract resnet18.onnx --inputs images.npz -o resnet18.h5 --layers 'kind:Relu' --reduction mean
   cka-extract resnet18.onnx --list-layers
+  torchrun --standalone --nproc-per-node 4 --no-python cka-extract resnet18.onnx --inputs images.npz \\
+      -o acts/resnet18.h5 --device cuda     # -> acts/resnet18-0000{0..3}-of-00004.h5
 """
 
 
