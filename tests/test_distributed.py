@@ -123,6 +123,67 @@ def test_follower_exit(no_torchrun, monkeypatch, capsys):
     assert capsys.readouterr().err == "prog: error: rank 1: cannot join\n"
 
 
+class TwoRanks(distributed.Distributed):
+    """Rank ``rank`` of 2 without a process group: ``other(obj)`` plays the other rank's part of each exchange
+    (its object, or an exception for a lost connection)."""
+
+    def __init__(self, rank, other):
+        super().__init__(rank, 2, rank)
+        self.other = other
+
+    def _gather(self, obj):
+        theirs = self.other(obj)
+        if isinstance(theirs, BaseException):
+            raise theirs
+        return [obj, theirs] if self.rank == 0 else [theirs, obj]
+
+
+def _ok(status):
+    return distributed._Status(1 - status.rank, False)
+
+
+def _failed(status):
+    return distributed._Status(1 - status.rank, True, "FormatError", "x.h5 is broken", 5)
+
+
+def test_checked_phase_outcomes():
+    with TwoRanks(0, _ok).checked("reading"):
+        pass
+    with pytest.raises(DistributedError, match=r"^rank 1 of 2 failed while reading: x.h5 is broken. No result") as info:
+        with TwoRanks(0, _failed).checked("reading"):
+            pass
+    assert info.value.exit_code == 5 and not getattr(info.value, "quiet", False)
+    with pytest.raises(DistributedError, match="rank 0 of 2 failed") as info, TwoRanks(1, _failed).checked("reading"):
+        raise FormatError("my own")  # rank 0 reports it; this rank stays quiet
+    assert info.value.quiet
+    with pytest.raises(FormatError, match="my own"), TwoRanks(0, _ok).checked("reading"):
+        raise FormatError("my own")
+    with pytest.raises(ZeroDivisionError), TwoRanks(1, _ok).checked("reading"):
+        1 / 0  # a bug keeps its traceback on its rank
+    with pytest.raises(DistributedError, match="rank 0 of 2 lost contact with the other ranks while reading"):
+        with TwoRanks(0, lambda obj: RuntimeError("Connection closed by peer")).checked("reading"):
+            pass
+    with pytest.raises(FormatError, match="my own"):  # lost contact, but this rank's own error says more
+        with TwoRanks(0, lambda obj: RuntimeError("timeout")).checked("reading"):
+            raise FormatError("my own")
+
+
+def test_ranks_must_agree_and_use_their_own_gpu():
+    TwoRanks(0, lambda v: v).agree("data", ("ids", 3), ("example ids", "layers"))
+    with pytest.raises(DistributedError, match=r"rank 1 sees other data than rank 0 \(layers differ\)"):
+        TwoRanks(0, lambda v: ("ids", 4)).agree("data", ("ids", 3), ("example ids", "layers"))
+    ctx = TwoRanks(1, _ok)
+    assert ctx.device("cpu") == "cpu" and ctx.device("cuda:0") == "cuda:0"
+    if not __import__("torch").cuda.is_available():
+        assert ctx.device("cuda") == "cuda:1" and ctx.device("auto") == "cpu"
+
+
+def test_full_estimator_refused_on_several_ranks(tmp_path):
+    path = write_acts(tmp_path / "a.h5", chain_activations(40))
+    with pytest.raises(DistributedError, match="the full estimator runs in one process"):
+        analyze([path], estimator="full", device="cpu", distributed=TwoRanks(0, _ok))
+
+
 def test_shard_path():
     assert shard_path("run/acts.h5", 1, 4) == "run/acts-00001-of-00004.h5"
     assert shard_path("acts", 0, 2) == "acts-00000-of-00002"
