@@ -235,8 +235,9 @@ class ActivationWriter:
         return f
 
     def _reopen(self) -> h5py.File | None:
+        """Continue the ``.partial`` file: checked, then rebuilt by copying it (see _rebuild)."""
         try:
-            f = h5py.File(self.tmp_path, "a")
+            f = h5py.File(self.tmp_path, "r")
         except OSError as exc:
             # a writer killed at the wrong moment can leave an unreadable partial file: start over
             log.warning("%s is unreadable (%s); starting the extraction from the first example", self.tmp_path, exc)
@@ -268,11 +269,35 @@ class ActivationWriter:
                 )
             self.chunk_rows = int(f.attrs[schema.ATTR_CHUNK_ROWS])
             self.rows_done = int(f.attrs[schema.ATTR_ROWS_COMPLETE])
-        except BaseException:
+            self._check_space(_file_size(self.tmp_path))
+            rebuilt = self._rebuild(f)
+        finally:
             f.close()
-            raise
+        if rebuilt is None:
+            self.rows_done = 0
+            return None
+        os.replace(rebuilt, self.tmp_path)
         log.info("resuming %s at example %d of %d", self.tmp_path, self.rows_done, self.n)
-        return f
+        return h5py.File(self.tmp_path, "a")
+
+    def _rebuild(self, old: h5py.File) -> str | None:
+        """A fresh copy of the killed writer's file (attributes, ids and layers, chunk for chunk), or None
+        if it cannot be read (then the run starts over). A writer killed mid-flush leaves HDF5 metadata
+        that reads fine but breaks the next write ("addr overflow"); HDF5 then cannot even close the
+        file. Writing into a copy that HDF5 made itself is safe."""
+        rebuilt = self.tmp_path + ".rebuild"
+        try:
+            with h5py.File(rebuilt, "w") as new:
+                for key, value in old.attrs.items():
+                    new.attrs[key] = value
+                old.copy(old[schema.IDS_DATASET], new, name=schema.IDS_DATASET)
+                old.copy(old[schema.LAYERS_GROUP], new, name=schema.LAYERS_GROUP)
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            _remove_quietly(rebuilt)
+            log.warning("%s is damaged (%s); starting the extraction from the first example", self.tmp_path, exc)
+            _remove_quietly(self.tmp_path)
+            return None
+        return rebuilt
 
     # -- writing ----------------------------------------------------------------------------------------
     def write(self, arrays: Mapping[str, np.ndarray]) -> None:
