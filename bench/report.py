@@ -156,8 +156,12 @@ def section_memory(d: dict[str, Any]) -> str:
 
 
 def section_extract(d: dict[str, Any]) -> str:
-    rows = [[r["plugin"], r["reduction"], fmt(r["marginal_extract_s"]), fmt(r["marginal_bare_s"]),
-             fmt(r["overhead_ratio"]), fmt(r["end_to_end_ratio"]), fmt(r["extract_max_rss_mb"], 0)] for r in d["rows"]]
+    def ratio(r: dict[str, Any]) -> str:
+        ok = r["marginal_extract_s"] > 0 and r["marginal_bare_s"] > 0
+        return fmt(r["overhead_ratio"]) if ok else "noise (negative marginal; see end to end)"
+
+    rows = [[r["plugin"], r["reduction"], fmt(r["marginal_extract_s"]), fmt(r["marginal_bare_s"]), ratio(r),
+             fmt(r["end_to_end_ratio"]), fmt(r["extract_max_rss_mb"], 0)] for r in d["rows"]]
     n = d["rows"][0]["n"] if d["rows"] else ["?", "?"]
     body = table(["plugin", "reduction", f"cka-extract s per {n[0]:,} inputs", "bare forward s", "ratio",
                   f"end-to-end ratio at {n[1]:,}", "cka-extract peak RSS MB"], rows)
