@@ -180,7 +180,7 @@ def section_gpu(d: dict[str, Any]) -> str:
     return (f"{d['gpu']}; workload {workload_line(d['workload'])}.\n\n{body}\n\nCUDA GEMM rate: float32 "
             f"{rates['float32'] / 1e12:.1f} TFLOP/s (TF32 {'on' if d['tf32'] else 'off'}), float64 "
             f"{rates['float64'] / 1e12:.1f} TFLOP/s; GEMM floor of W on the GPU: {fmt(d['cuda_floor_s']['float32'], 3)} s "
-            f"(float32). Speed-up CUDA over this machine's CPU: float32 {fmt(d['speedup_cuda_vs_cpu']['float32'], 1)}x, "
+            f"(float32). Speed-up of CUDA over the same machine's CPU, end to end: float32 {fmt(d['speedup_cuda_vs_cpu']['float32'], 1)}x, "
             f"float64 {fmt(d['speedup_cuda_vs_cpu']['float64'], 1)}x.")
 
 
