@@ -83,7 +83,7 @@ def main() -> int:
             print(f"{device:4s} {precision}: {run.seconds:7.2f} s end to end ({row['compute_s']:.2f} s compute), "
                   f"max |CKA - float64 reference| = {row['max_err']:.1e}")
     widths = list(s.widths_a) + list(s.widths_b)
-    from cka_offline.analyze import batch_sizes
+    from cka_offline.analysis import batch_sizes
 
     flops = sum(2.0 * b * b * sum(widths) + 2.0 * len(widths) ** 2 * b * b for b in batch_sizes(s.n, s.m))
     rates = {dt: cuda_rate(dt, 2048 if args.smoke else 8192) for dt in ("float32", "float64")}
