@@ -298,14 +298,17 @@ def result_format(path: str, format: str | None = None) -> str:
     return _EXTENSIONS[ext]
 
 
-def load_result(path: str | os.PathLike[str], *, format: str | None = None) -> CKAResult:
+def load_result(path: str | os.PathLike[str], *, format: str | None = None, allow_external: bool = False) -> CKAResult:
     """Read a result saved by :meth:`CKAResult.save` (format from the extension unless given).
 
     A ``.csv`` result holds numbers and names only: provenance, hashes and parameters come back empty,
     and blocks of pairs the file does not list come back NaN.
 
+    An ``.h5`` result holding HDF5 external or soft links, external storage or virtual datasets is refused
+    unless ``allow_external`` (a shared file must not make the reader open other local files).
+
     Raises:
-        FormatError: the file is missing or is not a cka-offline result.
+        FormatError: the file is missing or is not a cka-offline result (UnsafeFileError: it points outside itself).
     """
     path = os.fspath(path)
     try:
@@ -323,17 +326,21 @@ def load_result(path: str | os.PathLike[str], *, format: str | None = None) -> C
             _check_meta(doc, path)
             matrices = {name: _none_to_nan(doc.get(name)) for name in _MATRICES}
             return _from_meta(doc, matrices, path)
-        return _read_h5(path)
+        return _read_h5(path, allow_external)
     except FormatError:
         raise
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise FormatError(f"{path} is not a readable cka-offline result ({type(exc).__name__}: {exc})") from exc
 
 
-def _read_h5(path: str) -> CKAResult:
+def _read_h5(path: str, allow_external: bool) -> CKAResult:
     import h5py
 
+    from .store.reader import refuse_external
+
     with h5py.File(path, "r") as h5:
+        if not allow_external:
+            refuse_external(h5, path)
         if h5.attrs.get("format") != RESULT_FORMAT:
             raise FormatError(f"{path} is an HDF5 file but not a cka-offline result (attribute 'format' missing)")
         meta = json.loads(h5.attrs["meta"])

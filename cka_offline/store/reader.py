@@ -106,7 +106,7 @@ class _Shard:
             if key not in attrs:
                 raise FormatError(f"{path}: required attribute {key!r} is missing; {_DAMAGED}")
         if not allow_external:
-            _refuse_external(f, path)
+            refuse_external(f, path)
         self.n = _int_attr(attrs, schema.ATTR_N_EXAMPLES, path)
         if not bool(attrs[schema.ATTR_COMPLETE]):
             done = _int_attr(attrs, schema.ATTR_ROWS_COMPLETE, path)
@@ -363,7 +363,8 @@ def _order_shards(shards: list[_Shard]) -> list[_Shard]:
     return shards
 
 
-def _refuse_external(f: h5py.File, path: str) -> None:
+def refuse_external(f: h5py.File, path: str) -> None:
+    """Raise UnsafeFileError if ``f`` holds external or soft links, external storage or virtual datasets."""
     problems: list[str] = []
 
     def visit(name: str, link: Any) -> None:
