@@ -396,6 +396,12 @@ def _external_files(model: "onnx.ModelProto", path: str) -> list[str]:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         full = os.path.normpath(os.path.join(folder, location))
+        if os.path.isabs(location) or os.path.commonpath([folder, full]) != folder:
+            # a shared model must not make the tool read arbitrary local files as its weights
+            raise ModelError(
+                f"{path}: weight {tensor.name!r} points to external data {location!r}, outside the model's folder "
+                f"{folder}; such models are refused: put the data file beside the .onnx file and give its plain name"
+            )
         if full not in files:
             if not os.path.isfile(full):
                 raise ModelError(
