@@ -844,7 +844,7 @@ def _run_minibatch(
             for i, x in enumerate(batch.arrays):
                 x = x.to(device, non_blocking=True)
                 if bandwidths is None:
-                    grams[i] = gram_linear(x, dtype=gram_dtype)
+                    grams[i] = gram_linear(x, dtype=gram_dtype, inplace=True)  # x is this batch's scratch copy
                 elif math.isnan(bandwidths[i]):
                     grams[i] = 0.0  # constant layer: zero self-HSIC marks it undefined
                 else:
@@ -852,7 +852,7 @@ def _run_minibatch(
             try:
                 acc.update(grams, batch_index=batch.index)  # synchronizes: the device is done with the batch
             except ActivationValueError:
-                _raise_non_finite(batch, stacked, labels, alignment.ids, gram_dtype)
+                _raise_non_finite(files, batch, stacked, labels, alignment, gram_dtype)
             reader.release(batch)
             n_batches += 1
             done += m
@@ -886,10 +886,13 @@ def _full_float32_matmul() -> Iterator[None]:
 
 
 def _raise_non_finite(
-    batch: _Batch, stacked: Sequence[_Layer], labels: Sequence[str], ids: np.ndarray, gram_dtype: "torch.dtype"
+    files: Sequence["ActivationFile"], batch: _Batch, stacked: Sequence[_Layer], labels: Sequence[str],
+    alignment: _Alignment, gram_dtype: "torch.dtype",
 ) -> None:
-    for i, layer in enumerate(stacked):
-        _check_finite(batch.arrays[i].numpy(), batch.positions, layer, labels[layer.file], ids)
+    # the batch's arrays were centred in place (a NaN spreads over its column), so read the rows again
+    for layer in stacked:
+        x = _read_aligned(files[layer.file], layer.name, alignment, layer.file, batch.positions)
+        _check_finite(x, batch.positions, layer, labels[layer.file], alignment.ids)
     raise ActivationValueError(
         f"minibatch {batch.index}: the Grams overflow {str(gram_dtype).replace('torch.', '')} although the "
         "activations are finite (very large values); use --precision float64"
