@@ -8,8 +8,10 @@ file) and reads row blocks on demand: a layer is never loaded whole unless asked
 from __future__ import annotations
 
 import errno
+import contextlib
 import glob as globlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -23,6 +25,10 @@ from .writer import PARTIAL_SUFFIX, _read_ids, format_id
 
 #: the fix for a file whose content breaks the format
 _DAMAGED = "the file is damaged or was not written by cka-extract: extract it again, or ask its author for a new copy"
+#: largest chunk (uncompressed bytes) the reader decompresses; the writer aims at 4 MiB
+MAX_CHUNK_BYTES = 1 << 30
+#: what h5py raises when a file's bytes are corrupt (any of these from reading a file is the file's fault)
+_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, UnicodeDecodeError)
 #: the filter id HDF5 registers for LZ4 (hdf5plugin)
 _LZ4_FILTER = 32004
 
@@ -77,7 +83,8 @@ class _Shard:
                 "activation files are written by cka-extract"
             ) from exc
         try:
-            self._validate(allow_external)
+            with _damaged(path, "its structure"):
+                self._validate(allow_external)
         except BaseException:
             self.file.close()
             raise
@@ -108,13 +115,17 @@ class _Shard:
         if not allow_external:
             refuse_external(f, path)
         self.n = _int_attr(attrs, schema.ATTR_N_EXAMPLES, path)
-        if not bool(attrs[schema.ATTR_COMPLETE]):
+        if self.n < 0:
+            raise FormatError(f"{path}: attribute {schema.ATTR_N_EXAMPLES!r} is {self.n}; {_DAMAGED}")
+        if not _int_attr(attrs, schema.ATTR_COMPLETE, path):
             done = _int_attr(attrs, schema.ATTR_ROWS_COMPLETE, path)
             raise IncompleteFileError(
                 f"{path} is incomplete ({done} of {self.n} rows written): it is still being written or its "
                 "writer stopped; complete it with cka-extract --resume"
             )
         self.chunk_rows = _int_attr(attrs, schema.ATTR_CHUNK_ROWS, path)
+        if self.chunk_rows < 1:
+            raise FormatError(f"{path}: attribute {schema.ATTR_CHUNK_ROWS!r} is {self.chunk_rows}, expected >= 1; {_DAMAGED}")
         ids_ds = f.get(schema.IDS_DATASET)
         if not isinstance(ids_ds, h5py.Dataset):
             raise FormatError(f"{path}: dataset /{schema.IDS_DATASET} (example ids) is missing; {_DAMAGED}")
@@ -124,6 +135,7 @@ class _Shard:
             )
         if not (ids_ds.dtype.kind in "iu" or h5py.check_string_dtype(ids_ds.dtype) is not None):
             raise FormatError(f"{path}: example ids have dtype {ids_ds.dtype}; expected integers or strings; {_DAMAGED}")
+        _check_stored(ids_ds, path, "the example ids")
         self.ids = _read_ids(ids_ds)
         if self.ids.dtype.kind in "iu":
             self.ids = self.ids.astype(np.int64)
@@ -153,6 +165,7 @@ class _Shard:
             features = _int_attr(ds.attrs, schema.LAYER_ATTR_FEATURES, path)
             if features != ds.shape[1]:
                 raise FormatError(f"{path}: layer {name!r} says {features} features but stores {ds.shape[1]}; {_DAMAGED}")
+            _check_stored(ds, path, f"layer {name!r}")
             reduction = _str_attr(ds.attrs, schema.LAYER_ATTR_REDUCTION)
             try:
                 shape = tuple(int(x) for x in np.asarray(ds.attrs[schema.LAYER_ATTR_ORIGINAL_SHAPE]).reshape(-1))
@@ -168,11 +181,15 @@ class _Shard:
         if len(set(names)) != len(names):
             raise FormatError(f"{path}: two layers share a name; {_DAMAGED}")
         self.layers = layers
-        self.shard_index = int(attrs.get(schema.ATTR_SHARD_INDEX, 0))
-        self.shard_count = int(attrs.get(schema.ATTR_SHARD_COUNT, 1))
-        self.offset = int(attrs.get(schema.ATTR_EXAMPLE_OFFSET, 0))
+        self.shard_index = _int_attr(attrs, schema.ATTR_SHARD_INDEX, path, 0)
+        self.shard_count = _int_attr(attrs, schema.ATTR_SHARD_COUNT, path, 1)
+        self.offset = _int_attr(attrs, schema.ATTR_EXAMPLE_OFFSET, path, 0)
+        self._provenance = self._read_provenance()
 
     def provenance(self) -> dict[str, Any]:
+        return dict(self._provenance)
+
+    def _read_provenance(self) -> dict[str, Any]:
         attrs = self.file.attrs
         out: dict[str, Any] = {key: _str_attr(attrs, key) for key in schema.PROVENANCE_ATTRS if key in attrs}
         for key in (schema.ATTR_TOOL_VERSION, schema.ATTR_CREATED):
@@ -234,7 +251,8 @@ class ActivationFile:
             lo, hi = self._starts[i], self._starts[i + 1]
             a, b = max(start, lo), min(stop, hi)
             if a < b:
-                parts.append(shard.file[schema.LAYERS_GROUP][meta.key][a - lo : b - lo])
+                with _damaged(shard.path, f"rows {a - lo}:{b - lo} of layer {meta.name!r}"):
+                    parts.append(shard.file[schema.LAYERS_GROUP][meta.key][a - lo : b - lo])
         if not parts:
             return np.empty((0, meta.features), dtype=meta.dtype)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -366,25 +384,71 @@ def _order_shards(shards: list[_Shard]) -> list[_Shard]:
 def refuse_external(f: h5py.File, path: str) -> None:
     """Raise UnsafeFileError if ``f`` holds external or soft links, external storage or virtual datasets."""
     problems: list[str] = []
+    failures: list[BaseException] = []
 
-    def visit(name: str, link: Any) -> None:
-        if isinstance(link, h5py.ExternalLink):
-            problems.append(f"/{name} is an external link to {link.filename}")
-        elif isinstance(link, h5py.SoftLink):
-            problems.append(f"/{name} is a soft link to {link.path}")
-        elif isinstance(link, h5py.HardLink):
-            obj = f.get(name)
-            if isinstance(obj, h5py.Dataset):
-                if obj.is_virtual:
-                    problems.append(f"/{name} is a virtual dataset")
-                elif obj.external:
-                    problems.append(f"/{name} keeps its data in external file(s)")
+    def visit(name: str, link: Any) -> Any:
+        try:
+            if isinstance(link, h5py.ExternalLink):
+                problems.append(f"/{name} is an external link to {link.filename}")
+            elif isinstance(link, h5py.SoftLink):
+                problems.append(f"/{name} is a soft link to {link.path}")
+            elif isinstance(link, h5py.HardLink):
+                obj = f.get(name)
+                if isinstance(obj, h5py.Dataset):
+                    if obj.is_virtual:
+                        problems.append(f"/{name} is a virtual dataset")
+                    elif obj.external:
+                        problems.append(f"/{name} keeps its data in external file(s)")
+        except _H5_ERRORS as exc:  # raised inside HDF5's iteration it would come out as a SystemError
+            failures.append(exc)
+            return True  # stops the iteration
+        return None
 
     f.visititems_links(visit) if hasattr(f, "visititems_links") else f.visit_links(visit)
+    if failures:
+        with _damaged(path, "its links"):
+            raise failures[0]
     if problems:
         raise UnsafeFileError(
             f"{path}: {problems[0]}; files that point outside themselves are refused by default. "
             "If you trust the file, pass allow_external=True (cka-analyze --allow-external)"
+        )
+
+
+@contextlib.contextmanager
+def _damaged(path: str, what: str) -> Iterator[None]:
+    """h5py's errors from reading corrupt bytes become a FormatError naming the file (the cause is chained,
+    so --debug shows it); the reader's own errors pass through."""
+    try:
+        yield
+    except FormatError:
+        raise
+    except _H5_ERRORS as exc:
+        detail = " ".join(str(exc).split())[:160]
+        raise FormatError(f"{path} is damaged: cannot read {what} ({type(exc).__name__}: {detail}); {_DAMAGED}") from exc
+
+
+def _check_stored(ds: h5py.Dataset, path: str, what: str) -> None:
+    """The values a dataset declares must be stored in the file: a damaged or hostile file may declare
+    2**40 rows it does not hold, and reading it must not allocate for them."""
+    if ds.size == 0 or ds.is_virtual or ds.external:
+        return
+    itemsize = ds.dtype.itemsize
+    if ds.chunks is None:
+        if ds.id.get_storage_size() < ds.size * min(itemsize, 8):
+            raise FormatError(f"{path}: {what} declares shape {ds.shape} but the file does not store its values; {_DAMAGED}")
+        return
+    chunk_bytes = math.prod(ds.chunks) * itemsize
+    if chunk_bytes > MAX_CHUNK_BYTES:
+        raise FormatError(
+            f"{path}: {what} has chunks of {chunk_bytes / 2**20:.0f} MiB (chunk shape {ds.chunks}); the reader "
+            f"decompresses at most {MAX_CHUNK_BYTES / 2**20:.0f} MiB per chunk; {_DAMAGED}"
+        )
+    expected = math.prod(math.ceil(size / chunk) for size, chunk in zip(ds.shape, ds.chunks))
+    stored = ds.id.get_num_chunks()
+    if stored < expected:
+        raise FormatError(
+            f"{path}: {what} declares shape {ds.shape} but stores only {stored} of its {expected} chunks; {_DAMAGED}"
         )
 
 
@@ -404,15 +468,17 @@ def _str_attr(attrs: Any, key: str) -> str:
     return str(value)
 
 
-def _int_attr(attrs: Any, key: str, path: str) -> int:
-    value = attrs.get(key)
+def _int_attr(attrs: Any, key: str, path: str, default: int | None = None) -> int:
+    value = attrs.get(key, default)
     try:
         arr = np.asarray(value)
         if arr.shape != () or arr.dtype.kind not in "iub":
             raise TypeError
         return int(arr)
     except (TypeError, ValueError):
-        raise FormatError(f"{path}: attribute {key!r} must be an integer, got {value!r}; {_DAMAGED}") from None
+        shown = " ".join(repr(value).split())
+        shown = shown if len(shown) <= 40 else shown[:40] + "..."
+        raise FormatError(f"{path}: attribute {key!r} must be an integer, got {shown}; {_DAMAGED}") from None
 
 
 __all__ = ["ActivationFile", "LayerMeta", "open_activations", "expand_paths"]
