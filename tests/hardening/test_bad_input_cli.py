@@ -359,3 +359,43 @@ def test_bad_input(name, tmp_path):
 
 def test_case_count():
     assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("name", ["truncated-hdf5", "hdf5-not-activations", "onnx-corrupt", "inputs-pickled-objects"])
+def test_installed_scripts_exit_codes(name, tmp_path):
+    """The same cases through the installed console scripts: real exit codes and stderr."""
+    import re
+    import subprocess
+
+    from .builders import BIN
+
+    case = CASES[name]
+    args = [str(a) for a in case.build(tmp_path)]
+    if case.prog == "cka-extract":
+        args += ["-o", str(tmp_path / "out.h5")]
+    r = subprocess.run([str(BIN / case.prog), *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == case.code
+    assert r.stdout == ""
+    prefix = f"{case.prog}: error: "
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(prefix), r.stderr
+    assert re.fullmatch(case.match, r.stderr[len(prefix):].rstrip("\n"))
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_constant_layer_is_nan_with_a_warning_not_an_error(tmp_path):
+    """The one bad input that is not an error: a constant layer has no defined CKA, but the other layers'
+    values are valid, so the run succeeds, that layer's row and column are NaN, and a warning names it."""
+    import json
+
+    a = acts(tmp_path / "a.h5", layers={"conv1": np.ones((40, 6), np.float32),
+                                        "fc": np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)})
+    b = acts(tmp_path / "b.h5", seed=1)
+    r = invoke("cka-analyze", [a, b, "-m", "8", "-o", tmp_path / "r.json", "--device", "cpu", "-q"])
+    assert r.exit_code == 0, r.stderr
+    assert f"layer 'conv1' of {a} is constant over the examples, so its CKA is undefined (NaN)" in r.stderr
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert any("'conv1'" in w and "constant" in w for w in doc["warnings"])
+    from cka_offline.results import load_result
+
+    matrix = load_result(tmp_path / "r.json").matrix(0, 1)  # rows: conv1, fc of A
+    assert np.isnan(matrix[0]).all() and np.isfinite(matrix[1]).all()
