@@ -108,9 +108,13 @@ def writer_running(tmp_path):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if partial.exists():
-            with h5py.File(partial, "r", locking=False) as h:
-                if h.attrs.get("rows_complete", 0) > 0:
-                    break
+            try:  # the writer may be mid-flush: then try again
+                with h5py.File(partial, "r", locking=False) as h:
+                    if h.attrs.get("rows_complete", 0) > 0:
+                        break
+            except (OSError, KeyError, RuntimeError):
+                pass
+        assert proc.poll() is None, proc.communicate()[1]
         time.sleep(0.01)
     yield tmp_path
     proc.kill()
