@@ -338,6 +338,12 @@ def open_activations(
 
 def _order_shards(shards: list[_Shard]) -> list[_Shard]:
     if len(shards) == 1:
+        only = shards[0]
+        if only.shard_count > 1:
+            raise AlignmentError(
+                f"{only.path} is shard {only.shard_index} of {only.shard_count} of one logical file; pass all "
+                f"{only.shard_count} shard files (a list or a glob such as 'name-*-of-{only.shard_count:05d}.h5')"
+            )
         return shards
     shards = sorted(shards, key=lambda s: (s.offset, s.shard_index))
     first = shards[0]

@@ -40,6 +40,8 @@ def test_missing_shard(tmp_path):
     _, paths = _shards(tmp_path)
     with pytest.raises(AlignmentError, match="has 3 shards but 2 were given"):
         open_activations(paths[:2])
+    with pytest.raises(AlignmentError, match=r"part-1.h5 is shard 1 of 3 .*pass all 3 shard files"):
+        open_activations(paths[1])
 
 
 def test_shards_from_other_models(tmp_path):
