@@ -297,18 +297,30 @@ class _Buffer:
     end: int
     local: np.ndarray  # shuffled order -> row of `data`
     data: list[np.ndarray] = field(default_factory=list)
+    arrays: list[np.ndarray] = field(default_factory=list)  # the full-size arrays `data` are views of
 
 
-def _read_rows(f: "ActivationFile", layer: str, rows: np.ndarray, sorted_rows: bool) -> np.ndarray:
-    """Rows ``rows`` of ``layer`` in that order; contiguous runs of sorted rows are read as slices."""
+def _read_rows(
+    f: "ActivationFile", layer: str, rows: np.ndarray, sorted_rows: bool, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Rows ``rows`` of ``layer`` in that order (into ``out`` when given); contiguous runs of sorted rows
+    are read as slices."""
     if sorted_rows:
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
         if len(breaks) < 16:
             starts = np.concatenate([[0], breaks])
             stops = np.concatenate([breaks, [len(rows)]])
+            if out is not None:
+                for a, b in zip(starts, stops):
+                    f.read(layer, int(rows[a]), int(rows[b - 1]) + 1, out=out[a:b])
+                return out
             parts = [f.read(layer, int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops)]
             return parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return f.read_rows(layer, rows)
+    data = f.read_rows(layer, rows)
+    if out is not None:
+        np.copyto(out, data)
+        return out
+    return data
 
 
 class _Reader:
@@ -349,6 +361,7 @@ class _Reader:
             self.free.put(slot)
         self.slots: list[list[Any]] = []
         self.workers = workers or max(1, min(8, (os.cpu_count() or 1), len(layers)))
+        self.spare: list[list[np.ndarray]] = []  # arrays of finished shuffle buffers, reused by the next ones
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="cka-reader", daemon=True)
 
@@ -415,12 +428,20 @@ class _Reader:
         for k, rows in enumerate(self.alignment.rows):
             rows_of[k] = (ordered, True) if rows is None else (rows[ordered], k == 0)
 
-        def read(layer: _Layer) -> np.ndarray:
-            rows, is_sorted = rows_of[layer.file]
-            return _read_rows(self.files[layer.file], layer.name, rows, is_sorted)
+        # reuse the arrays of a finished buffer: on many machines fresh pages cost more than the copy
+        fits = [i for i, d in enumerate(self.spare) if d[0].shape[0] >= len(ordered)]
+        if fits:
+            spare = self.spare.pop(fits[0])
+        else:
+            spare = [np.empty((len(ordered), layer.features), dtype=layer.dtype) for layer in self.layers]
 
-        data = list(pool.map(read, self.layers))
-        return _Buffer(start=start, end=end, local=np.searchsorted(ordered, positions), data=data)
+        def read(k: int) -> np.ndarray:
+            layer = self.layers[k]
+            rows, is_sorted = rows_of[layer.file]
+            return _read_rows(self.files[layer.file], layer.name, rows, is_sorted, out=spare[k][: len(ordered)])
+
+        data = list(pool.map(read, range(len(self.layers))))
+        return _Buffer(start=start, end=end, local=np.searchsorted(ordered, positions), data=data, arrays=spare)
 
     def _slot(self, slot: int, rows: int) -> list[Any]:
         import torch
@@ -460,7 +481,7 @@ class _Reader:
                     loaded.append(self._load(pool, order[b_start:b_end], b_start, b_end))
                     next_buffer += 1
                 while loaded[0].end <= start:
-                    loaded.popleft()
+                    self.spare.append(loaded.popleft().arrays)
                 slot = self._take_slot()
                 if slot is None:
                     yield None

@@ -242,10 +242,23 @@ class ActivationFile:
         except KeyError:
             raise FormatError(f"{self.path}: no layer named {name!r}; it has {', '.join(self.layer_names)}") from None
 
-    def read(self, layer: str, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of ``layer`` (stored dtype), across shard boundaries."""
+    def read(self, layer: str, start: int, stop: int, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of ``layer`` (stored dtype), across shard boundaries.
+
+        ``out``: a C-contiguous ``(stop - start, features)`` array of the stored dtype to read into (a
+        streaming caller reuses its buffers: fresh pages cost more than the copy itself)."""
         meta = self.layer(layer)
         start, stop = max(0, int(start)), min(self.n_examples, int(stop))
+        if out is not None:
+            if out.shape != (stop - start, meta.features) or out.dtype != np.dtype(meta.dtype):
+                raise ValueError(f"out must be ({stop - start}, {meta.features}) {meta.dtype}, got {out.shape} {out.dtype}")
+            for i, shard in enumerate(self._shards):
+                lo, hi = self._starts[i], self._starts[i + 1]
+                a, b = max(start, lo), min(stop, hi)
+                if a < b:
+                    ds = shard.file[schema.LAYERS_GROUP][meta.key]
+                    ds.read_direct(out, np.s_[a - lo : b - lo], np.s_[a - start : b - start])
+            return out
         parts = []
         for i, shard in enumerate(self._shards):
             lo, hi = self._starts[i], self._starts[i + 1]

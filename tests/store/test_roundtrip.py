@@ -87,3 +87,16 @@ def test_writer_does_not_replace_existing_until_complete(tmp_path):
     w.write({k: v[:5] for k, v in arrays.items()})
     w.abort()
     assert open(path, "rb").read() == before  # the old complete file is untouched by an aborted overwrite
+
+
+def test_read_into_a_reused_buffer(tmp_path):
+    arrays = make_layers(30, seed=4)
+    bounds = [(0, 12, 0), (12, 30, 12)]
+    paths = [write_file(tmp_path / f"s{i}.h5", {k: v[a:b] for k, v in arrays.items()}, ids=np.arange(a, b),
+                        shard=(i, 2, off)) for i, (a, b, off) in enumerate(bounds)]
+    with open_activations(paths) as f:
+        out = np.full((15, 5), np.nan, np.float32)
+        assert f.read("fc", 5, 20, out=out) is out  # across the shard boundary
+        np.testing.assert_array_equal(out, arrays["fc"][5:20])
+        with pytest.raises(ValueError, match=r"out must be \(15, 5\) float32"):
+            f.read("fc", 5, 20, out=np.empty((15, 5), np.float64))
