@@ -230,9 +230,11 @@ def render(results_dir: Path) -> str:
             out.append(f"The result file {path.name} could not be rendered ({type(exc).__name__}: {exc}); "
                        f"run `{SCRIPTS[key]}` again.\n")
         out.append(provenance(d) + "\n")
-    notes = REPO / "bench" / "NOTES.md"
-    if notes.exists():
-        out.append(notes.read_text())
+    # hand-written sections: the scale-out measurements (bench/bench_distributed.py) and the notes
+    for name in ("SCALE_OUT.md", "NOTES.md"):
+        extra = REPO / "bench" / name
+        if extra.exists():
+            out.append(extra.read_text())
     return "\n".join(out)
 
 

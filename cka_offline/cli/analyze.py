@@ -104,6 +104,8 @@ def _check_outputs(output: str | None, fmt: str | None, plot: str | None, n_file
               help="Jackknife groups for standard errors (minibatch b goes to group b mod n).")
 @click.option("--overwrite", is_flag=True, help="Replace the -o / --plot files if they exist.")
 @click.option("--allow-external", is_flag=True, help="Read files with external HDF5 links (only files you trust).")
+@click.option("--hash/--no-hash", "hash_files", default=True, show_default=True,
+              help="Record each file's SHA-256 in the result (reads every byte once more, alongside the analysis).")
 @quiet_option
 @debug_option
 @handle_errors(PROG)
@@ -128,6 +130,7 @@ def main(
     n_groups: int,
     overwrite: bool,
     allow_external: bool,
+    hash_files: bool,
     quiet: bool,
     debug: bool,
 ) -> None:
@@ -168,6 +171,7 @@ def main(
                 intersect=intersection,
                 n_groups=n_groups,
                 allow_external=allow_external,
+                hash_files=hash_files,
                 progress=bar,
                 distributed=ctx,
             )

@@ -39,6 +39,17 @@ def test_success_writes_result_and_plot_and_prints_summary(tmp_path, files):
     assert "wrote" in res.stderr
 
 
+def test_hash_recorded_unless_no_hash(tmp_path, files):
+    import hashlib
+
+    run([*files, "-m", "16", "-o", tmp_path / "h.json"])
+    run([*files, "-m", "16", "-o", tmp_path / "n.json", "--no-hash"])
+    hashed, plain = load_result(tmp_path / "h.json"), load_result(tmp_path / "n.json")
+    assert hashed.files[0].sha256 == [hashlib.sha256(open(files[0], "rb").read()).hexdigest()]
+    assert plain.files[0].sha256 in ([], [""])
+    np.testing.assert_array_equal(hashed.cka, plain.cka)
+
+
 def test_three_files_csv_and_one_plot_per_pair(tmp_path, files):
     c = write_acts(tmp_path / "c.h5", chain_activations(64, seed=3))
     res = run([*files, c, "-m", "16", "-o", tmp_path / "r.out", "--format", "csv", "--plot", tmp_path / "p.svg",
