@@ -89,7 +89,7 @@ def inspect(files: tuple[str, ...], as_json: bool, allow_external: bool, debug: 
     from ..store.reader import open_activations
 
     for spec in files:
-        with open_activations(spec, allow_external=allow_external) as f:
+        with open_activations(spec, allow_external=allow_external, allow_lone_shard=True) as f:
             info = describe(f)
         click.echo(json.dumps(info, default=str) if as_json else format_text(info))
 

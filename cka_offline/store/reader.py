@@ -206,13 +206,13 @@ class _Shard:
 class ActivationFile:
     """One logical activation file: a single file or several shards concatenated in example order."""
 
-    def __init__(self, paths: Sequence[str], *, allow_external: bool = False) -> None:
+    def __init__(self, paths: Sequence[str], *, allow_external: bool = False, allow_lone_shard: bool = False) -> None:
         self.paths = list(paths)
         shards: list[_Shard] = []
         try:
             for path in self.paths:
                 shards.append(_Shard(path, allow_external=allow_external))
-            self._shards = _order_shards(shards)
+            self._shards = _order_shards(shards, allow_lone_shard)
         except BaseException:
             for shard in shards:
                 shard.file.close()
@@ -337,7 +337,10 @@ def expand_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
 
 
 def open_activations(
-    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *, allow_external: bool = False
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    allow_external: bool = False,
+    allow_lone_shard: bool = False,
 ) -> ActivationFile:
     """Open an activation file, or shard files (list or glob) of one logical file, and validate it.
 
@@ -345,14 +348,16 @@ def open_activations(
         paths: a path, a glob (``"run/acts-*.h5"``) or a list of paths.
         allow_external: read files holding HDF5 external links, external storage or virtual datasets
             (refused by default: a shared file must not make the reader open arbitrary local files).
+        allow_lone_shard: open one shard of a multi-shard logical file on its own (to look at it); by
+            default that is refused, so an analysis never silently uses part of the examples.
     """
-    return ActivationFile(expand_paths(paths), allow_external=allow_external)
+    return ActivationFile(expand_paths(paths), allow_external=allow_external, allow_lone_shard=allow_lone_shard)
 
 
-def _order_shards(shards: list[_Shard]) -> list[_Shard]:
+def _order_shards(shards: list[_Shard], allow_lone_shard: bool = False) -> list[_Shard]:
     if len(shards) == 1:
         only = shards[0]
-        if only.shard_count > 1:
+        if only.shard_count > 1 and not allow_lone_shard:
             raise AlignmentError(
                 f"{only.path} is shard {only.shard_index} of {only.shard_count} of one logical file; pass all "
                 f"{only.shard_count} shard files (a list or a glob such as 'name-*-of-{only.shard_count:05d}.h5')"

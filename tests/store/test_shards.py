@@ -42,6 +42,7 @@ def test_missing_shard(tmp_path):
         open_activations(paths[:2])
     with pytest.raises(AlignmentError, match=r"part-1.h5 is shard 1 of 3 .*pass all 3 shard files"):
         open_activations(paths[1])
+    assert open_activations(paths[1], allow_lone_shard=True).n_examples == 10
 
 
 def test_shards_from_other_models(tmp_path):
