@@ -51,6 +51,7 @@ def get_plugin_manager(*, entry_points: bool = True, plugins: Iterable[object] =
     pm.add_hookspecs(hookspecs)
     pm.register(inputs, name=CORE_PLUGIN)
     pm.broken = []  # type: ignore[attr-defined]
+    pm._cka_dists = {}  # type: ignore[attr-defined]  # entry-point name -> (distribution, version)
     if entry_points:
         for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
@@ -63,7 +64,6 @@ def get_plugin_manager(*, entry_points: bool = True, plugins: Iterable[object] =
                 log.warning("plugin %r from %s failed to load: %s", ep.name, dist, exc)
                 pm.broken.append((ep.name, dist, f"{type(exc).__name__}: {exc}"))  # type: ignore[attr-defined]
                 continue
-            pm._cka_dists = getattr(pm, "_cka_dists", {})  # type: ignore[attr-defined]
             pm._cka_dists[ep.name] = (dist, ep.dist.version if ep.dist is not None else "")  # type: ignore[attr-defined]
     for i, plugin in enumerate(plugins):
         pm.register(plugin, name=getattr(plugin, "__name__", None) or f"plugin-{i}-{id(plugin)}")
