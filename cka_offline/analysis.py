@@ -161,7 +161,9 @@ class _Alignment:
 
 
 def _describe_ids(ids: np.ndarray, limit: int = 3) -> str:
-    shown = ", ".join(repr(x.item() if isinstance(x, np.generic) else x) for x in ids[:limit])
+    from .store.writer import format_id  # error path only: keeps h5py out of this module's import
+
+    shown = ", ".join(format_id(x) for x in ids[:limit])
     return shown + (", ..." if len(ids) > limit else "")
 
 
@@ -769,12 +771,12 @@ def _read_aligned(f: "ActivationFile", layer: str, alignment: _Alignment, k: int
 def _check_finite(x: np.ndarray, positions: np.ndarray, layer: _Layer, label: str, ids: np.ndarray) -> None:
     bad = ~np.isfinite(x)
     if bad.any():
+        from .store.writer import format_id
+
         row = int(np.flatnonzero(bad.any(axis=1))[0])
         value = x[row][bad[row]][0]
-        example = ids[positions[row]]
-        example = example.item() if isinstance(example, np.generic) else example
         raise ActivationValueError(
-            f"{label}: layer {layer.name!r} holds {value} for example id {example!r} "
+            f"{label}: layer {layer.name!r} holds {value} for example id {format_id(ids[positions[row]])} "
             f"({int(bad.any(axis=1).sum())} example(s) in this minibatch affected); CKA needs finite activations -- "
             "fix the model or inputs and extract again"
         )
