@@ -242,13 +242,61 @@ def test_fixed_batch_of_one_runs_example_by_example(tmp_path):
 
 def test_optimization_levels_keep_values(mlp_path):
     x = RNG.normal(size=(5, 4)).astype(np.float32)
-    base = OnnxExtractor(mlp_path).run({"x": x}, ["h", "h_bias", "act", "y"])
-    for level in ("basic", "extended", "all"):
+    names = ["h", "h_bias", "act", "y"]
+    expected = reference(x)
+    assert OnnxExtractor(mlp_path).provenance()["optimization_level"] == "all"  # the default
+    for level in ("disable", "basic", "extended", "all"):
         ex = OnnxExtractor(mlp_path, options={"optimization_level": level})
-        out = ex.run({"x": x}, ["h", "h_bias", "act", "y"])
+        together = ex.run({"x": x}, names)
         assert ex.provenance()["optimization_level"] == level
-        for name in base:
-            np.testing.assert_allclose(out[name], base[name], atol=1e-5)
+        for name in names:
+            # alone, MatMul + Add may be fused into one Gemm whose output is the requested tensor
+            alone = OnnxExtractor(mlp_path, options={"optimization_level": level}).run({"x": x}, [name])[name]
+            np.testing.assert_allclose(together[name], expected[name], rtol=1e-5, atol=1e-5, err_msg=f"{level} {name}")
+            np.testing.assert_allclose(alone, expected[name], rtol=1e-5, atol=1e-5, err_msg=f"{level} {name} alone")
+
+
+def conv_bn_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """x[N,2,5,5] -> Conv -> BatchNormalization -> Relu -> GlobalAveragePool: the pattern onnxruntime
+    folds (Conv+BN) and fuses (Conv+Relu) when the intermediate tensors are not graph outputs."""
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(3, 2, 3, 3)).astype(np.float32)
+    b = rng.normal(size=(3,)).astype(np.float32)
+    scale, bias = rng.uniform(0.5, 2, 3).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    mean, var = rng.normal(size=3).astype(np.float32), rng.uniform(0.5, 2, 3).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["conv", "scale", "bias", "mean", "var"], ["bn"], epsilon=1e-5),
+        helper.make_node("Relu", ["bn"], ["relu"]),
+        helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+    ]
+    inits = [numpy_helper.from_array(a, n) for a, n in
+             ((w, "w"), (b, "b"), (scale, "scale"), (bias, "bias"), (mean, "mean"), (var, "var"))]
+    graph = helper.make_graph(nodes, "convbn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 5])],
+                              [helper.make_tensor_value_info("pool", TensorProto.FLOAT, ["N", 3, 1, 1])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model, {"w": w, "b": b, "scale": scale, "bias": bias, "mean": mean, "var": var}
+
+
+def test_optimization_levels_keep_the_meaning_of_folded_tensors(tmp_path):
+    model, p = conv_bn_model()
+    path = str(tmp_path / "convbn.onnx")
+    onnx.save_model(model, path)
+    x = RNG.normal(size=(4, 2, 5, 5)).astype(np.float32)
+    # float64 reference written from the operators' definitions
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    windows = np.lib.stride_tricks.sliding_window_view(xp, (3, 3), axis=(2, 3))  # N, C, 5, 5, 3, 3
+    conv = np.einsum("ncijkl,ockl->noij", windows, p["w"].astype(np.float64)) + p["b"][None, :, None, None]
+    shape = (1, 3, 1, 1)
+    bn = (conv - p["mean"].reshape(shape)) / np.sqrt(p["var"].reshape(shape) + 1e-5) * p["scale"].reshape(shape) + p["bias"].reshape(shape)
+    expected = {"conv": conv, "bn": bn, "relu": np.maximum(bn, 0), "pool": np.maximum(bn, 0).mean(axis=(2, 3), keepdims=True)}
+    for level in ("disable", "basic", "extended", "all"):
+        together = OnnxExtractor(path, options={"optimization_level": level}).run({"x": x}, list(expected))
+        for name, want in expected.items():
+            alone = OnnxExtractor(path, options={"optimization_level": level}).run({"x": x}, [name])[name]
+            np.testing.assert_allclose(together[name], want, rtol=1e-4, atol=1e-4, err_msg=f"{level} {name}")
+            np.testing.assert_allclose(alone, want, rtol=1e-4, atol=1e-4, err_msg=f"{level} {name} alone")
 
 
 def test_vanished_tensor_is_an_error(mlp_path, monkeypatch):
