@@ -133,7 +133,7 @@ def test_registered_through_the_entry_point():
     assert find_extractor("model.pt2") is TorchExtractor
     assert find_extractor("models/net.py:make") is TorchExtractor
     assert TorchExtractor.framework == "torch" and TorchExtractor.description
-    assert {"model_args", "weights", "output_index", "allow_pickle_code_execution", "keep_dtype"} <= set(
+    assert {"model_args", "weights", "output_index", "allow_pickle_code_execution", "keep_dtype", "copy_outputs"} <= set(
         TorchExtractor.options_help
     )
     assert cka_offline_torch.__version__ == "0.1.0"
@@ -184,6 +184,87 @@ def test_run_matches_functional_reference(torch_factory_file):
         assert_close(got[name], want)
     # BatchNorm output is captured before the in-place ReLU overwrote it
     assert (got["features.1"] < 0).any()
+
+
+def test_only_outputs_changed_in_place_are_copied(torch_factory_file):
+    x = images(5)
+    with TorchExtractor(f"{torch_factory_file}:make") as ex:
+        names = [name for name, _ in CNN_LAYERS]
+        got = ex.run({"x": x}, names)
+        # the BatchNorm outputs are what the in-place ReLUs overwrite; nothing else needed a copy
+        assert ex._copied == {"features.1", "features.4"}
+        again = ex.run({"x": x}, names)  # now copied at hook time, no second pass
+    with TorchExtractor(f"{torch_factory_file}:make", options={"copy_outputs": "true"}) as ex:
+        copied = ex.run({"x": x}, names)
+        assert ex._copied == set()
+    for name in names:
+        np.testing.assert_array_equal(got[name], copied[name], err_msg=name)
+        np.testing.assert_array_equal(again[name], copied[name], err_msg=name)
+
+
+class InPlaceAfterwards(nn.Module):
+    """Outputs that later ops change in place: a residual ``+=``, a write into a slice (a view), ``out=``,
+    and a module that runs under inference_mode inside the forward (its tensors have no version counter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = nn.Linear(4, 4)
+        self.shortcut = nn.Linear(4, 4)
+        self.proj = nn.Linear(4, 4)
+        self.last = nn.Linear(4, 4)
+        self.frozen = nn.Linear(4, 4)
+
+    def forward(self, x):
+        out = self.block(x)
+        out += self.shortcut(x)  # changes block's output
+        p = self.proj(out)
+        p[:, :2].mul_(-3.0)  # changes proj's output through a view
+        q = self.last(p)
+        torch.add(q, 1.0, out=q)  # changes last's output through out=
+        with torch.inference_mode():
+            f = self.frozen(q.clone())
+            f.relu_()
+        return f.clone()
+
+
+def test_outputs_changed_in_place_match_a_functional_reference(monkeypatch):
+    model = InPlaceAfterwards().eval()
+    x = np.random.default_rng(3).normal(size=(6, 4)).astype(np.float32)
+    with torch.no_grad():
+        t = torch.from_numpy(x)
+        block = F.linear(t, model.block.weight, model.block.bias)
+        shortcut = F.linear(t, model.shortcut.weight, model.shortcut.bias)
+        proj = F.linear(block + shortcut, model.proj.weight, model.proj.bias)
+        scaled = proj * torch.tensor([-3.0, -3.0, 1.0, 1.0])
+        last = F.linear(scaled, model.last.weight, model.last.bias)
+        frozen = F.linear(last + 1.0, model.frozen.weight, model.frozen.bias)
+    expected = {"block": block, "shortcut": shortcut, "proj": proj, "last": last, "frozen": frozen}
+    with extractor_for(model, monkeypatch) as ex:
+        for _ in range(2):  # the first batch finds the overwritten outputs, the second copies them at once
+            got = ex.run({"x": x}, list(expected))
+            for name, want in expected.items():
+                np.testing.assert_allclose(got[name], want.numpy(), rtol=1e-6, atol=1e-6, err_msg=name)
+        assert ex._copied == {"block", "proj", "last"}
+
+
+def test_copy_outputs_covers_writes_that_bypass_the_version_counter(monkeypatch):
+    class WritesThroughData(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            y = self.fc(x)
+            y.data.zero_()  # .data has its own version counter: the change is invisible to torch
+            return y
+
+    model = WritesThroughData().eval()
+    x = np.ones((2, 3), np.float32)
+    with torch.no_grad():
+        want = model.fc(torch.from_numpy(x)).numpy()
+    with extractor_for(model, monkeypatch, copy_outputs=True) as ex:
+        np.testing.assert_allclose(ex.run({"x": x}, ["fc"])["fc"], want, rtol=1e-6)
 
 
 def test_dropout_is_off_in_eval_mode(torch_factory_file):

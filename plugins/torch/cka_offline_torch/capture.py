@@ -2,14 +2,22 @@
 
 A module's output may be a tensor, a tuple/list, a dict or a transformers ``ModelOutput``; by default the
 first tensor (depth first) is kept, ``output_index`` (an int position or a key) picks another.
-Each captured tensor is copied at hook time, because a later in-place op (``ReLU(inplace=True)``
-after a BatchNorm) would otherwise change it. A module called more than once in one forward pass is an
-error: its outputs cannot be told apart per example, and silently keeping one of them would be a guess.
+
+A later in-place op (``ReLU(inplace=True)`` after a BatchNorm) may overwrite a captured tensor. Copying
+every output at hook time is safe but costs a full pass over the activations, so a tensor is kept as it
+is, together with its version counter (torch bumps it on every in-place op, on the tensor or any view of
+it); after the forward pass, :meth:`Capture.modified` names the layers whose tensor changed, and the
+caller reruns the batch copying those (``copy``). Tensors without a version counter (made under
+``torch.inference_mode`` inside the model) are always copied. Writes that bypass the counter (through
+``tensor.data`` or a numpy view) are not seen: ``copy=True`` for every layer covers such models.
+
+A module called more than once in one forward pass is an error: its outputs cannot be told apart per
+example, and silently keeping one of them would be a guess.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -103,22 +111,42 @@ def to_numpy(tensor: "torch.Tensor") -> np.ndarray:
 class Capture:
     """Forward hooks on ``modules`` (``{layer name: module}``) for one forward pass; a context manager.
 
-    The hooks are removed on exit, also when the forward pass raises.
+    ``copy``: the layers whose output is copied at hook time (``True``: all); the others are checked
+    with :meth:`modified` after the pass (see the module docstring). The hooks are removed on exit, also
+    when the forward pass raises.
     """
 
-    def __init__(self, modules: Mapping[str, "torch.nn.Module"], output_index: int | str | None) -> None:
+    def __init__(
+        self,
+        modules: Mapping[str, "torch.nn.Module"],
+        output_index: int | str | None,
+        copy: bool | Collection[str] = False,
+    ) -> None:
         self.modules = dict(modules)
         self.output_index = output_index
+        self.copy = set(self.modules) if copy is True else set(copy or ())
         self.calls: dict[str, int] = {name: 0 for name in self.modules}
         self.outputs: dict[str, torch.Tensor] = {}
+        #: version counter of each tensor kept without a copy, when it was captured
+        self.versions: dict[str, int] = {}
         self._handles: list[Any] = []
 
     def _hook(self, name: str) -> Any:
         def hook(module: Any, args: Any, output: Any) -> None:
             self.calls[name] += 1
-            self.outputs[name] = select_output(output, self.output_index, name).detach().clone()
+            tensor = select_output(output, self.output_index, name).detach()  # detach shares the counter
+            if name in self.copy or tensor.is_inference():
+                self.outputs[name] = tensor.clone()
+                self.versions.pop(name, None)
+            else:
+                self.outputs[name] = tensor
+                self.versions[name] = tensor._version
 
         return hook
+
+    def modified(self) -> list[str]:
+        """Layers whose uncopied output an in-place op changed after it was captured."""
+        return [name for name, version in self.versions.items() if self.outputs[name]._version != version]
 
     def __enter__(self) -> "Capture":
         try:

@@ -80,7 +80,8 @@ class TorchExtractor(Extractor):
 
     Layers are the named submodules in ``named_modules()`` order (the root excluded); a module reachable
     under several names is listed once, with the other names as aliases. ``run`` captures each requested
-    module's output in eval mode under ``torch.inference_mode``; a tuple/list/dict/``ModelOutput`` output
+    module's output in eval mode under ``torch.no_grad`` (copied only where a later in-place op would
+    change it, see :mod:`.capture`); a tuple/list/dict/``ModelOutput`` output
     gives its first tensor unless ``output_index`` picks another. A requested module that does not run, or
     runs more than once in one forward pass, is a :class:`~cka_offline.errors.ModelError`.
 
@@ -107,6 +108,9 @@ class TorchExtractor(Extractor):
         "pickled entries; unpickling runs code from the file, so only for files you trust",
         "keep_dtype": "true to pass floating inputs in their stored dtype (default: cast to the model's "
         "floating dtype, so float64 arrays become float32)",
+        "copy_outputs": "true to copy every captured output as its module returns it (default: copy only the "
+        "outputs that a later in-place op changes, as torch's version counter shows; a model that writes into "
+        "tensors through .data or numpy bypasses that counter and needs this)",
     }
 
     @classmethod
@@ -131,6 +135,9 @@ class TorchExtractor(Extractor):
         self.output_index = parse_output_index(self.options.get("output_index"))
         self.allow_pickle = parse_flag(self.options.get("allow_pickle_code_execution"), "allow_pickle_code_execution")
         self.keep_dtype = parse_flag(self.options.get("keep_dtype"), "keep_dtype")
+        self.copy_outputs = parse_flag(self.options.get("copy_outputs"), "copy_outputs")
+        #: layers found overwritten in place by a later op: their outputs are copied at hook time
+        self._copied: set[str] = set()
         if spec.kind != "factory" and (self.model_args or self.weights):
             given = ", ".join(k for k in ("model_args", "weights") if self.options.get(k))
             raise ModelError(f"option(s) {given} apply only to a factory source ('pkg.mod:make'), not to {source!r}")
@@ -249,21 +256,36 @@ class TorchExtractor(Extractor):
         plan = bind(self._signature, list(inputs), repr(self.source))
         args, kwargs = tensors_for(inputs, plan, self._device, self._float_dtype())
         batch = len(args[0]) if args else len(next(iter(kwargs.values())))
-        with Capture({name: available[name] for name in layers}, self.output_index) as capture:
-            try:
-                with torch.inference_mode():
-                    model(*args, **kwargs)
-            except Exception as exc:
-                if isinstance(exc, ModelError):
-                    raise
-                shapes = ", ".join(f"{k}: {tuple(np.shape(v))} {np.asarray(v).dtype}" for k, v in inputs.items())
-                raise ModelError(
-                    f"the forward pass of {self.source!r} failed on a batch of {batch} ({shapes}): "
-                    f"{type(exc).__name__}: {exc}; check that the inputs fit the model"
-                    + (" (a .pt2 accepts only the shapes it was exported with: export with dynamic_shapes for "
-                       "a variable batch)" if self.spec.kind == "export" else "")
-                ) from exc
-        return capture.results(batch, repr(self.source))
+        modules = {name: available[name] for name in layers}
+        while True:
+            copy = True if self.copy_outputs else self._copied & set(layers)
+            with Capture(modules, self.output_index, copy) as capture:
+                self._forward(model, args, kwargs, inputs, batch)
+            modified = capture.modified()
+            if not modified:
+                return capture.results(batch, repr(self.source))
+            # an in-place op overwrote these outputs after their hooks ran: copy them from now on
+            log.debug("layer(s) %s of %s are changed in place later in the forward pass; copying them",
+                      ", ".join(modified), self.source)
+            self._copied.update(modified)
+
+    def _forward(self, model: "torch.nn.Module", args: Any, kwargs: Any, inputs: Mapping[str, np.ndarray], batch: int) -> None:
+        import torch
+
+        try:
+            # no_grad rather than inference_mode: inference tensors have no version counter (see capture.py)
+            with torch.no_grad():
+                model(*args, **kwargs)
+        except Exception as exc:
+            if isinstance(exc, ModelError):
+                raise
+            shapes = ", ".join(f"{k}: {tuple(np.shape(v))} {np.asarray(v).dtype}" for k, v in inputs.items())
+            raise ModelError(
+                f"the forward pass of {self.source!r} failed on a batch of {batch} ({shapes}): "
+                f"{type(exc).__name__}: {exc}; check that the inputs fit the model"
+                + (" (a .pt2 accepts only the shapes it was exported with: export with dynamic_shapes for "
+                   "a variable batch)" if self.spec.kind == "export" else "")
+            ) from exc
 
     def provenance(self) -> dict[str, str]:
         import torch
