@@ -139,6 +139,16 @@ def test_run_matches_numpy_reference_and_returns_only_chosen(mlp_path):
         np.testing.assert_allclose(arr, ref[name], atol=1e-5)
 
 
+def test_outputs_of_a_batch_survive_the_next_batch(mlp_path):
+    # the session's memory arena is reused run after run: what run() returned must not live in it
+    ex = OnnxExtractor(mlp_path)
+    first_x, second_x = RNG.normal(size=(6, 4)).astype(np.float32), RNG.normal(size=(6, 4)).astype(np.float32)
+    first = ex.run({"x": first_x}, ["h", "act", "y"])
+    ex.run({"x": second_x}, ["h", "act", "y"])
+    for name in first:
+        np.testing.assert_allclose(first[name], reference(first_x)[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def test_single_input_is_passed_by_position(mlp_path):
     x = RNG.normal(size=(3, 4)).astype(np.float32)
     out = OnnxExtractor(mlp_path).run({"images": x}, ["y"])

@@ -236,9 +236,9 @@ class OnnxExtractor(Extractor):
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[self.optimization_level]
-        # The CPU arena keeps the peak of every batch reserved for the session's life and never returns it
-        # to the system; extracting many intermediate tensors makes that peak large, so allocate per run.
-        opts.enable_cpu_mem_arena = False
+        # The CPU arena (onnxruntime's default) keeps one batch's peak reserved for the session's life: memory
+        # stays bounded by the batch size, and runs are ~2x faster than allocating every tensor afresh
+        # (each fresh allocation of a large tensor is new pages from the system). Outputs are copied out of it.
         opts.log_severity_level = 3  # warnings about unused initializers of the pruned graph are noise
         if self.threads:
             opts.intra_op_num_threads = self.threads
