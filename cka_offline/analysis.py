@@ -217,19 +217,35 @@ def align_ids(id_lists: Sequence[np.ndarray], labels: Sequence[str], *, intersec
 
 
 # ====================================================================== devices and options
+#: device files whose presence means a GPU driver is loaded (NVIDIA, WSL2's GPU bridge, AMD ROCm)
+_GPU_DRIVER_FILES = ("/dev/nvidiactl", "/proc/driver/nvidia/version", "/dev/dxg", "/dev/kfd")
+
+
+def _gpu_driver_present() -> bool:
+    """Whether CUDA could be available, without importing torch (about a second): no GPU driver, no CUDA."""
+    import sys
+
+    if "torch" in sys.modules:  # already paid for: ask torch
+        return True
+    return any(os.path.exists(p) for p in _GPU_DRIVER_FILES)
+
+
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when available else ``cpu``; checks that a requested CUDA device exists.
+
+    ``cpu``, and ``auto`` on a machine without a GPU driver, are answered without importing torch: the
+    CPU analysis runs on numpy alone.
 
     Raises:
         DeviceError: CUDA requested but not available, or the index is out of range.
     """
+    text = (device or "auto").strip().lower()
+    if text == "cpu" or (text == "auto" and not _gpu_driver_present()):
+        return "cpu"
     import torch
 
-    text = (device or "auto").strip().lower()
     if text == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if text == "cpu":
-        return "cpu"
     if text == "cuda" or text.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise DeviceError(
@@ -289,7 +305,7 @@ class _Layer:
 class _Batch:
     index: int
     positions: np.ndarray
-    arrays: list[Any]  # one torch tensor per stacked layer (pinned on CUDA), views of a reused slot
+    arrays: list[Any]  # per stacked layer: numpy array (CPU) or pinned torch tensor (CUDA), views of a reused slot
     slot: int = -1
 
 
@@ -328,7 +344,7 @@ def _read_rows(
 class _Reader:
     """Background thread: reads shuffle buffers and yields minibatches through a bounded queue.
 
-    Minibatches are gathered into a fixed set of reused (pinned, on CUDA) tensors, ``prefetch + 2`` slots,
+    Minibatches are gathered into a fixed set of reused arrays (pinned tensors for CUDA), ``prefetch + 2`` slots,
     because allocating and first-touching fresh memory for every minibatch costs more than the copy itself.
     The consumer hands a slot back with :meth:`release` once the device is done with it. Per-layer reads
     and gathers run on a small thread pool (numpy releases the GIL while copying).
@@ -446,15 +462,18 @@ class _Reader:
         return _Buffer(start=start, end=end, local=np.searchsorted(ordered, positions), data=data, arrays=spare)
 
     def _slot(self, slot: int, rows: int) -> list[Any]:
-        import torch
-
         while len(self.slots) <= slot:
             self.slots.append([])
         if not self.slots[slot] or self.slots[slot][0].shape[0] < rows:
-            self.slots[slot] = [
-                torch.empty((rows, layer.features), dtype=getattr(torch, layer.dtype), pin_memory=self.pin)
-                for layer in self.layers
-            ]
+            if self.pin:  # CUDA: pinned host memory, so the copy to the device is asynchronous
+                import torch
+
+                self.slots[slot] = [
+                    torch.empty((rows, layer.features), dtype=getattr(torch, layer.dtype), pin_memory=True)
+                    for layer in self.layers
+                ]
+            else:
+                self.slots[slot] = [np.empty((rows, layer.features), dtype=layer.dtype) for layer in self.layers]
         return self.slots[slot]
 
     def _batches(self, pool: Any) -> Iterator[_Batch | None]:
@@ -498,7 +517,7 @@ class _Reader:
                         filled += hi - lo
 
                 def gather(k: int) -> None:
-                    out = arrays[k].numpy()
+                    out = arrays[k].numpy() if self.pin else arrays[k]
                     for buf, rows, at in pieces:  # np.take is several times faster than data[rows]
                         np.take(buf.data[k], rows, axis=0, out=out[at : at + len(rows)])
 
@@ -576,8 +595,6 @@ def analyze(
         DistributedError: another rank failed, sees other files, or the full-data estimator was asked for
             with several ranks.
     """
-    import torch
-
     from .store.reader import open_activations
 
     check_options(
@@ -618,7 +635,6 @@ def analyze(
                 for k, (f, names) in enumerate(zip(opened, selected))
                 for name in names
             ]
-            gram_dtype = torch.float64 if precision == "float64" else torch.float32
             warnings: list[str] = []
             params: dict[str, Any] = {
                 "batch_size": int(batch_size), "epochs": int(epochs), "seed": int(seed), "kernel": kernel,
@@ -634,7 +650,7 @@ def analyze(
                 block_rows, buffer_blocks = _buffer_shape(opened[0].chunk_rows, row_bytes, batch_size, buffer_bytes)
                 params.update(block_rows=block_rows, buffer_blocks=buffer_blocks)
                 if kernel == "rbf":
-                    bandwidths = _bandwidths(opened, stacked, alignment, labels, seed, rbf_fraction, dev, warnings)
+                    bandwidths = _bandwidths(opened, stacked, alignment, labels, seed, rbf_fraction, warnings)
         if ctx.enabled:
             ctx.agree("data", _fingerprint(opened, stacked, params),
                       ("example ids", "layers", "file versions", "shuffle blocks"))
@@ -645,7 +661,7 @@ def analyze(
                 params["bandwidths"] = _per_file(bandwidths, stacked, labels)
             stats, n_batches, timing = _run_minibatch(
                 opened, stacked, alignment, labels, batch_size=batch_size, seed=seed, epochs=epochs,
-                block_rows=block_rows, buffer_blocks=buffer_blocks, device=dev, gram_dtype=gram_dtype,
+                block_rows=block_rows, buffer_blocks=buffer_blocks, device=dev, gram_dtype=precision,
                 bandwidths=bandwidths, n_groups=n_groups, confidence=confidence, progress=progress,
                 prefetch=prefetch, distributed=ctx,
             )
@@ -784,10 +800,8 @@ def _check_finite(x: np.ndarray, positions: np.ndarray, layer: _Layer, label: st
 
 def _bandwidths(
     files: Sequence["ActivationFile"], stacked: Sequence[_Layer], alignment: _Alignment, labels: Sequence[str],
-    seed: int, fraction: float, device: str, warnings: list[str],
+    seed: int, fraction: float, warnings: list[str],
 ) -> list[float]:
-    import torch
-
     from .cka.hsic import rbf_bandwidth
 
     n = len(alignment.ids)
@@ -800,7 +814,7 @@ def _bandwidths(
         if np.all(x == x[:1]):
             out.append(math.nan)  # constant: CKA undefined; reported with the other constant layers
             continue
-        out.append(rbf_bandwidth(torch.from_numpy(x).to(device), fraction))
+        out.append(rbf_bandwidth(x, fraction))
     return out
 
 
@@ -828,13 +842,20 @@ def own_minibatches(n_batches: int, rank: int, world_size: int) -> tuple[int, in
 def _run_minibatch(
     files: Sequence["ActivationFile"], stacked: Sequence[_Layer], alignment: _Alignment, labels: Sequence[str], *,
     batch_size: int, seed: int, epochs: int, block_rows: int, buffer_blocks: int, device: str,
-    gram_dtype: "torch.dtype", bandwidths: Sequence[float] | None, n_groups: int, confidence: float,
+    gram_dtype: str, bandwidths: Sequence[float] | None, n_groups: int, confidence: float,
     progress: ProgressCallback | None, prefetch: int, distributed: Distributed | None = None,
 ) -> tuple[Any, int, dict[str, float]]:
-    import torch
+    """The minibatch loop.
 
+    CPU: numpy throughout (no torch import). Each layer's work for a minibatch -- gather its rows, centre
+    them, one syrk for the Gram -- is a task for a pool of one thread per core, each running single-threaded
+    BLAS; rows come straight from memory-mapped files (:meth:`ActivationFile.mapped_rows`) when the layers
+    are stored uncompressed, else from the background HDF5 reader. Independent tasks on separate cores beat
+    one multi-threaded BLAS call per layer, whose threads wait for each other at every step (badly so on a
+    busy machine), and the gathered rows are still in cache for the product.
+    CUDA: the background reader gathers into pinned tensors, copied to the device once per minibatch.
+    """
     from .cka.accumulator import MinibatchCKA
-    from .cka.hsic import gram_linear, gram_rbf
 
     ctx = distributed if distributed is not None else Distributed()
     n = len(alignment.ids)
@@ -845,45 +866,42 @@ def _run_minibatch(
     own_total = sum(sizes[i % len(sizes)] for i in range(*own))
     if not ctx.is_main:
         progress = None
-    acc = MinibatchCKA(n_layers=len(stacked), n_groups=n_groups, device=device)
+    acc = MinibatchCKA(n_layers=len(stacked), n_groups=n_groups)
     on_cuda = device.startswith("cuda")
+    mapped = None if on_cuda else _mapped_layers(files, stacked)
+    plan = dict(batch_size=batch_size, seed=seed, epochs=epochs, block_rows=block_rows, buffer_blocks=buffer_blocks)
     done = n_batches = 0
     wait = 0.0
     t_start = time.perf_counter()
-    reader = _Reader(
-        files, stacked, alignment, batch_size=batch_size, seed=seed, epochs=epochs, block_rows=block_rows,
-        buffer_blocks=buffer_blocks, pin=on_cuda, prefetch=prefetch, own=own if ctx.enabled else None,
-    )
-    with ctx.checked("computing the minibatches"), reader, torch.no_grad(), _full_float32_matmul():
-        batches = iter(reader)
+    if mapped is not None:
+        source: Any = contextlib.nullcontext(_mapped_batches(n, own=own if ctx.enabled else None, **plan))
+    else:
+        source = _Reader(files, stacked, alignment, pin=on_cuda, prefetch=prefetch, own=own if ctx.enabled else None,
+                         **plan)
+    compute = _TorchGrams(stacked, device, gram_dtype, bandwidths) if on_cuda else _NumpyGrams(
+        files, stacked, alignment, gram_dtype, bandwidths, mapped, max(sizes))
+    # NaN/Inf activations and Gram overflow are reported by the accumulator (naming layer and example), so
+    # numpy's RuntimeWarnings about them would only be noise
+    with ctx.checked("computing the minibatches"), source as batches, compute, np.errstate(all="ignore"):
+        batches = iter(batches)
         while True:
             t_wait = time.perf_counter()
             batch = next(batches, None)
             wait += time.perf_counter() - t_wait
             if batch is None:
                 break
-            m = len(batch.positions)
-            grams = torch.empty((len(stacked), m, m), dtype=gram_dtype, device=device)
-            for i, x in enumerate(batch.arrays):
-                x = x.to(device, non_blocking=True)
-                if bandwidths is None:
-                    grams[i] = gram_linear(x, dtype=gram_dtype, inplace=True)  # x is this batch's scratch copy
-                elif math.isnan(bandwidths[i]):
-                    grams[i] = 0.0  # constant layer: zero self-HSIC marks it undefined
-                else:
-                    grams[i] = gram_rbf(x, bandwidths[i], dtype=gram_dtype)
+            grams = compute(batch)
             try:
                 acc.update(grams, batch_index=batch.index)  # synchronizes: the device is done with the batch
             except ActivationValueError:
                 _raise_non_finite(files, batch, stacked, labels, alignment, gram_dtype)
-            reader.release(batch)
+            if isinstance(source, _Reader):
+                source.release(batch)
             n_batches += 1
-            done += m
+            done += len(batch.positions)
             if progress is not None:
                 progress(done if not ctx.enabled else done * total // max(own_total, 1), total)
             ctx.poll()
-        if on_cuda:
-            torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t_start
     if ctx.enabled:
         state = acc.state_dict()
@@ -894,30 +912,182 @@ def _run_minibatch(
     return stats, n_batches, {"read_wait": wait, "compute": elapsed - wait}
 
 
+def _mapped_layers(files: Sequence["ActivationFile"], stacked: Sequence[_Layer]) -> list[Any] | None:
+    """Every stacked layer's memory-mapped rows, or None when any layer needs HDF5 to be read."""
+    out = []
+    for layer in stacked:
+        rows = files[layer.file].mapped_rows(layer.name)
+        if rows is None:
+            log.info("layer %r of %s is stored compressed or unusually: reading through HDF5",
+                     layer.name, files[layer.file].path)
+            return None
+        out.append(rows)
+    return out
+
+
+def _mapped_batches(
+    n: int, *, batch_size: int, seed: int, epochs: int, block_rows: int, buffer_blocks: int,
+    own: tuple[int, int] | None,
+) -> Iterator[_Batch]:
+    """The minibatches of :func:`plan_minibatches` this process handles (``own``: global indices
+    ``[lo, hi)``), positions in ascending order (the order inside a minibatch changes no HSIC_1 value;
+    ascending rows are copied block by block). Arrays are left empty: the compute tasks gather them."""
+    sizes = batch_sizes(n, batch_size)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    lo, hi = own if own is not None else (0, len(sizes) * epochs)
+    for epoch in range(epochs):
+        first, last = max(lo - epoch * len(sizes), 0), min(hi - epoch * len(sizes), len(sizes))
+        if first >= last:
+            continue
+        order, _ = _epoch_order(n, seed, epoch, block_rows, buffer_blocks)
+        for k in range(first, last):
+            yield _Batch(index=epoch * len(sizes) + k, positions=np.sort(order[offsets[k] : offsets[k + 1]]), arrays=[])
+
+
+def _blas_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class _NumpyGrams:
+    """CPU Grams of one minibatch: one task per layer (gather, centre, syrk) on a pool of one thread per
+    core, each with single-threaded BLAS (``threadpoolctl``); the largest layers go first. With fewer
+    layers than cores, the spare cores go to BLAS threads instead. Buffers are allocated once and reused.
+    Every ``release_bytes`` gathered from the memory maps, the pages read so far are unmapped from the
+    process (they stay in the page cache), so resident memory stays flat however large the files are."""
+
+    def __init__(self, files: Sequence["ActivationFile"], stacked: Sequence[_Layer], alignment: _Alignment,
+                 gram_dtype: str, bandwidths: Sequence[float] | None, mapped: list[Any] | None, largest: int,
+                 release_bytes: int = BUFFER_BYTES) -> None:
+        self.files, self.stacked, self.alignment = files, stacked, alignment
+        self.gram_dtype, self.bandwidths = gram_dtype, bandwidths
+        self.mapped = mapped
+        self.row_bytes = sum(layer.features * layer.itemsize for layer in stacked)
+        self.release_bytes, self.gathered = release_bytes, 0
+        cores = _blas_threads()
+        self.workers = max(1, min(cores, len(stacked)))
+        self.blas_threads = max(1, cores // self.workers)
+        self.order = sorted(range(len(stacked)), key=lambda i: -stacked[i].features)
+        self.scratch = ([np.empty((largest, layer.features), dtype=layer.dtype) for layer in stacked]
+                        if mapped is not None else [])
+        self.grams: dict[int, np.ndarray] = {}
+
+    def __enter__(self) -> "_NumpyGrams":
+        from concurrent.futures import ThreadPoolExecutor
+
+        from threadpoolctl import threadpool_limits
+
+        self._limits = threadpool_limits(self.blas_threads, user_api="blas")
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="cka-gram")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._limits.restore_original_limits()
+
+    def __call__(self, batch: _Batch) -> np.ndarray:
+        from .cka.hsic import gram_linear, gram_rbf
+
+        m = len(batch.positions)
+        grams = self.grams.get(m)
+        if grams is None:
+            grams = self.grams[m] = np.empty((len(self.stacked), m, m), dtype=self.gram_dtype)
+
+        def task(i: int) -> None:
+            if self.mapped is not None:
+                rows = self.alignment.rows[self.stacked[i].file]
+                x = self.mapped[i].gather(batch.positions if rows is None else rows[batch.positions],
+                                          self.scratch[i][:m])
+            else:
+                x = batch.arrays[i]
+            if self.bandwidths is None:
+                grams[i] = gram_linear(x, dtype=self.gram_dtype, inplace=True)  # x is this batch's scratch copy
+            elif math.isnan(self.bandwidths[i]):
+                grams[i] = 0.0  # constant layer: zero self-HSIC marks it undefined
+            else:
+                grams[i] = gram_rbf(x, self.bandwidths[i], dtype=self.gram_dtype)
+
+        for future in [self._pool.submit(task, i) for i in self.order]:
+            future.result()
+        if self.mapped is not None:
+            self.gathered += m * self.row_bytes
+            if self.gathered >= self.release_bytes:  # between minibatches: no task is reading
+                for f in self.files:
+                    f.release_mapped()
+                self.gathered = 0
+        return grams
+
+
+class _TorchGrams:
+    """CUDA Grams of one minibatch: each layer's pinned rows copied to the device, Grams computed there."""
+
+    def __init__(self, stacked: Sequence[_Layer], device: str, gram_dtype: str,
+                 bandwidths: Sequence[float] | None) -> None:
+        self.stacked, self.device, self.gram_dtype, self.bandwidths = stacked, device, gram_dtype, bandwidths
+        self._compute = _torch_compute(True)
+
+    def __enter__(self) -> "_TorchGrams":
+        self._compute.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        try:
+            if exc[0] is None:
+                torch.cuda.synchronize(self.device)
+        finally:
+            self._compute.__exit__(*exc)
+
+    def __call__(self, batch: _Batch) -> Any:
+        import torch
+
+        from .cka.hsic import gram_linear, gram_rbf
+
+        m = len(batch.positions)
+        grams = torch.empty((len(self.stacked), m, m), dtype=getattr(torch, self.gram_dtype), device=self.device)
+        for i, x in enumerate(batch.arrays):
+            x = x.to(self.device, non_blocking=True)
+            if self.bandwidths is None:
+                grams[i] = gram_linear(x, dtype=self.gram_dtype, inplace=True)  # x is this batch's copy
+            elif math.isnan(self.bandwidths[i]):
+                grams[i] = 0.0
+            else:
+                grams[i] = gram_rbf(x, self.bandwidths[i], dtype=self.gram_dtype)
+        return grams
+
+
 @contextlib.contextmanager
-def _full_float32_matmul() -> Iterator[None]:
-    """Keep float32 Grams float32 on CUDA: TF32 (``set_float32_matmul_precision("high")``, which another
-    library in the process may have set) rounds the factors to 10-bit mantissas. Restored afterwards."""
+def _torch_compute(on_cuda: bool) -> Iterator[None]:
+    """For torch (CUDA): no autograd, and float32 Grams kept float32: TF32
+    (``set_float32_matmul_precision("high")``, which another library in the process may have set) rounds
+    the factors to 10-bit mantissas. Restored afterwards. Nothing for the numpy path."""
+    if not on_cuda:
+        yield
+        return
     import torch
 
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
-        yield
+        with torch.no_grad():
+            yield
     finally:
         torch.set_float32_matmul_precision(before)
 
 
 def _raise_non_finite(
     files: Sequence["ActivationFile"], batch: _Batch, stacked: Sequence[_Layer], labels: Sequence[str],
-    alignment: _Alignment, gram_dtype: "torch.dtype",
+    alignment: _Alignment, gram_dtype: str,
 ) -> None:
     # the batch's arrays were centred in place (a NaN spreads over its column), so read the rows again
     for layer in stacked:
         x = _read_aligned(files[layer.file], layer.name, alignment, layer.file, batch.positions)
         _check_finite(x, batch.positions, layer, labels[layer.file], alignment.ids)
     raise ActivationValueError(
-        f"minibatch {batch.index}: the Grams overflow {str(gram_dtype).replace('torch.', '')} although the "
+        f"minibatch {batch.index}: the Grams overflow {gram_dtype} although the "
         "activations are finite (very large values); use --precision float64"
     )
 
@@ -926,8 +1096,6 @@ def _run_full(
     files: Sequence["ActivationFile"], stacked: Sequence[_Layer], alignment: _Alignment, labels: Sequence[str], *,
     debiased: bool, device: str, progress: ProgressCallback | None,
 ) -> tuple[np.ndarray, dict[str, float]]:
-    import torch
-
     from .cka.hsic import cka_linear_full
 
     n = len(alignment.ids)
@@ -944,11 +1112,15 @@ def _run_full(
     for layer in stacked:
         x = _read_aligned(files[layer.file], layer.name, alignment, layer.file, positions)
         _check_finite(x, positions, layer, labels[layer.file], alignment.ids)
-        data.append(torch.from_numpy(x).to(device))
+        if device != "cpu":
+            import torch
+
+            x = torch.from_numpy(x).to(device)
+        data.append(x)
     t_compute = time.perf_counter()
     size = len(stacked)
     cka = np.full((size, size), np.nan)
-    with torch.no_grad():
+    with _torch_compute(device != "cpu"):
         for i in range(size):
             for j in range(i, size):
                 cka[i, j] = cka[j, i] = cka_linear_full(data[i], data[j], debiased=debiased)
@@ -958,7 +1130,8 @@ def _run_full(
 
 
 class _Hasher:
-    """SHA-256 of files on a background thread, overlapping the analysis (hashing is I/O bound)."""
+    """SHA-256 of files on a background thread, overlapping the analysis; digests of unchanged files are
+    remembered between runs (:mod:`cka_offline.digests`)."""
 
     def __init__(self, paths: Sequence[str]) -> None:
         self.paths = list(dict.fromkeys(paths))
@@ -969,17 +1142,14 @@ class _Hasher:
         self.thread.start()
 
     def _run(self) -> None:
-        import hashlib
+        from .digests import file_sha256
 
         try:
             for path in self.paths:
-                digest = hashlib.sha256()
-                with open(path, "rb") as fh:
-                    while block := fh.read(1 << 22):
-                        if self._cancel.is_set():
-                            return
-                        digest.update(block)
-                self.digests[path] = digest.hexdigest()
+                digest = file_sha256(path, cancelled=self._cancel.is_set)
+                if digest is None:
+                    return
+                self.digests[path] = digest
         except BaseException as exc:
             self.error = exc
 

@@ -280,14 +280,16 @@ class Distributed:
             exc.quiet = not self.is_main
             raise exc
 
-    def all_reduce_sum(self, tensors: Sequence["torch.Tensor"]) -> None:
-        """Sum every tensor over the ranks, in place (the accumulator's state: float64 sums, int64 counts)."""
+    def all_reduce_sum(self, arrays: Sequence[Any]) -> None:
+        """Sum every array over the ranks, in place (the accumulator's state: numpy float64 sums and int64
+        counts, reduced as CPU tensors sharing their memory; torch tensors are reduced as they are)."""
         if not self.enabled:
             return
+        import torch
         import torch.distributed as dist
 
-        for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        for a in arrays:
+            dist.all_reduce(a if isinstance(a, torch.Tensor) else torch.from_numpy(a), op=dist.ReduceOp.SUM)
 
     def barrier(self) -> None:
         """Wait until every rank arrives."""

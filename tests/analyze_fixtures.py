@@ -41,13 +41,14 @@ def write_acts(
     model: str = "chain",
     dtype: str = "float32",
     shard: tuple[int, int, int] | None = None,
+    compression: str | None = None,
 ) -> str:
     n = len(next(iter(arrays.values())))
     ids = np.arange(n) if ids is None else np.asarray(ids)
     specs = [LayerSpec(name, (a.shape[1],), "none", a.shape[1]) for name, a in arrays.items()]
     with ActivationWriter(
         path, ids=ids, layers=specs, provenance={"model": model, "extractor": "test"}, dtype=dtype,
-        chunk_rows=chunk_rows, shard=shard,
+        chunk_rows=chunk_rows, shard=shard, compression=compression,
     ) as w:
         for s in range(0, n, 10):
             w.write({k: v[s : s + 10] for k, v in arrays.items()})

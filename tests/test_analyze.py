@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -204,6 +206,33 @@ def test_ids_in_another_order_give_the_same_result(tmp_path, two_files):
     np.testing.assert_allclose(shuffled.se, same.se, atol=1e-12)
 
 
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_memory_mapped_and_hdf5_read_paths_agree(tmp_path, two_files, kernel, caplog):
+    """Uncompressed layers are gathered from memory maps by the compute threads; compressed ones come
+    through the HDF5 reader thread. Same minibatches, same numbers (in any id order, several layers or one)."""
+    pa, pb, a, b = two_files
+    perm = np.random.default_rng(3).permutation(N)
+    pb_perm = write_acts(tmp_path / "b_perm.h5", {k: v[perm] for k, v in b.items()}, ids=perm)
+    pa_gz = write_acts(tmp_path / "a_gz.h5", a, compression="gzip")
+    opts = dict(batch_size=16, precision="float64", device="cpu", kernel=kernel)
+    with caplog.at_level(logging.INFO, logger="cka_offline.analysis"):
+        mapped = analyze([pa, pb_perm], **opts)
+        assert "reading through HDF5" not in caplog.text
+        via_hdf5 = analyze([pa_gz, pb_perm], **opts)
+        assert "stored compressed or unusually: reading through HDF5" in caplog.text
+    np.testing.assert_allclose(mapped.cka, via_hdf5.cka, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(mapped.se, via_hdf5.se, rtol=0, atol=1e-12)
+    want, _ = ref_minibatch([a[k] for k in a] + [b[k] for k in b], plan_of(mapped),
+                            sigmas=None if kernel == "linear" else _sigmas(mapped))
+    np.testing.assert_allclose(mapped.cka, want, rtol=0, atol=1e-10)
+    one = analyze([pa], layers=["layer1"], **opts)  # one layer: one task per minibatch, BLAS gets the cores
+    np.testing.assert_allclose(one.cka, [[1.0]], atol=1e-12)
+
+
+def _sigmas(result):
+    return [bw for per_file in result.params["bandwidths"].values() for bw in per_file.values()]
+
+
 def test_string_ids_in_another_order(tmp_path):
     a = chain_activations(40, seed=1)
     ids = np.array([f"img{k:03d}" for k in range(40)])
@@ -358,18 +387,42 @@ def test_cuda_matches_cpu(two_files):
 
 
 def test_tf32_setting_is_overridden_and_restored(two_files):
+    """The torch (CUDA) loop runs under _torch_compute: full float32 matmuls and no autograd, restored after."""
     import torch
+
+    from cka_offline.analysis import _torch_compute
 
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
-        seen = []
+        with _torch_compute(True):
+            assert torch.get_float32_matmul_precision() == "highest" and not torch.is_grad_enabled()
+        assert torch.get_float32_matmul_precision() == "high" and torch.is_grad_enabled()
+        with pytest.raises(KeyError):
+            with _torch_compute(True):
+                raise KeyError("restored on error too")
+        assert torch.get_float32_matmul_precision() == "high"
+        seen = []  # the CPU loop is numpy: it leaves torch's settings alone
         analyze([two_files[0]], batch_size=16, device="cpu",
                 progress=lambda *_: seen.append(torch.get_float32_matmul_precision()))
-        assert set(seen) == {"highest"}
-        assert torch.get_float32_matmul_precision() == "high"
+        assert set(seen) == {"high"}
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_cpu_analysis_does_not_import_torch(two_files, tmp_path):
+    """Start-up matters on short runs: --device cpu (and auto without a GPU driver) never imports torch."""
+    code = (
+        "import sys\n"
+        "from cka_offline import analyze\n"
+        f"r = analyze([{str(two_files[0])!r}, {str(two_files[1])!r}], batch_size=16, device='cpu')\n"
+        "r.save(sys.argv[1])\n"
+        "assert r.cka.shape[0] > 0\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.json")], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False", out.stderr
 
 
 def test_package_level_call(two_files):

@@ -59,7 +59,7 @@ def test_ranks_read_exactly_the_single_process_minibatches(tmp_path, world):
             out = []
             with _Reader([f], layers, alignment, own=own, **kw) as reader:
                 for batch in reader:
-                    out.append((batch.index, batch.positions.copy(), [a.numpy().copy() for a in batch.arrays]))
+                    out.append((batch.index, batch.positions.copy(), [np.array(a) for a in batch.arrays]))
                     reader.release(batch)
             return out
 

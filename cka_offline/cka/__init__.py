@@ -1,6 +1,6 @@
 """CKA math: Grams, unbiased HSIC, the streaming minibatch accumulator and its jackknife statistics.
 
-Torch math only (no files, no printing). References: Kornblith et al. 2019 (CKA), Nguyen, Raghu &
+Array math on numpy arrays or torch tensors (no files, no printing). References: Kornblith et al. 2019 (CKA), Nguyen, Raghu &
 Kornblith 2020 (minibatch CKA), Song et al. 2012 (unbiased HSIC).
 """
 

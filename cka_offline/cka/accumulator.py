@@ -8,9 +8,11 @@ For minibatches ``b`` of ``m`` examples each and Grams ``K_{i,b}`` of layers ``i
 (:func:`cka_offline.cka.hsic.hsic1_matrix`). The sums are kept per jackknife group ``batch_index % n_groups``
 so that a grouped leave-one-group-out jackknife gives a standard error for every entry in bounded memory.
 
-The state is float64 sums and int64 counts only, so merging two accumulators (two processes, two GPUs,
-two halves of a dataset) is addition, and ``torch.distributed.all_reduce(SUM)`` of every tensor of
-:meth:`MinibatchCKA.state_dict` gives what a single process would have computed.
+The state is float64 sums and int64 counts only, held as numpy arrays on the host (``L x L`` per group:
+kilobytes, whatever the device the Grams are computed on), so merging two accumulators (two processes, two
+GPUs, two halves of a dataset) is addition, and summing every array of :meth:`MinibatchCKA.state_dict` over
+processes (``torch.distributed.all_reduce(torch.from_numpy(a), SUM)``) gives what a single process would
+have computed.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import torch
 
+from cka_offline.cka.arrays import is_tensor, to_numpy
 from cka_offline.cka.hsic import hsic1_matrix
 from cka_offline.cka.stats import student_t_ppf
 from cka_offline.errors import ActivationValueError, InsufficientDataError
@@ -52,14 +55,14 @@ class CKAStats:
     n_groups: int = 0
 
 
-def _cka_from_sums(hsic: torch.Tensor) -> torch.Tensor:
+def _cka_from_sums(hsic: np.ndarray) -> np.ndarray:
     """CKA from summed HSIC_1 ``(..., L, L)``: ``H_ij / sqrt(H_ii H_jj)``; NaN where ``H_ii <= 0`` or ``H_jj <= 0``."""
-    diag = hsic.diagonal(dim1=-2, dim2=-1)
+    diag = np.diagonal(hsic, axis1=-2, axis2=-1)
     ok = diag > 0
-    root = torch.where(ok, diag, torch.ones_like(diag)).sqrt()
+    root = np.sqrt(np.where(ok, diag, 1.0))
     cka = hsic / (root[..., :, None] * root[..., None, :])
     valid = ok[..., :, None] & ok[..., None, :]
-    return torch.where(valid, cka, torch.full_like(cka, math.nan))
+    return np.where(valid, cka, math.nan)
 
 
 class MinibatchCKA:
@@ -68,63 +71,64 @@ class MinibatchCKA:
     All layers of all compared files are stacked as one list of ``L = n_layers`` layers; a comparison of
     model A with model B is a block of the ``L x L`` result.
 
-    State (all on ``device``): ``hsic_sum`` float64 ``(n_groups, L, L)`` (per-group sums of the HSIC_1
-    matrices), ``n_batches`` and ``n_examples`` int64 ``(n_groups,)``.
+    State (numpy, on the host): ``hsic_sum`` float64 ``(n_groups, L, L)`` (per-group sums of the HSIC_1
+    matrices), ``n_batches`` and ``n_examples`` int64 ``(n_groups,)``. The Grams given to :meth:`update`
+    may be numpy arrays or torch tensors on any device; their pair products run there.
 
     Example::
 
         acc = MinibatchCKA(n_layers=L, n_groups=16)
-        for b, batch in enumerate(batches):               # batch: list of L tensors (m, d_i)
-            acc.update(torch.stack([gram_linear(x) for x in batch]), batch_index=b)
-        cka = acc.compute()                               # (L, L) float64
+        for b, batch in enumerate(batches):               # batch: list of L arrays (m, d_i)
+            acc.update(np.stack([gram_linear(x) for x in batch]), batch_index=b)
+        cka = acc.compute()                               # (L, L) float64 numpy
         stats = acc.compute_stats(confidence=0.95)        # CKAStats, numpy
 
-    Multi-process: give each rank distinct ``batch_index`` values, then
-    ``sd = acc.state_dict(); [dist.all_reduce(t, op=SUM) for t in sd.values()]; acc.load_state_dict(sd)``.
+    Multi-process: give each rank distinct ``batch_index`` values, then ``sd = acc.state_dict();
+    [dist.all_reduce(torch.from_numpy(a), op=SUM) for a in sd.values()]; acc.load_state_dict(sd)``.
     """
 
-    def __init__(self, n_layers: int, n_groups: int = 16, device: str | torch.device = "cpu") -> None:
+    def __init__(self, n_layers: int, n_groups: int = 16) -> None:
         if not (isinstance(n_layers, int) and n_layers >= 1):
             raise ValueError(f"n_layers must be an int >= 1, got {n_layers!r}")
         if not (isinstance(n_groups, int) and n_groups >= 1):
             raise ValueError(f"n_groups must be an int >= 1, got {n_groups!r}")
         self.n_layers = n_layers
         self.n_groups = n_groups
-        self.device = torch.device(device)
-        self.hsic_sum = torch.zeros((n_groups, n_layers, n_layers), dtype=torch.float64, device=self.device)
-        self.n_batches = torch.zeros(n_groups, dtype=torch.int64, device=self.device)
-        self.n_examples = torch.zeros(n_groups, dtype=torch.int64, device=self.device)
+        self.hsic_sum = np.zeros((n_groups, n_layers, n_layers), dtype=np.float64)
+        self.n_batches = np.zeros(n_groups, dtype=np.int64)
+        self.n_examples = np.zeros(n_groups, dtype=np.int64)
 
     def __repr__(self) -> str:
         return (
-            f"MinibatchCKA(n_layers={self.n_layers}, n_groups={self.n_groups}, device={str(self.device)!r}, "
+            f"MinibatchCKA(n_layers={self.n_layers}, n_groups={self.n_groups}, "
             f"batches={int(self.n_batches.sum())}, examples={int(self.n_examples.sum())})"
         )
 
-    def update(self, grams: torch.Tensor, batch_index: int) -> None:
+    def update(self, grams: Any, batch_index: int) -> None:
         """Add the ``L x L`` HSIC_1 matrix of one minibatch into group ``batch_index % n_groups``.
 
         ``grams``: ``(L, m, m)`` symmetric Grams of all layers for the same ``m >= 4`` examples, float32 or
-        float64, on any device (pair products run there in float64; the result moves to ``device``).
+        float64, a numpy array or a tensor on any device (pair products run there in float64; the ``L x L``
+        result comes to the host).
         ``batch_index``: a non-negative int, distinct per minibatch (across ranks too) so groups stay balanced.
         Raises InsufficientDataError for ``m < 4`` and ActivationValueError when the HSIC values are not
         finite (NaN/Inf activations); the state is left unchanged then.
         """
-        if not isinstance(grams, torch.Tensor) or grams.ndim != 3 or grams.shape[0] != self.n_layers:
-            shape = tuple(grams.shape) if isinstance(grams, torch.Tensor) else type(grams).__name__
+        if not (isinstance(grams, np.ndarray) or is_tensor(grams)) or grams.ndim != 3 or grams.shape[0] != self.n_layers:
+            shape = tuple(grams.shape) if hasattr(grams, "shape") else type(grams).__name__
             raise ValueError(f"grams must have shape ({self.n_layers}, m, m), got {shape}")
         if isinstance(batch_index, bool) or not isinstance(batch_index, int) or batch_index < 0:
             raise ValueError(f"batch_index must be an int >= 0, got {batch_index!r}")
-        hsic = hsic1_matrix(grams)
-        finite = torch.isfinite(hsic)
-        if not bool(finite.all()):
-            bad = torch.nonzero(~finite.all(dim=1)).flatten().tolist()
+        hsic = to_numpy(hsic1_matrix(grams))
+        finite = np.isfinite(hsic)
+        if not finite.all():
+            bad = np.flatnonzero(~finite.all(axis=1)).tolist()
             raise ActivationValueError(
                 f"minibatch {batch_index}: HSIC is NaN or Inf for layer indices {bad}; the activations "
                 "hold NaN/Inf or overflow the Gram dtype (try float64 Grams); the minibatch was not added"
             )
         group = batch_index % self.n_groups
-        self.hsic_sum[group] += hsic.to(self.device)
+        self.hsic_sum[group] += hsic
         self.n_batches[group] += 1
         self.n_examples[group] += grams.shape[1]
 
@@ -137,61 +141,65 @@ class MinibatchCKA:
                 f"cannot merge MinibatchCKA(n_layers={other.n_layers}, n_groups={other.n_groups}) into "
                 f"MinibatchCKA(n_layers={self.n_layers}, n_groups={self.n_groups}): both must match"
             )
-        self.hsic_sum += other.hsic_sum.to(self.device)
-        self.n_batches += other.n_batches.to(self.device)
-        self.n_examples += other.n_examples.to(self.device)
+        self.hsic_sum += other.hsic_sum
+        self.n_batches += other.n_batches
+        self.n_examples += other.n_examples
         return self
 
     def reset(self) -> None:
         """Zero all sums and counts."""
-        self.hsic_sum.zero_()
-        self.n_batches.zero_()
-        self.n_examples.zero_()
+        self.hsic_sum[...] = 0.0
+        self.n_batches[...] = 0
+        self.n_examples[...] = 0
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Copies of the state tensors: ``hsic_sum`` float64 ``(G, L, L)``, ``n_batches``/``n_examples`` int64 ``(G,)``.
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of the state: ``hsic_sum`` float64 ``(G, L, L)``, ``n_batches``/``n_examples`` int64 ``(G,)``.
 
-        Every value is a tensor whose sum over processes is the merged state, so it can go through
-        ``torch.distributed.all_reduce(t, op=ReduceOp.SUM)`` as is and back through :meth:`load_state_dict`.
+        Every value is a numpy array whose sum over processes is the merged state: sum them in place with
+        ``torch.distributed.all_reduce(torch.from_numpy(a), op=ReduceOp.SUM)`` (the tensor shares the
+        array's memory) and give them back to :meth:`load_state_dict`.
         """
-        return {key: getattr(self, key).clone() for key in _STATE_KEYS}
+        return {key: getattr(self, key).copy() for key in _STATE_KEYS}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Replace the state by ``state`` (as from :meth:`state_dict`), copied onto ``device``."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace the state by ``state`` (as from :meth:`state_dict`; numpy arrays or CPU/GPU tensors), copied."""
         expected = {
-            "hsic_sum": ((self.n_groups, self.n_layers, self.n_layers), torch.float64),
-            "n_batches": ((self.n_groups,), torch.int64),
-            "n_examples": ((self.n_groups,), torch.int64),
+            "hsic_sum": ((self.n_groups, self.n_layers, self.n_layers), np.float64),
+            "n_batches": ((self.n_groups,), np.int64),
+            "n_examples": ((self.n_groups,), np.int64),
         }
         if set(state) != set(expected):
             raise ValueError(f"state keys must be {sorted(expected)}, got {sorted(state)}")
+        values = {}
         for key, (shape, dtype) in expected.items():
             value = state[key]
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape or value.dtype != dtype:
-                got = (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ValueError(f"state[{key!r}] must be a {dtype} tensor of shape {shape}, got {got}")
+            array = to_numpy(value) if isinstance(value, np.ndarray) or is_tensor(value) else None
+            if array is None or tuple(array.shape) != shape or array.dtype != dtype:
+                got = (tuple(array.shape), str(array.dtype)) if array is not None else type(value).__name__
+                raise ValueError(f"state[{key!r}] must be a {np.dtype(dtype).name} array of shape {shape}, got {got}")
+            values[key] = array
         for key in _STATE_KEYS:
-            getattr(self, key).copy_(state[key])
+            getattr(self, key)[...] = values[key]
 
     @property
     def degenerate_layers(self) -> list[int]:
         """Indices of layers whose summed self-HSIC_1 is ``<= 0`` (e.g. a constant layer); their CKA is NaN."""
-        diag = self.hsic_sum.sum(dim=0).diagonal()
-        return torch.nonzero(diag <= 0).flatten().tolist()
+        diag = np.diagonal(self.hsic_sum.sum(axis=0))
+        return np.flatnonzero(diag <= 0).tolist()
 
     def _check_not_empty(self) -> None:
         if int(self.n_batches.sum()) == 0:
             raise InsufficientDataError("no minibatch was added to the CKA accumulator; nothing to compute")
 
-    def compute(self) -> torch.Tensor:
-        """Minibatch CKA ``(L, L)`` float64 on ``device`` (formula in the module docstring).
+    def compute(self) -> np.ndarray:
+        """Minibatch CKA ``(L, L)`` float64 numpy (formula in the module docstring).
 
         Rows and columns of :attr:`degenerate_layers` are NaN (the caller should warn, naming the layer);
         no other entry is NaN. No clamping: with the unbiased HSIC an entry can fall slightly outside
         [0, 1] by chance. Raises InsufficientDataError when nothing was added.
         """
         self._check_not_empty()
-        return _cka_from_sums(self.hsic_sum.sum(dim=0))
+        return _cka_from_sums(self.hsic_sum.sum(axis=0))
 
     def compute_stats(self, confidence: float = 0.95) -> CKAStats:
         """CKA with grouped-jackknife standard errors and ``confidence`` intervals (numpy float64 ``(L, L)``).
@@ -207,7 +215,7 @@ class MinibatchCKA:
         if not (isinstance(confidence, (int, float)) and 0.0 < confidence < 1.0):
             raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
         self._check_not_empty()
-        totals = self.hsic_sum.sum(dim=0)
+        totals = self.hsic_sum.sum(axis=0)
         theta = _cka_from_sums(totals)
         used = self.n_batches > 0
         n_used = int(used.sum())
@@ -215,25 +223,24 @@ class MinibatchCKA:
             logger.warning(
                 "jackknife needs minibatches in at least 2 groups, got %d; standard errors are NaN", n_used
             )
-            se = torch.full_like(theta, math.nan)
+            se = np.full_like(theta, math.nan)
         else:
             loo = _cka_from_sums(totals[None] - self.hsic_sum[used])  # (G, L, L)
-            dev = loo - loo.mean(dim=0, keepdim=True)
-            se = ((n_used - 1) / n_used * (dev * dev).sum(dim=0)).sqrt()
-            unstable = torch.isnan(se) & ~torch.isnan(theta)
-            if bool(unstable.any()):
+            dev = loo - loo.mean(axis=0, keepdims=True)
+            se = np.sqrt((n_used - 1) / n_used * (dev * dev).sum(axis=0))
+            unstable = np.isnan(se) & ~np.isnan(theta)
+            if unstable.any():
                 logger.warning(
                     "jackknife SE is NaN for %d CKA entries: leaving out one group makes a self-HSIC <= 0 "
                     "(too few examples); use more data",
                     int(unstable.sum()),
                 )
         half = student_t_ppf(0.5 + confidence / 2.0, n_used - 1) * se if n_used >= 2 else se
-        to_np = lambda t: t.detach().cpu().numpy().astype(np.float64)  # noqa: E731
         return CKAStats(
-            cka=to_np(theta),
-            se=to_np(se),
-            low=to_np(theta - half),
-            high=to_np(theta + half),
+            cka=theta,
+            se=se,
+            low=theta - half,
+            high=theta + half,
             degenerate_layers=self.degenerate_layers,
             confidence=float(confidence),
             n_groups=n_used,

@@ -1,4 +1,4 @@
-"""Kernel matrices and HSIC estimators: pure torch math, no files, no printing.
+"""Kernel matrices and HSIC estimators: pure array math on numpy arrays or torch tensors, no files, no printing.
 
 Notation (Kornblith et al. 2019, "Similarity of Neural Network Representations Revisited", ICML;
 Nguyen, Raghu & Kornblith 2021, "Do Wide and Deep Networks Learn the Same Things?", ICLR, arXiv 2020;
@@ -17,15 +17,24 @@ Song et al. 2012, "Feature Selection via Dependence Maximization", JMLR):
 HSIC_1 of linear Grams is exactly invariant to subtracting a constant vector from every row of ``x``;
 :func:`gram_linear` does so (column means of the minibatch) before the product, because a float32 Gram of
 activations with a large mean (after ReLU, or shifted by +50) loses the whole signal to cancellation.
+
+Every function takes numpy arrays or torch tensors and computes with the library (and, for torch, on the
+device) of its input, returning the same kind. numpy on the CPU is what ``cka-analyze --device cpu`` uses:
+it needs no torch import (about a second of start-up), and numpy's BLAS computes ``X @ X.T`` as a symmetric
+rank-k update (syrk), half the multiply-adds of a general product. Torch tensors are for CUDA (or for callers
+who hold tensors already); torch is imported only when one is passed. Dtype arguments accept a name
+(``"float32"``), a numpy dtype or a torch dtype.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
-import torch
+import numpy as np
 
+from cka_offline.cka.arrays import FLOAT_NAMES, astype, dtype_name, is_tensor, name_of, to_numpy, wider
 from cka_offline.errors import ActivationValueError, AlignmentError, InsufficientDataError, ResourceError
 
 __all__ = [
@@ -39,88 +48,109 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_GRAM_DTYPES = (torch.float32, torch.float64)
+#: a numpy array or a torch tensor
+Array = Any
+
+_GRAM_NAMES = ("float32", "float64")
 
 
-def _check_matrix(x: torch.Tensor, name: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (m, d), got {type(x).__name__}")
+def _check_matrix(x: Array, name: str) -> None:
+    if not (isinstance(x, np.ndarray) or is_tensor(x)):
+        raise TypeError(f"{name} must be a numpy array or torch.Tensor of shape (m, d), got {type(x).__name__}")
     if x.ndim != 2:
         raise ValueError(f"{name} must have shape (m, d), got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+    if name_of(x) not in FLOAT_NAMES:
+        raise ValueError(f"{name} must be floating point (float16/bfloat16/float32/float64), got {name_of(x)}")
 
 
-def _check_gram_dtype(dtype: torch.dtype) -> None:
-    if dtype not in _GRAM_DTYPES:
-        raise ValueError(f"Gram dtype must be torch.float32 or torch.float64, got {dtype}")
+def _gram_name(dtype: Any) -> str:
+    name = dtype_name(dtype)
+    if name not in _GRAM_NAMES:
+        raise ValueError(f"Gram dtype must be float32 or float64, got {name}")
+    return name
 
 
-def center_columns(x: torch.Tensor, dtype: torch.dtype | None = None, *, inplace: bool = False) -> torch.Tensor:
+def _symmetrize(gram: Array) -> Array:
+    # A blocked product need not be bit-symmetric (numpy's syrk is; averaging it changes nothing);
+    # hsic1_matrix relies on symmetry.
+    return (gram + gram.T) * 0.5
+
+
+def center_columns(x: Array, dtype: Any = None, *, inplace: bool = False) -> Array:
     """Subtract each column's mean: ``x - 1 mean(x, 0)``, shape ``(m, d)`` -> ``(m, d)``.
 
     The mean is taken in the working precision (the wider of ``x``'s dtype and ``dtype``, at least
-    float32) with torch's cascaded summation, so the residual offset of a column is a few ulps of its mean
-    (about 1e-5 for a mean of 50 in float32). That residual is harmless: HSIC_1 is exactly invariant to it,
-    and it is far too small to cause cancellation in the Gram; a float64 mean would cost a float64 copy of
-    the minibatch for no measurable gain. When ``x`` is float64 and ``dtype`` float32, the subtraction is
-    done in float64 before rounding, so a large common offset (e.g. +50) costs no precision at all.
-    The result has dtype ``dtype`` (default: ``x.dtype``, at least float32). ``inplace=True`` lets it
-    overwrite ``x`` when ``x`` already has the working dtype (a streaming caller's scratch buffer: no new
-    ``m x d`` allocation per minibatch).
+    float32), so the residual offset of a column is a small multiple of its mean's rounding error (about
+    1e-4 for a mean of 50 over 256 float32 rows). That residual is harmless: HSIC_1 is exactly invariant
+    to it, and it is far too small to cause cancellation in the Gram; a float64 mean would cost a float64
+    pass over the minibatch for no measurable gain. When ``x`` is float64 and ``dtype`` float32, the
+    subtraction is done in float64 before rounding, so a large common offset (e.g. +50) costs no
+    precision at all. The result has dtype ``dtype`` (default: ``x``'s, at least float32) and is of
+    ``x``'s kind (numpy or torch, same device). ``inplace=True`` lets it overwrite ``x`` when ``x`` already
+    has the working dtype (a streaming caller's scratch buffer: no new ``m x d`` allocation per minibatch).
     """
     _check_matrix(x, "x")
-    if dtype is None:
-        dtype = torch.promote_types(x.dtype, torch.float32)
-    work = torch.promote_types(torch.promote_types(x.dtype, dtype), torch.float32)
-    xw = x.to(work)
-    mean = xw.mean(dim=0, keepdim=True)
-    xc = xw.sub_(mean) if inplace or xw is not x else xw - mean
-    return xc.to(dtype)
+    source = name_of(x)
+    out = dtype_name(dtype) if dtype is not None else wider(source, "float32")
+    work = wider(source, out, "float32")
+    xw = astype(x, work)
+    if is_tensor(xw):
+        mean = xw.mean(dim=0, keepdim=True)
+    else:  # a matrix-vector product: several times faster than numpy's column-wise mean
+        mean = (np.ones(xw.shape[0], dtype=work) @ xw) / np.array(xw.shape[0], dtype=work)
+    if inplace or xw is not x:
+        xw -= mean
+    else:
+        xw = xw - mean
+    return astype(xw, out)
 
 
-def gram_linear(x: torch.Tensor, dtype: torch.dtype = torch.float32, *, inplace: bool = False) -> torch.Tensor:
+def gram_linear(x: Array, dtype: Any = "float32", *, inplace: bool = False) -> Array:
     """Linear Gram matrix of the column-centred minibatch: ``K = Xc Xc^T``, ``(m, d)`` -> ``(m, m)``.
 
     Centring first changes no HSIC_1 value (Song et al. 2012: HSIC_1 is invariant to a constant shift
     of the features) but keeps the float32 product accurate. ``dtype`` selects the Gram precision
-    (float32 default, float64 on request); ``x`` may be float16/bfloat16/float32/float64 on any device,
-    and the Gram is computed on ``x``'s device. The result is exactly symmetric. On CUDA, float32 Grams are
-    only as accurate as stated if TF32 matmuls stay off (PyTorch's default; ``set_float32_matmul_precision``
-    "high" would round the factors to 10-bit mantissas). ``inplace=True`` allows centring ``x`` in place
-    (see :func:`center_columns`).
+    (float32 default, float64 on request); ``x`` may be float16/bfloat16/float32/float64, a numpy array
+    (numpy's BLAS then runs a syrk) or a tensor on any device (the Gram is computed there). The result is
+    exactly symmetric. On CUDA, float32 Grams are only as accurate as stated if TF32 matmuls stay off
+    (PyTorch's default; ``set_float32_matmul_precision("high")`` would round the factors to 10-bit
+    mantissas). ``inplace=True`` allows centring ``x`` in place (see :func:`center_columns`).
     """
-    _check_gram_dtype(dtype)
-    xc = center_columns(x, dtype, inplace=inplace)
-    gram = xc @ xc.T
-    # A blocked matmul need not be bit-symmetric; hsic1_matrix relies on symmetry.
-    return (gram + gram.T) * 0.5
+    name = _gram_name(dtype)
+    xc = center_columns(x, name, inplace=inplace)
+    return _symmetrize(xc @ xc.T)
 
 
-def _sq_distances(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _sq_distances(x: Array, dtype: str) -> Array:
     """Squared Euclidean distances ``||x_i - x_j||^2``, ``(m, d)`` -> ``(m, m)``, exact zeros on the diagonal."""
     xc = center_columns(x, dtype)  # distances are shift invariant; centring keeps the norms small
-    gram = xc @ xc.T
-    gram = (gram + gram.T) * 0.5
-    sq_norms = gram.diagonal()
+    gram = _symmetrize(xc @ xc.T)
+    if is_tensor(gram):
+        sq_norms = gram.diagonal()
+    else:
+        sq_norms = np.diagonal(gram)
     dist = sq_norms[:, None] + sq_norms[None, :] - 2.0 * gram
     # A squared distance is >= 0 by definition; rounding of the expansion above can make it -1e-7.
-    dist = dist.clamp_min_(0.0)
-    dist.fill_diagonal_(0.0)
+    if is_tensor(dist):
+        dist.clamp_min_(0.0)
+        dist.fill_diagonal_(0.0)
+    else:
+        np.maximum(dist, 0.0, out=dist)
+        np.fill_diagonal(dist, 0.0)
     return dist
 
 
-def rbf_bandwidth(sample: torch.Tensor, fraction: float) -> float:
+def rbf_bandwidth(sample: Array, fraction: float) -> float:
     """RBF bandwidth ``sigma = fraction * median_{i<j} ||x_i - x_j||``, from a sample ``(n, d)``.
 
-    Computed once, in float64, from a sample of the data and recorded by the caller, so that every minibatch
-    uses the same kernel (minibatch CKA needs one fixed kernel). The median is over the ``n(n-1)/2`` distinct
-    pairs (average of the two middle values when their number is even). Kornblith et al. 2019 use
-    ``fraction`` (their "threshold") times the median including the zero self-distances; ours excludes them.
-    Memory: ``n x n`` float64 on ``sample``'s device.
+    Computed once, in float64 with numpy (a tensor is copied to the host), from a sample of the data and
+    recorded by the caller, so that every minibatch uses the same kernel (minibatch CKA needs one fixed
+    kernel). The median is over the ``n(n-1)/2`` distinct pairs (average of the two middle values when
+    their number is even). Kornblith et al. 2019 use ``fraction`` (their "threshold") times the median
+    including the zero self-distances; ours excludes them. Memory: ``n x n`` float64.
 
-    Raises InsufficientDataError when ``n < 2`` or when all sample rows are identical (median distance 0).
+    Raises InsufficientDataError when ``n < 2`` or when all sample rows are identical (median distance 0),
+    ValueError when the sample holds NaN or Inf.
     """
     _check_matrix(sample, "sample")
     if not (isinstance(fraction, (int, float)) and math.isfinite(fraction) and fraction > 0):
@@ -130,16 +160,11 @@ def rbf_bandwidth(sample: torch.Tensor, fraction: float) -> float:
         raise InsufficientDataError(
             f"RBF bandwidth needs at least 2 sample examples to measure a distance, got {n}; use a larger sample"
         )
-    dist2 = _sq_distances(sample, torch.float64)
-    iu = torch.triu_indices(n, n, offset=1, device=dist2.device)
-    dist = dist2[iu[0], iu[1]].sqrt()
-    n_pairs = dist.numel()
-    # Median with the two middle values averaged (numpy's convention); kthvalue is 1-based.
-    lo = torch.kthvalue(dist, (n_pairs + 1) // 2).values
-    hi = torch.kthvalue(dist, n_pairs // 2 + 1).values
-    median = float((lo + hi) * 0.5)
-    if not math.isfinite(median):
+    x = to_numpy(astype(sample, "float64") if is_tensor(sample) else sample).astype(np.float64)
+    if not np.isfinite(x).all():
         raise ValueError("RBF bandwidth: the sample holds NaN or Inf; check the activations")
+    dist2 = _sq_distances(x, "float64")
+    median = float(np.median(np.sqrt(dist2[np.triu_indices(n, k=1)])))
     if median == 0.0:
         raise InsufficientDataError(
             f"RBF bandwidth: all {n} sample examples are identical (median pairwise distance 0); "
@@ -148,71 +173,79 @@ def rbf_bandwidth(sample: torch.Tensor, fraction: float) -> float:
     return float(fraction) * median
 
 
-def gram_rbf(x: torch.Tensor, sigma: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def gram_rbf(x: Array, sigma: float, dtype: Any = "float32") -> Array:
     """RBF Gram matrix ``K_ij = exp(-||x_i - x_j||^2 / (2 sigma^2))``, ``(m, d)`` -> ``(m, m)``.
 
     ``sigma`` must be the same for every minibatch (take it from :func:`rbf_bandwidth` on a sample).
     Distances come from the column-centred minibatch in ``dtype`` (float32 default, float64 on request),
-    on ``x``'s device; the diagonal is exactly 1 and the result exactly symmetric.
+    with ``x``'s library and device; the diagonal is exactly 1 and the result exactly symmetric.
     """
-    _check_gram_dtype(dtype)
+    name = _gram_name(dtype)
     if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"RBF sigma must be a finite number > 0, got {sigma!r}")
-    dist2 = _sq_distances(x, dtype)
-    return torch.exp(dist2 * (-0.5 / (float(sigma) ** 2)))
+    dist2 = _sq_distances(x, name)
+    dist2 *= -0.5 / (float(sigma) ** 2)
+    if is_tensor(dist2):
+        return dist2.exp_()
+    return np.exp(dist2, out=dist2)
 
 
-def _hsic1_inplace(k: torch.Tensor) -> torch.Tensor:
-    """HSIC_1 matrix of float64 Grams ``k`` ``(L, m, m)``; zeroes ``k``'s diagonals in place."""
+def _hsic1_inplace(k: Array) -> Array:
+    """HSIC_1 matrix of float64 C-contiguous Grams ``k`` ``(L, m, m)``; zeroes ``k``'s diagonals in place."""
     n_layers, m, _ = k.shape
-    k.diagonal(dim1=1, dim2=2).zero_()
-    flat = k.reshape(n_layers, m * m)
+    flat = k.reshape(n_layers, m * m)  # a view
+    flat[:, :: m + 1] = 0.0  # the diagonals
     trace = flat @ flat.T  # tr(K~_i K~_j) = <K~_i, K~_j>_F for symmetric K~
-    total = flat.sum(dim=1)  # 1'K~_i 1
-    rows = k.sum(dim=2)  # K~_i 1, (L, m)
+    total = flat.sum(1)  # 1'K~_i 1
+    rows = k.sum(2)  # K~_i 1, (L, m)
     cross = rows @ rows.T  # 1'K~_i K~_j 1
-    hsic = (trace + torch.outer(total, total) / ((m - 1) * (m - 2)) - cross * (2.0 / (m - 2))) / (m * (m - 3))
+    outer = total[:, None] * total[None, :]
+    hsic = (trace + outer / ((m - 1) * (m - 2)) - cross * (2.0 / (m - 2))) / (m * (m - 3))
     return (hsic + hsic.T) * 0.5
 
 
-def hsic1_matrix(grams: torch.Tensor) -> torch.Tensor:
+def hsic1_matrix(grams: Array) -> Array:
     """Unbiased HSIC_1 between every pair of ``L`` Grams of one minibatch: ``(L, m, m)`` -> ``(L, L)`` float64.
 
     ``out[i, j] = HSIC_1(K_i, K_j)`` (Song et al. 2012; formula in the module docstring). All pairs at once:
     ``tr(K~_i K~_j)`` as one product of the flattened Grams, ``1'K~_i 1`` as sums and ``1'K~_i K~_j 1`` as
     dot products of row sums; ``O(L^2 m^2)`` work, no ``m^3`` product. The Grams must be symmetric; they may
-    be float32 or float64 and are promoted to a float64 copy (``8 L m^2`` bytes) on their own device, where
-    the result stays. Raises InsufficientDataError for ``m < 4`` (HSIC_1 divides by ``m(m-3)``).
+    be float32 or float64, numpy or torch, and are promoted to a float64 copy (``8 L m^2`` bytes) in their
+    own library and device, where the result stays. Raises InsufficientDataError for ``m < 4`` (HSIC_1
+    divides by ``m(m-3)``).
     """
-    if not isinstance(grams, torch.Tensor):
-        raise TypeError(f"grams must be a torch.Tensor of shape (L, m, m), got {type(grams).__name__}")
+    if not (isinstance(grams, np.ndarray) or is_tensor(grams)):
+        raise TypeError(f"grams must be a numpy array or torch.Tensor of shape (L, m, m), got {type(grams).__name__}")
     if grams.ndim != 3 or grams.shape[1] != grams.shape[2]:
         raise ValueError(f"grams must have shape (L, m, m), got shape {tuple(grams.shape)}")
-    if not grams.is_floating_point():
-        raise ValueError(f"grams must be floating point, got {grams.dtype}")
+    if name_of(grams) not in FLOAT_NAMES:
+        raise ValueError(f"grams must be floating point, got {name_of(grams)}")
     m = grams.shape[1]
     if m < 4:
         raise InsufficientDataError(
             f"unbiased HSIC needs a minibatch of at least 4 examples, got {m}; use a larger batch size"
         )
-    return _hsic1_inplace(grams.to(torch.float64, copy=True))
+    if is_tensor(grams):
+        k = astype(grams, "float64", copy=True).contiguous()
+    else:
+        k = np.array(grams, dtype=np.float64, order="C")
+    return _hsic1_inplace(k)
 
 
-def cka_linear_full(
-    x: torch.Tensor, y: torch.Tensor, *, debiased: bool, max_bytes: int = 2**31
-) -> float:
+def cka_linear_full(x: Array, y: Array, *, debiased: bool, max_bytes: int = 2**31) -> float:
     """Exact linear CKA on all ``n`` examples at once (Kornblith et al. 2019), in float64.
 
-    ``x``: ``(n, d1)``, ``y``: ``(n, d2)``, same examples in the same order, any float dtype and device
-    (computed on ``x``'s device). With ``K = Xc Xc^T``, ``L = Yc Yc^T`` (column-centred, so ``HKH = K``):
+    ``x``: ``(n, d1)``, ``y``: ``(n, d2)``, same examples in the same order, any float dtype; numpy arrays
+    or tensors (computed with ``x``'s library, on ``x``'s device). With ``K = Xc Xc^T``, ``L = Yc Yc^T``
+    (column-centred, so ``HKH = K``):
 
     - ``debiased=False``: ``CKA = <K, L>_F / (||K||_F ||L||_F)`` (biased HSIC, Kornblith et al. 2019, eq. 2-4).
     - ``debiased=True``: ``HSIC_1(K, L) / sqrt(HSIC_1(K, K) HSIC_1(L, L))`` with the unbiased HSIC_1 of
       Song et al. 2012 over one ``n x n`` Gram (the estimator Nguyen et al. 2020 apply per minibatch).
 
     Holds two ``n x n`` float64 Grams (``16 n^2`` bytes); raises ResourceError when that exceeds
-    ``max_bytes``, InsufficientDataError for ``n < 4`` and ActivationValueError for NaN/Inf input. Returns NaN, with a logged warning, when a
-    self term is ``<= 0`` (a constant layer; CKA is undefined there).
+    ``max_bytes``, InsufficientDataError for ``n < 4`` and ActivationValueError for NaN/Inf input. Returns
+    NaN, with a logged warning, when a self term is ``<= 0`` (a constant layer; CKA is undefined there).
     """
     _check_matrix(x, "x")
     _check_matrix(y, "y")
@@ -230,10 +263,17 @@ def cka_linear_full(
             f"{n}x{n} float64 Gram matrices, above the limit max_bytes={max_bytes}; use minibatch CKA "
             "(MinibatchCKA) or raise max_bytes"
         )
-    k = torch.empty((2, n, n), dtype=torch.float64, device=x.device)
+    if is_tensor(x):
+        import torch
+
+        y = (y if is_tensor(y) else torch.from_numpy(y)).to(x.device)
+        k = torch.empty((2, n, n), dtype=torch.float64, device=x.device)
+    else:
+        y = to_numpy(y)
+        k = np.empty((2, n, n), dtype=np.float64)
     for i, z in enumerate((x, y)):
-        zc = center_columns(z.to(x.device), torch.float64)
-        torch.matmul(zc, zc.T, out=k[i])
+        zc = center_columns(z, "float64")
+        k[i] = zc @ zc.T
         del zc
     if debiased:
         h = _hsic1_inplace(k)
@@ -252,4 +292,3 @@ def cka_linear_full(
         )
         return math.nan
     return hxy / math.sqrt(hxx * hyy)
-

@@ -12,6 +12,7 @@ import contextlib
 import glob as globlib
 import json
 import math
+import mmap
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -82,6 +83,7 @@ class _Shard:
                 f"{path} is not a readable HDF5 file (truncated, corrupt or another file type); "
                 "activation files are written by cka-extract"
             ) from exc
+        self._map: mmap.mmap | None = None
         try:
             with _damaged(path, "its structure"):
                 self._validate(allow_external)
@@ -189,6 +191,69 @@ class _Shard:
     def provenance(self) -> dict[str, Any]:
         return dict(self._provenance)
 
+    def layer_meta(self, name: str) -> LayerMeta:
+        return next(m for m in self.layers if m.name == name)
+
+    def mapped_blocks(self, meta: LayerMeta) -> list[tuple[int, np.ndarray]] | None:
+        """``[(first_row, rows_view), ...]``: read-only numpy views of layer ``meta``'s rows straight from a
+        memory map of the file, one per stored chunk (or one for contiguous storage), in row order; ``None``
+        when the layer cannot be read that way (compressed or filtered, byte-swapped, partial-width chunks,
+        a user block, external or virtual storage) -- then read it through HDF5."""
+        ds = self.file[schema.LAYERS_GROUP][meta.key]
+        if (ds.compression is not None or ds._filters or not ds.dtype.isnative  # noqa: SLF001
+                or ds.is_virtual or ds.external or ds.shape[0] == 0
+                or self.file.id.get_create_plist().get_userblock() != 0):
+            return None
+        itemsize, features = ds.dtype.itemsize, ds.shape[1]
+        row_bytes = features * itemsize
+        with _damaged(self.path, f"the chunk index of layer {meta.name!r}"):
+            if ds.chunks is None:
+                offset = ds.id.get_offset()
+                places = [] if offset is None else [(0, offset, self.n)]
+            elif ds.chunks[1] != features:
+                return None
+            else:
+                rows = ds.chunks[0]
+                places = []
+                for i in range(ds.id.get_num_chunks()):
+                    info = ds.id.get_chunk_info(i)
+                    if info.byte_offset is None or info.size != rows * row_bytes or info.chunk_offset[1] != 0:
+                        return None
+                    start = info.chunk_offset[0]
+                    places.append((start, info.byte_offset, min(rows, self.n - start)))
+        if self._map is None:
+            with open(self.path, "rb") as fh:
+                self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        blocks = []
+        for start, offset, count in sorted(places):
+            if count <= 0 or offset < 0 or offset + count * row_bytes > len(self._map):
+                return None  # a chunk outside the file: let HDF5 report the damage
+            view = np.frombuffer(self._map, dtype=ds.dtype, count=count * features, offset=offset)
+            blocks.append((start, view.reshape(count, features)))
+        # the views must show what HDF5 reads: check the first and last rows of the first and last blocks
+        for start, view in (blocks[0], blocks[-1]):
+            last = start + len(view) - 1
+            with _damaged(self.path, f"rows of layer {meta.name!r}"):
+                expected = ds[[start, last]] if last > start else ds[start : start + 1]
+            if not np.array_equal(view[[0, -1]] if last > start else view[:1], expected, equal_nan=True):
+                return None
+        return blocks
+
+    def release_mapped(self) -> None:
+        """Drop this process's mapping of the pages read so far (the page cache keeps them; a later read
+        maps them again), so resident memory does not grow with the file while streaming through it."""
+        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        self.file.close()
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a caller still holds a view: the map closes when the last view goes
+                pass
+            self._map = None
+
     def _read_provenance(self) -> dict[str, Any]:
         attrs = self.file.attrs
         out: dict[str, Any] = {key: _str_attr(attrs, key) for key in schema.PROVENANCE_ATTRS if key in attrs}
@@ -215,7 +280,7 @@ class ActivationFile:
             self._shards = _order_shards(shards, allow_lone_shard)
         except BaseException:
             for shard in shards:
-                shard.file.close()
+                shard.close()
             raise
         first = self._shards[0]
         self.paths = [s.path for s in self._shards]
@@ -302,9 +367,29 @@ class ActivationFile:
             stop = min(self.n_examples, start + step)
             yield start, stop, {name: self.read(name, start, stop) for name in names}
 
+    def mapped_rows(self, layer: str) -> "MappedRows | None":
+        """Layer ``layer``'s rows as memory-mapped views (no HDF5 call, no copy until gathered), or ``None``
+        when a shard stores it in a way that needs HDF5 (see :meth:`_Shard.mapped_blocks`)."""
+        meta = self.layer(layer)
+        starts: list[int] = []
+        views: list[np.ndarray] = []
+        for i, shard in enumerate(self._shards):
+            blocks = shard.mapped_blocks(shard.layer_meta(meta.name))
+            if blocks is None:
+                return None
+            for start, view in blocks:
+                starts.append(int(self._starts[i]) + start)
+                views.append(view)
+        return MappedRows(np.asarray(starts, dtype=np.int64), views, self.n_examples)
+
+    def release_mapped(self) -> None:
+        """See :meth:`MappedRows`: unmap the pages gathered so far from this process (views stay valid)."""
+        for shard in self._shards:
+            shard.release_mapped()
+
     def close(self) -> None:
         for shard in self._shards:
-            shard.file.close()
+            shard.close()
 
     def __enter__(self) -> "ActivationFile":
         return self
@@ -314,6 +399,42 @@ class ActivationFile:
 
     def __repr__(self) -> str:
         return f"ActivationFile({self.path!r}, n_examples={self.n_examples}, layers={len(self.layers)})"
+
+
+class MappedRows:
+    """One layer's rows as read-only views of a memory-mapped file, one view per block of rows.
+
+    :meth:`gather` copies chosen rows into a caller's buffer straight from the page cache: one copy,
+    no HDF5 call (so threads gather in parallel), no intermediate block read. Made by
+    :meth:`ActivationFile.mapped_rows`.
+    """
+
+    def __init__(self, starts: np.ndarray, views: list[np.ndarray], n_rows: int) -> None:
+        self.starts, self.views, self.n_rows = starts, views, n_rows
+
+    def gather(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Copy rows ``rows`` (int64, any order, each in ``0..n_rows-1``) into ``out`` (``len(rows)`` rows of
+        the stored dtype and width) in that order; returns ``out``. Runs of rows in ascending order are
+        copied block by block with ``np.take``; other orders by fancy indexing."""
+        if len(rows) == 0:
+            return out
+        if rows.min() < 0 or rows.max() >= self.n_rows:
+            raise IndexError(f"row index out of range 0..{self.n_rows - 1}")
+        block = np.searchsorted(self.starts, rows, side="right") - 1
+        local = rows - self.starts[block]
+        if np.all(block[1:] >= block[:-1]):
+            cuts = [0, *(np.flatnonzero(block[1:] != block[:-1]) + 1).tolist(), len(rows)]
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                # mode="clip" keeps np.take from buffering the output (the rows were checked above)
+                np.take(self.views[block[a]], local[a:b], axis=0, out=out[a:b], mode="clip")
+            return out
+        order = np.argsort(block, kind="stable")
+        sorted_block = block[order]
+        cuts = [0, *(np.flatnonzero(sorted_block[1:] != sorted_block[:-1]) + 1).tolist(), len(rows)]
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            where = order[a:b]
+            out[where] = self.views[sorted_block[a]][local[where]]
+        return out
 
 
 def expand_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:

@@ -30,3 +30,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["numpy", "torch"])
+def lib(request) -> str:
+    """The array library the math runs on: numpy (the CPU analysis) or torch (CUDA, and tensor callers)."""
+    return request.param
+
+
+def as_lib(lib: str, a: np.ndarray):
+    """``a`` as a C-contiguous array of ``lib`` (same dtype)."""
+    a = np.ascontiguousarray(a)
+    return torch.from_numpy(a) if lib == "torch" else a

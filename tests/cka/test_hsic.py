@@ -13,6 +13,7 @@ from cka_offline.cka import center_columns, cka_linear_full, gram_linear, gram_r
 from cka_offline.errors import ActivationValueError, AlignmentError, InsufficientDataError, ResourceError
 
 from . import reference as ref
+from .conftest import as_lib
 
 
 def t64(a: np.ndarray) -> torch.Tensor:
@@ -20,15 +21,38 @@ def t64(a: np.ndarray) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("m", [4, 5, 37])
-def test_hsic1_matrix_matches_reference_every_pair(m):
+def test_hsic1_matrix_matches_reference_every_pair(m, lib):
     rng = np.random.default_rng(m)
     layers = [rng.standard_normal((m, d)) + 2.0 for d in (3, 8, 1)] + [rng.standard_normal((m, 4)) ** 2]
-    grams = torch.stack([gram_linear(t64(z), torch.float64) for z in layers])
-    got = hsic1_matrix(grams).numpy()
+    grams = [gram_linear(as_lib(lib, z), "float64") for z in layers]
+    got = hsic1_matrix(torch.stack(grams) if lib == "torch" else np.stack(grams))
+    got = got.numpy() if lib == "torch" else got
     want = np.array([[ref.hsic1(ref.linear_gram(a), ref.linear_gram(b)) for b in layers] for a in layers])
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
     assert got.dtype == np.float64
     np.testing.assert_array_equal(got, got.T)
+
+
+def test_numpy_grams_are_the_same_numbers_as_torch_grams(chain):
+    """The two libraries run the same formulas: equal to float64 rounding, and numpy stays numpy."""
+    x = chain[2][:40] + 3.0
+    for dtype, tol in (("float64", 1e-12), ("float32", 1e-5)):
+        k_np = gram_linear(x, dtype)
+        k_t = gram_linear(t64(x), dtype)
+        assert isinstance(k_np, np.ndarray) and k_np.dtype == np.dtype(dtype) and np.array_equal(k_np, k_np.T)
+        np.testing.assert_allclose(k_np, k_t.numpy(), rtol=0, atol=tol * np.abs(k_np).max())
+        r_np, r_t = gram_rbf(x, 2.0, dtype), gram_rbf(t64(x), 2.0, dtype)
+        assert isinstance(r_np, np.ndarray) and np.all(np.diag(r_np) == 1.0)
+        np.testing.assert_allclose(r_np, r_t.numpy(), rtol=0, atol=tol)
+
+
+def test_center_columns_inplace_overwrites_a_scratch_buffer_only_when_asked():
+    x = np.arange(12, dtype=np.float32).reshape(4, 3) + 100.0
+    keep = x.copy()
+    xc = center_columns(x, "float32")
+    assert np.array_equal(x, keep) and np.allclose(xc, keep - keep.mean(0))
+    xc = center_columns(x, "float32", inplace=True)
+    assert xc is x and np.allclose(x, keep - keep.mean(0))
 
 
 def test_hsic1_matrix_does_not_modify_its_input():
@@ -36,26 +60,32 @@ def test_hsic1_matrix_does_not_modify_its_input():
     before = grams.clone()
     hsic1_matrix(grams)
     assert torch.equal(grams, before)
+    grams = grams.numpy().copy()
+    before = grams.copy()
+    hsic1_matrix(grams)
+    assert np.array_equal(grams, before)
 
 
-def test_gram_linear_is_the_centred_product_and_symmetric(chain):
+def test_gram_linear_is_the_centred_product_and_symmetric(chain, lib):
     x = chain[1][:50]
-    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
-        k = gram_linear(t64(x).to(torch.float16 if dtype == torch.float32 else torch.float64), dtype)
-        assert k.dtype == dtype
-        assert torch.equal(k, k.T)
-        xin = x.astype(np.float16).astype(np.float64) if dtype == torch.float32 else x
+    for dtype, tol in (("float64", 1e-12), ("float32", 1e-5)):
+        k = gram_linear(as_lib(lib, x.astype(np.float16 if dtype == "float32" else np.float64)), dtype)
+        k = k.numpy() if lib == "torch" else k
+        assert k.dtype == np.dtype(dtype)
+        assert np.array_equal(k, k.T)
+        xin = x.astype(np.float16).astype(np.float64) if dtype == "float32" else x
         want = ref.linear_gram(xin)
-        np.testing.assert_allclose(k.double().numpy(), want, atol=tol * np.abs(want).max())
+        np.testing.assert_allclose(k.astype(np.float64), want, atol=tol * np.abs(want).max())
 
 
-def test_center_columns_removes_the_mean_in_float64_before_rounding():
-    x = t64(50.0 + 1e-3 * np.random.default_rng(1).standard_normal((40, 3)))
-    xc = center_columns(x, torch.float32)
-    assert xc.dtype == torch.float32
-    exact = (x - x.mean(0)).numpy()
+def test_center_columns_removes_the_mean_in_float64_before_rounding(lib):
+    x = 50.0 + 1e-3 * np.random.default_rng(1).standard_normal((40, 3))
+    xc = center_columns(as_lib(lib, x), "float32")
+    xc = xc.numpy() if lib == "torch" else xc
+    assert xc.dtype == np.float32
+    exact = x - x.mean(0)
     # rounding only the small centred values: relative error of float32, not of 50
-    np.testing.assert_allclose(xc.double().numpy(), exact, rtol=1e-7, atol=0)
+    np.testing.assert_allclose(xc.astype(np.float64), exact, rtol=1e-7, atol=0)
 
 
 def test_reference_hsic1_is_shift_invariant():
@@ -67,10 +97,10 @@ def test_reference_hsic1_is_shift_invariant():
     assert a == pytest.approx(b, rel=1e-10)
 
 
-def test_rbf_bandwidth_is_fraction_of_median_distance(chain):
+def test_rbf_bandwidth_is_fraction_of_median_distance(chain, lib):
     sample = chain[2]
     for n in (40, 6):  # 780 pairs (median averages the two middle ones), 15 pairs (the middle one)
-        got = rbf_bandwidth(t64(sample[:n]), 0.7)
+        got = rbf_bandwidth(as_lib(lib, sample[:n]), 0.7)
         assert got == pytest.approx(0.7 * ref.median_pairwise_distance(sample[:n]), rel=1e-12)
 
 
@@ -87,13 +117,13 @@ def test_gram_rbf_matches_reference(chain):
 
 
 @pytest.mark.parametrize("debiased", [False, True])
-def test_full_estimator_matches_reference(chain, debiased):
+def test_full_estimator_matches_reference(chain, debiased, lib):
     x, y = chain[1][:120] + 5.0, chain[2][:120]
     want = ref.cka_debiased(x, y) if debiased else ref.cka_biased(x, y)
-    got = cka_linear_full(t64(x).float(), t64(y), debiased=debiased)
+    got = cka_linear_full(as_lib(lib, x.astype(np.float32)), as_lib(lib, y), debiased=debiased)
     want32 = (ref.cka_debiased if debiased else ref.cka_biased)(x.astype(np.float32), y)
     assert abs(got - want32) <= 1e-10
-    assert abs(cka_linear_full(t64(x), t64(y), debiased=debiased) - want) <= 1e-10
+    assert abs(cka_linear_full(as_lib(lib, x), as_lib(lib, y), debiased=debiased) - want) <= 1e-10
 
 
 def test_full_biased_equals_feature_space_formula(chain):
@@ -103,10 +133,10 @@ def test_full_biased_equals_feature_space_formula(chain):
     assert cka_linear_full(t64(x), t64(y), debiased=False) == pytest.approx(want, rel=1e-12)
 
 
-def test_full_estimator_constant_layer_is_nan_with_warning(caplog):
-    x = torch.randn(10, 3, dtype=torch.float64)
+def test_full_estimator_constant_layer_is_nan_with_warning(caplog, lib):
+    x = as_lib(lib, np.random.default_rng(0).standard_normal((10, 3)))
     with caplog.at_level(logging.WARNING, logger="cka_offline.cka.hsic"):
-        assert math.isnan(cka_linear_full(x, torch.full((10, 2), 3.0), debiased=True))
+        assert math.isnan(cka_linear_full(x, as_lib(lib, np.full((10, 2), 3.0)), debiased=True))
     assert "constant layer" in caplog.text
 
 
@@ -130,17 +160,24 @@ def test_full_estimator_resource_error_says_how_to_fix():
         (lambda: hsic1_matrix(torch.zeros(4, 4)), ValueError, r"shape \(L, m, m\), got shape \(4, 4\)"),
         (lambda: hsic1_matrix(torch.zeros(1, 4, 5)), ValueError, r"shape \(L, m, m\)"),
         (lambda: hsic1_matrix(torch.zeros(1, 4, 4, dtype=torch.int64)), ValueError, "floating point"),
-        (lambda: hsic1_matrix(np.zeros((1, 4, 4))), TypeError, "torch.Tensor"),
-        (lambda: gram_linear(np.zeros((4, 2))), TypeError, "torch.Tensor"),
+        (lambda: hsic1_matrix([[[0.0]]]), TypeError, "numpy array or torch.Tensor"),
+        (lambda: hsic1_matrix(np.zeros((1, 4, 4), dtype=np.int64)), ValueError, "floating point"),
+        (lambda: gram_linear([[0.0, 1.0]]), TypeError, "numpy array or torch.Tensor"),
         (lambda: gram_linear(torch.zeros(4)), ValueError, r"shape \(m, d\)"),
-        (lambda: gram_linear(torch.zeros(4, 2, dtype=torch.int32)), ValueError, "floating-point"),
-        (lambda: gram_linear(torch.zeros(4, 2), torch.float16), ValueError, "float32 or torch.float64"),
+        (lambda: gram_linear(np.zeros(4)), ValueError, r"shape \(m, d\)"),
+        (lambda: gram_linear(torch.zeros(4, 2, dtype=torch.int32)), ValueError, "floating point"),
+        (lambda: gram_linear(np.zeros((4, 2), dtype=np.int32)), ValueError, "floating point"),
+        (lambda: gram_linear(torch.zeros(4, 2), torch.float16), ValueError, "float32 or float64, got float16"),
+        (lambda: gram_linear(np.zeros((4, 2)), "float16"), ValueError, "float32 or float64, got float16"),
         (lambda: gram_rbf(torch.zeros(4, 2), 0.0), ValueError, "sigma must be a finite number > 0"),
         (lambda: gram_rbf(torch.zeros(4, 2), math.nan), ValueError, "sigma must be a finite number > 0"),
         (lambda: rbf_bandwidth(torch.randn(5, 2), -1.0), ValueError, "fraction must be a finite number > 0"),
         (lambda: rbf_bandwidth(torch.randn(1, 2), 1.0), InsufficientDataError, "at least 2 sample examples to measure a distance, got 1"),
         (lambda: rbf_bandwidth(torch.ones(5, 2), 1.0), InsufficientDataError, "all 5 sample examples are identical"),
         (lambda: rbf_bandwidth(torch.tensor([[0.0], [math.inf], [1.0]]), 1.0), ValueError, "NaN or Inf"),
+        (lambda: rbf_bandwidth(np.array([[0.0], [math.nan], [1.0]]), 1.0), ValueError, "NaN or Inf"),
+        (lambda: cka_linear_full(np.ones((3, 2)), np.ones((3, 2)), debiased=True), InsufficientDataError,
+         "at least 4 examples, got 3"),
     ],
 )
 def test_errors(call, error, match):
