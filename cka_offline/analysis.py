@@ -364,6 +364,7 @@ class _Reader:
         block_rows: int,
         buffer_blocks: int,
         pin: bool,
+        tensors: bool | None = None,
         prefetch: int,
         workers: int | None = None,
         own: tuple[int, int] | None = None,
@@ -372,6 +373,7 @@ class _Reader:
         self.own = own  # global minibatch indices [lo, hi) this process handles; None: all
         self.batch_size, self.seed, self.epochs = batch_size, seed, epochs
         self.block_rows, self.buffer_blocks, self.pin = block_rows, buffer_blocks, pin
+        self.tensors = pin if tensors is None else tensors  # slots are torch tensors (for the torch path)
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch))
         self.n_slots = max(1, prefetch) + 2
         self.free: queue.Queue[int] = queue.Queue()
@@ -465,11 +467,11 @@ class _Reader:
         while len(self.slots) <= slot:
             self.slots.append([])
         if not self.slots[slot] or self.slots[slot][0].shape[0] < rows:
-            if self.pin:  # CUDA: pinned host memory, so the copy to the device is asynchronous
+            if self.tensors:  # CUDA: pinned host memory, so the copy to the device is asynchronous
                 import torch
 
                 self.slots[slot] = [
-                    torch.empty((rows, layer.features), dtype=getattr(torch, layer.dtype), pin_memory=True)
+                    torch.empty((rows, layer.features), dtype=getattr(torch, layer.dtype), pin_memory=self.pin)
                     for layer in self.layers
                 ]
             else:
@@ -517,7 +519,7 @@ class _Reader:
                         filled += hi - lo
 
                 def gather(k: int) -> None:
-                    out = arrays[k].numpy() if self.pin else arrays[k]
+                    out = arrays[k].numpy() if self.tensors else arrays[k]
                     for buf, rows, at in pieces:  # np.take is several times faster than data[rows]
                         np.take(buf.data[k], rows, axis=0, out=out[at : at + len(rows)])
 
@@ -868,7 +870,8 @@ def _run_minibatch(
         progress = None
     acc = MinibatchCKA(n_layers=len(stacked), n_groups=n_groups)
     on_cuda = device.startswith("cuda")
-    mapped = None if on_cuda else _mapped_layers(files, stacked)
+    use_torch = _uses_torch(device)
+    mapped = None if use_torch else _mapped_layers(files, stacked)
     plan = dict(batch_size=batch_size, seed=seed, epochs=epochs, block_rows=block_rows, buffer_blocks=buffer_blocks)
     done = n_batches = 0
     wait = 0.0
@@ -876,12 +879,30 @@ def _run_minibatch(
     if mapped is not None:
         source: Any = contextlib.nullcontext(_mapped_batches(n, own=own if ctx.enabled else None, **plan))
     else:
-        source = _Reader(files, stacked, alignment, pin=on_cuda, prefetch=prefetch, own=own if ctx.enabled else None,
-                         **plan)
-    compute = _TorchGrams(stacked, device, gram_dtype, bandwidths) if on_cuda else _NumpyGrams(
+        source = _Reader(files, stacked, alignment, pin=on_cuda, tensors=use_torch, prefetch=prefetch,
+                         own=own if ctx.enabled else None, **plan)
+    compute = _TorchGrams(stacked, device, gram_dtype, bandwidths) if use_torch else _NumpyGrams(
         files, stacked, alignment, gram_dtype, bandwidths, mapped, max(sizes))
     # NaN/Inf activations and Gram overflow are reported by the accumulator (naming layer and example), so
     # numpy's RuntimeWarnings about them would only be noise
+    def finish(batch: _Batch, grams_of: Callable[[], Any]) -> None:
+        nonlocal n_batches, done
+        grams = grams_of()
+        try:  # synchronizes: the device is done with the batch; the Grams are scratch, overwritten next time
+            acc.update(grams, batch_index=batch.index, overwrite=True)
+        except ActivationValueError:
+            _raise_non_finite(files, batch, stacked, labels, alignment, gram_dtype)
+        if isinstance(source, _Reader):
+            source.release(batch)
+        n_batches += 1
+        done += len(batch.positions)
+        if progress is not None:
+            progress(done if not ctx.enabled else done * total // max(own_total, 1), total)
+        ctx.poll()
+
+    # up to compute.depth minibatches in flight: on the CPU the next one's Grams are computed while this
+    # thread sums the HSIC terms of the previous one
+    pending: deque[tuple[_Batch, Callable[[], Any]]] = deque()
     with ctx.checked("computing the minibatches"), source as batches, compute, np.errstate(all="ignore"):
         batches = iter(batches)
         while True:
@@ -890,18 +911,11 @@ def _run_minibatch(
             wait += time.perf_counter() - t_wait
             if batch is None:
                 break
-            grams = compute(batch)
-            try:
-                acc.update(grams, batch_index=batch.index)  # synchronizes: the device is done with the batch
-            except ActivationValueError:
-                _raise_non_finite(files, batch, stacked, labels, alignment, gram_dtype)
-            if isinstance(source, _Reader):
-                source.release(batch)
-            n_batches += 1
-            done += len(batch.positions)
-            if progress is not None:
-                progress(done if not ctx.enabled else done * total // max(own_total, 1), total)
-            ctx.poll()
+            pending.append((batch, compute.submit(batch)))
+            if len(pending) >= compute.depth:
+                finish(*pending.popleft())
+        while pending:
+            finish(*pending.popleft())
     elapsed = time.perf_counter() - t_start
     if ctx.enabled:
         state = acc.state_dict()
@@ -970,9 +984,10 @@ class _NumpyGrams:
         self.workers = max(1, min(cores, len(stacked)))
         self.blas_threads = max(1, cores // self.workers)
         self.order = sorted(range(len(stacked)), key=lambda i: -stacked[i].features)
-        self.scratch = ([np.empty((largest, layer.features), dtype=layer.dtype) for layer in stacked]
-                        if mapped is not None else [])
-        self.grams: dict[int, np.ndarray] = {}
+        self.largest = largest
+        self.scratch: dict[int, list[np.ndarray]] = {}  # per buffer set (depth of them): one per layer
+        self.grams: dict[tuple[int, int], np.ndarray] = {}
+        self.submitted = 0
 
     def __enter__(self) -> "_NumpyGrams":
         from concurrent.futures import ThreadPoolExecutor
@@ -987,19 +1002,29 @@ class _NumpyGrams:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._limits.restore_original_limits()
 
-    def __call__(self, batch: _Batch) -> np.ndarray:
+    #: minibatches in flight: the next one's tasks run while the caller sums the previous one's HSIC terms
+    depth = 2
+
+    def submit(self, batch: _Batch) -> Callable[[], np.ndarray]:
+        """Start the Gram tasks of ``batch``; the returned function waits for them and gives the Grams
+        ``(L, m, m)`` (valid until ``depth`` more minibatches are submitted)."""
         from .cka.hsic import gram_linear, gram_rbf
 
         m = len(batch.positions)
-        grams = self.grams.get(m)
-        if grams is None:
-            grams = self.grams[m] = np.empty((len(self.stacked), m, m), dtype=self.gram_dtype)
+        slot = self.submitted % self.depth
+        self.submitted += 1
+        grams = self.grams.get((slot, m))
+        if grams is None:  # float64: each task converts its Gram, so the caller's HSIC sums need no copy
+            grams = self.grams[(slot, m)] = np.empty((len(self.stacked), m, m), dtype=np.float64)
+        if self.mapped is not None and slot not in self.scratch:
+            self.scratch[slot] = [np.empty((self.largest, layer.features), dtype=layer.dtype) for layer in self.stacked]
+        scratch = self.scratch.get(slot)
 
         def task(i: int) -> None:
             if self.mapped is not None:
                 rows = self.alignment.rows[self.stacked[i].file]
                 x = self.mapped[i].gather(batch.positions if rows is None else rows[batch.positions],
-                                          self.scratch[i][:m])
+                                          scratch[i][:m])
             else:
                 x = batch.arrays[i]
             if self.bandwidths is None:
@@ -1009,15 +1034,26 @@ class _NumpyGrams:
             else:
                 grams[i] = gram_rbf(x, self.bandwidths[i], dtype=self.gram_dtype)
 
-        for future in [self._pool.submit(task, i) for i in self.order]:
-            future.result()
-        if self.mapped is not None:
-            self.gathered += m * self.row_bytes
-            if self.gathered >= self.release_bytes:  # between minibatches: no task is reading
-                for f in self.files:
-                    f.release_mapped()
-                self.gathered = 0
-        return grams
+        futures = [self._pool.submit(task, i) for i in self.order]
+
+        def result() -> np.ndarray:
+            for future in futures:
+                future.result()
+            if self.mapped is not None:
+                self.gathered += m * self.row_bytes
+                if self.gathered >= self.release_bytes:
+                    # safe while other tasks read: a read-only file mapping just faults its pages in again
+                    for f in self.files:
+                        f.release_mapped()
+                    self.gathered = 0
+            return grams
+
+        return result
+
+
+def _uses_torch(device: str) -> bool:
+    """Whether the minibatch loop runs on torch (CUDA devices) rather than numpy (the CPU)."""
+    return device.startswith("cuda")
 
 
 class _TorchGrams:
@@ -1036,12 +1072,18 @@ class _TorchGrams:
         import torch
 
         try:
-            if exc[0] is None:
+            if exc[0] is None and self.device.startswith("cuda"):
                 torch.cuda.synchronize(self.device)
         finally:
             self._compute.__exit__(*exc)
 
-    def __call__(self, batch: _Batch) -> Any:
+    depth = 1
+
+    def submit(self, batch: _Batch) -> Callable[[], Any]:
+        grams = self._grams(batch)
+        return lambda: grams
+
+    def _grams(self, batch: _Batch) -> Any:
         import torch
 
         from .cka.hsic import gram_linear, gram_rbf

@@ -229,6 +229,21 @@ def test_memory_mapped_and_hdf5_read_paths_agree(tmp_path, two_files, kernel, ca
     np.testing.assert_allclose(one.cka, [[1.0]], atol=1e-12)
 
 
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_torch_loop_matches_the_numpy_loop(two_files, monkeypatch, kernel):
+    """The loop CUDA uses (HDF5 reader thread into torch tensors, torch Grams), run on the CPU here: the same
+    numbers as the numpy loop. Only the copy to the GPU and its synchronisation are left out."""
+    from cka_offline import analysis
+
+    pa, pb, _, _ = two_files
+    opts = dict(batch_size=16, precision="float64", device="cpu", kernel=kernel)
+    numpy_loop = analyze([pa, pb], **opts)
+    monkeypatch.setattr(analysis, "_uses_torch", lambda device: True)
+    torch_loop = analyze([pa, pb], **opts)
+    np.testing.assert_allclose(torch_loop.cka, numpy_loop.cka, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(torch_loop.se, numpy_loop.se, rtol=0, atol=1e-12)
+
+
 def _sigmas(result):
     return [bw for per_file in result.params["bandwidths"].values() for bw in per_file.values()]
 

@@ -104,13 +104,15 @@ class MinibatchCKA:
             f"batches={int(self.n_batches.sum())}, examples={int(self.n_examples.sum())})"
         )
 
-    def update(self, grams: Any, batch_index: int) -> None:
+    def update(self, grams: Any, batch_index: int, *, overwrite: bool = False) -> None:
         """Add the ``L x L`` HSIC_1 matrix of one minibatch into group ``batch_index % n_groups``.
 
         ``grams``: ``(L, m, m)`` symmetric Grams of all layers for the same ``m >= 4`` examples, float32 or
         float64, a numpy array or a tensor on any device (pair products run there in float64; the ``L x L``
         result comes to the host).
         ``batch_index``: a non-negative int, distinct per minibatch (across ranks too) so groups stay balanced.
+        ``overwrite``: the Grams are scratch (float64, C-contiguous): their diagonals may be zeroed in place
+        instead of working on a float64 copy (see :func:`~cka_offline.cka.hsic.hsic1_matrix`).
         Raises InsufficientDataError for ``m < 4`` and ActivationValueError when the HSIC values are not
         finite (NaN/Inf activations); the state is left unchanged then.
         """
@@ -119,7 +121,7 @@ class MinibatchCKA:
             raise ValueError(f"grams must have shape ({self.n_layers}, m, m), got {shape}")
         if isinstance(batch_index, bool) or not isinstance(batch_index, int) or batch_index < 0:
             raise ValueError(f"batch_index must be an int >= 0, got {batch_index!r}")
-        hsic = to_numpy(hsic1_matrix(grams))
+        hsic = to_numpy(hsic1_matrix(grams, overwrite=overwrite))
         finite = np.isfinite(hsic)
         if not finite.all():
             bad = np.flatnonzero(~finite.all(axis=1)).tolist()

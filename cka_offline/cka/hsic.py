@@ -118,7 +118,10 @@ def gram_linear(x: Array, dtype: Any = "float32", *, inplace: bool = False) -> A
     """
     name = _gram_name(dtype)
     xc = center_columns(x, name, inplace=inplace)
-    return _symmetrize(xc @ xc.T)
+    gram = xc @ xc.T
+    if isinstance(gram, np.ndarray) and (xc.flags.c_contiguous or xc.flags.f_contiguous):
+        return gram  # numpy ran a syrk, which mirrors one triangle: exactly symmetric already
+    return _symmetrize(gram)
 
 
 def _sq_distances(x: Array, dtype: str) -> Array:
@@ -196,23 +199,24 @@ def _hsic1_inplace(k: Array) -> Array:
     flat = k.reshape(n_layers, m * m)  # a view
     flat[:, :: m + 1] = 0.0  # the diagonals
     trace = flat @ flat.T  # tr(K~_i K~_j) = <K~_i, K~_j>_F for symmetric K~
-    total = flat.sum(1)  # 1'K~_i 1
     rows = k.sum(2)  # K~_i 1, (L, m)
+    total = rows.sum(1)  # 1'K~_i 1
     cross = rows @ rows.T  # 1'K~_i K~_j 1
     outer = total[:, None] * total[None, :]
     hsic = (trace + outer / ((m - 1) * (m - 2)) - cross * (2.0 / (m - 2))) / (m * (m - 3))
     return (hsic + hsic.T) * 0.5
 
 
-def hsic1_matrix(grams: Array) -> Array:
+def hsic1_matrix(grams: Array, *, overwrite: bool = False) -> Array:
     """Unbiased HSIC_1 between every pair of ``L`` Grams of one minibatch: ``(L, m, m)`` -> ``(L, L)`` float64.
 
     ``out[i, j] = HSIC_1(K_i, K_j)`` (Song et al. 2012; formula in the module docstring). All pairs at once:
     ``tr(K~_i K~_j)`` as one product of the flattened Grams, ``1'K~_i 1`` as sums and ``1'K~_i K~_j 1`` as
     dot products of row sums; ``O(L^2 m^2)`` work, no ``m^3`` product. The Grams must be symmetric; they may
     be float32 or float64, numpy or torch, and are promoted to a float64 copy (``8 L m^2`` bytes) in their
-    own library and device, where the result stays. Raises InsufficientDataError for ``m < 4`` (HSIC_1
-    divides by ``m(m-3)``).
+    own library and device, where the result stays. ``overwrite=True`` skips that copy when the Grams are
+    float64 and C-contiguous already, zeroing their diagonals in place (a caller's scratch buffer).
+    Raises InsufficientDataError for ``m < 4`` (HSIC_1 divides by ``m(m-3)``).
     """
     if not (isinstance(grams, np.ndarray) or is_tensor(grams)):
         raise TypeError(f"grams must be a numpy array or torch.Tensor of shape (L, m, m), got {type(grams).__name__}")
@@ -226,10 +230,19 @@ def hsic1_matrix(grams: Array) -> Array:
             f"unbiased HSIC needs a minibatch of at least 4 examples, got {m}; use a larger batch size"
         )
     if is_tensor(grams):
-        k = astype(grams, "float64", copy=True).contiguous()
+        k = grams if overwrite and grams.dtype == _torch_float64() and grams.is_contiguous() else (
+            astype(grams, "float64", copy=True).contiguous())
+    elif overwrite and grams.dtype == np.float64 and grams.flags.c_contiguous:
+        k = grams
     else:
         k = np.array(grams, dtype=np.float64, order="C")
     return _hsic1_inplace(k)
+
+
+def _torch_float64() -> Any:
+    import torch
+
+    return torch.float64
 
 
 def cka_linear_full(x: Array, y: Array, *, debiased: bool, max_bytes: int = 2**31) -> float:

@@ -41,6 +41,11 @@ def test_numpy_grams_are_the_same_numbers_as_torch_grams(chain):
         k_t = gram_linear(t64(x), dtype)
         assert isinstance(k_np, np.ndarray) and k_np.dtype == np.dtype(dtype) and np.array_equal(k_np, k_np.T)
         np.testing.assert_allclose(k_np, k_t.numpy(), rtol=0, atol=tol * np.abs(k_np).max())
+        strided = np.array(x, dtype=dtype)[:, ::2]  # not contiguous: a general product, then symmetrized
+        k_s = gram_linear(strided, dtype, inplace=True)
+        assert np.array_equal(k_s, k_s.T)
+        np.testing.assert_allclose(k_s, gram_linear(t64(x[:, ::2]), dtype).numpy(), rtol=0,
+                                   atol=tol * np.abs(k_s).max())
         r_np, r_t = gram_rbf(x, 2.0, dtype), gram_rbf(t64(x), 2.0, dtype)
         assert isinstance(r_np, np.ndarray) and np.all(np.diag(r_np) == 1.0)
         np.testing.assert_allclose(r_np, r_t.numpy(), rtol=0, atol=tol)
@@ -53,6 +58,18 @@ def test_center_columns_inplace_overwrites_a_scratch_buffer_only_when_asked():
     assert np.array_equal(x, keep) and np.allclose(xc, keep - keep.mean(0))
     xc = center_columns(x, "float32", inplace=True)
     assert xc is x and np.allclose(x, keep - keep.mean(0))
+
+
+def test_hsic1_matrix_overwrite_uses_float64_scratch_in_place_only():
+    grams = np.stack([gram_linear(np.random.default_rng(k).standard_normal((9, 4)), "float64") for k in range(3)])
+    want = hsic1_matrix(grams)
+    f32 = grams.astype(np.float32)
+    before = f32.copy()
+    np.testing.assert_allclose(hsic1_matrix(f32, overwrite=True), hsic1_matrix(before), rtol=0, atol=0)
+    assert np.array_equal(f32, before)  # not float64: worked on a copy
+    got = hsic1_matrix(grams, overwrite=True)
+    np.testing.assert_array_equal(got, want)
+    assert np.all(np.einsum("lii->li", grams) == 0.0)  # the diagonals were zeroed in place
 
 
 def test_hsic1_matrix_does_not_modify_its_input():
