@@ -266,11 +266,12 @@ def analyze_cmd(files: Sequence[str], output: str, *, m: int = 256, precision: s
             "--device", device, "--overwrite", *extra]
 
 
-def run_analyze(files: Sequence[str], output: str, **kw: Any) -> tuple[Run, Any]:
-    """``cka-analyze`` end to end as a subprocess -> (Run, CKAResult loaded from ``output``)."""
+def run_analyze(files: Sequence[str], output: str, *, env: dict[str, str] | None = None, **kw: Any) -> tuple[Run, Any]:
+    """``cka-analyze`` end to end as a subprocess -> (Run, CKAResult loaded from ``output``); ``env``: extra
+    environment variables for it."""
     from cka_offline.results import load_result
 
-    r = run(analyze_cmd(files, output, **kw))
+    r = run(analyze_cmd(files, output, **kw), env=child_env(**env) if env else None)
     return r, load_result(output)
 
 
@@ -315,14 +316,21 @@ def write_manifest(directory: str | os.PathLike[str], s: Spec, npy: dict[str, li
 
 
 # ====================================================================== hardware
-def gemm_rate(dtype: str, shape: tuple[int, int, int] = (2048, 2048, 2048), min_seconds: float = 1.0) -> float:
-    """torch.matmul rate (FLOP/s) for ``(a x b) @ (b x c)`` on this process's torch threads; best of repeats."""
-    import torch
-
+def gemm_rate(dtype: str, shape: tuple[int, int, int] = (2048, 2048, 2048), min_seconds: float = 1.0,
+              lib: str = "torch") -> float:
+    """Matrix-product rate (FLOP/s) for ``(a x b) @ (b x c)``, best of repeats: ``lib="torch"`` (torch.matmul
+    on this process's torch threads, MKL here) or ``"numpy"`` (numpy's BLAS, OpenBLAS here, its default threads)."""
     a_, b_, c_ = shape
-    dt = getattr(torch, dtype)
-    x = torch.randn(a_, b_, dtype=dt)
-    y = torch.randn(b_, c_, dtype=dt)
+    if lib == "numpy":
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((a_, b_)).astype(dtype)
+        y = rng.standard_normal((b_, c_)).astype(dtype)
+    else:
+        import torch
+
+        dt = getattr(torch, dtype)
+        x = torch.randn(a_, b_, dtype=dt)
+        y = torch.randn(b_, c_, dtype=dt)
     x @ y
     best = float("inf")
     t_end = time.perf_counter() + min_seconds

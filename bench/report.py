@@ -99,16 +99,32 @@ def section_floor(d: dict[str, Any]) -> str:
     bw = d["bandwidth"]
     body = table(["Grams", "GEMM GFLOP/s (square)", "GEMM floor s", "floor at W's shapes s", "cka-analyze s",
                   "of which loop s", "cka-analyze / floor", "achieved GFLOP/s"], rows)
+    by_lib = d.get("gemm_rates_by_lib")
+    libs = ""
+    if by_lib:
+        libs = (" The square GEMM ran at " + ", ".join(
+            f"{by_lib[lib]['float32'] / 1e9:.0f} (float32) / {by_lib[lib]['float64'] / 1e9:.0f} (float64) GFLOP/s with "
+            + ("torch (MKL)" if lib == "torch" else "numpy (OpenBLAS)") for lib in ("torch", "numpy")) + "; the floor uses the faster.")
+    t32 = d["analyze"]["float32"]
+    first = ""
+    if "end_to_end_hashing_s" in t32:
+        floor = d["floors"]["float32"]["floor_peak_s"]
+        first = (f" The float32 time is a repeat analysis, which reuses the files' remembered SHA-256; the first "
+                 f"analysis of new files also hashes them ({fmt(t32['end_to_end_hashing_s'])} s, "
+                 f"{fmt(t32['end_to_end_hashing_s'] / floor)}x the floor); with `--no-hash` it took "
+                 f"{fmt(t32['end_to_end_no_hash_s'])} s.")
     return (f"Workload {workload_line(d['workload'])}, {d['minibatches']} minibatches: "
             f"{d['gram_flops'] / 1e9:.1f} GFLOP of Grams + {d['pair_flops'] / 1e9:.2f} GFLOP of pair terms; "
             f"{d['bytes'] / 1e9:.2f} GB to read. Memory bandwidth: read {bw['read_Bps'] / 1e9:.1f} GB/s, copy "
             f"{bw['copy_Bps'] / 1e9:.1f} GB/s, so reading the values once takes at least "
             f"{fmt(d['memory_floor_s'])} s.\n\n{body}\n\n"
-            f"GEMM floor = FLOPs / the rate of a square {d['square_gemm_n']}^3 torch.matmul measured in the same run "
-            "(the machine's best); \"at W's shapes\" times the (m x d)(d x m) Gram products themselves, which run "
-            "slower than square ones. cka-analyze is the best of the timed runs after a warm-up (files in the page "
-            f"cache). Target: at most {d['target_ratio']}x the float32 GEMM floor: "
-            f"**{'met' if d['target_met'] else 'missed'}**.")
+            f"GEMM floor = FLOPs / the rate of a square {d['square_gemm_n']}^3 matrix product measured in the same "
+            "run (the machine's best)." + libs + " \"At W's shapes\" times the (m x d)(d x m) Gram products as general "
+            "products, which run slower than square ones. The FLOPs count general products; cka-analyze computes "
+            "each Gram as a symmetric rank-k update (numpy's syrk), which needs half of them -- that is how its "
+            "\"achieved GFLOP/s\" can exceed the GEMM rate. cka-analyze is the best of the timed runs after a "
+            "warm-up (files in the page cache)." + first + f" Target: at most {d['target_ratio']}x the float32 GEMM "
+            f"floor: **{'met' if d['target_met'] else 'missed'}**.")
 
 
 def section_accuracy(d: dict[str, Any]) -> str:
