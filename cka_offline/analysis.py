@@ -855,7 +855,8 @@ def _run_minibatch(
     are stored uncompressed, else from the background HDF5 reader. Independent tasks on separate cores beat
     one multi-threaded BLAS call per layer, whose threads wait for each other at every step (badly so on a
     busy machine), and the gathered rows are still in cache for the product.
-    CUDA: the background reader gathers into pinned tensors, copied to the device once per minibatch.
+    CUDA: rows are gathered the same way (or read by the background HDF5 reader) into pinned tensors,
+    copied to the device once per minibatch; the next minibatch is gathered while the device computes.
     """
     from .cka.accumulator import MinibatchCKA
 
@@ -871,7 +872,7 @@ def _run_minibatch(
     acc = MinibatchCKA(n_layers=len(stacked), n_groups=n_groups)
     on_cuda = device.startswith("cuda")
     use_torch = _uses_torch(device)
-    mapped = None if use_torch else _mapped_layers(files, stacked)
+    mapped = _mapped_layers(files, stacked)
     plan = dict(batch_size=batch_size, seed=seed, epochs=epochs, block_rows=block_rows, buffer_blocks=buffer_blocks)
     done = n_batches = 0
     wait = 0.0
@@ -881,8 +882,8 @@ def _run_minibatch(
     else:
         source = _Reader(files, stacked, alignment, pin=on_cuda, tensors=use_torch, prefetch=prefetch,
                          own=own if ctx.enabled else None, **plan)
-    compute = _TorchGrams(stacked, device, gram_dtype, bandwidths) if use_torch else _NumpyGrams(
-        files, stacked, alignment, gram_dtype, bandwidths, mapped, max(sizes))
+    compute = _TorchGrams(stacked, alignment, device, gram_dtype, bandwidths, mapped, max(sizes), on_cuda) if (
+        use_torch) else _NumpyGrams(files, stacked, alignment, gram_dtype, bandwidths, mapped, max(sizes))
     # NaN/Inf activations and Gram overflow are reported by the accumulator (naming layer and example), so
     # numpy's RuntimeWarnings about them would only be noise
     def finish(batch: _Batch, grams_of: Callable[[], Any]) -> None:
@@ -1022,9 +1023,7 @@ class _NumpyGrams:
 
         def task(i: int) -> None:
             if self.mapped is not None:
-                rows = self.alignment.rows[self.stacked[i].file]
-                x = self.mapped[i].gather(batch.positions if rows is None else rows[batch.positions],
-                                          scratch[i][:m])
+                x = _gather(self.mapped[i], self.alignment, self.stacked[i], batch.positions, scratch[i][:m])
             else:
                 x = batch.arrays[i]
             if self.bandwidths is None:
@@ -1056,15 +1055,30 @@ def _uses_torch(device: str) -> bool:
     return device.startswith("cuda")
 
 
-class _TorchGrams:
-    """CUDA Grams of one minibatch: each layer's pinned rows copied to the device, Grams computed there."""
+def _gather(rows_of: Any, alignment: _Alignment, layer: _Layer, positions: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Rows of the aligned examples ``positions`` of one stacked layer, from its memory-mapped rows, into ``out``."""
+    rows = alignment.rows[layer.file]
+    return rows_of.gather(positions if rows is None else rows[positions], out)
 
-    def __init__(self, stacked: Sequence[_Layer], device: str, gram_dtype: str,
-                 bandwidths: Sequence[float] | None) -> None:
-        self.stacked, self.device, self.gram_dtype, self.bandwidths = stacked, device, gram_dtype, bandwidths
+
+class _TorchGrams:
+    """CUDA Grams of one minibatch: each layer's rows in pinned host memory (gathered from the memory maps
+    by a thread per core, or filled by the HDF5 reader thread), copied to the device, Grams computed there.
+    Two minibatches are in flight: the next one is gathered while the device works on the last."""
+
+    def __init__(self, stacked: Sequence[_Layer], alignment: _Alignment, device: str, gram_dtype: str,
+                 bandwidths: Sequence[float] | None, mapped: list[Any] | None, largest: int, pin: bool) -> None:
+        self.stacked, self.alignment, self.device = stacked, alignment, device
+        self.gram_dtype, self.bandwidths = gram_dtype, bandwidths
+        self.mapped, self.largest, self.pin = mapped, largest, pin
+        self.slots: dict[int, list[Any]] = {}
+        self.submitted = 0
         self._compute = _torch_compute(True)
 
     def __enter__(self) -> "_TorchGrams":
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(_blas_threads(), thread_name_prefix="cka-gather") if self.mapped else None
         self._compute.__enter__()
         return self
 
@@ -1076,12 +1090,35 @@ class _TorchGrams:
                 torch.cuda.synchronize(self.device)
         finally:
             self._compute.__exit__(*exc)
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
 
-    depth = 1
+    #: the slot of a minibatch is reused two minibatches later, after the caller has synchronized on it
+    depth = 2
 
     def submit(self, batch: _Batch) -> Callable[[], Any]:
         grams = self._grams(batch)
         return lambda: grams
+
+    def _arrays(self, batch: _Batch) -> list[Any]:
+        if self.mapped is None:
+            return batch.arrays
+        import torch
+
+        slot = self.submitted % self.depth
+        self.submitted += 1
+        if slot not in self.slots:
+            self.slots[slot] = [
+                torch.empty((self.largest, layer.features), dtype=getattr(torch, layer.dtype), pin_memory=self.pin)
+                for layer in self.stacked
+            ]
+        m = len(batch.positions)
+        arrays = [t[:m] for t in self.slots[slot]]
+        futures = [self._pool.submit(_gather, self.mapped[i], self.alignment, layer, batch.positions, arrays[i].numpy())
+                   for i, layer in enumerate(self.stacked)]
+        for future in futures:
+            future.result()
+        return arrays
 
     def _grams(self, batch: _Batch) -> Any:
         import torch
@@ -1090,7 +1127,7 @@ class _TorchGrams:
 
         m = len(batch.positions)
         grams = torch.empty((len(self.stacked), m, m), dtype=getattr(torch, self.gram_dtype), device=self.device)
-        for i, x in enumerate(batch.arrays):
+        for i, x in enumerate(self._arrays(batch)):
             x = x.to(self.device, non_blocking=True)
             if self.bandwidths is None:
                 grams[i] = gram_linear(x, dtype=self.gram_dtype, inplace=True)  # x is this batch's copy

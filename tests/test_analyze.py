@@ -229,13 +229,16 @@ def test_memory_mapped_and_hdf5_read_paths_agree(tmp_path, two_files, kernel, ca
     np.testing.assert_allclose(one.cka, [[1.0]], atol=1e-12)
 
 
-@pytest.mark.parametrize("kernel", ["linear", "rbf"])
-def test_torch_loop_matches_the_numpy_loop(two_files, monkeypatch, kernel):
-    """The loop CUDA uses (HDF5 reader thread into torch tensors, torch Grams), run on the CPU here: the same
-    numbers as the numpy loop. Only the copy to the GPU and its synchronisation are left out."""
+@pytest.mark.parametrize("kernel, compression", [("linear", None), ("rbf", None), ("linear", "gzip")])
+def test_torch_loop_matches_the_numpy_loop(tmp_path, two_files, monkeypatch, kernel, compression):
+    """The loop CUDA uses (rows gathered from the memory maps, or read by the HDF5 reader thread for
+    compressed files, into torch tensors; torch Grams), run on the CPU here: the same numbers as the numpy
+    loop. Only the copy to the GPU and its synchronisation are left out."""
     from cka_offline import analysis
 
-    pa, pb, _, _ = two_files
+    pa, pb, a, _ = two_files
+    if compression:
+        pa = write_acts(tmp_path / "a_gz.h5", a, compression=compression)
     opts = dict(batch_size=16, precision="float64", device="cpu", kernel=kernel)
     numpy_loop = analyze([pa, pb], **opts)
     monkeypatch.setattr(analysis, "_uses_torch", lambda device: True)
