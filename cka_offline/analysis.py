@@ -78,6 +78,8 @@ BANDWIDTH_SAMPLE = 1000
 BUFFER_BLOCKS = 8
 #: memory the shuffle buffer may use for all layers of all files together
 BUFFER_BYTES = 256 * 2**20
+#: bytes gathered from memory-mapped files between two unmappings of the pages read (keeps RSS flat)
+MAP_RELEASE_BYTES = 64 * 2**20
 #: memory the full-data estimators may use to hold the data of all selected layers
 FULL_DATA_BYTES = 4 * 2**30
 
@@ -970,17 +972,17 @@ class _NumpyGrams:
     """CPU Grams of one minibatch: one task per layer (gather, centre, syrk) on a pool of one thread per
     core, each with single-threaded BLAS (``threadpoolctl``); the largest layers go first. With fewer
     layers than cores, the spare cores go to BLAS threads instead. Buffers are allocated once and reused.
-    Every ``release_bytes`` gathered from the memory maps, the pages read so far are unmapped from the
+    Every ``release_bytes`` (64 MiB) gathered from the memory maps, the pages read so far are unmapped from the
     process (they stay in the page cache), so resident memory stays flat however large the files are."""
 
     def __init__(self, files: Sequence["ActivationFile"], stacked: Sequence[_Layer], alignment: _Alignment,
                  gram_dtype: str, bandwidths: Sequence[float] | None, mapped: list[Any] | None, largest: int,
-                 release_bytes: int = BUFFER_BYTES) -> None:
+                 release_bytes: int | None = None) -> None:
         self.files, self.stacked, self.alignment = files, stacked, alignment
         self.gram_dtype, self.bandwidths = gram_dtype, bandwidths
         self.mapped = mapped
         self.row_bytes = sum(layer.features * layer.itemsize for layer in stacked)
-        self.release_bytes, self.gathered = release_bytes, 0
+        self.release_bytes, self.gathered = release_bytes or MAP_RELEASE_BYTES, 0
         cores = _blas_threads()
         self.workers = max(1, min(cores, len(stacked)))
         self.blas_threads = max(1, cores // self.workers)
