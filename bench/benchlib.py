@@ -234,30 +234,48 @@ class Run:
     returncode: int = 0
 
 
+#: Starts the measured command from a small process. Linux carries a process's peak RSS across fork and
+#: exec (the forked copy of the parent's memory counts), so a command started straight from this
+#: benchmark process -- hundreds of MB of data and torch -- would report at least this process's RSS.
+#: The launcher is a fresh, small process; its child's peak is the command's own.
+_LAUNCHER = (
+    "import os, sys\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "_, status, usage = os.wait4(pid, 0)\n"
+    "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+    "sys.exit(os.waitstatus_to_exitcode(status) % 256)\n"
+)
+
+
 def run(cmd: Sequence[str], *, check: bool = True, env: dict[str, str] | None = None, timeout: float | None = None) -> Run:
-    """Run ``cmd``; wall seconds and its peak resident memory (``wait4``'s ru_maxrss: this child only)."""
+    """Run ``cmd``; wall seconds and its own peak resident memory (``wait4``'s ru_maxrss of the command,
+    started by a small launcher so that this process's memory does not count; see ``_LAUNCHER``)."""
     import signal
     import tempfile
     import threading
 
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.NamedTemporaryFile("r", suffix=".maxrss") as rss:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, text=True, env=env or child_env())
+        proc = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, rss.name, *cmd], stdout=out, stderr=err,
+                                text=True, env=env or child_env(), start_new_session=True)
         timer_ = None
         if timeout:
-            timer_ = threading.Timer(timeout, lambda: os.kill(proc.pid, signal.SIGKILL))
+            timer_ = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
             timer_.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc.wait()
         seconds = time.perf_counter() - t0
         if timer_ is not None:
             timer_.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
+        text = rss.read().strip()
     if check and proc.returncode != 0:
         raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{stderr[-4000:]}")
-    return Run(seconds, usage.ru_maxrss / 1024.0, stdout, stderr, proc.returncode)
+    return Run(seconds, int(text) / 1024.0 if text else float("nan"), stdout, stderr, proc.returncode)
 
 
 def analyze_cmd(files: Sequence[str], output: str, *, m: int = 256, precision: str = "float32",
