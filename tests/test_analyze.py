@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 
@@ -445,19 +446,23 @@ def test_tf32_setting_is_overridden_and_restored(two_files):
         torch.set_float32_matmul_precision(before)
 
 
-def test_cpu_analysis_does_not_import_torch(two_files, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_cpu_analysis_does_not_import_torch(two_files, tmp_path, device):
     """Start-up matters on short runs: --device cpu (and auto without a GPU driver) never imports torch."""
+    from cka_offline.analysis import _GPU_DRIVER_FILES
+
     code = (
         "import sys\n"
         "from cka_offline import analyze\n"
-        f"r = analyze([{str(two_files[0])!r}, {str(two_files[1])!r}], batch_size=16, device='cpu')\n"
+        f"r = analyze([{str(two_files[0])!r}, {str(two_files[1])!r}], batch_size=16, device={device!r})\n"
         "r.save(sys.argv[1])\n"
         "assert r.cka.shape[0] > 0\n"
         "print('torch' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.json")], capture_output=True, text=True,
                          check=True)
-    assert out.stdout.strip() == "False", out.stderr
+    driver = device == "auto" and any(os.path.exists(p) for p in _GPU_DRIVER_FILES)
+    assert out.stdout.strip() == str(driver), out.stderr
 
 
 def test_package_level_call(two_files):
