@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -234,3 +237,35 @@ def test_hdf5_dataset_errors(tmp_path):
         HDF5Inputs(f"{path}:/x", ids="/ids")
     with pytest.raises(InputError, match="dataset /text in .* has variable-length type"):
         HDF5Inputs(f"{path}:/text")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak RSS from /proc (Linux)")
+@pytest.mark.parametrize("kind", ["npz", "npy"])
+def test_streaming_a_memory_mapped_input_keeps_resident_memory_flat(tmp_path, kind):
+    """Rows are copied out of the memory map and its pages dropped: reading 96 MB of inputs in batches must
+    not leave 96 MB resident (file-backed pages count in RSS as long as they stay mapped)."""
+    x = np.ones((3072, 8192), dtype=np.float32)  # 96 MiB
+    path = tmp_path / f"x.{kind}"
+    if kind == "npz":
+        np.savez(path, x=x)
+    else:
+        np.save(path, x)
+    del x
+    reader = "NpzInputs" if kind == "npz" else "NpyInputs"
+    code = (
+        "import sys\n"
+        f"from cka_offline.inputs import {reader} as R\n"
+        "def hwm():\n"
+        "    return int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])\n"
+        "r = R(sys.argv[1])\n"
+        "r.read(0, 64)\n"
+        "before = hwm()\n"
+        "total = 0.0\n"
+        "for s in range(0, len(r), 64):\n"
+        "    total += float(next(iter(r.read(s, s + 64).values())).sum())\n"
+        "print(hwm() - before, total)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    grown_kb, total = out.stdout.split()
+    assert float(total) == 3072 * 8192  # every row was read
+    assert int(grown_kb) < 24 * 1024, f"peak RSS grew by {int(grown_kb) // 1024} MiB while reading 96 MiB"
