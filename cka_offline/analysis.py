@@ -961,7 +961,23 @@ def _mapped_batches(
             yield _Batch(index=epoch * len(sizes) + k, positions=np.sort(order[offsets[k] : offsets[k + 1]]), arrays=[])
 
 
+#: environment variables that set the number of compute threads, first found wins
+THREAD_VARIABLES = ("CKA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def _blas_threads() -> int:
+    """Compute threads for the CPU loop: ``CKA_NUM_THREADS``, else the usual BLAS/OpenMP variables (torchrun
+    sets ``OMP_NUM_THREADS=1`` for each of its processes), else the cores this process may run on."""
+    for name in THREAD_VARIABLES:
+        text = os.environ.get(name, "").strip()
+        if text:
+            try:
+                value = int(text)
+            except ValueError:
+                log.warning("ignoring %s=%r: not an integer", name, text)
+                continue
+            if value >= 1:
+                return value
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

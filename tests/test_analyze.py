@@ -265,6 +265,21 @@ def test_mapped_pages_are_released_while_streaming(two_files, monkeypatch):
     np.testing.assert_array_equal(released.cka, kept.cka)
 
 
+def test_compute_threads_follow_the_environment(monkeypatch):
+    from cka_offline.analysis import THREAD_VARIABLES, _blas_threads
+
+    for name in THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    cores = _blas_threads()
+    assert cores >= 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what torchrun sets for each process
+    assert _blas_threads() == 1
+    monkeypatch.setenv("CKA_NUM_THREADS", "3")
+    assert _blas_threads() == 3
+    monkeypatch.setenv("CKA_NUM_THREADS", "many")  # ignored with a warning
+    assert _blas_threads() == 1
+
+
 def _sigmas(result):
     return [bw for per_file in result.params["bandwidths"].values() for bw in per_file.values()]
 
