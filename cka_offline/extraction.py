@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pluggy
+from threadpoolctl import threadpool_limits
 
 from .errors import InputError, ModelError, OutputError, PluginError, ActivationValueError
 from .extractor import Extractor, InputReader
@@ -128,6 +129,8 @@ def extract(
         first_stop = min(hi, lo + batch_size)
         first = run.forward(lo, first_stop)  # learns every layer's per-example shape
         specs = run.layer_specs()
+        if run.reduce_early():  # the extractor reduces some layers itself from now on: same path for every row
+            first = run.forward(lo, first_stop)
         settings = {
             "layers": list(layers) if layers else None,
             "reduction": reductions,
@@ -156,6 +159,9 @@ def extract(
             logical_rows=n_used,
         )
         total = hi - lo
+        # numpy's BLAS (the reductions) gets one thread: the model's own threads use the cores, and two
+        # thread pools taking turns on the same cores spin against each other (measured: 3x slower)
+        stack.enter_context(threadpool_limits(1, user_api="blas"))
         try:
             if writer.rows_done == 0:
                 writer.write(run.finish(first, lo, first_stop))
@@ -315,6 +321,21 @@ class _BatchRunner:
         self.model_inputs = ext.input_names()
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.needs_mask = mask_input is not None and any(r in TOKEN_REDUCTIONS for r in reductions.values())
+        #: layers the extractor returns already reduced (Extractor.reduce_early), with their feature count
+        self.early: dict[str, int] = {}
+
+    def reduce_early(self) -> bool:
+        """Hand the reductions the extractor can apply itself (while its batch runs) to it; True if any.
+        Called after the first batch, when every layer's per-example shape is known and checked."""
+        supported = getattr(self.ext, "early_reductions", frozenset())
+        wanted = {n: r for n, r in self.reductions.items() if r in supported and n in self.shapes}
+        if not wanted:
+            return False
+        accepted = set(self.ext.reduce_early(wanted)) & set(wanted)
+        self.early = {n: reduced_features(n, wanted[n], self.shapes[n]) for n in accepted}
+        if accepted:
+            log.debug("extractor %r reduces %d layer(s) itself", self.ext.name, len(accepted))
+        return bool(accepted)
 
     def forward(self, start: int, stop: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         data = self.reader.read(start, stop)
@@ -335,7 +356,15 @@ class _BatchRunner:
                     f"layer {name!r} returned shape {arr.shape} for a batch of {b} examples; the batch must be "
                     f"on axis 0 (extractor {self.ext.name!r}; for ONNX models see --batch-axis)"
                 )
-            self._check_shape(name, arr.shape[1:], start)
+            if name in self.early:
+                if arr.shape != (b, self.early[name]):
+                    raise ModelError(
+                        f"extractor {self.ext.name!r} returned shape {arr.shape} for layer {name!r}, which it "
+                        f"reduces itself with {self.reductions[name]!r}; expected {(b, self.early[name])} (a bug "
+                        "in the extractor plugin)"
+                    )
+            else:
+                self._check_shape(name, arr.shape[1:], start)
             arrays[name] = arr
         return arrays, mask
 
@@ -391,7 +420,8 @@ class _BatchRunner:
         out = {}
         for name, arr in arrays.items():
             with np.errstate(over="ignore"):  # float16 overflow is reported below, with the example's id
-                rows = reduce(name, self.reductions[name], arr, mask, batch_ids.tolist()).astype(self.dtype, copy=False)
+                reduced = arr if name in self.early else reduce(name, self.reductions[name], arr, mask, batch_ids.tolist())
+                rows = reduced.astype(self.dtype, copy=False)
             finite = np.isfinite(rows).all(axis=1)
             if not finite.all():
                 raise _value_error(name, arr, rows, finite, batch_ids, self.dtype)

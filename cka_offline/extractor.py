@@ -105,6 +105,10 @@ class Extractor(ABC):
     description: ClassVar[str] = ""
     #: extractor-specific options it understands, ``{key: help}``; given on the CLI as ``-X key=value``
     options_help: ClassVar[dict[str, str]] = {}
+    #: reductions (names from :data:`cka_offline.reduce.REDUCTIONS`) this extractor can apply itself while
+    #: the batch runs -- e.g. in a forward hook, while the output is still in cache, instead of handing the
+    #: whole output to the core. Optional; see :meth:`reduce_early`.
+    early_reductions: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     @abstractmethod
@@ -140,6 +144,19 @@ class Extractor(ABC):
         result; a layer that produced no output is an error (:class:`cka_offline.errors.ModelError`)
         naming it, never a zero array.
         """
+
+    def reduce_early(self, reductions: Mapping[str, str]) -> list[str]:
+        """From the next :meth:`run` on, return these layers already reduced: ``{layer: reduction}``, each
+        reduction one of :attr:`early_reductions`; returns the layers it will reduce (the core reduces the
+        rest itself).
+
+        The core calls it at most once, after a first batch that it reduced itself (so it knows every
+        layer's per-example shape and has checked that the reduction fits), and then runs that batch again.
+        A reduced layer's array must be what :func:`cka_offline.reduce.reduce` computes on the full output,
+        up to float32 rounding: shape ``(batch, features)``. ``mean`` averages every axis after the
+        channel axis (axis 1). The default reduces nothing.
+        """
+        return []
 
     def provenance(self) -> dict[str, str]:
         """Provenance recorded in the file. Keys the core reads: ``framework``, ``framework_version``,

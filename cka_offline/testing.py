@@ -44,7 +44,8 @@ def check_extractor(
     :class:`LayerInfo`; ``run()`` returns every requested layer and no other, each with the batch on
     axis 0; per-example outputs agree (shape, and values within ``rtol``/``atol``) between a batch of all
     examples and smaller batches, including a batch of one; an unknown layer raises a
-    :class:`~cka_offline.errors.CKAOfflineError`; ``close()`` may be called twice.
+    :class:`~cka_offline.errors.CKAOfflineError`; reductions declared in ``early_reductions`` give the
+    core's numbers; ``close()`` may be called twice.
     ``layers`` restricts the run checks to some layer names (default: every extractable layer).
     """
     cls = extractor_cls
@@ -108,6 +109,7 @@ def check_extractor(
             ) from exc
         else:
             raise _fail(cls, "run() with an unknown layer returned normally; it must raise a CKAOfflineError naming it")
+        _check_early(ext, inputs, full, names, n_examples, rtol, atol)
         prov = ext.provenance()
         if not isinstance(prov, dict) or not all(isinstance(v, str) for v in prov.values()):
             raise _fail(cls, f"provenance() must return a dict of strings, got {prov!r:.200}")
@@ -118,6 +120,33 @@ def check_extractor(
     except Exception as exc:
         raise _fail(cls, f"close() called a second time raised {type(exc).__name__}: {exc}; it must be idempotent") from exc
     return names
+
+
+def _check_early(ext: Extractor, inputs: Any, full: dict[str, np.ndarray], names: list[str], n: int,
+                 rtol: float, atol: float) -> None:
+    """Reductions the extractor says it applies itself (``early_reductions``) must give the core's numbers."""
+    from .reduce import reduce
+
+    cls = type(ext)
+    early = {name: r for r in sorted(cls.early_reductions) for name in names
+             if r == "mean" and full[name].ndim >= 3}  # the spatial mean needs (batch, channels, *spatial)
+    if not early:
+        return
+    accepted = ext.reduce_early(early)
+    if not set(accepted) <= set(early):
+        raise _fail(cls, f"reduce_early() accepted layers it was not given: {sorted(set(accepted) - set(early))}")
+    if not accepted:
+        return
+    got = _run(ext, {k: np.asarray(v) for k, v in inputs.items()}, names, n)
+    for name in accepted:
+        want = reduce(name, early[name], full[name].astype(np.float64))
+        if got[name].shape != want.shape or not np.allclose(got[name], want, rtol=max(rtol, 1e-5), atol=atol):
+            raise _fail(
+                cls,
+                f"layer {name!r}: reduce_early({early[name]!r}) returned shape {got[name].shape}"
+                + (f", max difference {np.abs(got[name] - want).max():.3g}" if got[name].shape == want.shape else "")
+                + f" against the core's reduction of the full output {want.shape}; they must agree",
+            )
 
 
 def _run(ext: Extractor, inputs: dict[str, np.ndarray], names: list[str], b: int) -> dict[str, np.ndarray]:

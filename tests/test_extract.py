@@ -326,3 +326,55 @@ def test_inconsistent_or_empty_inputs(tmp_path, data, pm):
     np.savez(tmp_path / "empty.npz", x=data["x"][:0])
     with pytest.raises(InputError, match="the inputs hold no examples"):
         extract("m.toy", str(tmp_path / "empty.npz"), tmp_path / "a.h5", plugin_manager=pm)
+
+
+class EarlyToyExtractor(ToyExtractor):
+    """The toy model, taking the spatial mean itself once the core asks (Extractor.reduce_early)."""
+
+    name = "toy-early"
+    early_reductions = frozenset({"mean"})
+    asked: list = []
+
+    def reduce_early(self, reductions):
+        type(self).asked.append(dict(reductions))
+        self._early = dict(reductions)
+        return list(reductions)
+
+    def run(self, inputs, layers):
+        out = super().run(inputs, layers)
+        for name in getattr(self, "_early", {}):
+            if self.options.get("bad") == "early_shape":
+                continue  # a buggy plugin: says it reduces, returns the full output
+            full = out[name].astype(np.float64)
+            out[name] = full.reshape(full.shape[0], full.shape[1], -1).mean(axis=2)
+        return out
+
+
+def test_early_reduction_gives_the_core_s_numbers(tmp_path, data):
+    """An extractor that reduces in its own run: same stored values as the core's reduction, every batch
+    (the first one is run again after the extractor is asked), and only reductions it declared."""
+    EarlyToyExtractor.asked = []
+    pm = get_plugin_manager(entry_points=False, plugins=[Plugin(ToyExtractor, EarlyToyExtractor)])
+    red = {"conv": "mean", "*": "flatten"}
+    core = extract("m.toy", data["path"], tmp_path / "core.h5", plugin_manager=pm, batch_size=5, reduction=red,
+                   extractor="toy")
+    early = extract("m.toy", data["path"], tmp_path / "early.h5", plugin_manager=pm, batch_size=5, reduction=red,
+                    extractor="toy-early")
+    assert EarlyToyExtractor.asked == [{"conv": "mean"}]  # asked once, for the mean layer only
+    a, b = read_all(core), read_all(early)
+    want = forward(data["x"])["conv"].mean(axis=(2, 3))
+    np.testing.assert_allclose(b["conv"], want, rtol=1e-6)
+    np.testing.assert_allclose(b["conv"], a["conv"], rtol=1e-6)
+    for name in ("embed", "relu", "head"):
+        np.testing.assert_array_equal(b[name], a[name])
+    with open_activations(early) as f:
+        assert f.layer("conv").original_shape == (H, T, 2) and f.layer("conv").reduction == "mean"
+
+
+def test_early_reduction_with_a_wrong_shape_is_the_plugin_s_error(tmp_path, data):
+    pm = get_plugin_manager(entry_points=False, plugins=[Plugin(EarlyToyExtractor)])
+    with pytest.raises(ModelError, match=r"returned shape \(5, 6, 5, 2\) for layer 'conv', which it reduces itself "
+                                         r"with 'mean'; expected \(5, 6\) \(a bug in the extractor plugin\)"):
+        extract("m.toy", data["path"], tmp_path / "bad.h5", plugin_manager=pm, batch_size=5,
+                reduction={"conv": "mean", "*": "flatten"}, options={"bad": "early_shape"})
+    assert not (tmp_path / "bad.h5").exists()

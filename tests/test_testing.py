@@ -101,3 +101,40 @@ def test_bad_arguments():
         check_extractor(Good, "m.good", {"input": X["input"][:1]})
     with pytest.raises(AssertionError, match="layers \\['zz'\\] given to check_extractor are not in layers"):
         check_extractor(Good, "m.good", X, layers=["zz"])
+
+
+class Maps(Good):
+    """A layer with a (batch, channels, positions) output, and the spatial mean taken by the extractor."""
+
+    early_reductions = frozenset({"mean"})
+    early: dict = {}
+    scale = 1.0  # != 1: a broken early mean
+
+    def layers(self):
+        return [*super().layers(), LayerInfo("m", "Conv", (4, 2))]
+
+    def outputs(self, x):
+        out = super().outputs(x)
+        out["m"] = np.stack([out["a"], 2 * out["a"]], axis=2)  # (B, 4, 2)
+        return out
+
+    def reduce_early(self, reductions):
+        self.early = dict(reductions)
+        return list(reductions)
+
+    def run(self, inputs, layers):
+        unknown = [n for n in layers if n not in ("a", "b", "m")]
+        if unknown:
+            raise LayerSelectionError(f"no layer {unknown[0]!r}")
+        out = self.outputs(inputs["input"])
+        out = {n: out[n] for n in layers}
+        if "m" in self.early and "m" in out:
+            out["m"] = out["m"].mean(axis=2) * self.scale
+        return out
+
+
+def test_early_reductions_must_give_the_core_s_numbers():
+    assert check_extractor(Maps, "m.good", X) == ["a", "b", "m"]
+    with pytest.raises(AssertionError, match=r"layer 'm': reduce_early\('mean'\) returned shape \(5, 4\), max "
+                                             r"difference .* against the core's reduction"):
+        check_extractor(type("BadMaps", (Maps,), {"scale": 1.5}), "m.good", X)

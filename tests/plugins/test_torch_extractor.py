@@ -202,6 +202,47 @@ def test_only_outputs_changed_in_place_are_copied(torch_factory_file):
         np.testing.assert_array_equal(again[name], copied[name], err_msg=name)
 
 
+def test_mean_taken_in_the_hook_matches_the_functional_reference(torch_factory_file):
+    """reduce_early("mean"): the spatial mean is taken in the forward hook, before the in-place ReLU that
+    follows a BatchNorm overwrites its output, so no copy and no rerun are needed; other layers unchanged."""
+    x = images(5)
+    reference = cnn_reference(load_reference_module(torch_factory_file).make(width=4, seed=1), x)
+    maps = [name for name, want in reference.items() if want.ndim == 4]
+    with TorchExtractor(f"{torch_factory_file}:make", options={"model_args": {"seed": "1"}}) as ex:
+        assert "mean" in ex.early_reductions
+        assert sorted(ex.reduce_early({name: "mean" for name in maps})) == sorted(maps)
+        got = ex.run({"images": x}, list(reference))
+        assert ex._copied == set()  # nothing to copy: the means were taken in the hooks
+    for name, want in reference.items():
+        if name in maps:
+            assert got[name].shape == want.shape[:2] and got[name].dtype == np.float32
+            np.testing.assert_allclose(got[name], want.astype(np.float64).mean(axis=(2, 3)), rtol=1e-5, atol=1e-6,
+                                       err_msg=name)
+        else:
+            assert_close(got[name], want)
+    # the BatchNorm's mean was taken before the in-place ReLU: it differs from the ReLU's mean
+    assert np.abs(got["features.1"] - got["features.2"]).max() > 1e-2
+
+
+def test_cka_extract_takes_torch_means_in_the_hooks_with_the_core_s_numbers(torch_factory_file, tmp_path):
+    """Through extract() (which asks the plugin to reduce after the first batch and runs that batch again):
+    every stored row is the functional reference's spatial mean, to float32 rounding, including the rows of
+    the first batch and of a last, shorter batch; the file records the unreduced per-example shape."""
+    from cka_offline.extraction import extract
+    from cka_offline.store.reader import open_activations
+
+    x = images(23, seed=4)
+    np.savez(tmp_path / "in.npz", images=x)
+    out = extract(f"{torch_factory_file}:make", tmp_path / "in.npz", tmp_path / "a.h5", batch_size=4,
+                  reduction="mean", layers=["features.0", "features.1", "features.2"])
+    reference = cnn_reference(load_reference_module(torch_factory_file).make(), x)
+    with open_activations(out) as f:
+        for name in f.layer_names:
+            assert f.layer(name).original_shape == reference[name].shape[1:]
+            np.testing.assert_allclose(f.read(name, 0, 23), reference[name].astype(np.float64).mean(axis=(2, 3)),
+                                       rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 class InPlaceAfterwards(nn.Module):
     """Outputs that later ops change in place: a residual ``+=``, a write into a slice (a view), ``out=``,
     and a module that runs under inference_mode inside the forward (its tensors have no version counter)."""

@@ -108,6 +108,17 @@ def to_numpy(tensor: "torch.Tensor") -> np.ndarray:
     return tensor.cpu().numpy()
 
 
+def spatial_mean(tensor: "torch.Tensor") -> "torch.Tensor":
+    """The core's ``mean`` reduction in torch: ``(B, C, *spatial)`` -> ``(B, C)``, accumulated in float32
+    (float64 for float64 tensors), on the tensor's device with torch's threads."""
+    import torch
+
+    work = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    if tensor.dim() < 3:
+        raise ModelError(f"the mean reduction needs a (batch, channels, *spatial) output, got {tuple(tensor.shape)}")
+    return tensor.flatten(2).mean(2, dtype=work)
+
+
 class Capture:
     """Forward hooks on ``modules`` (``{layer name: module}``) for one forward pass; a context manager.
 
@@ -121,10 +132,14 @@ class Capture:
         modules: Mapping[str, "torch.nn.Module"],
         output_index: int | str | None,
         copy: bool | Collection[str] = False,
+        reduce: Mapping[str, str] | None = None,
     ) -> None:
         self.modules = dict(modules)
         self.output_index = output_index
         self.copy = set(self.modules) if copy is True else set(copy or ())
+        #: layers reduced in the hook (``{layer: "mean"}``): the small result is computed before any later op
+        #: runs, so it needs neither a copy nor a version check
+        self.reduce = dict(reduce or {})
         self.calls: dict[str, int] = {name: 0 for name in self.modules}
         self.outputs: dict[str, torch.Tensor] = {}
         #: version counter of each tensor kept without a copy, when it was captured
@@ -135,7 +150,9 @@ class Capture:
         def hook(module: Any, args: Any, output: Any) -> None:
             self.calls[name] += 1
             tensor = select_output(output, self.output_index, name).detach()  # detach shares the counter
-            if name in self.copy or tensor.is_inference():
+            if name in self.reduce:
+                self.outputs[name] = spatial_mean(tensor)
+            elif name in self.copy or tensor.is_inference():
                 self.outputs[name] = tensor.clone()
                 self.versions.pop(name, None)
             else:

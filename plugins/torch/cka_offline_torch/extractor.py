@@ -97,6 +97,8 @@ class TorchExtractor(Extractor):
         "PyTorch models: factory 'pkg.mod:make' or 'file.py:make' (+ weights .safetensors/.pt), "
         "torch.export archives (.pt2), pickled nn.Module .pt/.pth (opt-in)"
     )
+    #: the spatial mean is taken in the forward hook, with torch's threads, while the output is in cache
+    early_reductions = frozenset({"mean"})
     options_help = {
         "model_args": "keyword arguments for a factory, key=value pairs (values parsed as Python literals: "
         "ints, floats, true/false, none; otherwise strings)",
@@ -138,6 +140,7 @@ class TorchExtractor(Extractor):
         self.copy_outputs = parse_flag(self.options.get("copy_outputs"), "copy_outputs")
         #: layers found overwritten in place by a later op: their outputs are copied at hook time
         self._copied: set[str] = set()
+        self._early: dict[str, str] = {}
         if spec.kind != "factory" and (self.model_args or self.weights):
             given = ", ".join(k for k in ("model_args", "weights") if self.options.get(k))
             raise ModelError(f"option(s) {given} apply only to a factory source ('pkg.mod:make'), not to {source!r}")
@@ -237,6 +240,11 @@ class TorchExtractor(Extractor):
             return None
         return sig.names
 
+    def reduce_early(self, reductions: Mapping[str, str]) -> list[str]:
+        """Take ``mean`` reductions in the forward hooks (see :func:`capture.spatial_mean`)."""
+        self._early = {name: r for name, r in reductions.items() if r in self.early_reductions}
+        return list(self._early)
+
     def run(self, inputs: Mapping[str, np.ndarray], layers: Sequence[str]) -> dict[str, np.ndarray]:
         import torch
 
@@ -259,7 +267,8 @@ class TorchExtractor(Extractor):
         modules = {name: available[name] for name in layers}
         while True:
             copy = True if self.copy_outputs else self._copied & set(layers)
-            with Capture(modules, self.output_index, copy) as capture:
+            early = {name: r for name, r in self._early.items() if name in modules}
+            with Capture(modules, self.output_index, copy, reduce=early) as capture:
                 self._forward(model, args, kwargs, inputs, batch)
             modified = capture.modified()
             if not modified:
