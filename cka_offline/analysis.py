@@ -78,8 +78,6 @@ BANDWIDTH_SAMPLE = 1000
 BUFFER_BLOCKS = 8
 #: memory the shuffle buffer may use for all layers of all files together
 BUFFER_BYTES = 256 * 2**20
-#: bytes gathered from memory-mapped files between two unmappings of the pages read (keeps RSS flat)
-MAP_RELEASE_BYTES = 64 * 2**20
 #: memory the full-data estimators may use to hold the data of all selected layers
 FULL_DATA_BYTES = 4 * 2**30
 
@@ -309,6 +307,7 @@ class _Batch:
     positions: np.ndarray
     arrays: list[Any]  # per stacked layer: numpy array (CPU) or pinned torch tensor (CUDA), views of a reused slot
     slot: int = -1
+    new_buffer: bool = False  # the first minibatch drawn from a new shuffle buffer (memory-mapped path)
 
 
 @dataclass
@@ -884,7 +883,7 @@ def _run_minibatch(
     else:
         source = _Reader(files, stacked, alignment, pin=on_cuda, tensors=use_torch, prefetch=prefetch,
                          own=own if ctx.enabled else None, **plan)
-    compute = _TorchGrams(stacked, alignment, device, gram_dtype, bandwidths, mapped, max(sizes), on_cuda) if (
+    compute = _TorchGrams(files, stacked, alignment, device, gram_dtype, bandwidths, mapped, max(sizes), on_cuda) if (
         use_torch) else _NumpyGrams(files, stacked, alignment, gram_dtype, bandwidths, mapped, max(sizes))
     # NaN/Inf activations and Gram overflow are reported by the accumulator (naming layer and example), so
     # numpy's RuntimeWarnings about them would only be noise
@@ -948,7 +947,9 @@ def _mapped_batches(
 ) -> Iterator[_Batch]:
     """The minibatches of :func:`plan_minibatches` this process handles (``own``: global indices
     ``[lo, hi)``), positions in ascending order (the order inside a minibatch changes no HSIC_1 value;
-    ascending rows are copied block by block). Arrays are left empty: the compute tasks gather them."""
+    ascending rows are copied block by block). Arrays are left empty: the compute tasks gather them.
+    ``new_buffer`` marks the first minibatch of each shuffle buffer: the blocks of the buffers before it
+    are not read again in this epoch, so the compute unmaps the pages read so far (:func:`_release`)."""
     sizes = batch_sizes(n, batch_size)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     lo, hi = own if own is not None else (0, len(sizes) * epochs)
@@ -956,9 +957,13 @@ def _mapped_batches(
         first, last = max(lo - epoch * len(sizes), 0), min(hi - epoch * len(sizes), len(sizes))
         if first >= last:
             continue
-        order, _ = _epoch_order(n, seed, epoch, block_rows, buffer_blocks)
+        order, ends = _epoch_order(n, seed, epoch, block_rows, buffer_blocks)
+        buffer = -1
         for k in range(first, last):
-            yield _Batch(index=epoch * len(sizes) + k, positions=np.sort(order[offsets[k] : offsets[k + 1]]), arrays=[])
+            current = int(np.searchsorted(ends, offsets[k], side="right"))  # the buffer this minibatch starts in
+            yield _Batch(index=epoch * len(sizes) + k, positions=np.sort(order[offsets[k] : offsets[k + 1]]),
+                         arrays=[], new_buffer=current != buffer)
+            buffer = current
 
 
 #: environment variables that set the number of compute threads, first found wins
@@ -988,17 +993,14 @@ class _NumpyGrams:
     """CPU Grams of one minibatch: one task per layer (gather, centre, syrk) on a pool of one thread per
     core, each with single-threaded BLAS (``threadpoolctl``); the largest layers go first. With fewer
     layers than cores, the spare cores go to BLAS threads instead. Buffers are allocated once and reused.
-    Every ``release_bytes`` (64 MiB) gathered from the memory maps, the pages read so far are unmapped from the
-    process (they stay in the page cache), so resident memory stays flat however large the files are."""
+    Each new shuffle buffer unmaps the pages read from the files so far (:func:`_release`), so resident
+    memory stays flat however large the files are."""
 
     def __init__(self, files: Sequence["ActivationFile"], stacked: Sequence[_Layer], alignment: _Alignment,
-                 gram_dtype: str, bandwidths: Sequence[float] | None, mapped: list[Any] | None, largest: int,
-                 release_bytes: int | None = None) -> None:
+                 gram_dtype: str, bandwidths: Sequence[float] | None, mapped: list[Any] | None, largest: int) -> None:
         self.files, self.stacked, self.alignment = files, stacked, alignment
         self.gram_dtype, self.bandwidths = gram_dtype, bandwidths
         self.mapped = mapped
-        self.row_bytes = sum(layer.features * layer.itemsize for layer in stacked)
-        self.release_bytes, self.gathered = release_bytes or MAP_RELEASE_BYTES, 0
         cores = _blas_threads()
         self.workers = max(1, min(cores, len(stacked)))
         self.blas_threads = max(1, cores // self.workers)
@@ -1035,6 +1037,8 @@ class _NumpyGrams:
         grams = self.grams.get((slot, m))
         if grams is None:  # float64: each task converts its Gram, so the caller's HSIC sums need no copy
             grams = self.grams[(slot, m)] = np.empty((len(self.stacked), m, m), dtype=np.float64)
+        if self.mapped is not None and batch.new_buffer:
+            _release(self.files)
         if self.mapped is not None and slot not in self.scratch:
             self.scratch[slot] = [np.empty((self.largest, layer.features), dtype=layer.dtype) for layer in self.stacked]
         scratch = self.scratch.get(slot)
@@ -1056,13 +1060,6 @@ class _NumpyGrams:
         def result() -> np.ndarray:
             for future in futures:
                 future.result()
-            if self.mapped is not None:
-                self.gathered += m * self.row_bytes
-                if self.gathered >= self.release_bytes:
-                    # safe while other tasks read: a read-only file mapping just faults its pages in again
-                    for f in self.files:
-                        f.release_mapped()
-                    self.gathered = 0
             return grams
 
         return result
@@ -1071,6 +1068,15 @@ class _NumpyGrams:
 def _uses_torch(device: str) -> bool:
     """Whether the minibatch loop runs on torch (CUDA devices) rather than numpy (the CPU)."""
     return device.startswith("cuda")
+
+
+def _release(files: Sequence["ActivationFile"]) -> None:
+    """Unmap the file pages read so far: the kernel maps pages around every page read (several times what a
+    random subset of rows needs), and mapped file pages count as resident memory. Called when a minibatch
+    starts a new shuffle buffer, so at most about one buffer's blocks are mapped at a time, whatever the
+    file size; safe while other threads read (they map the pages again)."""
+    for f in files:
+        f.release_mapped()
 
 
 def _gather(rows_of: Any, alignment: _Alignment, layer: _Layer, positions: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -1084,9 +1090,10 @@ class _TorchGrams:
     by a thread per core, or filled by the HDF5 reader thread), copied to the device, Grams computed there.
     Two minibatches are in flight: the next one is gathered while the device works on the last."""
 
-    def __init__(self, stacked: Sequence[_Layer], alignment: _Alignment, device: str, gram_dtype: str,
-                 bandwidths: Sequence[float] | None, mapped: list[Any] | None, largest: int, pin: bool) -> None:
-        self.stacked, self.alignment, self.device = stacked, alignment, device
+    def __init__(self, files: Sequence["ActivationFile"], stacked: Sequence[_Layer], alignment: _Alignment,
+                 device: str, gram_dtype: str, bandwidths: Sequence[float] | None, mapped: list[Any] | None,
+                 largest: int, pin: bool) -> None:
+        self.files, self.stacked, self.alignment, self.device = files, stacked, alignment, device
         self.gram_dtype, self.bandwidths = gram_dtype, bandwidths
         self.mapped, self.largest, self.pin = mapped, largest, pin
         self.slots: dict[int, list[Any]] = {}
@@ -1123,6 +1130,8 @@ class _TorchGrams:
             return batch.arrays
         import torch
 
+        if batch.new_buffer:
+            _release(self.files)
         slot = self.submitted % self.depth
         self.submitted += 1
         if slot not in self.slots:

@@ -194,9 +194,10 @@ class _Shard:
     def layer_meta(self, name: str) -> LayerMeta:
         return next(m for m in self.layers if m.name == name)
 
-    def mapped_blocks(self, meta: LayerMeta) -> list[tuple[int, np.ndarray]] | None:
-        """``[(first_row, rows_view), ...]``: read-only numpy views of layer ``meta``'s rows straight from a
-        memory map of the file, one per stored chunk (or one for contiguous storage), in row order; ``None``
+    def mapped_blocks(self, meta: LayerMeta) -> list[tuple[int, np.ndarray, mmap.mmap, int]] | None:
+        """``[(first_row, rows_view, map, byte_offset), ...]``: read-only numpy views of layer ``meta``'s rows
+        straight from a memory map of the file, one per stored chunk (or one for contiguous storage), in row
+        order, with the map and the view's offset in it; ``None``
         when the layer cannot be read that way (compressed or filtered, byte-swapped, partial-width chunks,
         a user block, external or virtual storage) -- then read it through HDF5."""
         ds = self.file[schema.LAYERS_GROUP][meta.key]
@@ -230,9 +231,9 @@ class _Shard:
             if count <= 0 or offset < 0 or offset + count * row_bytes > len(self._map):
                 return None  # a chunk outside the file: let HDF5 report the damage
             view = np.frombuffer(self._map, dtype=dtype, count=count * features, offset=offset)
-            blocks.append((start, view.reshape(count, features)))
+            blocks.append((start, view.reshape(count, features), self._map, offset))
         # the views must show what HDF5 reads: check the first and last rows of the first and last blocks
-        for start, view in (blocks[0], blocks[-1]):
+        for start, view, _, _ in (blocks[0], blocks[-1]):
             last = start + len(view) - 1
             with _damaged(self.path, f"rows of layer {meta.name!r}"):
                 first_row, last_row = ds[start : start + 1], ds[last : last + 1]  # slices: fast reads
@@ -242,8 +243,8 @@ class _Shard:
         return blocks
 
     def release_mapped(self) -> None:
-        """Drop this process's mapping of the pages read so far (the page cache keeps them; a later read
-        maps them again), so resident memory does not grow with the file while streaming through it."""
+        """Unmap the pages of this file read so far from the process (the page cache keeps them; a later
+        read maps them again), so resident memory does not grow while streaming through the file."""
         if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
             self._map.madvise(mmap.MADV_DONTNEED)
 
@@ -375,17 +376,19 @@ class ActivationFile:
         meta = self.layer(layer)
         starts: list[int] = []
         views: list[np.ndarray] = []
+        spans: list[tuple[mmap.mmap, int]] = []
         for i, shard in enumerate(self._shards):
             blocks = shard.mapped_blocks(shard.layer_meta(meta.name))
             if blocks is None:
                 return None
-            for start, view in blocks:
+            for start, view, mapping, offset in blocks:
                 starts.append(int(self._starts[i]) + start)
                 views.append(view)
-        return MappedRows(np.asarray(starts, dtype=np.int64), views, self.n_examples)
+                spans.append((mapping, offset))
+        return MappedRows(np.asarray(starts, dtype=np.int64), views, self.n_examples, spans)
 
     def release_mapped(self) -> None:
-        """See :meth:`MappedRows`: unmap the pages gathered so far from this process (views stay valid)."""
+        """Unmap every page of the file's memory maps read so far (see :meth:`MappedRows.gather`)."""
         for shard in self._shards:
             shard.release_mapped()
 
@@ -411,13 +414,20 @@ class MappedRows:
     :meth:`ActivationFile.mapped_rows`.
     """
 
-    def __init__(self, starts: np.ndarray, views: list[np.ndarray], n_rows: int) -> None:
+    def __init__(self, starts: np.ndarray, views: list[np.ndarray], n_rows: int,
+                 spans: list[tuple[mmap.mmap, int]] | None = None) -> None:
         self.starts, self.views, self.n_rows = starts, views, n_rows
+        self.spans = spans or []
 
-    def gather(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+    def gather(self, rows: np.ndarray, out: np.ndarray, *, release: bool = False) -> np.ndarray:
         """Copy rows ``rows`` (int64, any order, each in ``0..n_rows-1``) into ``out`` (``len(rows)`` rows of
         the stored dtype and width) in that order; returns ``out``. Runs of rows in ascending order are
-        copied block by block with ``np.take``; other orders by fancy indexing."""
+        copied block by block with ``np.take``; other orders by fancy indexing.
+
+        ``release``: afterwards, unmap the blocks read from this process (the page cache keeps them; a
+        later read maps them again). The kernel maps pages around every page read, several times what a
+        random subset of rows needs, and file pages count in resident memory as long as they are mapped:
+        releasing them keeps a streaming analysis's memory flat however large the files are."""
         if len(rows) == 0:
             return out
         if rows.min() < 0 or rows.max() >= self.n_rows:
@@ -429,13 +439,20 @@ class MappedRows:
             for a, b in zip(cuts[:-1], cuts[1:]):
                 # mode="clip" keeps np.take from buffering the output (the rows were checked above)
                 np.take(self.views[block[a]], local[a:b], axis=0, out=out[a:b], mode="clip")
-            return out
-        order = np.argsort(block, kind="stable")
-        sorted_block = block[order]
-        cuts = [0, *(np.flatnonzero(sorted_block[1:] != sorted_block[:-1]) + 1).tolist(), len(rows)]
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            where = order[a:b]
-            out[where] = self.views[sorted_block[a]][local[where]]
+            touched = block[cuts[:-1]]
+        else:
+            order = np.argsort(block, kind="stable")
+            sorted_block = block[order]
+            cuts = [0, *(np.flatnonzero(sorted_block[1:] != sorted_block[:-1]) + 1).tolist(), len(rows)]
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                where = order[a:b]
+                out[where] = self.views[sorted_block[a]][local[where]]
+            touched = sorted_block[cuts[:-1]]
+        if release and self.spans and hasattr(mmap, "MADV_DONTNEED"):
+            for index in touched.tolist():
+                mapping, offset = self.spans[index]
+                start = offset - offset % mmap.PAGESIZE  # madvise wants a page-aligned start
+                mapping.madvise(mmap.MADV_DONTNEED, start, offset + self.views[index].nbytes - start)
         return out
 
 
