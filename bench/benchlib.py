@@ -239,19 +239,21 @@ class Run:
 #: benchmark process -- hundreds of MB of data and torch -- would report at least this process's RSS.
 #: The launcher is a fresh, small process; its child's peak is the command's own.
 _LAUNCHER = (
-    "import os, sys\n"
+    "import os, sys, time\n"
+    "t0 = time.perf_counter()\n"
     "pid = os.fork()\n"
     "if pid == 0:\n"
     "    os.execvp(sys.argv[2], sys.argv[2:])\n"
     "_, status, usage = os.wait4(pid, 0)\n"
-    "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+    "open(sys.argv[1], 'w').write(f'{usage.ru_maxrss} {time.perf_counter() - t0}')\n"
     "sys.exit(os.waitstatus_to_exitcode(status) % 256)\n"
 )
 
 
 def run(cmd: Sequence[str], *, check: bool = True, env: dict[str, str] | None = None, timeout: float | None = None) -> Run:
-    """Run ``cmd``; wall seconds and its own peak resident memory (``wait4``'s ru_maxrss of the command,
-    started by a small launcher so that this process's memory does not count; see ``_LAUNCHER``)."""
+    """Run ``cmd``; its wall seconds and its own peak resident memory (``wait4``'s ru_maxrss of the command,
+    started by a small launcher so that this process's memory does not count; see ``_LAUNCHER``). The
+    seconds are the launcher's, from fork to exit of the command: the launcher's own start is not counted."""
     import signal
     import tempfile
     import threading
@@ -272,10 +274,12 @@ def run(cmd: Sequence[str], *, check: bool = True, env: dict[str, str] | None = 
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
-        text = rss.read().strip()
+        text = rss.read().split()
     if check and proc.returncode != 0:
         raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{stderr[-4000:]}")
-    return Run(seconds, int(text) / 1024.0 if text else float("nan"), stdout, stderr, proc.returncode)
+    if len(text) == 2:
+        return Run(float(text[1]), int(text[0]) / 1024.0, stdout, stderr, proc.returncode)
+    return Run(seconds, float("nan"), stdout, stderr, proc.returncode)
 
 
 def analyze_cmd(files: Sequence[str], output: str, *, m: int = 256, precision: str = "float32",

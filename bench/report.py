@@ -83,10 +83,11 @@ def section_speed(d: dict[str, Any]) -> str:
             f"({fmt(a['timing'].get('compute'))} s in the minibatch loop, {fmt(a['timing'].get('read_wait'))} s of it "
             f"waiting for data), peak RSS {fmt(a['max_rss_mb'], 0)} MB.\n\n{body}\n\n"
             "Each row is one back-to-back pair: cka-analyze end to end as a user runs it (process start, imports, "
-            "reading and hashing the HDF5 files, writing the result), then the peer's own loop on the same values "
-            "(timed inside bench/peers_runner.py: constructor + loop + result, without interpreter start-up and "
-            "imports, which favours the peers by 1-2 s). Peers run sequential minibatches; cka-analyze its "
-            "shuffled ones (same sizes).")
+            "reading the HDF5 files, writing the result; the files' SHA-256, recorded in the result, is remembered "
+            "from the warm-up run -- section 2 times the first analysis too), then the peer's own loop on the same "
+            "values (timed inside bench/peers_runner.py: constructor + loop + result, without interpreter start-up "
+            "and imports -- torch alone takes about 1 s to import here --, which favours the peers). Peers run "
+            "sequential minibatches; cka-analyze its shuffled ones (same sizes).")
 
 
 def section_floor(d: dict[str, Any]) -> str:
@@ -183,7 +184,10 @@ def section_extract(d: dict[str, Any]) -> str:
                   f"end-to-end ratio at {n[1]:,}", "cka-extract peak RSS MB"], rows)
     return (f"Small CNN (bench/cnn.py), 8 layers ({', '.join(d['layers'])}), batch {d['batch_size']}, CPU. "
             f"Seconds are marginal: time({n[1]:,} inputs) - time({n[0]:,} inputs), so start-up cancels out.\n\n"
-            f"{body}\n\nTarget: at most {d['target_ratio']}x the bare forward passes (8 layers, CPU).")
+            f"{body}\n\nTarget: at most {d['target_ratio']}x the bare forward passes (8 layers, CPU). On this "
+            "machine these ratios swing by up to 2x between runs of the same code (see \"Reading these numbers\": "
+            "the bare loop itself took 0.43-0.95 s per 2,048 inputs); a ratio below 1 is that noise, not "
+            "extraction being faster than the forward passes.")
 
 
 def section_gpu(d: dict[str, Any]) -> str:
