@@ -10,7 +10,8 @@ The model is bench/cnn.py (a small CNN, 3 x 32 x 32 inputs); 8 layers (conv1..re
 
 Each side runs as a subprocess with the same batch size (64) on N and 2N inputs; the overhead is the ratio of
 the marginal costs (time(2N) - time(N)): start-up and imports cancel out. End-to-end times at 2N are reported
-too.
+too. Then, for PyTorch, the same marginal comparison in this one process, the bare loop and
+``cka_offline.extract`` alternated five times (medians): steadier than separate processes here.
 
     python bench/bench_extract.py [--quick | --smoke] [--reductions mean,flatten]
     python bench/bench_extract.py --bare torch|onnx --model M --inputs x.npz   (the bare loop, used internally)
@@ -56,6 +57,56 @@ def bare(kind: str, model: str, inputs: str) -> None:
             session.run(None, {"x": x[start : start + BATCH]})
     t2 = time.perf_counter()
     print(json.dumps({"load_s": t1 - t0, "loop_s": t2 - t1}))
+
+
+def in_process(model: str, inputs: dict[int, str], reductions: list[str], layers: str, repeats: int,
+               directory: Path) -> list[dict]:
+    """PyTorch only, in this one process: the bare loop and ``cka_offline.extract`` on N and 2N inputs,
+    alternated ``repeats`` times; marginal seconds are medians. One process and alternation keep torch's
+    and the allocator's state alike for both sides, which separate processes on this machine do not."""
+    import statistics
+
+    import numpy as np
+    import torch
+
+    import cnn
+    from cka_offline import extract
+
+    net = cnn.make_model()
+    arrays = {n: np.load(path)["x"] for n, path in inputs.items()}
+
+    def bare_loop(n: int) -> float:
+        t = time.perf_counter()
+        with torch.no_grad():
+            for start in range(0, n, BATCH):
+                net(torch.from_numpy(arrays[n][start : start + BATCH]))
+        return time.perf_counter() - t
+
+    def extraction(n: int, reduction: str) -> float:
+        out = directory / f"in-process-{reduction}-{n}.h5"
+        t = time.perf_counter()
+        extract(model, inputs[n], out, layers=layers.split(","), reduction=reduction, batch_size=BATCH,
+                overwrite=True)
+        seconds = time.perf_counter() - t
+        out.unlink(missing_ok=True)
+        return seconds
+
+    n1, n2 = sorted(inputs)
+    rows = []
+    for reduction in reductions:
+        extraction(n1, reduction)  # warm-up: imports, plugin discovery, first allocations
+        bare_loop(n1)
+        bare_m, ext_m = [], []
+        for _ in range(repeats):
+            bare_m.append(bare_loop(n2) - bare_loop(n1))
+            ext_m.append(extraction(n2, reduction) - extraction(n1, reduction))
+        b, e = statistics.median(bare_m), statistics.median(ext_m)
+        rows.append({"plugin": "torch", "reduction": reduction, "repeats": repeats, "marginal_bare_s": b,
+                     "marginal_extract_s": e, "ratio": e / b if b > 0 else float("nan"),
+                     "bare_spread_s": [min(bare_m), max(bare_m)], "extract_spread_s": [min(ext_m), max(ext_m)]})
+        print(f"in one process, torch {reduction:7s}: per {n1} inputs cka_offline.extract {e:6.2f} s, bare loop "
+              f"{b:6.2f} s -> {e / b:.2f}x (medians of {repeats})")
+    return rows
 
 
 def main() -> int:
@@ -122,8 +173,9 @@ def main() -> int:
             print(f"{plugin:5s} {reduction:7s}: per {n1} inputs cka-extract {marginal_ext:6.2f} s, bare forward "
                   f"{marginal_bare:6.2f} s -> {row['overhead_ratio']:.2f}x (end to end at {2 * n1}: "
                   f"{row['end_to_end_ratio']:.2f}x)")
+    same_process = in_process(models["torch"], inputs, reductions, layers, 1 if args.smoke else 5, directory)
     bl.write_result("extract", {"size": size, "batch_size": BATCH, "layers": list(cnn.LAYERS), "rows": rows,
-                                "target_ratio": 1.15}, args.results_dir)
+                                "in_process": same_process, "target_ratio": 1.15}, args.results_dir)
     return 0
 
 

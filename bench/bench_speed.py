@@ -60,9 +60,12 @@ def main() -> int:
                 rows.append({"peer": peer, "version": info.get("version"), "ok": False, "error": info.get("error")})
                 break
             estimated = info["seconds"] * n_batches / info["batches"]
+            analysis = result.timing.get("total", float("nan"))  # opening the files to the result, in-process
             pairs.append({"analyze_s": run.seconds, "analyze_compute_s": result.timing.get("compute"),
+                          "analyze_analysis_s": analysis,
                           "peer_s_measured": info["seconds"], "peer_batches": info["batches"],
-                          "peer_s": estimated, "ratio": estimated / run.seconds})
+                          "peer_s": estimated, "ratio": estimated / run.seconds,
+                          "ratio_in_process": estimated / analysis})
             print(f"  {peer:12s} {estimated:8.2f} s{' (extrapolated)' if limit else ''}   "
                   f"cka-analyze {run.seconds:6.2f} s   ratio {estimated / run.seconds:6.2f}")
         if pairs:
