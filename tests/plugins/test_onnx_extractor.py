@@ -461,3 +461,52 @@ def test_end_to_end_through_the_core(mlp_path, tmp_path):
     with open_activations(out) as f:
         assert f.layer_names == ["act", "y"] and f.provenance["framework"] == "onnxruntime"
         np.testing.assert_allclose(f.read("y", 0, 7), reference(x)["y"], atol=1e-5)
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_mean_taken_in_the_graph_matches_the_core_s_reduction(tmp_path, opset):
+    """reduce_early("mean"): a ReduceMean per tensor (axes as an attribute before opset 18, an input from
+    18 on); the same numbers as the core's mean of the full tensor, every level, tensors alone and together."""
+    from cka_offline.reduce import reduce
+
+    model, _ = conv_bn_model()
+    model.opset_import[0].version = opset
+    if opset >= 18:
+        model.ir_version = 8
+    path = str(tmp_path / f"convbn{opset}.onnx")
+    onnx.save_model(model, path)
+    x = RNG.normal(size=(4, 2, 5, 5)).astype(np.float32)
+    names = ["conv", "bn", "relu"]
+    for level in ("disable", "all"):
+        ex = OnnxExtractor(path, options={"optimization_level": level})
+        full = ex.run({"x": x}, names + ["pool"])
+        assert sorted(ex.reduce_early({n: "mean" for n in names})) == sorted(names)
+        reduced = ex.run({"x": x}, names + ["pool"])
+        for name in names:
+            assert reduced[name].shape == (4, 3)
+            np.testing.assert_allclose(reduced[name], reduce(name, "mean", full[name].astype(np.float64)),
+                                       rtol=1e-5, atol=1e-6, err_msg=f"{level} {name}")
+        np.testing.assert_array_equal(reduced["pool"], full["pool"])  # not asked: unchanged
+        alone = ex.run({"x": x}, ["bn"])["bn"]
+        np.testing.assert_allclose(alone, reduced["bn"], rtol=1e-6, atol=1e-6)
+
+
+def test_mean_in_the_graph_through_extract_and_check_extractor(tmp_path):
+    from cka_offline.extraction import extract
+    from cka_offline.store.reader import open_activations
+    from cka_offline.testing import check_extractor
+
+    model, _ = conv_bn_model()
+    path = str(tmp_path / "convbn.onnx")
+    onnx.save_model(model, path)
+    x = RNG.normal(size=(11, 2, 5, 5)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    check_extractor(OnnxExtractor, path, {"x": x[:5]}, layers=["conv", "relu"])  # checks the early mean too
+    out = extract(path, tmp_path / "in.npz", tmp_path / "a.h5", batch_size=4, reduction="mean",
+                  layers=["conv", "relu"])
+    full = OnnxExtractor(path).run({"x": x}, ["conv", "relu"])
+    with open_activations(out) as f:
+        for name in ("conv", "relu"):
+            assert f.layer(name).original_shape == (3, 5, 5)
+            np.testing.assert_allclose(f.read(name, 0, 11), full[name].astype(np.float64).mean(axis=(2, 3)),
+                                       rtol=1e-5, atol=1e-6)

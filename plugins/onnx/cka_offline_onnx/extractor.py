@@ -40,6 +40,8 @@ OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 DEFAULT_OPTIMIZATION_LEVEL = "all"
 #: sessions kept per extractor; each holds the weights once more, so keep few
 MAX_SESSIONS = 2
+#: output name of a tensor's spatial mean taken in the graph (Extractor.reduce_early)
+_MEAN_SUFFIX = "::cka_mean"
 #: onnxruntime >= 1.20 resolves external data of a model given as bytes against this folder
 EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
@@ -60,6 +62,9 @@ class OnnxExtractor(Extractor):
         "threads": "onnxruntime intra-op threads (default 0: onnxruntime decides)",
     }
 
+    #: the spatial mean is taken inside the graph (ReduceMean), by onnxruntime's threads
+    early_reductions = frozenset({"mean"})
+
     @classmethod
     def can_open(cls, source: str) -> bool:
         source = os.fspath(source)
@@ -77,6 +82,9 @@ class OnnxExtractor(Extractor):
         self._layers: list[LayerInfo] | None = None
         self._sessions: OrderedDict[tuple[str, ...], onnxruntime.InferenceSession] = OrderedDict()
         self._inputs = _input_specs(self._model)
+        #: rank and dtype of every tensor fetched so far, and the tensors whose spatial mean the graph takes
+        self._seen: dict[str, tuple[int, np.dtype]] = {}
+        self._early: set[str] = set()
         # a graph traced at batch 1 often bakes the 1 into Reshape constants: only example-by-example is safe
         self.fixed_batch_one = any(spec[2] and spec[2][0] == 1 for spec in self._inputs)
 
@@ -94,10 +102,22 @@ class OnnxExtractor(Extractor):
 
     # --- running ---------------------------------------------------------------------------------------
 
+    def reduce_early(self, reductions: Mapping[str, str]) -> list[str]:
+        """Take ``mean`` in the graph: a ReduceMean node per tensor (after a Cast to float32, or float64 for
+        float64 tensors), so onnxruntime returns ``(batch, channels)``. Only with the batch on axis 0 and a
+        batch dimension that is not fixed at 1, for tensors already fetched once (their rank is known)."""
+        if self.batch_axis != 0 or self.fixed_batch_one:
+            return []
+        tensors = self._resolve([name for name, r in reductions.items() if r == "mean"])
+        accepted = [name for name, t in tensors.items() if t in self._seen and self._seen[t][0] >= 3]
+        self._early.update(tensors[name] for name in accepted)
+        self._sessions.clear()
+        return accepted
+
     def run(self, inputs: Mapping[str, np.ndarray], layers: Sequence[str]) -> dict[str, np.ndarray]:
         tensors = self._resolve(layers)
         feeds, batch = self._feeds(inputs)
-        wanted = tuple(dict.fromkeys(tensors.values()))
+        wanted = tuple(dict.fromkeys(t + _MEAN_SUFFIX if t in self._early else t for t in tensors.values()))
         session = self._session(wanted)
         if self.fixed_batch_one and batch != 1:
             parts = [session.run(list(wanted), {k: v[i : i + 1] for k, v in feeds.items()}) for i in range(batch)]
@@ -108,7 +128,9 @@ class OnnxExtractor(Extractor):
             arrays = {name: self._batch_first([v], name)[0] for name, v in zip(wanted, values)}
         out: dict[str, np.ndarray] = {}
         for requested, tensor in tensors.items():
-            arr = arrays[tensor]
+            arr = arrays[tensor + _MEAN_SUFFIX if tensor in self._early else tensor]
+            if tensor not in self._early:
+                self._seen[tensor] = (arr.ndim, arr.dtype)
             if arr.shape[0] != batch:
                 raise ModelError(
                     f"{self.path}: tensor {tensor!r} has shape {arr.shape} for a batch of {batch}: its axis "
@@ -220,14 +242,18 @@ class OnnxExtractor(Extractor):
 
         graph = self._model.graph
         kept = list(graph.output)
+        nodes, inits = len(graph.node), len(graph.initializer)
         try:
             # only the chosen tensors are outputs: nothing else is kept alive or copied back
             del graph.output[:]
             graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors)
+            self._add_means(graph, [t[: -len(_MEAN_SUFFIX)] for t in tensors if t.endswith(_MEAN_SUFFIX)])
             model_bytes = self._model.SerializeToString()
         finally:
             del graph.output[:]
             graph.output.extend(kept)
+            del graph.node[nodes:]
+            del graph.initializer[inits:]
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = {
@@ -255,6 +281,26 @@ class OnnxExtractor(Extractor):
             session = self._session_via_file(model_bytes, opts, folder)
         self._check_session(session, tensors)
         return session
+
+    def _add_means(self, graph: Any, tensors: list[str]) -> None:
+        """Append Cast + ReduceMean nodes computing ``<tensor>::cka_mean`` = mean over axes 2.. of each tensor."""
+        import onnx
+        from onnx import TensorProto, helper
+
+        opset = next((o.version for o in self._model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        for i, tensor in enumerate(tensors):
+            rank, dtype = self._seen[tensor]
+            work = TensorProto.DOUBLE if dtype == np.float64 else TensorProto.FLOAT
+            cast, axes = f"{tensor}::cka_cast", list(range(2, rank))
+            graph.node.append(helper.make_node("Cast", [tensor], [cast], to=work, name=f"cka_cast_{i}"))
+            if opset >= 18:  # axes became an input in opset 18
+                graph.initializer.append(onnx.numpy_helper.from_array(np.array(axes, dtype=np.int64), f"{tensor}::cka_axes"))
+                node = helper.make_node("ReduceMean", [cast, f"{tensor}::cka_axes"], [tensor + _MEAN_SUFFIX], keepdims=0,
+                                        name=f"cka_mean_{i}")
+            else:
+                node = helper.make_node("ReduceMean", [cast], [tensor + _MEAN_SUFFIX], axes=axes, keepdims=0,
+                                        name=f"cka_mean_{i}")
+            graph.node.append(node)
 
     def _session_via_file(self, model_bytes: bytes, opts: Any, folder: str) -> "onnxruntime.InferenceSession":
         try:
