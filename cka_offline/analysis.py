@@ -62,8 +62,6 @@ from .distributed import Distributed
 from .results import CKAResult, FileInfo
 
 if TYPE_CHECKING:
-    import torch
-
     from .store.reader import ActivationFile
 
 log = logging.getLogger(__name__)
