@@ -482,14 +482,9 @@ class _Reader:
         sizes = batch_sizes(n, self.batch_size)
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         largest = max(sizes)
-        own_lo, own_hi = self.own if self.own is not None else (0, len(sizes) * self.epochs)
-        for epoch in range(self.epochs):
+        for epoch, first, last in _own_epochs(self.own, len(sizes), self.epochs):
             # this process's minibatches of the epoch: a contiguous run of the shuffled order, so it reads
             # only the rows of its own minibatches (whole buffers only where its run covers them)
-            first = max(own_lo - epoch * len(sizes), 0)
-            last = min(own_hi - epoch * len(sizes), len(sizes))
-            if first >= last:
-                continue
             row_lo, row_hi = int(offsets[first]), int(offsets[last])
             order, ends = _epoch_order(n, self.seed, epoch, self.block_rows, self.buffer_blocks)
             loaded: deque[_Buffer] = deque()
@@ -939,6 +934,16 @@ def _mapped_layers(files: Sequence["ActivationFile"], stacked: Sequence[_Layer])
     return out
 
 
+def _own_epochs(own: tuple[int, int] | None, per_epoch: int, epochs: int) -> Iterator[tuple[int, int, int]]:
+    """``(epoch, first, last)`` for every epoch holding some of this process's minibatches: the epoch's own
+    minibatch indices are ``first..last-1``; ``own`` is the global range ``[lo, hi)`` (None: all)."""
+    lo, hi = own if own is not None else (0, per_epoch * epochs)
+    for epoch in range(epochs):
+        first, last = max(lo - epoch * per_epoch, 0), min(hi - epoch * per_epoch, per_epoch)
+        if first < last:
+            yield epoch, first, last
+
+
 def _mapped_batches(
     n: int, *, batch_size: int, seed: int, epochs: int, block_rows: int, buffer_blocks: int,
     own: tuple[int, int] | None,
@@ -950,11 +955,7 @@ def _mapped_batches(
     are not read again in this epoch, so the compute unmaps the pages read so far (:func:`_release`)."""
     sizes = batch_sizes(n, batch_size)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    lo, hi = own if own is not None else (0, len(sizes) * epochs)
-    for epoch in range(epochs):
-        first, last = max(lo - epoch * len(sizes), 0), min(hi - epoch * len(sizes), len(sizes))
-        if first >= last:
-            continue
+    for epoch, first, last in _own_epochs(own, len(sizes), epochs):
         order, ends = _epoch_order(n, seed, epoch, block_rows, buffer_blocks)
         buffer = -1
         for k in range(first, last):
@@ -1027,8 +1028,6 @@ class _NumpyGrams:
     def submit(self, batch: _Batch) -> Callable[[], np.ndarray]:
         """Start the Gram tasks of ``batch``; the returned function waits for them and gives the Grams
         ``(L, m, m)`` (valid until ``depth`` more minibatches are submitted)."""
-        from .cka.hsic import gram_linear, gram_rbf
-
         m = len(batch.positions)
         slot = self.submitted % self.depth
         self.submitted += 1
@@ -1046,12 +1045,7 @@ class _NumpyGrams:
                 x = _gather(self.mapped[i], self.alignment, self.stacked[i], batch.positions, scratch[i][:m])
             else:
                 x = batch.arrays[i]
-            if self.bandwidths is None:
-                grams[i] = gram_linear(x, dtype=self.gram_dtype, inplace=True)  # x is this batch's scratch copy
-            elif math.isnan(self.bandwidths[i]):
-                grams[i] = 0.0  # constant layer: zero self-HSIC marks it undefined
-            else:
-                grams[i] = gram_rbf(x, self.bandwidths[i], dtype=self.gram_dtype)
+            _gram_into(grams, i, x, self.gram_dtype, self.bandwidths)
 
         futures = [self._pool.submit(task, i) for i in self.order]
 
@@ -1061,6 +1055,20 @@ class _NumpyGrams:
             return grams
 
         return result
+
+
+def _gram_into(grams: Any, i: int, x: Any, gram_dtype: str, bandwidths: Sequence[float] | None) -> None:
+    """Layer ``i``'s Gram of the minibatch rows ``x`` (this batch's scratch copy: centred in place) into
+    ``grams[i]``: linear, or RBF with the layer's recorded bandwidth; a constant layer (NaN bandwidth) gets a
+    zero Gram, whose zero self-HSIC marks it undefined."""
+    from .cka.hsic import gram_linear, gram_rbf
+
+    if bandwidths is None:
+        grams[i] = gram_linear(x, dtype=gram_dtype, inplace=True)
+    elif math.isnan(bandwidths[i]):
+        grams[i] = 0.0
+    else:
+        grams[i] = gram_rbf(x, bandwidths[i], dtype=gram_dtype)
 
 
 def _uses_torch(device: str) -> bool:
@@ -1148,18 +1156,10 @@ class _TorchGrams:
     def _grams(self, batch: _Batch) -> Any:
         import torch
 
-        from .cka.hsic import gram_linear, gram_rbf
-
         m = len(batch.positions)
         grams = torch.empty((len(self.stacked), m, m), dtype=getattr(torch, self.gram_dtype), device=self.device)
         for i, x in enumerate(self._arrays(batch)):
-            x = x.to(self.device, non_blocking=True)
-            if self.bandwidths is None:
-                grams[i] = gram_linear(x, dtype=self.gram_dtype, inplace=True)  # x is this batch's copy
-            elif math.isnan(self.bandwidths[i]):
-                grams[i] = 0.0
-            else:
-                grams[i] = gram_rbf(x, self.bandwidths[i], dtype=self.gram_dtype)
+            _gram_into(grams, i, x.to(self.device, non_blocking=True), self.gram_dtype, self.bandwidths)
         return grams
 
 
