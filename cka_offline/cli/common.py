@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterable, Iterator, TextIO, TypeVar
 
 import click
 
-from ..errors import CKAOfflineError
+from ..devices import DEVICE_KINDS, describe_kinds, parse_device
+from ..errors import CKAOfflineError, DeviceError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -139,6 +140,32 @@ def parse_key_values(values: Iterable[str], option: str) -> dict[str, Any]:
     return out
 
 
+class DeviceType(click.ParamType):
+    """A click parameter type for ``--device``: checks the syntax with :func:`cka_offline.devices.parse_device`
+    (no torch import) and gives back the normalised device string (``str(Device)``: ``cuda:0``, ``cpu``).
+
+    ``allowed`` is the subset of :data:`cka_offline.devices.DEVICE_KINDS` the command accepts.
+    """
+
+    name = "device"
+
+    def __init__(self, allowed: tuple[str, ...] = DEVICE_KINDS) -> None:
+        self.allowed = tuple(allowed)
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "DEVICE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            return str(parse_device(value, allowed=self.allowed))
+        except DeviceError as exc:
+            self.fail(str(exc), param, ctx)
+
+    def describe(self) -> str:
+        """``auto, cpu, cuda, cuda:N or mps``: for help texts."""
+        return describe_kinds(self.allowed)
+
+
 def split_list(values: Iterable[str]) -> list[str]:
     """Repeated and comma-separated values -> one list (``--layers a,b --layers c``)."""
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
@@ -210,5 +237,6 @@ __all__ = [
     "parse_value",
     "parse_key_values",
     "split_list",
+    "DeviceType",
     "ProgressBar",
 ]
