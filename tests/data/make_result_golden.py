@@ -1,0 +1,72 @@
+"""Writes tests/data/result_v1_0.{json,h5,csv}, the frozen examples of result format 1.0 (docs/results.md).
+
+Run once per released result format version; never regenerate an existing golden file (later releases
+must read the bytes as they were written):
+
+    python tests/data/make_result_golden.py
+
+The result compares three files (2, 3 and 1 layers, so the stacked matrices are 6 x 6 and hold three
+blocks); the second layer of file B is constant, so its row and column are NaN. Every value is a small
+binary fraction, so each format holds it exactly. tests/results/test_golden.py rebuilds the values from
+the rules below on its own and checks every golden file against them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from cka_offline.results import CKAResult, FileInfo
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VERSION = "1_0"
+LAYERS = (["/block/conv.0/Relu_output_0", "fc"], ["b0", "b1, constant", "b2"], ["c0"])
+CONSTANT = 3  # stacked index of "b1, constant"
+
+
+def golden_result() -> CKAResult:
+    """The result the golden files hold."""
+    size = sum(len(names) for names in LAYERS)
+    r, c = np.indices((size, size))
+    cka = np.where(r == c, 1.0, (r + c + 1) / 16)
+    se = (1 + np.abs(r - c)) / 256
+    low, high = cka - 2 * se, cka + 2 * se
+    for m in (cka, se, low, high):
+        m[CONSTANT, :] = m[:, CONSTANT] = np.nan
+    files = [
+        FileInfo(
+            label="a.h5", paths=["/data/a.h5"], layers=LAYERS[0], n_examples=40, sha256=["a" * 64],
+            provenance={"model": "/models/net_a.onnx", "extractor": "onnx", "options": {"reduction": "mean"}},
+        ),
+        FileInfo(label="b.h5", paths=["/data/b.0.h5", "/data/b.1.h5"], layers=LAYERS[1], n_examples=36,
+                 sha256=["b" * 64, "c" * 64], provenance={"model": "pkg.nets:make_b", "extractor": "torch"}),
+        FileInfo(label="c.h5", paths=["/data/c.h5"], layers=LAYERS[2], n_examples=32, sha256=[""],
+                 provenance={}),
+    ]
+    params = {
+        "batch_size": 8, "epochs": 2, "seed": 7, "kernel": "linear", "rbf_fraction": None, "precision": "float64",
+        "device": "cpu", "estimator": "minibatch", "n_groups": 4, "intersect": True, "confidence": 0.9,
+        "block_rows": 16, "buffer_blocks": 2,
+    }
+    return CKAResult(
+        files=files, cka=cka, se=se, low=low, high=high, pairs=[(0, 1), (0, 2), (1, 2)], params=params,
+        n_examples=32, n_minibatches=8, timing={"total": 1.5, "read_wait": 0.25, "compute": 1.0, "hash_wait": 0.125},
+        warnings=["layer 'b1, constant' of b.h5 is constant over the examples, so its CKA is undefined (NaN)"],
+        version="0.1.0", confidence=0.9,
+    )
+
+
+def golden_path(ext: str) -> str:
+    """``tests/data/result_v1_0.<ext>``."""
+    return os.path.join(HERE, f"result_v{VERSION}.{ext}")
+
+
+def main() -> None:
+    result = golden_result()
+    for ext in ("json", "h5", "csv"):
+        result.save(golden_path(ext), overwrite=False)
+
+
+if __name__ == "__main__":
+    main()
