@@ -76,3 +76,11 @@ class ResumeError(CKAOfflineError):
 
 class DistributedError(CKAOfflineError):
     """A rank of a torch.distributed run failed or disagrees with the others."""
+
+
+class NoExtractorError(PluginError):
+    """No installed extractor can open a model source."""
+
+
+class OptionError(CKAOfflineError):
+    """An extractor or input-reader option is unknown or has a value of the wrong type (``-X``, ``-I``)."""

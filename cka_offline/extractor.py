@@ -15,13 +15,177 @@ A plugin imports only this module, :mod:`cka_offline.hookspecs` (for ``hookimpl`
 
 from __future__ import annotations
 
+import builtins
 import hashlib
+import json
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
-import numpy as np
+from .errors import OptionError
+
+if TYPE_CHECKING:  # numpy only in annotations: the CLI imports this module to parse -X values
+    import numpy as np
+
+
+# --------------------------------------------------------------------------------------------- options
+
+#: the value types an :class:`Option` can declare; ``object`` takes any value (the plugin parses it)
+OPTION_TYPES: tuple[type, ...] = (bool, int, float, str, object)
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def parse_value(text: str) -> Any:
+    """A command-line option value (``-X key=VALUE``, ``-I``): JSON numbers, true/false/null, lists and
+    objects; anything else is the string itself. The declared :class:`Option` type then converts it."""
+    stripped = text.strip()
+    if stripped and (stripped[0] in "-0123456789[{" or stripped in ("true", "false", "null")):
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError:
+            pass
+    return text
+
+
+def parse_flag(value: Any, key: str) -> bool:
+    """A boolean given as a bool or as a command-line string (1/0, true/false, yes/no, on/off; empty: false).
+
+    Raises:
+        OptionError: anything else.
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise OptionError(f"option {key}={value!r} is not a boolean; use {key}=true or {key}=false")
+
+
+def parse_int(value: Any, key: str, *, minimum: int | None = None) -> int:
+    """An integer given as an int, an integral float or a command-line string.
+
+    Raises:
+        OptionError: not an integer, or below ``minimum``.
+    """
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = int(value.strip()) if isinstance(value, str) else int(value)
+        if isinstance(value, float) and number != value:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise OptionError(f"option {key}={value!r} is not an integer; give e.g. {key}=1") from None
+    if minimum is not None and number < minimum:
+        raise OptionError(f"option {key}={number} must be >= {minimum}")
+    return number
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option an extractor or input reader understands, given as ``-X name=value`` (extractors) or
+    ``-I name=value`` (input readers) on the command line, or in ``options=`` from Python.
+
+    Attributes:
+        name: the key.
+        type: one of :data:`OPTION_TYPES`; ``bool`` and ``int`` accept the command line's strings
+            (``true``, ``0``, ``"3"``), ``float`` and ``str`` convert; ``object`` passes the value as given.
+        default: the value when the option is not given (not converted; ``None``: no value).
+        help: one line for ``cka-extract --list-options``.
+        choices: the allowed values of a ``str`` option (compared in lower case; the value is lowered).
+        minimum: the smallest allowed value of an ``int`` option.
+    """
+
+    name: str
+    type: builtins.type = str
+    default: Any = None
+    help: str = ""
+    choices: tuple[str, ...] | None = None
+    minimum: int | None = None
+
+    def parse(self, value: Any) -> Any:
+        """``value`` converted to :attr:`type`; raises :class:`OptionError` saying what is expected."""
+        if self.type is bool:
+            return parse_flag(value, self.name)
+        if self.type is int:
+            return parse_int(value, self.name, minimum=self.minimum)
+        if self.type is float:
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise OptionError(f"option {self.name}={value!r} is not a number; give e.g. {self.name}=0.5") from None
+        if self.type is str:
+            text = str(value)
+            if self.choices is not None:
+                text = text.strip().lower()
+                if text not in self.choices:
+                    raise OptionError(f"option {self.name}={value!r} is not one of {', '.join(self.choices)}")
+            return text
+        return value
+
+    def describe_type(self) -> str:
+        """``bool``, ``int``, ``all|basic|...``, ``value``: the type column of ``--list-options``."""
+        if self.choices is not None:
+            return "|".join(self.choices)
+        return "value" if self.type is object else self.type.__name__
+
+
+def check_declarations(options: Sequence[Option], owner: str) -> None:
+    """Raise ``TypeError`` unless ``options`` is a sequence of :class:`Option` with unique names and known
+    types (a bug in the plugin, found by :mod:`cka_offline.testing` and when options are parsed)."""
+    if not isinstance(options, (tuple, list)) or not all(isinstance(o, Option) for o in options):
+        raise TypeError(f"{owner}: declared_options must be a tuple of cka_offline.extractor.Option, got {options!r:.200}")
+    names = [o.name for o in options]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise TypeError(f"{owner}: options {dup} are declared twice")
+    bad = [o.name for o in options if o.type not in OPTION_TYPES]
+    if bad:
+        raise TypeError(f"{owner}: options {bad} have a type outside bool, int, float, str, object")
+
+
+def parse_options(declared: Sequence[Option], given: Mapping[str, Any] | None, *, owner: str) -> dict[str, Any]:
+    """Every declared option's value: the given ones converted (:meth:`Option.parse`), the others their
+    default. The one place options are checked: keys that are not declared are refused.
+
+    ``owner`` names who reads them in errors (``the torch extractor``, ``npz inputs x.npz``).
+
+    Raises:
+        OptionError: an unknown key (the message lists the known ones), or a value of the wrong type.
+    """
+    check_declarations(declared, owner)
+    given = dict(given or {})
+    known = {o.name: o for o in declared}
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        listing = ", ".join(known) or "none"
+        raise OptionError(
+            f"unknown option(s) {', '.join(unknown)} for {owner}; known: {listing} (see cka-extract --list-options)"
+        )
+    values: dict[str, Any] = {}
+    for name, option in known.items():
+        value = given.get(name)
+        try:
+            values[name] = option.default if value is None else option.parse(value)
+        except OptionError as exc:
+            raise OptionError(f"{owner}: {exc}") from None
+    return values
+
+
+def declared_options(cls: type) -> tuple[Option, ...]:
+    """The options a plugin class declares: ``declared_options``, or for a class written before it
+    existed, one ``object`` option per key of its ``options_help`` (deprecated)."""
+    declared = tuple(getattr(cls, "declared_options", ()) or ())
+    legacy = getattr(cls, "options_help", None) or {}
+    if not declared and isinstance(legacy, dict):
+        return tuple(Option(key, object, None, str(text)) for key, text in legacy.items())
+    return declared
+
+
+# --------------------------------------------------------------------------------------------- layers
 
 
 @dataclass(frozen=True)
@@ -59,6 +223,8 @@ class InputReader(ABC):
     name: ClassVar[str] = ""
     #: one line: what it reads
     description: ClassVar[str] = ""
+    #: the options it understands (``-I key=value`` on the command line); others are refused
+    declared_options: ClassVar[tuple[Option, ...]] = ()
 
     @classmethod
     @abstractmethod
@@ -66,8 +232,13 @@ class InputReader(ABC):
         """True if this reader understands ``path`` (by extension or by looking at it, cheaply)."""
 
     def __init__(self, path: str, **options: Any) -> None:
+        """Keeps ``options`` as given (``self.options``, recorded in the fingerprint) and their checked,
+        converted values with defaults (``self.option_values``)."""
         self.path = path
         self.options = options
+        self.option_values = parse_options(
+            declared_options(type(self)), options, owner=f"{self.name} inputs {path}"
+        )
 
     @abstractmethod
     def __len__(self) -> int:
@@ -103,7 +274,10 @@ class Extractor(ABC):
     framework: ClassVar[str] = ""
     #: one line: which sources it opens, shown by ``--list-extractors``
     description: ClassVar[str] = ""
-    #: extractor-specific options it understands, ``{key: help}``; given on the CLI as ``-X key=value``
+    #: the extractor-specific options it understands, given on the CLI as ``-X key=value``; the core
+    #: refuses others and converts the values (see :class:`Option`)
+    declared_options: ClassVar[tuple[Option, ...]] = ()
+    #: deprecated: ``{key: help}`` of untyped options, read only when ``declared_options`` is empty
     options_help: ClassVar[dict[str, str]] = {}
     #: reductions (names from :data:`cka_offline.reduce.REDUCTIONS`) this extractor can apply itself while
     #: the batch runs -- e.g. in a forward hook, while the output is still in cache, instead of handing the
@@ -119,9 +293,14 @@ class Extractor(ABC):
         """
 
     def __init__(self, source: str, *, device: str = "cpu", options: Mapping[str, Any] | None = None) -> None:
+        """Keeps ``options`` as given (``self.options``) and their checked, converted values with the
+        defaults filled in (``self.option_values``: every declared key); unknown keys raise OptionError."""
         self.source = source
         self.device = device
         self.options: dict[str, Any] = dict(options or {})
+        self.option_values: dict[str, Any] = parse_options(
+            declared_options(type(self)), self.options, owner=f"the {self.name} extractor"
+        )
 
     @abstractmethod
     def layers(self) -> list[LayerInfo]:
@@ -196,4 +375,17 @@ def _update_file(digest: "hashlib._Hash", path: str, chunk: int) -> None:
             digest.update(block)
 
 
-__all__ = ["Extractor", "InputReader", "LayerInfo", "sha256_path"]
+__all__ = [
+    "Extractor",
+    "InputReader",
+    "LayerInfo",
+    "OPTION_TYPES",
+    "Option",
+    "check_declarations",
+    "declared_options",
+    "parse_flag",
+    "parse_int",
+    "parse_options",
+    "parse_value",
+    "sha256_path",
+]

@@ -19,7 +19,7 @@ from typing import Any, BinaryIO, Sequence
 import numpy as np
 
 from .errors import InputError
-from .extractor import InputReader, sha256_path
+from .extractor import InputReader, Option, sha256_path
 from .hookspecs import hookimpl
 
 log = logging.getLogger(__name__)
@@ -46,17 +46,6 @@ def _check_lengths(lengths: dict[str, int], where: str) -> int:
     return next(iter(lengths.values()))
 
 
-def _parse_bool(value: Any, key: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise InputError(f"input option {key}={value!r} must be true or false")
-
-
 def _parse_floats(value: Any, key: str) -> np.ndarray | None:
     if value is None:
         return None
@@ -70,18 +59,8 @@ def _parse_floats(value: Any, key: str) -> np.ndarray | None:
         raise InputError(f"input option {key}={value!r} must be a number or comma-separated numbers") from None
 
 
-class _Reader(InputReader):
-    """Shared parts: option names checked, a fingerprint that includes the options."""
-
-    #: the options (``--input-option KEY=VALUE``) this reader understands
-    known_options: tuple[str, ...] = ()
-
-    def __init__(self, path: str, **options: Any) -> None:
-        super().__init__(path, **options)
-        unknown = sorted(set(options) - set(self.known_options))
-        if unknown:
-            known = ", ".join(self.known_options) or "none"
-            raise InputError(f"unknown input option(s) {', '.join(unknown)} for {self.name} inputs {path}; known: {known}")
+class _BuiltinInputs(InputReader):
+    """The shared base of the built-in readers: a fingerprint that includes the options given."""
 
     def _options_text(self) -> str:
         return json.dumps(self.options, sort_keys=True, default=str) if self.options else ""
@@ -183,7 +162,7 @@ class _NpzMember:
             self._stream = None
 
 
-class NpzInputs(_Reader):
+class NpzInputs(_BuiltinInputs):
     """Named arrays in a ``.npz``, passed to the model by name; an ``ids`` array gives the example ids."""
 
     name = "npz"
@@ -239,7 +218,7 @@ class NpzInputs(_Reader):
 # ------------------------------------------------------------------------------------------------ npy
 
 
-class NpyInputs(_Reader):
+class NpyInputs(_BuiltinInputs):
     """One array in a ``.npy`` (memory-mapped), given to the model as its input ``"input"``."""
 
     name = "npy"
@@ -286,7 +265,7 @@ def _split_h5(path: str) -> tuple[str, str | None]:
     return path, None
 
 
-class HDF5Inputs(_Reader):
+class HDF5Inputs(_BuiltinInputs):
     """Datasets in an HDF5 file: ``file.h5:/path/to/dataset`` or ``file.h5`` with option ``dataset=...``.
 
     Options: ``dataset`` (one path, or several comma-separated; each is a model input named by its
@@ -294,7 +273,10 @@ class HDF5Inputs(_Reader):
     """
 
     name = "hdf5"
-    known_options = ("dataset", "ids")
+    declared_options = (
+        Option("dataset", str, None, "dataset path(s) in the file, comma-separated, each an input named by its basename"),
+        Option("ids", str, None, "path of a dataset of example ids in the file (default: row numbers)"),
+    )
     description = "HDF5 dataset: file.h5:/path/to/dataset (input named by the basename), ids with option ids=/path"
 
     @classmethod
@@ -307,7 +289,7 @@ class HDF5Inputs(_Reader):
         import h5py
 
         self.file, inner = _split_h5(path)
-        datasets = inner or options.get("dataset")
+        datasets = inner or self.option_values["dataset"]
         try:
             self._h5 = h5py.File(self.file, "r")
         except OSError as exc:
@@ -331,7 +313,7 @@ class HDF5Inputs(_Reader):
                     raise InputError(f"dataset {p} in {self.file} is a scalar; inputs need the examples on axis 0")
                 self._datasets[p.rstrip("/").rsplit("/", 1)[-1]] = ds
             self._n = _check_lengths({k: d.shape[0] for k, d in self._datasets.items()}, self.file)
-            ids_path = options.get("ids")
+            ids_path = self.option_values["ids"]
             if ids_path:
                 ids = self._dataset(ids_path)[()]
                 if len(ids) != self._n:
@@ -375,7 +357,7 @@ class HDF5Inputs(_Reader):
 # --------------------------------------------------------------------------------------------- images
 
 
-class ImageFolderInputs(_Reader):
+class ImageFolderInputs(_BuiltinInputs):
     """A folder of images, sorted recursively; ids are the paths relative to the folder.
 
     Images become channels-first float32 arrays in [0, 1], then ``(x - mean) / std``. Options:
@@ -384,7 +366,13 @@ class ImageFolderInputs(_Reader):
     """
 
     name = "images"
-    known_options = ("resize", "mean", "std", "grayscale", "name")
+    declared_options = (
+        Option("resize", object, None, "HxW, for example 224x224 (needed unless every image has one size)"),
+        Option("mean", object, None, "subtracted: one number, or one per channel comma-separated"),
+        Option("std", object, None, "divided by (after the mean): one number, or one per channel comma-separated"),
+        Option("grayscale", bool, False, "true for one channel instead of RGB"),
+        Option("name", str, "input", "the model input the images are given as"),
+    )
     description = "folder of images (png, jpg, ...): options resize=HxW, mean=, std=, grayscale=true, name="
 
     @classmethod
@@ -402,11 +390,12 @@ class ImageFolderInputs(_Reader):
         rel = sorted(os.path.relpath(f, path).replace(os.sep, "/") for f in files)
         self._files = rel
         self._ids = np.asarray(rel, dtype=str)
-        self.input_name = str(options.get("name", "input"))
-        self.grayscale = _parse_bool(options.get("grayscale", False), "grayscale")
-        self.size = self._parse_size(options.get("resize"))
-        self.mean = _parse_floats(options.get("mean"), "mean")
-        self.std = _parse_floats(options.get("std"), "std")
+        values = self.option_values
+        self.input_name: str = values["name"]
+        self.grayscale: bool = values["grayscale"]
+        self.size = self._parse_size(values["resize"])
+        self.mean = _parse_floats(values["mean"], "mean")
+        self.std = _parse_floats(values["std"], "std")
         channels = 1 if self.grayscale else 3
         for key, vec in (("mean", self.mean), ("std", self.std)):
             if vec is not None and len(vec) not in (1, channels):

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .errors import CKAOfflineError
-from .extractor import Extractor, LayerInfo
+from .extractor import Extractor, LayerInfo, check_declarations, declared_options
 
 _UNKNOWN_LAYER = "cka-offline-conformance-no-such-layer"
 
@@ -40,7 +40,8 @@ def check_extractor(
 ) -> list[str]:
     """Check ``extractor_cls`` on ``source`` with ``inputs`` (at least 2 examples); returns the layers checked.
 
-    Checks: class attributes are set; ``can_open(source)`` is true; ``layers()`` returns uniquely named
+    Checks: class attributes are set; ``declared_options`` are valid :class:`Option` declarations with
+    unique names; ``can_open(source)`` is true; ``layers()`` returns uniquely named
     :class:`LayerInfo`; ``run()`` returns every requested layer and no other, each with the batch on
     axis 0; per-example outputs agree (shape, and values within ``rtol``/``atol``) between a batch of all
     examples and smaller batches, including a batch of one; an unknown layer raises a
@@ -55,8 +56,10 @@ def check_extractor(
         value = getattr(cls, attr, "")
         if not isinstance(value, str) or not value:
             raise _fail(cls, f"class attribute {attr!r} must be a non-empty string, got {value!r}")
-    if not isinstance(cls.options_help, dict):
-        raise _fail(cls, f"options_help must be a dict {{option: help}}, got {type(cls.options_help).__name__}")
+    try:
+        check_declarations(declared_options(cls), cls.__name__)
+    except TypeError as exc:
+        raise _fail(cls, str(exc)) from None
     if not cls.can_open(source):
         raise _fail(cls, f"can_open({source!r}) returned {cls.can_open(source)!r}; expected True")
     n = {len(np.asarray(v)) for v in inputs.values()}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cka_offline.errors import InputError, PluginError
+from cka_offline.errors import InputError, OptionError, PluginError
 from cka_offline.extractor import InputReader
 from cka_offline.hookspecs import hookimpl
 from cka_offline.inputs import HDF5Inputs, ImageFolderInputs, NpyInputs, NpzInputs
@@ -70,7 +70,7 @@ def test_npz_errors(tmp_path):
     with pytest.raises(InputError, match="holds no input arrays"):
         NpzInputs(str(tmp_path / "only_ids.npz"))
     np.savez(tmp_path / "ok.npz", a=np.zeros((3, 2)))
-    with pytest.raises(InputError, match="unknown input option\\(s\\) resize for npz inputs .*known: none"):
+    with pytest.raises(OptionError, match="unknown option\\(s\\) resize for npz inputs .*known: none"):
         NpzInputs(str(tmp_path / "ok.npz"), resize="2x2")
     (tmp_path / "bad.npz").write_text("not a zip")
     with pytest.raises(InputError, match="cannot read inputs .*bad.npz"):
@@ -165,9 +165,9 @@ def test_image_folder_errors(tmp_path):
         ImageFolderInputs(str(tmp_path / "img"), std=0)
     with pytest.raises(InputError, match="mean='a' must be a number"):
         ImageFolderInputs(str(tmp_path / "img"), mean="a")
-    with pytest.raises(InputError, match="grayscale='maybe' must be true or false"):
+    with pytest.raises(OptionError, match="grayscale='maybe' is not a boolean"):
         ImageFolderInputs(str(tmp_path / "img"), grayscale="maybe")
-    with pytest.raises(InputError, match="unknown input option\\(s\\) size for images inputs .*known: resize, mean"):
+    with pytest.raises(OptionError, match="unknown option\\(s\\) size for images inputs .*known: resize, mean"):
         ImageFolderInputs(str(tmp_path / "img"), size=3)
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no image files"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cka_offline.errors import LayerSelectionError
-from cka_offline.extractor import Extractor, LayerInfo
+from cka_offline.extractor import Extractor, LayerInfo, Option
 from cka_offline.testing import check_extractor
 
 EXAMPLE_DIR = os.path.join(os.path.dirname(__file__), "data", "example_plugin")
@@ -67,7 +67,8 @@ class Closes(Good):
 
 BROKEN = [
     (variant(framework=""), "m.good", "class attribute 'framework' must be a non-empty string"),
-    (variant(options_help=["x"]), "m.good", "options_help must be a dict"),
+    (variant(declared_options=["x"]), "m.good", "declared_options must be a tuple of cka_offline.extractor.Option"),
+    (variant(declared_options=(Option("a"), Option("a"))), "m.good", r"options \['a'\] are declared twice"),
     (Good, "m.onnx", "can_open\\('m.onnx'\\) returned False; expected True"),
     (variant(layers=lambda self: [LayerInfo("a"), LayerInfo("a")]), "m.good", "duplicate names \\['a'\\]"),
     (variant(layers=lambda self: ["a"]), "m.good", "layers\\(\\) must return a non-empty list of LayerInfo"),

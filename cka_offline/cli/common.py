@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import signal
 import sys
@@ -20,6 +19,7 @@ import click
 
 from ..devices import DEVICE_KINDS, describe_kinds, parse_device
 from ..errors import CKAOfflineError, DeviceError
+from ..extractor import parse_value
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -116,17 +116,6 @@ def handle_errors(prog: str, *, interrupted: Callable[..., str] | None = None) -
         return wrapper  # type: ignore[return-value]
 
     return decorate
-
-
-def parse_value(text: str) -> Any:
-    """A command-line value: JSON numbers, true/false/null, lists and objects; anything else is a string."""
-    stripped = text.strip()
-    if stripped and (stripped[0] in "-0123456789[{" or stripped in ("true", "false", "null")):
-        try:
-            return json.loads(stripped)
-        except json.JSONDecodeError:
-            pass
-    return text
 
 
 def parse_key_values(values: Iterable[str], option: str) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from cka_offline.errors import CKAOfflineError, FormatError, InputError
+from cka_offline.errors import CKAOfflineError, FormatError, InputError, OptionError
 from cka_offline.extractor import sha256_path
 from cka_offline.registry import find_extractor, get_plugin_manager
 from cka_offline_arrays import sources
@@ -317,7 +317,7 @@ def test_ids_errors(tmp_path):
 
 def test_option_and_run_errors(tmp_path):
     source = write_source(tmp_path, "folder")
-    with pytest.raises(InputError, match=r"unknown option\(s\) idz; it understands ids"):
+    with pytest.raises(OptionError, match=r"unknown option\(s\) idz for the arrays extractor; known: ids"):
         ArraysExtractor(source, options={"idz": "x.txt"})
     with ArraysExtractor(source) as ext:
         with pytest.raises(InputError, match=r"expected input 'index' \(row numbers\), got pixels"):

@@ -17,7 +17,7 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 import cka_offline_torch  # noqa: E402
-from cka_offline.errors import DeviceError, InputError, ModelError  # noqa: E402
+from cka_offline.errors import DeviceError, InputError, ModelError, OptionError  # noqa: E402
 from cka_offline.registry import find_extractor, get_extractor  # noqa: E402
 from cka_offline_torch.extractor import TorchExtractor  # noqa: E402
 from cka_offline_torch.sources import parse_literal, parse_model_args  # noqa: E402
@@ -133,9 +133,9 @@ def test_registered_through_the_entry_point():
     assert find_extractor("model.pt2") is TorchExtractor
     assert find_extractor("models/net.py:make") is TorchExtractor
     assert TorchExtractor.framework == "torch" and TorchExtractor.description
-    assert {"model_args", "weights", "output_index", "allow_pickle_code_execution", "keep_dtype", "copy_outputs"} <= set(
-        TorchExtractor.options_help
-    )
+    assert {"model_args", "weights", "output_index", "allow_pickle_code_execution", "keep_dtype", "copy_outputs"} <= {
+        o.name for o in TorchExtractor.declared_options
+    }
     assert cka_offline_torch.__version__ == "0.1.0"
 
 
@@ -584,14 +584,14 @@ def test_keep_dtype_float64_into_float32_model_fails_clearly(torch_factory_file)
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
 def test_cuda_without_cuda_is_a_device_error(torch_factory_file):
-    with pytest.raises(DeviceError, match=r"device 'cuda:1' was requested but CUDA is not available.*--device cpu"):
+    with pytest.raises(DeviceError, match=r"device 'cuda:1' requested but CUDA is not available.*--device cpu"):
         TorchExtractor(f"{torch_factory_file}:make", device="cuda:1")
     with TorchExtractor(f"{torch_factory_file}:make", device="auto") as ex:
         assert ex.provenance()["device"] == "cpu"
 
 
 def test_unknown_device(torch_factory_file):
-    with pytest.raises(DeviceError, match=r"unknown device 'tpu'; use cpu, cuda, cuda:N"):
+    with pytest.raises(DeviceError, match=r"unknown device 'tpu'; use auto, cpu, cuda, cuda:N or mps"):
         TorchExtractor(f"{torch_factory_file}:make", device="tpu")
 
 
@@ -624,14 +624,24 @@ def test_cuda_matches_cpu(torch_factory_file):
         ("{file}:broken", {}, r"factory '.*:broken' raised ValueError: no weights for this width"),
         ("{file}:make", {"model_args": {"depth": "3"}}, r"raised TypeError: .*'depth'.*called with model_args: depth=3"),
         ("{file}:not_a_model", {}, r"returned a builtins.dict, not a torch.nn.Module"),
-        ("{file}:make", {"weight": "w.pt"}, r"unknown torch extractor option\(s\) weight; known: model_args, weights"),
-        ("{file}:make", {"allow_pickle_code_execution": "maybe"}, r"allow_pickle_code_execution='maybe' is not a boolean"),
     ],
 )
 def test_factory_errors(torch_factory_file, spec, options, match):
     source = spec.format(dir=torch_factory_file.parent, file=torch_factory_file)
     with pytest.raises(ModelError, match=match):
         TorchExtractor(source, options=options).layers()
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"weight": "w.pt"}, r"unknown option\(s\) weight for the torch extractor; known: model_args, weights"),
+        ({"allow_pickle_code_execution": "maybe"}, r"allow_pickle_code_execution='maybe' is not a boolean"),
+    ],
+)
+def test_option_errors(torch_factory_file, options, match):
+    with pytest.raises(OptionError, match=match):
+        TorchExtractor(f"{torch_factory_file}:make", options=options)
 
 
 def test_factory_file_that_fails_to_import(tmp_path):

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from cka_offline.errors import InputError
-from cka_offline.extractor import Extractor, InputReader, LayerInfo, sha256_path
+from cka_offline.extractor import Extractor, InputReader, LayerInfo, Option, sha256_path
 
 from .sources import IDS_NAME, ArraySet, open_arrays
 
@@ -38,10 +38,10 @@ class ArraysExtractor(Extractor):
     name = "arrays"
     framework = "numpy"
     description = "precomputed activations: a folder of .npy files (one per layer), an .npz or a .safetensors file"
-    options_help = {
-        "ids": "example ids: a .npy (1-D ints or strings) or .txt (one id per line) file; default: an array "
-               f"named {IDS_NAME!r} in the source, else the row numbers",
-    }
+    declared_options = (
+        Option("ids", object, None, "example ids: a .npy (1-D ints or strings) or .txt (one id per line) file; "
+               f"default: an array named {IDS_NAME!r} in the source, else the row numbers"),
+    )
 
     @classmethod
     def can_open(cls, source: str) -> bool:
@@ -52,11 +52,7 @@ class ArraysExtractor(Extractor):
 
     def __init__(self, source: str, *, device: str = "cpu", options: Mapping[str, Any] | None = None) -> None:
         super().__init__(source, device=device, options=options)
-        unknown = sorted(set(self.options) - set(self.options_help))
-        if unknown:
-            raise InputError(f"arrays extractor: unknown option(s) {', '.join(unknown)}; it understands "
-                             f"{', '.join(self.options_help)}")
-        ids = self.options.get("ids")
+        ids = self.option_values["ids"]
         self._arrays: ArraySet = open_arrays(source, ids=None if ids is None else os.fspath(ids))
 
     def layers(self) -> list[LayerInfo]:

@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
+from cka_offline.devices import parse_device
 from cka_offline.errors import DeviceError, InputError, LayerSelectionError, ModelError
-from cka_offline.extractor import Extractor, LayerInfo, sha256_path
+from cka_offline.extractor import Extractor, LayerInfo, Option, sha256_path
 
 if TYPE_CHECKING:
     import onnx
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 DEFAULT_OPTIMIZATION_LEVEL = "all"
+#: the device kinds onnxruntime runs on here (no mps)
+DEVICES = ("auto", "cpu", "cuda")
 #: sessions kept per extractor; each holds the weights once more, so keep few
 MAX_SESSIONS = 2
 #: output name of a tensor's spatial mean taken in the graph (Extractor.reduce_early)
@@ -52,15 +55,17 @@ class OnnxExtractor(Extractor):
     name = "onnx"
     framework = "onnxruntime"
     description = "ONNX models (.onnx file, or a folder holding model.onnx; external data and >2 GB ok), run with onnxruntime"
-    options_help = {
-        "optimization_level": (
-            "onnxruntime graph optimisation: all (default, as onnxruntime's own), extended, basic or disable; "
-            "chosen tensors are graph outputs, which onnxruntime keeps, so every level gives the same tensors "
-            "(values equal to float32 rounding); disable runs the graph exactly as written, about 2x slower"
+    declared_options = (
+        Option(
+            "optimization_level", str, DEFAULT_OPTIMIZATION_LEVEL,
+            "onnxruntime graph optimisation (default all, as onnxruntime's own); chosen tensors are graph outputs, "
+            "which onnxruntime keeps, so every level gives the same tensors (values equal to float32 rounding); "
+            "disable runs the graph exactly as written, about 2x slower",
+            choices=OPTIMIZATION_LEVELS,
         ),
-        "batch_axis": "axis of the chosen tensors that holds the batch (default 0); it is moved to axis 0",
-        "threads": "onnxruntime intra-op threads (default 0: onnxruntime decides)",
-    }
+        Option("batch_axis", int, 0, "axis of the chosen tensors that holds the batch (default 0); it is moved to axis 0"),
+        Option("threads", int, 0, "onnxruntime intra-op threads (default 0: onnxruntime decides)", minimum=0),
+    )
 
     #: the spatial mean is taken inside the graph (ReduceMean), by onnxruntime's threads
     early_reductions = frozenset({"mean"})
@@ -74,7 +79,10 @@ class OnnxExtractor(Extractor):
 
     def __init__(self, source: str, *, device: str = "cpu", options: Mapping[str, Any] | None = None) -> None:
         super().__init__(source, device=device, options=options)
-        self.optimization_level, self.batch_axis, self.threads = _parse_options(self.options)
+        values = self.option_values
+        self.optimization_level: str = values["optimization_level"]
+        self.batch_axis: int = values["batch_axis"]
+        self.threads: int = values["threads"]
         self.path = os.path.abspath(os.path.join(source, "model.onnx") if os.path.isdir(source) else source)
         self._providers = _providers(device)
         self._model = _load(self.path)
@@ -368,56 +376,25 @@ class OnnxExtractor(Extractor):
 # --- helpers ---------------------------------------------------------------------------------------------
 
 
-def _parse_options(options: Mapping[str, Any]) -> tuple[str, int, int]:
-    unknown = sorted(set(options) - set(OnnxExtractor.options_help))
-    if unknown:
-        raise ModelError(
-            f"unknown option(s) {', '.join(unknown)} for the onnx extractor; it understands: "
-            f"{', '.join(OnnxExtractor.options_help)}"
-        )
-    level = str(options.get("optimization_level", DEFAULT_OPTIMIZATION_LEVEL)).lower()
-    if level not in OPTIMIZATION_LEVELS:
-        raise ModelError(
-            f"onnx extractor: optimization_level={level!r} is not one of {', '.join(OPTIMIZATION_LEVELS)}"
-        )
-    return level, _int_option(options, "batch_axis", 0), _int_option(options, "threads", 0, minimum=0)
-
-
-def _int_option(options: Mapping[str, Any], key: str, default: int, minimum: int | None = None) -> int:
-    value = options.get(key, default)
-    try:
-        number = int(value)
-        if isinstance(value, float) and number != value:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ModelError(f"onnx extractor: {key}={value!r} is not an integer; give e.g. -X {key}={default}") from None
-    if minimum is not None and number < minimum:
-        raise ModelError(f"onnx extractor: {key}={number} must be >= {minimum}")
-    return number
-
-
 def _providers(device: str) -> list[Any]:
+    """onnxruntime's execution providers for ``device`` (parsed by :func:`cka_offline.devices.parse_device`):
+    ``cpu``; ``auto`` (CUDA where onnxruntime has it); ``cuda`` / ``cuda:N`` (device N, needs onnxruntime-gpu)."""
+    dev = parse_device(device, allowed=DEVICES, default="cpu")
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    dev = (device or "cpu").strip().lower()
     has_cuda = "CUDAExecutionProvider" in available
-    if dev == "cpu":
+    if dev.is_cpu:
         return ["CPUExecutionProvider"]
-    if dev == "auto":
+    if dev.kind == "auto":
         return ["CUDAExecutionProvider", "CPUExecutionProvider"] if has_cuda else ["CPUExecutionProvider"]
-    if dev == "cuda" or dev.startswith("cuda:"):
-        index = dev.partition(":")[2] or "0"
-        if not index.isdigit():
-            raise DeviceError(f"device {device!r} is not understood; use cpu, cuda, cuda:N or auto")
-        if not has_cuda:
-            raise DeviceError(
-                f"device {device!r} needs onnxruntime's CUDAExecutionProvider, but onnxruntime {ort.__version__} "
-                f"here has only {', '.join(available)}; install onnxruntime-gpu instead of onnxruntime, "
-                "or use --device cpu"
-            )
-        return [("CUDAExecutionProvider", {"device_id": int(index)}), "CPUExecutionProvider"]
-    raise DeviceError(f"device {device!r} is not understood by the onnx extractor; use cpu, cuda, cuda:N or auto")
+    if not has_cuda:
+        raise DeviceError(
+            f"device {device!r} needs onnxruntime's CUDAExecutionProvider, but onnxruntime {ort.__version__} "
+            f"here has only {', '.join(available)}; install onnxruntime-gpu instead of onnxruntime, "
+            "or use --device cpu"
+        )
+    return [("CUDAExecutionProvider", {"device_id": dev.index or 0}), "CPUExecutionProvider"]
 
 
 def _load(path: str) -> "onnx.ModelProto":

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from cka_offline.errors import DeviceError, ModelError
-from cka_offline.extractor import Extractor, LayerInfo, sha256_path
+from cka_offline.devices import resolve_torch_device
+from cka_offline.errors import ModelError
+from cka_offline.extractor import Extractor, LayerInfo, Option, sha256_path
 
 from . import __version__
 from .binding import ForwardSignature, bind, export_signature, module_signature, tensors_for
@@ -25,7 +26,6 @@ from .sources import (
     load_factory,
     load_pickle,
     load_weights,
-    parse_flag,
     parse_model_args,
     parse_source,
 )
@@ -40,33 +40,11 @@ _CONTAINERS = ("ModuleList", "ModuleDict", "ParameterList", "ParameterDict")
 
 
 def resolve_device(spec: str | None) -> "torch.device":
-    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (cuda if available) as a torch device."""
+    """``cpu`` (the default), ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (cuda if available) as a torch device,
+    parsed and checked by :func:`cka_offline.devices.resolve_torch_device`."""
     import torch
 
-    text = (spec or "cpu").strip().lower()
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if text == "cpu":
-        return torch.device("cpu")
-    if text == "mps":
-        if not torch.backends.mps.is_available():
-            raise DeviceError("device 'mps' is not available on this machine; use --device cpu")
-        return torch.device("mps")
-    if text == "cuda" or text.startswith("cuda:"):
-        try:
-            device = torch.device(text)
-        except RuntimeError as exc:
-            raise DeviceError(f"device {spec!r} is not a valid device; write cuda or cuda:N") from exc
-        if not torch.cuda.is_available():
-            raise DeviceError(
-                f"device {spec!r} was requested but CUDA is not available (torch {torch.__version__}, "
-                f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu or auto, or install a CUDA build of torch"
-            )
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise DeviceError(f"device {spec!r} does not exist: {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
-        return device
-    raise DeviceError(f"unknown device {spec!r}; use cpu, cuda, cuda:N, mps or auto")
+    return torch.device(str(resolve_torch_device(spec, default="cpu")))
 
 
 class TorchExtractor(Extractor):
@@ -99,21 +77,21 @@ class TorchExtractor(Extractor):
     )
     #: the spatial mean is taken in the forward hook, with torch's threads, while the output is in cache
     early_reductions = frozenset({"mean"})
-    options_help = {
-        "model_args": "keyword arguments for a factory, key=value pairs (values parsed as Python literals: "
-        "ints, floats, true/false, none; otherwise strings)",
-        "weights": "state dict loaded into the factory's model: .safetensors, or .pt/.pth/.bin read with "
-        "torch.load(weights_only=True); every key must fit",
-        "output_index": "which element of a tuple/list/dict/ModelOutput module output to keep: a position "
-        "(0, 1, ...) or a key (default: the first tensor)",
-        "allow_pickle_code_execution": "true to load a fully pickled nn.Module (.pt/.pth) or a .pt2 with "
-        "pickled entries; unpickling runs code from the file, so only for files you trust",
-        "keep_dtype": "true to pass floating inputs in their stored dtype (default: cast to the model's "
-        "floating dtype, so float64 arrays become float32)",
-        "copy_outputs": "true to copy every captured output as its module returns it (default: copy only the "
-        "outputs that a later in-place op changes, as torch's version counter shows; a model that writes into "
-        "tensors through .data or numpy bypasses that counter and needs this)",
-    }
+    declared_options = (
+        Option("model_args", object, None, "keyword arguments for a factory, key=value pairs (values parsed as "
+               "Python literals: ints, floats, true/false, none; otherwise strings)"),
+        Option("weights", str, "", "state dict loaded into the factory's model: .safetensors, or .pt/.pth/.bin "
+               "read with torch.load(weights_only=True); every key must fit"),
+        Option("output_index", object, None, "which element of a tuple/list/dict/ModelOutput module output to "
+               "keep: a position (0, 1, ...) or a key (default: the first tensor)"),
+        Option("allow_pickle_code_execution", bool, False, "true to load a fully pickled nn.Module (.pt/.pth) or "
+               "a .pt2 with pickled entries; unpickling runs code from the file, so only for files you trust"),
+        Option("keep_dtype", bool, False, "true to pass floating inputs in their stored dtype (default: cast to "
+               "the model's floating dtype, so float64 arrays become float32)"),
+        Option("copy_outputs", bool, False, "true to copy every captured output as its module returns it (default: "
+               "copy only the outputs that a later in-place op changes, as torch's version counter shows; a model "
+               "that writes into tensors through .data or numpy bypasses that counter and needs this)"),
+    )
 
     @classmethod
     def can_open(cls, source: str) -> bool:
@@ -121,23 +99,19 @@ class TorchExtractor(Extractor):
 
     def __init__(self, source: str, *, device: str = "cpu", options: Mapping[str, Any] | None = None) -> None:
         super().__init__(source, device=device, options=options)
-        unknown = sorted(set(self.options) - set(self.options_help))
-        if unknown:
-            raise ModelError(
-                f"unknown torch extractor option(s) {', '.join(unknown)}; known: {', '.join(self.options_help)}"
-            )
         spec = parse_source(source)
         if spec is None:
             raise ModelError(
                 f"{source!r} is not a torch model source; give 'pkg.module:factory', 'file.py:factory' or a .pt2 file"
             )
         self.spec: SourceSpec = spec
-        self.model_args = parse_model_args(self.options.get("model_args"))
-        self.weights = str(self.options.get("weights") or "")
-        self.output_index = parse_output_index(self.options.get("output_index"))
-        self.allow_pickle = parse_flag(self.options.get("allow_pickle_code_execution"), "allow_pickle_code_execution")
-        self.keep_dtype = parse_flag(self.options.get("keep_dtype"), "keep_dtype")
-        self.copy_outputs = parse_flag(self.options.get("copy_outputs"), "copy_outputs")
+        values = self.option_values
+        self.model_args = parse_model_args(values["model_args"])
+        self.weights = values["weights"]
+        self.output_index = parse_output_index(values["output_index"])
+        self.allow_pickle: bool = values["allow_pickle_code_execution"]
+        self.keep_dtype: bool = values["keep_dtype"]
+        self.copy_outputs: bool = values["copy_outputs"]
         #: layers found overwritten in place by a later op: their outputs are copied at hook time
         self._copied: set[str] = set()
         self._early: dict[str, str] = {}

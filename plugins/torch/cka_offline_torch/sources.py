@@ -121,20 +121,6 @@ def parse_model_args(raw: Any) -> dict[str, Any]:
     raise ModelError(f"model_args must be a mapping of keyword arguments, got {type(raw).__name__}")
 
 
-def parse_flag(value: Any, key: str) -> bool:
-    """A boolean option given as a bool or as a CLI string (1/0, true/false, yes/no, on/off)."""
-    if isinstance(value, bool):
-        return value
-    if value is None:
-        return False
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ModelError(f"option {key}={value!r} is not a boolean; use {key}=true or {key}=false")
-
-
 # --------------------------------------------------------------------------------------------- factories
 
 
