@@ -20,10 +20,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .errors import InputError, LayerSelectionError
-
-REDUCTIONS = ("flatten", "mean", "token_mean", "first_token", "last_token", "none")
-TOKEN_REDUCTIONS = ("token_mean", "first_token", "last_token")
-DEFAULT_REDUCTION = "flatten"
+from .store.schema import DEFAULT_REDUCTION, REDUCTIONS, TOKEN_REDUCTIONS
 
 _NEEDS = {
     "mean": "a (batch, channels, *spatial) output",
@@ -148,4 +145,4 @@ def _check_mask(layer: str, mask: np.ndarray, b: int, t: int, ids: Sequence | No
     return valid
 
 
-__all__ = ["REDUCTIONS", "TOKEN_REDUCTIONS", "check_reduction", "resolve_reductions", "reduced_features", "reduce"]
+__all__ = ["DEFAULT_REDUCTION", "REDUCTIONS", "TOKEN_REDUCTIONS", "check_reduction", "resolve_reductions", "reduced_features", "reduce"]

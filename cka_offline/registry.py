@@ -3,7 +3,7 @@
 The manager is built by :func:`get_plugin_manager`, never at import time, so tests can build their own
 and register plugins by hand. Every installed distribution that declares an entry point in the
 ``cka_offline`` group is loaded; one that fails to import is recorded in :func:`broken_plugins` and
-the others carry on.
+the others carry on. The registry's own state lives in a :class:`Plugins` object next to pluggy's manager.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Iterable
+from typing import Iterable, Union
 
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError
+from .errors import NoExtractorError, PluginError
 from .extractor import Extractor, InputReader
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,38 @@ class PluginEntry:
     description: str
 
 
-def get_plugin_manager(*, entry_points: bool = True, plugins: Iterable[object] = ()) -> pluggy.PluginManager:
-    """Build a plugin manager with the core's own plugins, installed entry points and ``plugins``.
+class Plugins:
+    """The installed plugins: pluggy's manager (:attr:`manager`) and the registry's own bookkeeping, the
+    plugins that failed (:attr:`broken`) and the distribution of each entry point (:attr:`distributions`).
+
+    Built by :func:`get_plugin_manager`; a bare ``pluggy.PluginManager`` given to the look-up functions is
+    wrapped in one (with nothing broken).
+    """
+
+    def __init__(self, manager: pluggy.PluginManager) -> None:
+        self.manager = manager
+        #: ``(entry point or plugin name, distribution, error)`` of every plugin that failed
+        self.broken: list[tuple[str, str, str]] = []
+        #: entry-point name -> ``(distribution, version)``
+        self.distributions: dict[str, tuple[str, str]] = {}
+
+    def report_broken(self, plugin: str, distribution: str, error: str) -> None:
+        self.broken.append((plugin, distribution, error))
+
+    def distribution(self, plugin: str) -> tuple[str, str]:
+        """``(distribution, version)`` of a registered plugin (``("?", "")`` for one registered by hand)."""
+        from . import __version__
+
+        if plugin == CORE_PLUGIN:
+            return "cka-offline", __version__
+        return self.distributions.get(plugin, ("?", ""))
+
+
+PluginsLike = Union[Plugins, pluggy.PluginManager]
+
+
+def get_plugin_manager(*, entry_points: bool = True, plugins: Iterable[object] = ()) -> Plugins:
+    """Build the plugins: the core's own, installed entry points and ``plugins``.
 
     Args:
         entry_points: load plugins from the ``cka_offline`` entry-point group.
@@ -50,8 +80,7 @@ def get_plugin_manager(*, entry_points: bool = True, plugins: Iterable[object] =
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     pm.register(inputs, name=CORE_PLUGIN)
-    pm.broken = []  # type: ignore[attr-defined]
-    pm._cka_dists = {}  # type: ignore[attr-defined]  # entry-point name -> (distribution, version)
+    state = Plugins(pm)
     if entry_points:
         for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
@@ -62,27 +91,31 @@ def get_plugin_manager(*, entry_points: bool = True, plugins: Iterable[object] =
                 pm.register(plugin, name=ep.name)
             except Exception as exc:  # a broken third-party plugin must not break the others
                 log.warning("plugin %r from %s failed to load: %s", ep.name, dist, exc)
-                pm.broken.append((ep.name, dist, f"{type(exc).__name__}: {exc}"))  # type: ignore[attr-defined]
+                state.report_broken(ep.name, dist, f"{type(exc).__name__}: {exc}")
                 continue
-            pm._cka_dists[ep.name] = (dist, ep.dist.version if ep.dist is not None else "")  # type: ignore[attr-defined]
+            state.distributions[ep.name] = (dist, ep.dist.version if ep.dist is not None else "")
     for i, plugin in enumerate(plugins):
         pm.register(plugin, name=getattr(plugin, "__name__", None) or f"plugin-{i}-{id(plugin)}")
     pm.check_pending()
-    return pm
+    return state
 
 
-def broken_plugins(pm: pluggy.PluginManager) -> list[tuple[str, str, str]]:
+def _plugins(pm: PluginsLike | None) -> Plugins:
+    if pm is None:
+        return get_plugin_manager()
+    return pm if isinstance(pm, Plugins) else Plugins(pm)
+
+
+def broken_plugins(pm: PluginsLike) -> list[tuple[str, str, str]]:
     """``(entry point name, distribution, error)`` for every plugin that failed to load."""
-    return list(getattr(pm, "broken", []))
+    return list(pm.broken) if isinstance(pm, Plugins) else []
 
 
 _KIND = {Extractor: "extractor", InputReader: "input reader"}
 
 
-def _collect(pm: pluggy.PluginManager, hook_name: str, base: type) -> list[PluginEntry]:
-    from . import __version__
-
-    dists = getattr(pm, "_cka_dists", {})
+def _collect(plugins: Plugins, hook_name: str, base: type) -> list[PluginEntry]:
+    pm = plugins.manager
     entries: list[PluginEntry] = []
     seen: dict[str, PluginEntry] = {}
     hook = getattr(pm.hook, hook_name)
@@ -92,12 +125,12 @@ def _collect(pm: pluggy.PluginManager, hook_name: str, base: type) -> list[Plugi
             classes = impl.function() or []
         except Exception as exc:
             log.warning("plugin %r failed in %s: %s", plugin_name, hook_name, exc)
-            pm.broken.append((plugin_name, dists.get(plugin_name, ("?", ""))[0], f"{type(exc).__name__}: {exc}"))  # type: ignore[attr-defined]
+            plugins.report_broken(plugin_name, plugins.distribution(plugin_name)[0], f"{type(exc).__name__}: {exc}")
             continue
-        dist, version = dists.get(plugin_name, ("cka-offline", __version__) if plugin_name == CORE_PLUGIN else ("?", ""))
+        dist, version = plugins.distribution(plugin_name)
         for cls in classes:
             if not (isinstance(cls, type) and issubclass(cls, base)) or not getattr(cls, "name", ""):
-                pm.broken.append((plugin_name, dist, f"{cls!r} is not a named {base.__name__} subclass"))  # type: ignore[attr-defined]
+                plugins.report_broken(plugin_name, dist, f"{cls!r} is not a named {base.__name__} subclass")
                 continue
             entry = PluginEntry(cls.name, cls, plugin_name, dist, version, getattr(cls, "description", ""))
             if cls.name in seen and seen[cls.name].cls is not cls:
@@ -112,17 +145,17 @@ def _collect(pm: pluggy.PluginManager, hook_name: str, base: type) -> list[Plugi
     return entries
 
 
-def list_extractors(pm: pluggy.PluginManager | None = None) -> list[PluginEntry]:
+def list_extractors(pm: PluginsLike | None = None) -> list[PluginEntry]:
     """Every extractor class the installed plugins provide, in call order (latest registered first)."""
-    return _collect(pm or get_plugin_manager(), "cka_extractors", Extractor)
+    return _collect(_plugins(pm), "cka_extractors", Extractor)
 
 
-def list_input_readers(pm: pluggy.PluginManager | None = None) -> list[PluginEntry]:
+def list_input_readers(pm: PluginsLike | None = None) -> list[PluginEntry]:
     """Every input reader class, latest registered first (so plugins can override built-in readers)."""
-    return _collect(pm or get_plugin_manager(), "cka_input_readers", InputReader)
+    return _collect(_plugins(pm), "cka_input_readers", InputReader)
 
 
-def get_extractor(name: str, pm: pluggy.PluginManager | None = None) -> type[Extractor]:
+def get_extractor(name: str, pm: PluginsLike | None = None) -> type[Extractor]:
     """The extractor class called ``name``; an error lists the installed names."""
     entries = list_extractors(pm)
     for entry in entries:
@@ -132,8 +165,9 @@ def get_extractor(name: str, pm: pluggy.PluginManager | None = None) -> type[Ext
     raise PluginError(f"no extractor named {name!r}; installed extractors: {known} (see cka-extract --list-extractors)")
 
 
-def find_extractor(source: str, pm: pluggy.PluginManager | None = None) -> type[Extractor]:
-    """The one extractor whose ``can_open(source)`` is true; none or several is an error."""
+def find_extractor(source: str, pm: PluginsLike | None = None) -> type[Extractor]:
+    """The one extractor whose ``can_open(source)`` is true; none (:class:`NoExtractorError`) or several
+    (:class:`PluginError`) is an error."""
     entries = list_extractors(pm)
     matches = []
     for entry in entries:
@@ -144,14 +178,14 @@ def find_extractor(source: str, pm: pluggy.PluginManager | None = None) -> type[
             log.warning("extractor %r failed in can_open(%r): %s", entry.name, source, exc)
     if not matches:
         known = ", ".join(f"{e.name} ({e.description})" for e in entries) or "none installed"
-        raise PluginError(f"no extractor can open {source!r}; installed: {known}")
+        raise NoExtractorError(f"no extractor can open {source!r}; installed: {known}")
     if len(matches) > 1:
         names = ", ".join(e.name for e in matches)
         raise PluginError(f"several extractors can open {source!r} ({names}); choose one with --extractor NAME")
     return matches[0].cls
 
 
-def find_input_reader(path: str, pm: pluggy.PluginManager | None = None) -> type[InputReader]:
+def find_input_reader(path: str, pm: PluginsLike | None = None) -> type[InputReader]:
     """The input reader for ``path`` (first that can open it, plugins before built-ins)."""
     entries = list_input_readers(pm)
     for entry in entries:
@@ -159,3 +193,18 @@ def find_input_reader(path: str, pm: pluggy.PluginManager | None = None) -> type
             return entry.cls
     known = ", ".join(f"{e.name} ({e.description})" for e in entries)
     raise PluginError(f"no input reader can open {path!r}; readers: {known}")
+
+
+__all__ = [
+    "CORE_PLUGIN",
+    "ENTRY_POINT_GROUP",
+    "PluginEntry",
+    "Plugins",
+    "broken_plugins",
+    "find_extractor",
+    "find_input_reader",
+    "get_extractor",
+    "get_plugin_manager",
+    "list_extractors",
+    "list_input_readers",
+]

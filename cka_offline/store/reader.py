@@ -8,43 +8,31 @@ file) and reads row blocks on demand: a layer is never loaded whole unless asked
 from __future__ import annotations
 
 import errno
-import contextlib
 import glob as globlib
 import json
 import math
 import mmap
 import os
-from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import h5py
 import numpy as np
 
 from ..errors import AlignmentError, FormatError, IncompleteFileError, UnsafeFileError, VersionError
+from ..files import PARTIAL_SUFFIX
 from . import schema
-from .writer import PARTIAL_SUFFIX, _read_ids, format_id
+from .damage import DAMAGED, H5_ERRORS, damaged, filter_codes
+from .mapped import FileMap, MappedRows
+from .writer import _read_ids, format_id
 
-#: the fix for a file whose content breaks the format
-_DAMAGED = "the file is damaged or was not written by cka-extract: extract it again, or ask its author for a new copy"
 #: largest chunk (uncompressed bytes) the reader decompresses; the writer aims at 4 MiB
 MAX_CHUNK_BYTES = 1 << 30
-#: what h5py raises when a file's bytes are corrupt (any of these from reading a file is the file's fault)
-_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, UnicodeDecodeError)
 #: the filter id HDF5 registers for LZ4 (hdf5plugin)
 _LZ4_FILTER = 32004
 
 
-@dataclass(frozen=True)
-class LayerMeta:
-    """One stored layer: its original name and how it was stored."""
-
-    name: str
-    key: str
-    features: int
-    original_shape: tuple[int, ...]
-    reduction: str
-    dtype: str
-    order: int
+#: one stored layer: its original name and how it was stored (the store's one layer record)
+LayerMeta = schema.StoredLayer
 
 
 class _Shard:
@@ -83,9 +71,9 @@ class _Shard:
                 f"{path} is not a readable HDF5 file (truncated, corrupt or another file type); "
                 "activation files are written by cka-extract"
             ) from exc
-        self._map: mmap.mmap | None = None
+        self._mapping = FileMap(path)
         try:
-            with _damaged(path, "its structure"):
+            with damaged(path, "its structure"):
                 self._validate(allow_external)
         except BaseException:
             self.file.close()
@@ -104,7 +92,7 @@ class _Shard:
         try:
             self.version = schema.parse_version(version)
         except ValueError:
-            raise FormatError(f"{path}: malformed format version {version!r}; expected MAJOR.MINOR; {_DAMAGED}") from None
+            raise FormatError(f"{path}: malformed format version {version!r}; expected MAJOR.MINOR; {DAMAGED}") from None
         if self.version[0] != schema.FORMAT_MAJOR:
             raise VersionError(
                 f"{path} uses activation format {version}, but this cka-offline reads format "
@@ -113,12 +101,12 @@ class _Shard:
             )
         for key in schema.REQUIRED_ROOT_ATTRS:
             if key not in attrs:
-                raise FormatError(f"{path}: required attribute {key!r} is missing; {_DAMAGED}")
+                raise FormatError(f"{path}: required attribute {key!r} is missing; {DAMAGED}")
         if not allow_external:
             refuse_external(f, path)
         self.n = _int_attr(attrs, schema.ATTR_N_EXAMPLES, path)
         if self.n < 0:
-            raise FormatError(f"{path}: attribute {schema.ATTR_N_EXAMPLES!r} is {self.n}; {_DAMAGED}")
+            raise FormatError(f"{path}: attribute {schema.ATTR_N_EXAMPLES!r} is {self.n}; {DAMAGED}")
         if not _int_attr(attrs, schema.ATTR_COMPLETE, path):
             done = _int_attr(attrs, schema.ATTR_ROWS_COMPLETE, path)
             raise IncompleteFileError(
@@ -127,61 +115,63 @@ class _Shard:
             )
         self.chunk_rows = _int_attr(attrs, schema.ATTR_CHUNK_ROWS, path)
         if self.chunk_rows < 1:
-            raise FormatError(f"{path}: attribute {schema.ATTR_CHUNK_ROWS!r} is {self.chunk_rows}, expected >= 1; {_DAMAGED}")
+            raise FormatError(f"{path}: attribute {schema.ATTR_CHUNK_ROWS!r} is {self.chunk_rows}, expected >= 1; {DAMAGED}")
         ids_ds = f.get(schema.IDS_DATASET)
         if not isinstance(ids_ds, h5py.Dataset):
-            raise FormatError(f"{path}: dataset /{schema.IDS_DATASET} (example ids) is missing; {_DAMAGED}")
+            raise FormatError(f"{path}: dataset /{schema.IDS_DATASET} (example ids) is missing; {DAMAGED}")
         if ids_ds.ndim != 1 or ids_ds.shape[0] != self.n:
             raise FormatError(
-                f"{path}: /{schema.IDS_DATASET} has shape {ids_ds.shape}, expected ({self.n},) as {schema.ATTR_N_EXAMPLES} says; {_DAMAGED}"
+                f"{path}: /{schema.IDS_DATASET} has shape {ids_ds.shape}, expected ({self.n},) as {schema.ATTR_N_EXAMPLES} says; {DAMAGED}"
             )
         if not (ids_ds.dtype.kind in "iu" or h5py.check_string_dtype(ids_ds.dtype) is not None):
-            raise FormatError(f"{path}: example ids have dtype {ids_ds.dtype}; expected integers or strings; {_DAMAGED}")
+            raise FormatError(f"{path}: example ids have dtype {ids_ds.dtype}; expected integers or strings; {DAMAGED}")
         _check_stored(ids_ds, path, "the example ids")
         self.ids = _read_ids(ids_ds)
         if self.ids.dtype.kind in "iu":
             self.ids = self.ids.astype(np.int64)
         uniq, counts = np.unique(self.ids, return_counts=True)
         if len(uniq) != len(self.ids):
-            raise FormatError(f"{path}: example id {format_id(uniq[counts > 1][0])} occurs more than once; ids must be unique; {_DAMAGED}")
+            raise FormatError(f"{path}: example id {format_id(uniq[counts > 1][0])} occurs more than once; ids must be unique; {DAMAGED}")
         group = f.get(schema.LAYERS_GROUP)
         if not isinstance(group, h5py.Group) or len(group) == 0:
-            raise FormatError(f"{path}: group /{schema.LAYERS_GROUP} is missing or holds no layers; {_DAMAGED}")
+            raise FormatError(f"{path}: group /{schema.LAYERS_GROUP} is missing or holds no layers; {DAMAGED}")
         layers = []
         for key in group:
             ds = group[key]
             if not isinstance(ds, h5py.Dataset):
-                raise FormatError(f"{path}: /{schema.LAYERS_GROUP}/{key} is not a dataset; {_DAMAGED}")
+                raise FormatError(f"{path}: /{schema.LAYERS_GROUP}/{key} is not a dataset; {DAMAGED}")
             for attr in schema.REQUIRED_LAYER_ATTRS:
                 if attr not in ds.attrs:
-                    raise FormatError(f"{path}: layer dataset /{schema.LAYERS_GROUP}/{key} lacks attribute {attr!r}; {_DAMAGED}")
+                    raise FormatError(f"{path}: layer dataset /{schema.LAYERS_GROUP}/{key} lacks attribute {attr!r}; {DAMAGED}")
             name = _str_attr(ds.attrs, schema.LAYER_ATTR_NAME)
             if ds.ndim != 2:
-                raise FormatError(f"{path}: layer {name!r} has {ds.ndim} dimensions; expected (examples, features); {_DAMAGED}")
+                raise FormatError(f"{path}: layer {name!r} has {ds.ndim} dimensions; expected (examples, features); {DAMAGED}")
             if ds.shape[0] != self.n:
                 raise FormatError(
-                    f"{path}: layer {name!r} has {ds.shape[0]} rows but the file has {self.n} example ids; {_DAMAGED}"
+                    f"{path}: layer {name!r} has {ds.shape[0]} rows but the file has {self.n} example ids; {DAMAGED}"
                 )
             if ds.dtype.name not in schema.STORED_DTYPES:
-                raise FormatError(f"{path}: layer {name!r} is stored as {ds.dtype}; expected float32 or float16; {_DAMAGED}")
+                raise FormatError(f"{path}: layer {name!r} is stored as {ds.dtype}; expected float32 or float16; {DAMAGED}")
             features = _int_attr(ds.attrs, schema.LAYER_ATTR_FEATURES, path)
             if features != ds.shape[1]:
-                raise FormatError(f"{path}: layer {name!r} says {features} features but stores {ds.shape[1]}; {_DAMAGED}")
+                raise FormatError(f"{path}: layer {name!r} says {features} features but stores {ds.shape[1]}; {DAMAGED}")
             _check_stored(ds, path, f"layer {name!r}")
             reduction = _str_attr(ds.attrs, schema.LAYER_ATTR_REDUCTION)
             try:
                 shape = tuple(int(x) for x in np.asarray(ds.attrs[schema.LAYER_ATTR_ORIGINAL_SHAPE]).reshape(-1))
             except (TypeError, ValueError):
-                raise FormatError(f"{path}: layer {name!r} has a malformed original_shape attribute; {_DAMAGED}") from None
-            if _LZ4_FILTER in ds._filters or "32004" in ds._filters:  # noqa: SLF001 - h5py exposes no public API
+                raise FormatError(f"{path}: layer {name!r} has a malformed original_shape attribute; {DAMAGED}") from None
+            if _LZ4_FILTER in filter_codes(ds):
                 _load_hdf5plugin(path)
             layers.append(
-                LayerMeta(name, key, features, shape, reduction, ds.dtype.name, _int_attr(ds.attrs, schema.LAYER_ATTR_ORDER, path))
+                LayerMeta(
+                    name, shape, reduction, features, ds.dtype.name, _int_attr(ds.attrs, schema.LAYER_ATTR_ORDER, path), key
+                )
             )
         layers.sort(key=lambda m: m.order)
         names = [m.name for m in layers]
         if len(set(names)) != len(names):
-            raise FormatError(f"{path}: two layers share a name; {_DAMAGED}")
+            raise FormatError(f"{path}: two layers share a name; {DAMAGED}")
         self.layers = layers
         self.shard_index = _int_attr(attrs, schema.ATTR_SHARD_INDEX, path, 0)
         self.shard_count = _int_attr(attrs, schema.ATTR_SHARD_COUNT, path, 1)
@@ -195,67 +185,17 @@ class _Shard:
         return next(m for m in self.layers if m.name == name)
 
     def mapped_blocks(self, meta: LayerMeta) -> list[tuple[int, np.ndarray, mmap.mmap, int]] | None:
-        """``[(first_row, rows_view, map, byte_offset), ...]``: read-only numpy views of layer ``meta``'s rows
-        straight from a memory map of the file, one per stored chunk (or one for contiguous storage), in row
-        order, with the map and the view's offset in it; ``None``
-        when the layer cannot be read that way (compressed or filtered, byte-swapped, partial-width chunks,
-        a user block, external or virtual storage) -- then read it through HDF5."""
-        ds = self.file[schema.LAYERS_GROUP][meta.key]
-        if (ds.compression is not None or ds._filters or not ds.dtype.isnative  # noqa: SLF001
-                or ds.is_virtual or ds.external or ds.shape[0] == 0
-                or self.file.id.get_create_plist().get_userblock() != 0):
-            return None
-        dtype = ds.dtype
-        itemsize, features = dtype.itemsize, ds.shape[1]
-        row_bytes = features * itemsize
-        with _damaged(self.path, f"the chunk index of layer {meta.name!r}"):
-            if ds.chunks is None:
-                offset = ds.id.get_offset()
-                places = [] if offset is None else [(0, offset, self.n)]
-            elif ds.chunks[1] != features:
-                return None
-            else:
-                rows = ds.chunks[0]
-                places = []
-                for i in range(ds.id.get_num_chunks()):
-                    info = ds.id.get_chunk_info(i)
-                    if info.byte_offset is None or info.size != rows * row_bytes or info.chunk_offset[1] != 0:
-                        return None
-                    start = info.chunk_offset[0]
-                    places.append((start, info.byte_offset, min(rows, self.n - start)))
-        if self._map is None:
-            with open(self.path, "rb") as fh:
-                self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        blocks = []
-        for start, offset, count in sorted(places):
-            if count <= 0 or offset < 0 or offset + count * row_bytes > len(self._map):
-                return None  # a chunk outside the file: let HDF5 report the damage
-            view = np.frombuffer(self._map, dtype=dtype, count=count * features, offset=offset)
-            blocks.append((start, view.reshape(count, features), self._map, offset))
-        # the views must show what HDF5 reads: check the first and last rows of the first and last blocks
-        for start, view, _, _ in (blocks[0], blocks[-1]):
-            last = start + len(view) - 1
-            with _damaged(self.path, f"rows of layer {meta.name!r}"):
-                first_row, last_row = ds[start : start + 1], ds[last : last + 1]  # slices: fast reads
-            if not (np.array_equal(view[:1], first_row, equal_nan=True)
-                    and np.array_equal(view[-1:], last_row, equal_nan=True)):
-                return None
-        return blocks
+        """Layer ``meta``'s rows as views of a memory map of the file (see :meth:`FileMap.blocks`)."""
+        return self._mapping.blocks(self.file, meta, self.n)
 
     def release_mapped(self) -> None:
-        """Unmap the pages of this file read so far from the process (the page cache keeps them; a later
-        read maps them again), so resident memory does not grow while streaming through the file."""
-        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
-            self._map.madvise(mmap.MADV_DONTNEED)
+        """Unmap the pages of this file read so far (see :meth:`FileMap.release`)."""
+        self._mapping.release()
 
     def close(self) -> None:
         self.file.close()
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:  # a caller still holds a view: the map closes when the last view goes
-                pass
-            self._map = None
+        self._mapping.close()
+
 
     def _read_provenance(self) -> dict[str, Any]:
         attrs = self.file.attrs
@@ -267,7 +207,7 @@ class _Shard:
         try:
             out["extra"] = json.loads(extra or "{}")
         except json.JSONDecodeError:
-            raise FormatError(f"{self.path}: attribute 'extra' is not valid JSON; {_DAMAGED}") from None
+            raise FormatError(f"{self.path}: attribute 'extra' is not valid JSON; {DAMAGED}") from None
         return out
 
 
@@ -332,7 +272,7 @@ class ActivationFile:
             lo, hi = self._starts[i], self._starts[i + 1]
             a, b = max(start, lo), min(stop, hi)
             if a < b:
-                with _damaged(shard.path, f"rows {a - lo}:{b - lo} of layer {meta.name!r}"):
+                with damaged(shard.path, f"rows {a - lo}:{b - lo} of layer {meta.name!r}"):
                     parts.append(shard.file[schema.LAYERS_GROUP][meta.key][a - lo : b - lo])
         if not parts:
             return np.empty((0, meta.features), dtype=meta.dtype)
@@ -404,56 +344,6 @@ class ActivationFile:
 
     def __repr__(self) -> str:
         return f"ActivationFile({self.path!r}, n_examples={self.n_examples}, layers={len(self.layers)})"
-
-
-class MappedRows:
-    """One layer's rows as read-only views of a memory-mapped file, one view per block of rows.
-
-    :meth:`gather` copies chosen rows into a caller's buffer straight from the page cache: one copy,
-    no HDF5 call (so threads gather in parallel), no intermediate block read. Made by
-    :meth:`ActivationFile.mapped_rows`.
-    """
-
-    def __init__(self, starts: np.ndarray, views: list[np.ndarray], n_rows: int,
-                 spans: list[tuple[mmap.mmap, int]] | None = None) -> None:
-        self.starts, self.views, self.n_rows = starts, views, n_rows
-        self.spans = spans or []
-
-    def gather(self, rows: np.ndarray, out: np.ndarray, *, release: bool = False) -> np.ndarray:
-        """Copy rows ``rows`` (int64, any order, each in ``0..n_rows-1``) into ``out`` (``len(rows)`` rows of
-        the stored dtype and width) in that order; returns ``out``. Runs of rows in ascending order are
-        copied block by block with ``np.take``; other orders by fancy indexing.
-
-        ``release``: afterwards, unmap the blocks read from this process (the page cache keeps them; a
-        later read maps them again). The kernel maps pages around every page read, several times what a
-        random subset of rows needs, and file pages count in resident memory as long as they are mapped:
-        releasing them keeps a streaming analysis's memory flat however large the files are."""
-        if len(rows) == 0:
-            return out
-        if rows.min() < 0 or rows.max() >= self.n_rows:
-            raise IndexError(f"row index out of range 0..{self.n_rows - 1}")
-        block = np.searchsorted(self.starts, rows, side="right") - 1
-        local = rows - self.starts[block]
-        if np.all(block[1:] >= block[:-1]):
-            cuts = [0, *(np.flatnonzero(block[1:] != block[:-1]) + 1).tolist(), len(rows)]
-            for a, b in zip(cuts[:-1], cuts[1:]):
-                # mode="clip" keeps np.take from buffering the output (the rows were checked above)
-                np.take(self.views[block[a]], local[a:b], axis=0, out=out[a:b], mode="clip")
-            touched = block[cuts[:-1]]
-        else:
-            order = np.argsort(block, kind="stable")
-            sorted_block = block[order]
-            cuts = [0, *(np.flatnonzero(sorted_block[1:] != sorted_block[:-1]) + 1).tolist(), len(rows)]
-            for a, b in zip(cuts[:-1], cuts[1:]):
-                where = order[a:b]
-                out[where] = self.views[sorted_block[a]][local[where]]
-            touched = sorted_block[cuts[:-1]]
-        if release and self.spans and hasattr(mmap, "MADV_DONTNEED"):
-            for index in touched.tolist():
-                mapping, offset = self.spans[index]
-                start = offset - offset % mmap.PAGESIZE  # madvise wants a page-aligned start
-                mapping.madvise(mmap.MADV_DONTNEED, start, offset + self.views[index].nbytes - start)
-        return out
 
 
 def expand_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
@@ -563,33 +453,20 @@ def refuse_external(f: h5py.File, path: str) -> None:
                         problems.append(f"/{name} is a virtual dataset")
                     elif obj.external:
                         problems.append(f"/{name} keeps its data in external file(s)")
-        except _H5_ERRORS as exc:  # raised inside HDF5's iteration it would come out as a SystemError
+        except H5_ERRORS as exc:  # raised inside HDF5's iteration it would come out as a SystemError
             failures.append(exc)
             return True  # stops the iteration
         return None
 
     f.visititems_links(visit) if hasattr(f, "visititems_links") else f.visit_links(visit)
     if failures:
-        with _damaged(path, "its links"):
+        with damaged(path, "its links"):
             raise failures[0]
     if problems:
         raise UnsafeFileError(
             f"{path}: {problems[0]}; files that point outside themselves are refused by default. "
             "If you trust the file, pass allow_external=True (cka-analyze --allow-external)"
         )
-
-
-@contextlib.contextmanager
-def _damaged(path: str, what: str) -> Iterator[None]:
-    """h5py's errors from reading corrupt bytes become a FormatError naming the file (the cause is chained,
-    so --debug shows it); the reader's own errors pass through."""
-    try:
-        yield
-    except FormatError:
-        raise
-    except _H5_ERRORS as exc:
-        detail = " ".join(str(exc).split())[:160]
-        raise FormatError(f"{path} is damaged: cannot read {what} ({type(exc).__name__}: {detail}); {_DAMAGED}") from exc
 
 
 def _check_stored(ds: h5py.Dataset, path: str, what: str) -> None:
@@ -600,19 +477,19 @@ def _check_stored(ds: h5py.Dataset, path: str, what: str) -> None:
     itemsize = ds.dtype.itemsize
     if ds.chunks is None:
         if ds.id.get_storage_size() < ds.size * min(itemsize, 8):
-            raise FormatError(f"{path}: {what} declares shape {ds.shape} but the file does not store its values; {_DAMAGED}")
+            raise FormatError(f"{path}: {what} declares shape {ds.shape} but the file does not store its values; {DAMAGED}")
         return
     chunk_bytes = math.prod(ds.chunks) * itemsize
     if chunk_bytes > MAX_CHUNK_BYTES:
         raise FormatError(
             f"{path}: {what} has chunks of {chunk_bytes / 2**20:.0f} MiB (chunk shape {ds.chunks}); the reader "
-            f"decompresses at most {MAX_CHUNK_BYTES / 2**20:.0f} MiB per chunk; {_DAMAGED}"
+            f"decompresses at most {MAX_CHUNK_BYTES / 2**20:.0f} MiB per chunk; {DAMAGED}"
         )
     expected = math.prod(math.ceil(size / chunk) for size, chunk in zip(ds.shape, ds.chunks))
     stored = ds.id.get_num_chunks()
     if stored < expected:
         raise FormatError(
-            f"{path}: {what} declares shape {ds.shape} but stores only {stored} of its {expected} chunks; {_DAMAGED}"
+            f"{path}: {what} declares shape {ds.shape} but stores only {stored} of its {expected} chunks; {DAMAGED}"
         )
 
 
@@ -642,7 +519,7 @@ def _int_attr(attrs: Any, key: str, path: str, default: int | None = None) -> in
     except (TypeError, ValueError):
         shown = " ".join(repr(value).split())
         shown = shown if len(shown) <= 40 else shown[:40] + "..."
-        raise FormatError(f"{path}: attribute {key!r} must be an integer, got {shown}; {_DAMAGED}") from None
+        raise FormatError(f"{path}: attribute {key!r} must be an integer, got {shown}; {DAMAGED}") from None
 
 
-__all__ = ["ActivationFile", "LayerMeta", "open_activations", "expand_paths"]
+__all__ = ["ActivationFile", "LayerMeta", "MappedRows", "open_activations", "expand_paths"]

@@ -9,6 +9,8 @@ defaults); a reader refuses a major it does not know.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 FORMAT_NAME = "cka-offline-activations"
 FORMAT_MAJOR = 1
 FORMAT_MINOR = 0
@@ -84,9 +86,47 @@ REQUIRED_LAYER_ATTRS = (
     LAYER_ATTR_FEATURES,
 )
 
-REDUCTIONS = ("none", "flatten", "mean", "token_mean", "first_token", "last_token")
+
+@dataclass(frozen=True)
+class StoredLayer:
+    """One stored layer, as the writer is told it (name, original shape, reduction, features) and as the
+    reader finds it (with its stored ``dtype``, its position ``order`` and its dataset ``key``, ``L0000``).
+
+    Attributes mirror the per-layer attributes above; ``name`` is the model's own spelling, never a path.
+    """
+
+    name: str
+    original_shape: tuple[int, ...]
+    reduction: str
+    features: int
+    dtype: str = ""
+    order: int = -1
+    key: str = ""
+
+# === allowed values: extraction side (activation files) ==============================================
+# Every list of allowed values lives here; the CLI's click.Choice lists, extract() and the writer read them.
+
+#: reductions of a layer's output to one row per example (cka_offline.reduce), the default first
+REDUCTIONS = ("flatten", "mean", "token_mean", "first_token", "last_token", "none")
+DEFAULT_REDUCTION = "flatten"
+#: the reductions that pool tokens of a (batch, tokens, features) output, with the attention mask
+TOKEN_REDUCTIONS = ("token_mean", "first_token", "last_token")
+#: stored dtypes of the layer datasets, the default first
 STORED_DTYPES = ("float32", "float16")
+DEFAULT_DTYPE = "float32"
+#: HDF5 compressions of the layer datasets; None (spelt "none" on the command line) is uncompressed
 COMPRESSIONS = (None, "gzip", "lz4")
+COMPRESSION_NAMES = tuple("none" if c is None else c for c in COMPRESSIONS)
+
+
+def compression_name(compression: str | None) -> str | None:
+    """``compression`` checked against :data:`COMPRESSIONS` (``"none"`` -> None); ValueError if unknown."""
+    value = None if compression in (None, "none") else compression
+    if value not in COMPRESSIONS:
+        raise ValueError(f"unknown compression {compression!r}; use one of {', '.join(COMPRESSION_NAMES)}")
+    return value
+
+# === end of the extraction-side allowed values ========================================================
 
 #: default bytes per chunk that chunk_rows aims at (rows * widest layer * itemsize)
 TARGET_CHUNK_BYTES = 4 << 20

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
@@ -21,30 +20,20 @@ import h5py
 import numpy as np
 
 from ..errors import FormatError, InputError, OutputError, ResumeError
+from ..files import PARTIAL_SUFFIX, partial_path, refuse_existing, remove_quietly
 from . import schema
 
 log = logging.getLogger(__name__)
 
-PARTIAL_SUFFIX = ".partial"
 #: bytes kept free beyond a batch's chunks for HDF5 metadata (chunk index nodes, attributes, the final
 #: flush): this much, plus SPACE_MARGIN_PER_LAYER for each layer
 SPACE_MARGIN = 64 << 10
 SPACE_MARGIN_PER_LAYER = 8 << 10
 
 
-@dataclass(frozen=True)
-class LayerSpec:
-    """What the writer needs to know about one layer before the first row is written."""
-
-    name: str
-    original_shape: tuple[int, ...]
-    reduction: str
-    features: int
-
-
-def partial_path(path: str | os.PathLike[str]) -> str:
-    """The temporary name a file is written under until it is complete."""
-    return os.fspath(path) + PARTIAL_SUFFIX
+#: what the writer needs to know about one layer before the first row is written (name, original shape,
+#: reduction, features): the store's one layer record
+LayerSpec = schema.StoredLayer
 
 
 def normalize_ids(ids: Any, *, where: str) -> np.ndarray:
@@ -74,7 +63,11 @@ def format_id(value: Any) -> str:
 
 
 def _compression_kwargs(compression: str | None) -> dict[str, Any]:
-    if compression in (None, "none"):
+    try:
+        compression = schema.compression_name(compression)
+    except ValueError as exc:
+        raise OutputError(str(exc)) from None
+    if compression is None:
         return {}
     if compression == "gzip":
         return {"compression": "gzip", "compression_opts": 4}
@@ -84,7 +77,7 @@ def _compression_kwargs(compression: str | None) -> dict[str, Any]:
         except ImportError as exc:  # pragma: no cover - hdf5plugin is in requirements.txt
             raise OutputError("lz4 compression needs the hdf5plugin package: pip install hdf5plugin") from exc
         return dict(hdf5plugin.LZ4())
-    raise OutputError(f"unknown compression {compression!r}; use one of none, gzip, lz4")
+    raise AssertionError(f"compression {compression!r} is in schema.COMPRESSIONS but has no HDF5 filter here")
 
 
 class ActivationWriter:
@@ -145,8 +138,7 @@ class ActivationWriter:
         self.layers = list(layers)
         self.dtype = np.dtype(dtype)
         self.resume_key = resume_key
-        if os.path.exists(self.path) and not overwrite:
-            raise OutputError(f"{self.path} already exists; pass --overwrite to replace it or choose another -o")
+        refuse_existing(self.path, overwrite=overwrite)
         folder = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(folder):
             raise OutputError(f"{self.path}: folder {folder} does not exist; create it first")
@@ -227,11 +219,11 @@ class ActivationWriter:
             f.flush()
         except (OSError, RuntimeError) as exc:
             # HDF5 cannot be closed cleanly after a failed write (closing it crashes the process at exit)
-            _remove_quietly(self.tmp_path)
+            remove_quietly(self.tmp_path)
             raise OutputError(f"{self.path}: cannot create {self.tmp_path}: {_write_failure(exc)}; free space and rerun") from exc
         except BaseException:
             f.close()
-            _remove_quietly(self.tmp_path)
+            remove_quietly(self.tmp_path)
             raise
         return f
 
@@ -242,7 +234,7 @@ class ActivationWriter:
         except OSError as exc:
             # a writer killed at the wrong moment can leave an unreadable partial file: start over
             log.warning("%s is unreadable (%s); starting the extraction from the first example", self.tmp_path, exc)
-            _remove_quietly(self.tmp_path)
+            remove_quietly(self.tmp_path)
             return None
         try:
             key = str(f.attrs.get(schema.ATTR_RESUME_KEY, ""))
@@ -294,9 +286,9 @@ class ActivationWriter:
                 old.copy(old[schema.IDS_DATASET], new, name=schema.IDS_DATASET)
                 old.copy(old[schema.LAYERS_GROUP], new, name=schema.LAYERS_GROUP)
         except (OSError, RuntimeError, KeyError, ValueError) as exc:
-            _remove_quietly(rebuilt)
+            remove_quietly(rebuilt)
             log.warning("%s is damaged (%s); starting the extraction from the first example", self.tmp_path, exc)
-            _remove_quietly(self.tmp_path)
+            remove_quietly(self.tmp_path)
             return None
         return rebuilt
 
@@ -442,11 +434,4 @@ def _file_size(path: str) -> int:
         return 0
 
 
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-__all__ = ["ActivationWriter", "LayerSpec", "partial_path", "normalize_ids", "PARTIAL_SUFFIX"]
+__all__ = ["ActivationWriter", "LayerSpec", "partial_path", "normalize_ids", "PARTIAL_SUFFIX"]  # the last two: re-exported from files
