@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import threading
-from typing import Callable
+from typing import Callable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -96,4 +96,39 @@ def file_sha256(path: str, *, cancelled: Callable[[], bool] | None = None, block
     return text
 
 
-__all__ = ["file_sha256", "cache_path", "MAX_ENTRIES"]
+
+
+class FileHasher:
+    """SHA-256 of files on a background thread, overlapping the analysis; digests of unchanged files are
+    remembered between runs (:func:`file_sha256`)."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = list(dict.fromkeys(paths))
+        self.digests: dict[str, str] = {}
+        self.error: BaseException | None = None
+        self._cancel = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="cka-hash", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for path in self.paths:
+                digest = file_sha256(path, cancelled=self._cancel.is_set)
+                if digest is None:
+                    return
+                self.digests[path] = digest
+        except BaseException as exc:  # handed to result(), which re-raises it in the caller's thread
+            self.error = exc
+
+    def result(self) -> dict[str, str]:
+        """``{path: hex digest}``; waits for the thread, re-raises its error."""
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.digests
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+
+__all__ = ["FileHasher", "MAX_ENTRIES", "cache_path", "file_sha256"]

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+from .devices import parse_device
 from .errors import CKAOfflineError, DistributedError
 
 if TYPE_CHECKING:
@@ -142,12 +143,12 @@ class Distributed:
     def device(self, requested: str) -> str:
         """This rank's device: ``cuda`` (and ``auto`` where CUDA exists) become ``cuda:LOCAL_RANK`` under
         torchrun; ``cpu``, ``mps`` and an explicit ``cuda:N`` stay as given."""
-        text = (requested or "auto").strip().lower()
-        if not self.enabled or text not in ("cuda", "auto"):
+        device = parse_device(requested)
+        if not self.enabled or device.index is not None or device.kind not in ("cuda", "auto"):
             return requested
         import torch
 
-        if text == "auto" and not torch.cuda.is_available():
+        if device.kind == "auto" and not torch.cuda.is_available():
             return "cpu"
         if torch.cuda.is_available() and self.local_rank >= torch.cuda.device_count():
             raise DistributedError(
@@ -291,11 +292,6 @@ class Distributed:
         for a in arrays:
             dist.all_reduce(a if isinstance(a, torch.Tensor) else torch.from_numpy(a), op=dist.ReduceOp.SUM)
 
-    def barrier(self) -> None:
-        """Wait until every rank arrives."""
-        if self.enabled:
-            self._gather(None)  # object collective: on CPU (gloo) whatever the tensor backend
-
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
         """Leave the process group (when :func:`init` joined it)."""
@@ -374,9 +370,8 @@ def init(device: str = "cpu", *, backend: str | None = None, timeout: float | No
         store = dist.PrefixStore(prefix, get_store()) if get_store is not None else None
         return Distributed(dist.get_rank(), dist.get_world_size(), local, backend=str(dist.get_backend()),
                            store=store, timeout=limit)
-    on_cuda = (device or "").strip().lower().startswith("cuda") or (
-        (device or "").strip().lower() == "auto" and torch.cuda.is_available()
-    )
+    parsed = parse_device(device)
+    on_cuda = parsed.is_cuda or (parsed.kind == "auto" and torch.cuda.is_available())
     chosen = backend or os.environ.get("CKA_DIST_BACKEND") or ("cpu:gloo,cuda:nccl" if on_cuda else "gloo")
     if on_cuda and torch.cuda.is_available() and local < torch.cuda.device_count():
         torch.cuda.set_device(local)

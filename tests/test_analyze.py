@@ -157,7 +157,7 @@ def test_full_estimators(two_files, estimator):
 
 
 def test_full_estimator_refuses_what_does_not_fit(two_files, monkeypatch):
-    import cka_offline.analysis as mod
+    import cka_offline.analysis.loop as mod
 
     monkeypatch.setattr(mod, "FULL_DATA_BYTES", 1000)
     with pytest.raises(ResourceError, match="full-data estimator holds all 120 examples.*--estimator minibatch"):
@@ -235,14 +235,14 @@ def test_torch_loop_matches_the_numpy_loop(tmp_path, two_files, monkeypatch, ker
     """The loop CUDA uses (rows gathered from the memory maps, or read by the HDF5 reader thread for
     compressed files, into torch tensors; torch Grams), run on the CPU here: the same numbers as the numpy
     loop. Only the copy to the GPU and its synchronisation are left out."""
-    from cka_offline import analysis
+    from cka_offline.analysis import loop
 
     pa, pb, a, _ = two_files
     if compression:
         pa = write_acts(tmp_path / "a_gz.h5", a, compression=compression)
     opts = dict(batch_size=16, precision="float64", device="cpu", kernel=kernel)
     numpy_loop = analyze([pa, pb], **opts)
-    monkeypatch.setattr(analysis, "_uses_torch", lambda device: True)
+    monkeypatch.setattr(loop, "engine_for", lambda device: "torch")
     torch_loop = analyze([pa, pb], **opts)
     np.testing.assert_allclose(torch_loop.cka, numpy_loop.cka, rtol=0, atol=1e-12)
     np.testing.assert_allclose(torch_loop.se, numpy_loop.se, rtol=0, atol=1e-12)
@@ -251,7 +251,7 @@ def test_torch_loop_matches_the_numpy_loop(tmp_path, two_files, monkeypatch, ker
 def test_mapped_pages_are_released_at_every_shuffle_buffer(two_files, monkeypatch):
     """Resident memory stays flat: the pages read from the memory maps are unmapped whenever a minibatch
     starts a new shuffle buffer (once per buffer and file); the results do not change."""
-    from cka_offline.analysis import _epoch_order
+    from cka_offline.analysis import MinibatchPlan
     from cka_offline.store.reader import ActivationFile
 
     pa, pb, _, _ = two_files
@@ -262,7 +262,7 @@ def test_mapped_pages_are_released_at_every_shuffle_buffer(two_files, monkeypatc
     monkeypatch.setattr(ActivationFile, "release_mapped", lambda self: (calls.append(self.path), release(self))[1])
     result = analyze([pa, pb], **opts)
     p = result.params
-    _, ends = _epoch_order(N, 0, 0, p["block_rows"], p["buffer_blocks"])
+    _, ends = MinibatchPlan(N, 8, block_rows=p["block_rows"], buffer_blocks=p["buffer_blocks"]).epoch_order(0)
     sizes = batch_sizes(N, 8)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     buffers = len(set(np.searchsorted(ends, starts, side="right").tolist()))
@@ -271,7 +271,8 @@ def test_mapped_pages_are_released_at_every_shuffle_buffer(two_files, monkeypatc
 
 
 def test_compute_threads_follow_the_environment(monkeypatch):
-    from cka_offline.analysis import THREAD_VARIABLES, _blas_threads
+    from cka_offline.analysis.grams import THREAD_VARIABLES
+    from cka_offline.analysis.grams import blas_threads as _blas_threads
 
     for name in THREAD_VARIABLES:
         monkeypatch.delenv(name, raising=False)
@@ -446,16 +447,16 @@ def test_tf32_setting_is_overridden_and_restored(two_files):
     """The torch (CUDA) loop runs under _torch_compute: full float32 matmuls and no autograd, restored after."""
     import torch
 
-    from cka_offline.analysis import _torch_compute
+    from cka_offline.analysis.grams import torch_compute
 
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
-        with _torch_compute(True):
+        with torch_compute():
             assert torch.get_float32_matmul_precision() == "highest" and not torch.is_grad_enabled()
         assert torch.get_float32_matmul_precision() == "high" and torch.is_grad_enabled()
         with pytest.raises(KeyError):
-            with _torch_compute(True):
+            with torch_compute():
                 raise KeyError("restored on error too")
         assert torch.get_float32_matmul_precision() == "high"
         seen = []  # the CPU loop is numpy: it leaves torch's settings alone
@@ -469,7 +470,7 @@ def test_tf32_setting_is_overridden_and_restored(two_files):
 @pytest.mark.parametrize("device", ["cpu", "auto"])
 def test_cpu_analysis_does_not_import_torch(two_files, tmp_path, device):
     """Start-up matters on short runs: --device cpu (and auto without a GPU driver) never imports torch."""
-    from cka_offline.analysis import _GPU_DRIVER_FILES
+    from cka_offline.devices import GPU_DRIVER_FILES as _GPU_DRIVER_FILES
 
     code = (
         "import sys\n"

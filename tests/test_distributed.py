@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 
 from cka_offline import distributed
-from cka_offline.analysis import _Layer, _Reader, align_ids, analyze, own_minibatches, plan_minibatches
+from cka_offline.analysis import MinibatchPlan, align_ids, analyze, own_minibatches, plan_minibatches
+from cka_offline.analysis.batches import HDF5BatchReader
+from cka_offline.analysis.options import AnalysisOptions
+from cka_offline.analysis.stack import LayerStack
 from cka_offline.errors import CKAOfflineError, DistributedError, FormatError
 from cka_offline.extraction import shard_path
 from cka_offline.store.reader import open_activations
@@ -50,14 +53,13 @@ def no_torchrun(monkeypatch):
 def test_ranks_read_exactly_the_single_process_minibatches(tmp_path, world):
     path = write_acts(tmp_path / "a.h5", chain_activations(150, widths=(5, 3)), chunk_rows=16)
     with open_activations(path) as f:
-        alignment = align_ids([f.ids], ["a"])
-        layers = [_Layer(0, name, f.layer(name).features, f.layer(name).dtype) for name in f.layer_names]
-        kw = dict(batch_size=12, seed=3, epochs=2, block_rows=16, buffer_blocks=2, pin=False, prefetch=2, workers=1)
+        stack = LayerStack.build([f], ["a"], AnalysisOptions())
+        mplan = MinibatchPlan(150, 12, seed=3, epochs=2, block_rows=16, buffer_blocks=2)
         plan = plan_minibatches(150, 12, seed=3, epochs=2, block_rows=16, buffer_blocks=2)
 
         def read(own):
             out = []
-            with _Reader([f], layers, alignment, own=own, **kw) as reader:
+            with HDF5BatchReader(stack, mplan, own or (0, len(plan)), prefetch=2, workers=1) as reader:
                 for batch in reader:
                     out.append((batch.index, batch.positions.copy(), [np.array(a) for a in batch.arrays]))
                     reader.release(batch)
@@ -82,7 +84,6 @@ def test_single_process_is_a_no_op(no_torchrun):
         assert ctx.device("cuda") == "cuda" and ctx.gather(3) == [3] and ctx.broadcast("x") == "x"
         ctx.agree("data", 1)
         ctx.poll(force=True)
-        ctx.barrier()
         with pytest.raises(FormatError, match="own"), ctx.checked("reading"):
             raise FormatError("own message")
 

@@ -6,16 +6,18 @@ torch, h5py and matplotlib are imported inside the command, so ``cka-analyze --h
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
+from typing import Any
 
 import click
 
-from .common import ProgressBar, debug_option, handle_errors, quiet_option, setup_logging, split_list
+from ..analysis.options import DEVICES, ESTIMATORS, KERNELS, PRECISIONS, AnalysisOptions
+from .common import DeviceType, ProgressBar, debug_option, handle_errors, quiet_option, setup_logging, split_list
 
 PROG = "cka-analyze"
-_DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
+#: the defaults of the options, as the library has them
+_DEFAULT = AnalysisOptions()
 
 HELP = """Compare the layers of activation files (written by cka-extract) with CKA.
 
@@ -37,12 +39,6 @@ Example:
 """
 
 
-def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if not _DEVICE.match(value):
-        raise click.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
-    return value
-
-
 def _pairs(n_files: int) -> list[tuple[int, int]]:
     return [(0, 0)] if n_files == 1 else [(i, j) for i in range(n_files) for j in range(i + 1, n_files)]
 
@@ -57,7 +53,7 @@ def _plot_paths(plot: str, pairs: list[tuple[int, int]]) -> list[tuple[tuple[int
 
 def _check_outputs(output: str | None, fmt: str | None, plot: str | None, n_files: int, overwrite: bool) -> None:
     """Refuse bad or existing outputs before hours of computing, not after."""
-    from ..errors import OutputError
+    from ..files import refuse_existing, require_folder
     from ..plot import plot_format
     from ..results import result_format
 
@@ -69,11 +65,8 @@ def _check_outputs(output: str | None, fmt: str | None, plot: str | None, n_file
         plot_format(plot)
         targets.extend(path for _, path in _plot_paths(plot, _pairs(n_files)))
     for path in targets:
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise OutputError(f"cannot write {path}: folder {folder} does not exist")
-        if os.path.exists(path) and not overwrite:
-            raise OutputError(f"{path} already exists; pass --overwrite to replace it or choose another name")
+        require_folder(path)
+        refuse_existing(path, overwrite=overwrite, hint="choose another name")
 
 
 @click.command(name=PROG, help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -82,29 +75,29 @@ def _check_outputs(output: str | None, fmt: str | None, plot: str | None, n_file
 @click.option("--format", "fmt", type=click.Choice(["h5", "json", "csv"]), help="Result format, overriding the extension.")
 @click.option("--plot", metavar="PATH", help="Heatmap of A against B: .png, .pdf or .svg.")
 @click.option("--annotate/--no-annotate", default=None, help="Write values in the heatmap cells (default: when small).")
-@click.option("--batch-size", "-m", default=256, show_default=True, type=click.IntRange(min=4),
+@click.option("--batch-size", "-m", default=_DEFAULT.batch_size, show_default=True, type=click.IntRange(min=4),
               help="Examples per minibatch; the last ones are evened out so none is below 4.")
-@click.option("--epochs", default=1, show_default=True, type=click.IntRange(min=1), help="Passes over the data, each reshuffled.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the shuffle (epoch e uses seed+e).")
+@click.option("--epochs", default=_DEFAULT.epochs, show_default=True, type=click.IntRange(min=1), help="Passes over the data, each reshuffled.")
+@click.option("--seed", default=_DEFAULT.seed, show_default=True, type=int, help="Seed of the shuffle (epoch e uses seed+e).")
 @click.option("--layers", "-l", multiple=True, metavar="PATTERN",
               help="Layers of every file: names or globs; repeatable and comma-separated. Default: all.")
 @click.option("--layers-a", multiple=True, metavar="PATTERN", help="Layers of the first file (overrides --layers).")
 @click.option("--layers-b", multiple=True, metavar="PATTERN", help="Layers of the other files (overrides --layers).")
-@click.option("--kernel", default="linear", show_default=True, type=click.Choice(["linear", "rbf"]), help="CKA kernel.")
-@click.option("--rbf-fraction", default=0.5, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--kernel", default=_DEFAULT.kernel, show_default=True, type=click.Choice(KERNELS), help="CKA kernel.")
+@click.option("--rbf-fraction", default=_DEFAULT.rbf_fraction, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="RBF bandwidth as a fraction of the median pairwise distance (per layer, from up to 1000 examples).")
-@click.option("--precision", default="float32", show_default=True, type=click.Choice(["float32", "float64"]),
+@click.option("--precision", default=_DEFAULT.precision, show_default=True, type=click.Choice(PRECISIONS),
               help="Gram matrix precision (sums are always float64).")
-@click.option("--device", default="auto", show_default=True, callback=_device, help="auto, cpu, cuda or cuda:N.")
-@click.option("--estimator", default="minibatch", show_default=True,
-              type=click.Choice(["minibatch", "full", "full-debiased"]),
+@click.option("--device", default=_DEFAULT.device, show_default=True, type=DeviceType(DEVICES), help="auto, cpu, cuda or cuda:N.")
+@click.option("--estimator", default=_DEFAULT.estimator, show_default=True,
+              type=click.Choice(ESTIMATORS),
               help="minibatch CKA, or the exact full-data CKA (biased or debiased; needs all examples in memory).")
 @click.option("--intersection", is_flag=True, help="Use the examples common to all files instead of requiring the same ones.")
-@click.option("--n-groups", default=16, show_default=True, type=click.IntRange(min=2),
+@click.option("--n-groups", default=_DEFAULT.n_groups, show_default=True, type=click.IntRange(min=2),
               help="Jackknife groups for standard errors (minibatch b goes to group b mod n).")
 @click.option("--overwrite", is_flag=True, help="Replace the -o / --plot files if they exist.")
 @click.option("--allow-external", is_flag=True, help="Read files with external HDF5 links (only files you trust).")
-@click.option("--hash/--no-hash", "hash_files", default=True, show_default=True,
+@click.option("--hash/--no-hash", "hash_files", default=_DEFAULT.hash_files, show_default=True,
               help="Record each file's SHA-256 in the result (reads every byte once more, alongside the analysis).")
 @quiet_option
 @debug_option
@@ -115,66 +108,38 @@ def main(
     fmt: str | None,
     plot: str | None,
     annotate: bool | None,
-    batch_size: int,
-    epochs: int,
-    seed: int,
     layers: tuple[str, ...],
     layers_a: tuple[str, ...],
     layers_b: tuple[str, ...],
-    kernel: str,
-    rbf_fraction: float,
-    precision: str,
-    device: str,
-    estimator: str,
     intersection: bool,
-    n_groups: int,
     overwrite: bool,
-    allow_external: bool,
-    hash_files: bool,
     quiet: bool,
     debug: bool,
+    **choices: Any,
 ) -> None:
+    """``choices``: the options whose names are those of :class:`~cka_offline.analysis.AnalysisOptions`."""
     setup_logging(debug, quiet)
     from ..analysis import analyze, check_options
     from ..distributed import FOLLOWER_GRACE, environment, follower_exit, init
 
     env = environment()
     try:
-        check_options(batch_size=batch_size, epochs=epochs, kernel=kernel, rbf_fraction=rbf_fraction,
-                      precision=precision, estimator=estimator, n_groups=n_groups)
+        options = check_options(layers=split_list(layers) or None, layers_a=split_list(layers_a) or None,
+                                layers_b=split_list(layers_b) or None, intersect=intersection, **choices)
     except ValueError as exc:
         if env is not None and env[0] != 0:  # under torchrun every rank finds it: rank 0 says it
             time.sleep(FOLLOWER_GRACE)
             sys.exit(2)
         raise click.UsageError(str(exc)) from None
     # under torchrun: every rank computes a share, rank 0 alone checks and writes the outputs and prints
-    with follower_exit(PROG), init(device) as ctx:
+    with follower_exit(PROG), init(options.device) as ctx:
         with ctx.checked("checking the outputs"):
-            device = ctx.device(device)
+            options = options.replace(device=ctx.device(options.device))
             if ctx.is_main:
                 _check_outputs(output, fmt, plot, len(files), overwrite)
         bar = ProgressBar("analyzing", enabled=not quiet and ctx.is_main)
         try:
-            result = analyze(
-                list(files),
-                layers=split_list(layers) or None,
-                layers_a=split_list(layers_a) or None,
-                layers_b=split_list(layers_b) or None,
-                batch_size=batch_size,
-                epochs=epochs,
-                seed=seed,
-                kernel=kernel,
-                rbf_fraction=rbf_fraction,
-                precision=precision,
-                device=device,
-                estimator=estimator,
-                intersect=intersection,
-                n_groups=n_groups,
-                allow_external=allow_external,
-                hash_files=hash_files,
-                progress=bar,
-                distributed=ctx,
-            )
+            result = analyze(list(files), options, progress=bar, distributed=ctx)
         finally:
             bar.finish()
         if not ctx.is_main:
@@ -190,6 +155,7 @@ def main(
             written.append(plot_heatmap(result, path, pair=pair, annotate=annotate))
     if written and not quiet:
         click.echo(f"{PROG}: wrote {', '.join(written)}", err=True)
+
 
 __all__ = ["main"]
 

@@ -1,0 +1,157 @@
+"""What a user chooses for an analysis: one frozen, validated object, the allowed values and the defaults.
+
+:class:`AnalysisOptions` is built once (by :func:`cka_offline.analyze` from its keyword arguments, or by the
+caller) and is what the loop reads, what ranks agree on and what the result records (:meth:`params`).
+Standard library only: ``cka-analyze --help`` reads the allowed values from here without importing numpy.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Sequence
+
+from ..devices import parse_device
+
+#: kernels of CKA: linear (Kornblith et al. 2019, eq. 4) and RBF with a per-layer bandwidth
+KERNELS = ("linear", "rbf")
+#: dtypes of the Gram matrices (the HSIC sums are float64 always)
+PRECISIONS = ("float32", "float64")
+#: unbiased minibatch CKA (Nguyen et al. 2021), exact full-data CKA, biased and debiased
+ESTIMATORS = ("minibatch", "full", "full-debiased")
+#: devices the analysis runs on
+DEVICES = ("auto", "cpu", "cuda")
+#: the smallest minibatch the unbiased HSIC_1 is defined for
+MIN_BATCH = 4
+#: memory the shuffle buffer may use for all layers of all files together
+BUFFER_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """Every choice of an analysis, validated on construction (``ValueError`` naming the fix; a malformed
+    device raises :class:`~cka_offline.errors.DeviceError`).
+
+    Attributes:
+        layers: layer names or glob patterns selecting the layers of every file (``None``: all layers).
+        layers_a: selection for the first file (overrides ``layers`` there).
+        layers_b: selection for the second and every further file (overrides ``layers`` there).
+        batch_size: examples per minibatch ``m`` (>= 4); the tail is spread so no minibatch is below 4.
+        epochs: passes over the data, each with its own shuffle (epoch ``e`` uses ``seed + e``).
+        seed: seed of the shuffle and of the RBF bandwidth sample.
+        kernel: one of :data:`KERNELS`.
+        rbf_fraction: RBF bandwidth = this fraction of the median pairwise distance in a sample of up to
+            1000 examples, estimated once per layer (0.5, as in Kornblith et al. 2019's experiments).
+        precision: Gram dtype, one of :data:`PRECISIONS`; HSIC sums are float64 always.
+        device: ``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N`` (normalised, not yet resolved).
+        estimator: one of :data:`ESTIMATORS`.
+        intersect: compare the examples common to all files instead of requiring identical sets.
+        n_groups: jackknife groups for standard errors (minibatch ``b`` goes to group ``b % n_groups``).
+        confidence: level of the reported interval.
+        allow_external: read files holding external HDF5 links (refused by default).
+        buffer_bytes: memory the shuffle buffer may take (all layers of all files).
+        prefetch: minibatches the HDF5 reader thread may hold ready.
+        hash_files: compute the SHA-256 of every file (on a background thread) for the result.
+    """
+
+    layers: tuple[str, ...] | None = None
+    layers_a: tuple[str, ...] | None = None
+    layers_b: tuple[str, ...] | None = None
+    batch_size: int = 256
+    epochs: int = 1
+    seed: int = 0
+    kernel: str = "linear"
+    rbf_fraction: float = 0.5
+    precision: str = "float32"
+    device: str = "auto"
+    estimator: str = "minibatch"
+    intersect: bool = False
+    n_groups: int = 16
+    confidence: float = 0.95
+    allow_external: bool = False
+    buffer_bytes: int = BUFFER_BYTES
+    prefetch: int = 4
+    hash_files: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "layers_a", "layers_b"):
+            object.__setattr__(self, name, _patterns(getattr(self, name), name))
+        for name in ("batch_size", "epochs", "seed", "n_groups", "buffer_bytes", "prefetch"):
+            object.__setattr__(self, name, _integer(getattr(self, name), name))
+        for name in ("intersect", "allow_external", "hash_files"):
+            object.__setattr__(self, name, bool(getattr(self, name)))
+        object.__setattr__(self, "device", str(parse_device(self.device, allowed=DEVICES)))
+        self._check()
+
+    def _check(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {self.kernel!r}; use one of {', '.join(KERNELS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {self.estimator!r}; use one of {', '.join(ESTIMATORS)}")
+        if self.estimator != "minibatch" and self.kernel != "linear":
+            raise ValueError(f"the {self.estimator} estimator supports the linear kernel only; use --kernel linear")
+        if not (isinstance(self.rbf_fraction, (int, float)) and math.isfinite(self.rbf_fraction) and self.rbf_fraction > 0):
+            raise ValueError(f"rbf fraction must be a number > 0, got {self.rbf_fraction}")
+        if self.batch_size < MIN_BATCH:
+            raise ValueError(f"batch size must be at least {MIN_BATCH} (unbiased HSIC_1), got {self.batch_size}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if self.n_groups < 2:
+            raise ValueError(f"n_groups must be at least 2 for a jackknife standard error, got {self.n_groups}")
+        if self.buffer_bytes < 1 or self.prefetch < 1:
+            raise ValueError(f"buffer_bytes and prefetch must be >= 1, got {self.buffer_bytes} and {self.prefetch}")
+
+    def replace(self, **changes: Any) -> "AnalysisOptions":
+        """A copy with ``changes`` applied (validated again)."""
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def patterns_for(self, file_index: int) -> list[str] | None:
+        """The layer patterns of file ``file_index`` (``layers_a`` for the first, ``layers_b`` for the rest,
+        else ``layers``); ``None``: every layer."""
+        own = self.layers_a if file_index == 0 else self.layers_b
+        patterns = own if own is not None else self.layers
+        return list(patterns) if patterns else None
+
+    def params(self, device: str) -> dict[str, Any]:
+        """The parameters a result records (``device``: the resolved device), in the order results show them."""
+        return {
+            "batch_size": self.batch_size, "epochs": self.epochs, "seed": self.seed, "kernel": self.kernel,
+            "rbf_fraction": float(self.rbf_fraction) if self.kernel == "rbf" else None, "precision": self.precision,
+            "device": device, "estimator": self.estimator, "n_groups": self.n_groups, "intersect": self.intersect,
+            "confidence": float(self.confidence),
+        }
+
+
+def check_options(**options: Any) -> AnalysisOptions:
+    """Validate option values and combinations (keyword arguments of :class:`AnalysisOptions`); raises
+    ValueError with the fix (the CLI shows it as a usage error). Returns the options object."""
+    return AnalysisOptions(**options)
+
+
+def _patterns(value: str | Sequence[str] | None, name: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    items = tuple(value)
+    if not all(isinstance(item, str) for item in items):
+        raise ValueError(f"{name} must be layer names or glob patterns (strings), got {value!r}")
+    return items
+
+
+def _integer(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+__all__ = ["AnalysisOptions", "BUFFER_BYTES", "DEVICES", "ESTIMATORS", "KERNELS", "MIN_BATCH", "PRECISIONS", "check_options"]

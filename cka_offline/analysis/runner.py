@@ -1,0 +1,200 @@
+"""One analysis from start to end: open and align the files, plan, run a loop, build the result.
+
+:func:`run_analysis` is what :func:`cka_offline.analyze` calls with a validated
+:class:`~cka_offline.analysis.options.AnalysisOptions`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from .. import __version__
+from ..devices import resolve_torch_device
+from ..digests import FileHasher
+from ..distributed import Distributed
+from ..errors import DistributedError
+from .loop import LoopSettings, ProgressCallback, estimate_bandwidths, run_full, run_minibatch
+from .options import DEVICES, AnalysisOptions
+from .plan import MinibatchPlan
+from .stack import LayerStack, as_paths, file_labels
+
+if TYPE_CHECKING:
+    from ..results import CKAResult
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available else ``cpu``; checks that a requested CUDA device exists
+    (:func:`cka_offline.devices.resolve_torch_device`; ``cpu`` and ``auto`` without a GPU driver never
+    import torch)."""
+    return str(resolve_torch_device(device, allowed=DEVICES))
+
+
+@dataclass
+class _Outcome:
+    """What a loop produced: the L x L matrices, the stacked layers whose CKA is undefined, and its facts."""
+
+    cka: np.ndarray
+    se: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    degenerate: set[int]
+    n_batches: int
+    timing: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+
+
+def run_analysis(
+    files: Sequence[Any], options: AnalysisOptions, *, progress: ProgressCallback | None = None,
+    distributed: Distributed | None = None,
+) -> "CKAResult":
+    """See :func:`cka_offline.analyze`."""
+    if not files:
+        raise ValueError("analyze() needs at least one activation file")
+    t0 = time.perf_counter()
+    ctx = distributed if distributed is not None else Distributed()
+    with contextlib.ExitStack() as cleanup:
+        with ctx.checked("opening the files"):
+            stack, hasher, params = _open(files, options, ctx, cleanup)
+            plan, bandwidths = _plan(stack, options, params)
+        if ctx.enabled:
+            ctx.agree("data", stack.fingerprint(params), ("example ids", "layers", "file versions", "shuffle blocks"))
+            # one bandwidth for all: a median computed on another GPU model could round differently
+            bandwidths = ctx.broadcast(bandwidths)
+        if plan is not None:
+            if bandwidths is not None:
+                params["bandwidths"] = stack.per_file(bandwidths)
+            settings = LoopSettings(device=params["device"], gram_dtype=options.precision, bandwidths=bandwidths,
+                                    n_groups=options.n_groups, confidence=options.confidence,
+                                    prefetch=options.prefetch)
+            outcome = _minibatch(stack, plan, settings, progress, ctx)
+        else:
+            outcome = _full(stack, options, params["device"], progress)
+        _mark_undefined(stack, outcome)
+        outcome.timing["total"] = time.perf_counter() - t0
+        return _result(stack, params, outcome, hasher, ctx)
+    raise AssertionError("unreachable")  # pragma: no cover - the with block returns or raises
+
+
+def _open(
+    files: Sequence[Any], options: AnalysisOptions, ctx: Distributed, cleanup: contextlib.ExitStack
+) -> tuple[LayerStack, FileHasher | None, dict[str, Any]]:
+    """Open the files (closed by ``cleanup``), start hashing them, select and align: the stack, the
+    hasher and the parameters the result records."""
+    from ..store.reader import open_activations
+
+    if ctx.enabled and options.estimator != "minibatch":
+        raise DistributedError(
+            f"the {options.estimator} estimator runs in one process (it holds all examples in memory); "
+            "run it without torchrun, or use --estimator minibatch"
+        )
+    device = resolve_device(options.device)
+    labels = file_labels(files)
+    opened = []
+    for spec in files:
+        f = open_activations(as_paths(spec), allow_external=options.allow_external)
+        cleanup.callback(f.close)
+        opened.append(f)
+    hasher = None
+    if options.hash_files:  # several ranks: each hashes its share of the files
+        paths = list(dict.fromkeys(p for f in opened for p in f.paths))
+        hasher = FileHasher(paths[ctx.rank :: ctx.world_size])
+        cleanup.callback(hasher.cancel)
+    stack = LayerStack.build(opened, labels, options)
+    params = options.params(device)
+    if ctx.enabled:
+        params["world_size"] = ctx.world_size
+    return stack, hasher, params
+
+
+def _plan(
+    stack: LayerStack, options: AnalysisOptions, params: dict[str, Any]
+) -> tuple[MinibatchPlan | None, list[float] | None]:
+    """The minibatch plan (recorded in ``params``) and the RBF bandwidths; ``(None, None)`` for the full
+    estimators."""
+    if options.estimator != "minibatch":
+        return None, None
+    plan = MinibatchPlan.for_data(
+        stack.n, batch_size=options.batch_size, seed=options.seed, epochs=options.epochs,
+        chunk_rows=stack.files[0].chunk_rows, row_bytes=stack.row_bytes, buffer_bytes=options.buffer_bytes,
+    )
+    params.update(block_rows=plan.block_rows, buffer_blocks=plan.buffer_blocks)
+    bandwidths = estimate_bandwidths(stack, options.seed, options.rbf_fraction) if options.kernel == "rbf" else None
+    return plan, bandwidths
+
+
+def _minibatch(
+    stack: LayerStack, plan: MinibatchPlan, settings: LoopSettings, progress: ProgressCallback | None,
+    ctx: Distributed,
+) -> _Outcome:
+    stats, n_batches, timing = run_minibatch(stack, plan, settings, progress=progress, distributed=ctx)
+    outcome = _Outcome(stats.cka, stats.se, stats.low, stats.high, set(stats.degenerate_layers), n_batches, timing)
+    if stats.n_groups < 2:
+        outcome.warnings.append(
+            f"only {n_batches} minibatch(es) of {stack.n} examples: no standard errors or intervals (NaN); "
+            "use a smaller batch size (-m) or more examples"
+        )
+    if settings.bandwidths is not None:
+        outcome.degenerate |= {i for i, bw in enumerate(settings.bandwidths) if math.isnan(bw)}
+    return outcome
+
+
+def _full(stack: LayerStack, options: AnalysisOptions, device: str, progress: ProgressCallback | None) -> _Outcome:
+    cka, timing = run_full(stack, debiased=options.estimator == "full-debiased", device=device, progress=progress)
+    se = low = high = np.full_like(cka, np.nan)
+    degenerate = {i for i in range(len(stack)) if math.isnan(cka[i, i])}
+    return _Outcome(cka, se, low, high, degenerate, 0, timing)
+
+
+def _mark_undefined(stack: LayerStack, outcome: _Outcome) -> None:
+    """NaN rows and columns (and a warning) for every layer whose CKA is undefined (constant layers)."""
+    for i in sorted(outcome.degenerate):
+        layer = stack.layers[i]
+        outcome.cka[i, :] = outcome.cka[:, i] = np.nan
+        for arr in (outcome.se, outcome.low, outcome.high):
+            arr[i, :] = arr[:, i] = np.nan
+        message = (
+            f"layer {layer.name!r} of {stack.labels[layer.file]} is constant over the examples, so its CKA is "
+            "undefined (NaN)"
+        )
+        if message not in outcome.warnings:
+            outcome.warnings.append(message)
+            log.warning(message)
+
+
+def _result(
+    stack: LayerStack, params: dict[str, Any], outcome: _Outcome, hasher: FileHasher | None, ctx: Distributed
+) -> "CKAResult":
+    from ..results import CKAResult, FileInfo
+
+    infos = [
+        FileInfo(label=stack.labels[k], paths=list(f.paths), layers=list(stack.selected[k]),
+                 provenance=dict(f.provenance), sha256=[], n_examples=int(f.n_examples))
+        for k, f in enumerate(stack.files)
+    ]
+    if hasher is not None:
+        t_hash = time.perf_counter()
+        with ctx.checked("hashing the files"):
+            digests = hasher.result()
+        digests = {path: digest for part in ctx.gather(digests) for path, digest in part.items()}
+        outcome.timing["hash_wait"] = time.perf_counter() - t_hash
+        for info in infos:
+            info.sha256 = [digests[p] for p in info.paths]
+    n_files = len(stack.files)
+    pairs = [(0, 0)] if n_files == 1 else [(i, j) for i in range(n_files) for j in range(i + 1, n_files)]
+    return CKAResult(
+        files=infos, cka=outcome.cka, se=outcome.se, low=outcome.low, high=outcome.high, pairs=pairs, params=params,
+        n_examples=stack.n, n_minibatches=outcome.n_batches, timing=outcome.timing, warnings=outcome.warnings,
+        version=__version__, confidence=float(params["confidence"]),
+    )
+
+
+__all__ = ["resolve_device", "run_analysis"]

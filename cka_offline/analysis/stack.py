@@ -1,0 +1,219 @@
+"""The layers of an analysis: every selected layer of every file, stacked into one list, with the files,
+their labels and the id alignment -- the one object the loops, the batch sources and the result read."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from ..errors import ActivationValueError, InsufficientDataError
+from .align import Alignment, align_ids
+from .options import MIN_BATCH, AnalysisOptions
+
+if TYPE_CHECKING:
+    from ..store.reader import ActivationFile, MappedRows
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class StackedLayer:
+    """Layer ``meta`` (the reader's record of a stored layer) of file number ``file``, at its place in the stack."""
+
+    file: int
+    meta: Any
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.name)
+
+    @property
+    def features(self) -> int:
+        return int(self.meta.features)
+
+    @property
+    def dtype(self) -> str:
+        """Stored dtype, float32 or float16."""
+        return str(self.meta.dtype)
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(self.dtype).itemsize
+
+
+@dataclass
+class LayerStack:
+    """Files, labels, selected layer names per file, the stacked layers and the alignment of the ids."""
+
+    files: list["ActivationFile"]
+    labels: list[str]
+    selected: list[list[str]]
+    layers: list[StackedLayer]
+    alignment: Alignment
+
+    @classmethod
+    def build(cls, files: Sequence["ActivationFile"], labels: Sequence[str], options: AnalysisOptions) -> "LayerStack":
+        """Select the layers of every file and align the ids.
+
+        Raises:
+            LayerSelectionError: a pattern matches nothing. AlignmentError: the files hold different examples.
+            InsufficientDataError: fewer than 4 (common) examples.
+        """
+        from ..selection import select_layers
+
+        selected = [
+            list(select_layers(f.layer_names, options.patterns_for(k), what="layer", where=labels[k],
+                               hint=f"list them with cka-inspect {labels[k]}"))
+            for k, f in enumerate(files)
+        ]
+        alignment = align_ids([f.ids for f in files], labels, intersect=options.intersect)
+        if alignment.n < MIN_BATCH:
+            what = "common to all files" if options.intersect else "in"
+            raise InsufficientDataError(
+                f"CKA needs at least {MIN_BATCH} examples (the unbiased HSIC_1 is undefined below); "
+                f"{alignment.n} example(s) {what} {', '.join(labels)}; extract at least {MIN_BATCH} examples"
+            )
+        layers = [StackedLayer(k, f.layer(name)) for k, (f, names) in enumerate(zip(files, selected)) for name in names]
+        return cls(list(files), list(labels), selected, layers, alignment)
+
+    @property
+    def n(self) -> int:
+        """Aligned examples."""
+        return self.alignment.n
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one example over all stacked layers."""
+        return sum(layer.features * layer.itemsize for layer in self.layers)
+
+    def read(self, i: int, positions: np.ndarray) -> np.ndarray:
+        """Rows of the aligned examples ``positions`` of stacked layer ``i``, read through HDF5."""
+        layer = self.layers[i]
+        rows = self.alignment.rows[layer.file]
+        f = self.files[layer.file]
+        if rows is None:
+            return read_rows(f, layer.name, positions, True)
+        return read_rows(f, layer.name, rows[positions], layer.file == 0)
+
+    def check_finite(self, i: int, x: np.ndarray, positions: np.ndarray) -> None:
+        """Raise ActivationValueError naming the file, layer and example id when ``x`` (the rows of
+        ``positions`` of stacked layer ``i``) holds NaN or Inf."""
+        bad = ~np.isfinite(x)
+        if bad.any():
+            from ..store.writer import format_id
+
+            layer = self.layers[i]
+            row = int(np.flatnonzero(bad.any(axis=1))[0])
+            value = x[row][bad[row]][0]
+            raise ActivationValueError(
+                f"{self.labels[layer.file]}: layer {layer.name!r} holds {value} for example id "
+                f"{format_id(self.alignment.ids[positions[row]])} ({int(bad.any(axis=1).sum())} example(s) in this "
+                "minibatch affected); CKA needs finite activations -- fix the model or inputs and extract again"
+            )
+
+    def read_checked(self, i: int, positions: np.ndarray) -> np.ndarray:
+        """:meth:`read`, then :meth:`check_finite`."""
+        x = self.read(i, positions)
+        self.check_finite(i, x, positions)
+        return x
+
+    def per_file(self, values: Sequence[float]) -> dict[str, dict[str, float | None]]:
+        """``{file label: {layer name: value}}`` for one value per stacked layer (NaN becomes None)."""
+        out: dict[str, dict[str, float | None]] = {label: {} for label in self.labels}
+        for value, layer in zip(values, self.layers):
+            out[self.labels[layer.file]][layer.name] = None if math.isnan(value) else float(value)
+        return out
+
+    def mapped(self) -> list["MappedRows"] | None:
+        """Every stacked layer's memory-mapped rows, or None when any layer needs HDF5 to be read."""
+        out = []
+        for layer in self.layers:
+            rows = self.files[layer.file].mapped_rows(layer.name)
+            if rows is None:
+                log.info("layer %r of %s is stored compressed or unusually: reading through HDF5",
+                         layer.name, self.files[layer.file].path)
+                return None
+            out.append(rows)
+        return out
+
+    def gather(self, i: int, mapped: "MappedRows", positions: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Rows of the aligned examples ``positions`` of stacked layer ``i``, from its memory-mapped rows,
+        into ``out``."""
+        return mapped.gather(self.alignment.rows_of(self.layers[i].file, positions), out)
+
+    def release_mapped(self) -> None:
+        """Unmap the file pages read so far: the kernel maps pages around every page read (several times what
+        a random subset of rows needs), and mapped file pages count as resident memory. Called when a
+        minibatch starts a new shuffle buffer, so at most about one buffer's blocks are mapped at a time,
+        whatever the file size; safe while other threads read (they map the pages again)."""
+        for f in self.files:
+            f.release_mapped()
+
+    def fingerprint(self, params: dict[str, Any]) -> tuple[Any, ...]:
+        """What every rank must agree on before splitting the minibatches: ids, layers, file versions, blocks."""
+        digest = hashlib.sha256()
+        for f in self.files:
+            ids = np.asarray(f.ids)
+            digest.update(ids.tobytes() if ids.dtype.kind in "iuSU" else "\0".join(map(str, ids)).encode())
+            digest.update(b"|")
+        layers = tuple((layer.file, layer.name, layer.features, layer.dtype) for layer in self.layers)
+        versions = tuple((f.n_examples, str(f.provenance.get("created", ""))) for f in self.files)
+        blocks = (params.get("block_rows"), params.get("buffer_blocks"))
+        return digest.hexdigest(), layers, versions, blocks
+
+
+def read_rows(
+    f: "ActivationFile", layer: str, rows: np.ndarray, sorted_rows: bool, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Rows ``rows`` of ``layer`` in that order (into ``out`` when given); contiguous runs of sorted rows
+    are read as slices."""
+    if sorted_rows:
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        if len(breaks) < 16:
+            starts = np.concatenate([[0], breaks])
+            stops = np.concatenate([breaks, [len(rows)]])
+            if out is not None:
+                for a, b in zip(starts, stops):
+                    f.read(layer, int(rows[a]), int(rows[b - 1]) + 1, out=out[a:b])
+                return out
+            parts = [f.read(layer, int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops)]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    data = f.read_rows(layer, rows)
+    if out is not None:
+        np.copyto(out, data)
+        return out
+    return data
+
+
+def file_labels(files: Sequence[Any]) -> list[str]:
+    """One label per file spec (its path; a shard list: the first path and the number of others), unique."""
+    labels: list[str] = []
+    for spec in files:
+        if isinstance(spec, (str, os.PathLike)):
+            label = os.fspath(spec)
+        else:
+            items = [os.fspath(p) for p in spec]
+            label = items[0] + (f" (+{len(items) - 1} shards)" if len(items) > 1 else "")
+        base, k = label, 2
+        while label in labels:
+            label, k = f"{base} #{k}", k + 1
+        labels.append(label)
+    return labels
+
+
+def as_paths(spec: Any) -> str | list[str]:
+    """A file spec as :func:`cka_offline.store.reader.open_activations` takes it."""
+    if isinstance(spec, (str, os.PathLike)):
+        return os.fspath(spec)
+    return [os.fspath(p) for p in spec]
+
+
+__all__ = ["LayerStack", "StackedLayer", "as_paths", "file_labels", "read_rows"]
