@@ -16,7 +16,7 @@ from cka_offline.errors import (
     ResumeError,
 )
 from cka_offline.extraction import extract, shard_range
-from cka_offline.extractor import Extractor, LayerInfo
+from cka_offline.extractor import Extractor, LayerInfo, Option
 from cka_offline.hookspecs import hookimpl
 from cka_offline.inputs import NpyInputs
 from cka_offline.registry import get_plugin_manager
@@ -44,6 +44,11 @@ class ToyExtractor(Extractor):
     name = "toy"
     framework = "numpy"
     description = "*.toy: the test's numpy model"
+    declared_options = (
+        Option("scale", float, 1.0, "unused: an option that changes the resume fingerprint"),
+        Option("bad", str, None, "which contract violation to commit (missing, batch, shape, early_shape)"),
+        Option("default_inputs", str, None, "an .npz that default_inputs() opens"),
+    )
     calls = 0  # forward passes, counted to show resume skips finished batches
 
     @classmethod
