@@ -89,17 +89,7 @@ def run_minibatch(
     if not ctx.is_main:
         progress = None
     acc = MinibatchCKA(n_layers=len(stack), n_groups=settings.n_groups)
-    engine = settings.engine or engine_for(settings.device)
-    mapped = stack.mapped()
-    reader = None
-    if mapped is None:
-        reader = HDF5BatchReader(stack, plan, share, prefetch=settings.prefetch,
-                                 torch_device=settings.device if engine == "torch" else None)
-    source: Any = reader if reader is not None else contextlib.nullcontext(mapped_batches(plan, share))
-    compute: Any = (
-        TorchGrams(stack, settings.device, settings.gram_dtype, settings.bandwidths, mapped, plan.largest)
-        if engine == "torch" else NumpyGrams(stack, settings.gram_dtype, settings.bandwidths, mapped, plan.largest)
-    )
+    reader, source, compute = _pipeline(stack, plan, settings, share)
     done = n_batches = 0
     wait = 0.0
     t_start = time.perf_counter()
@@ -144,6 +134,25 @@ def run_minibatch(
         n_batches = int(acc.n_batches.sum())
     stats = acc.compute_stats(confidence=settings.confidence)
     return stats, n_batches, {"read_wait": wait, "compute": elapsed - wait}
+
+
+def _pipeline(
+    stack: LayerStack, plan: MinibatchPlan, settings: LoopSettings, share: tuple[int, int]
+) -> tuple[HDF5BatchReader | None, Any, Any]:
+    """The batch source (memory-mapped positions, or the HDF5 reader thread, also returned on its own so
+    its slots can be released) and the Gram engine, both context managers."""
+    engine = settings.engine or engine_for(settings.device)
+    mapped = stack.mapped()
+    reader = None
+    if mapped is None:
+        reader = HDF5BatchReader(stack, plan, share, prefetch=settings.prefetch,
+                                 torch_device=settings.device if engine == "torch" else None)
+    source: Any = reader if reader is not None else contextlib.nullcontext(mapped_batches(plan, share))
+    compute: Any = (
+        TorchGrams(stack, settings.device, settings.gram_dtype, settings.bandwidths, mapped, plan.largest)
+        if engine == "torch" else NumpyGrams(stack, settings.gram_dtype, settings.bandwidths, mapped, plan.largest)
+    )
+    return reader, source, compute
 
 
 def raise_non_finite(stack: LayerStack, batch: Batch, gram_dtype: str) -> None:
