@@ -10,18 +10,30 @@ import os
 import re
 import shlex
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from .common import ProgressBar, debug_option, fail, handle_errors, parse_key_values, quiet_option, setup_logging, split_list
+from ..files import partial_path
+from ..store import schema
+from .common import DeviceType, ProgressBar, debug_option, handle_errors, parse_key_values, quiet_option, setup_logging, split_list
+
+if TYPE_CHECKING:
+    from ..extraction import ExtractOptions
 
 PROG = "cka-extract"
-_DEVICE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
+#: the explicit per-plugin flags: each sets one extractor option (-X KEY=VALUE); the security opt-in
+#: --allow-pickle-code-execution stays a flag of its own on purpose
+_OPTION_FLAGS = {
+    "weights": "weights",
+    "output_index": "output_index",
+    "batch_axis": "batch_axis",
+    "onnx_optimization": "optimization_level",
+}
 
 
 def _interrupted(output: str | None = None, **_: Any) -> str:
-    partial = f"{output}.partial" if output else None
+    partial = partial_path(output) if output else None
     if partial and os.path.exists(partial):
         return f"interrupted; the partial file {partial} was kept: run the same command with --resume to continue"
     return "interrupted; nothing was written"
@@ -39,14 +51,8 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
     return index, count
 
 
-def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if not _DEVICE.match(value):
-        raise click.BadParameter(f"{value!r} is not one of cpu, cuda, cuda:N, mps, auto")
-    return value
-
-
 def _reduction(values: tuple[str, ...]) -> str | dict[str, str]:
-    default = "flatten"
+    default = schema.DEFAULT_REDUCTION
     per_layer: dict[str, str] = {}
     for value in values:
         pattern, sep, name = value.rpartition("=")
@@ -60,28 +66,19 @@ def _reduction(values: tuple[str, ...]) -> str | dict[str, str]:
     return per_layer
 
 
-def _extractor_options(
-    option: tuple[str, ...],
-    model_arg: tuple[str, ...],
-    weights: str | None,
-    output_index: str | None,
-    allow_pickle_code_execution: bool,
-    batch_axis: int | None,
-    onnx_optimization: str | None,
-) -> dict[str, Any]:
-    opts = parse_key_values(option, "-X/--option")
-    if model_arg:
-        opts["model_args"] = parse_key_values(model_arg, "--model-arg")
-    if weights is not None:
-        opts["weights"] = weights
-    if output_index is not None:
-        opts["output_index"] = int(output_index) if output_index.lstrip("-").isdigit() else output_index
-    if allow_pickle_code_execution:
+def _extractor_options(params: dict[str, Any]) -> dict[str, Any]:
+    """-X KEY=VALUE, then the explicit per-plugin flags (:data:`_OPTION_FLAGS`) and the security opt-in."""
+    opts = parse_key_values(params["option"], "-X/--option")
+    if params["model_arg"]:
+        opts["model_args"] = parse_key_values(params["model_arg"], "--model-arg")
+    for flag, key in _OPTION_FLAGS.items():
+        if params[flag] is not None:
+            opts[key] = params[flag]
+    index = opts.get("output_index")
+    if isinstance(index, str) and index.lstrip("-").isdigit():
+        opts["output_index"] = int(index)
+    if params["allow_pickle_code_execution"]:
         opts["allow_pickle_code_execution"] = True
-    if batch_axis is not None:
-        opts["batch_axis"] = batch_axis
-    if onnx_optimization is not None:
-        opts["optimization_level"] = onnx_optimization
     return opts
 
 
@@ -105,9 +102,6 @@ def _list_extractors(pm: Any) -> None:
         rows = [("EXTRACTOR", "VERSION", "DISTRIBUTION", "OPENS")]
         rows += [(e.name, e.version or "?", e.distribution, e.description) for e in extractors]
         click.echo(_table(rows))
-        for e in extractors:
-            for key, text in getattr(e.cls, "options_help", {}).items():
-                click.echo(f"  {e.name}: -X {key}=...  {text}")
     else:
         click.echo("no extractors installed (pip install cka-offline-torch, cka-offline-onnx, ...)")
     click.echo("")
@@ -120,6 +114,20 @@ def _list_extractors(pm: Any) -> None:
         click.echo("broken plugins (not loaded):")
         for name, dist, error in broken:
             click.echo(f"  {name} ({dist}): {' '.join(error.split())}")
+
+
+def _list_options(pm: Any) -> None:
+    """Every installed extractor's (-X) and input reader's (-I) declared options: type, default, help."""
+    from ..extractor import declared_options
+    from ..registry import list_extractors, list_input_readers
+
+    rows = [("PLUGIN", "FLAG", "OPTION", "TYPE", "DEFAULT", "HELP")]
+    for flag, entries in (("-X", list_extractors(pm)), ("-I", list_input_readers(pm))):
+        for e in entries:
+            for o in declared_options(e.cls):
+                default = "-" if o.default is None else str(o.default).lower() if isinstance(o.default, bool) else str(o.default)
+                rows.append((e.name, flag, o.name, o.describe_type(), default or '""', " ".join(o.help.split())))
+    click.echo(_table(rows) if len(rows) > 1 else "no plugin declares options")
 
 
 def _list_layers(model: str, extractor: str | None, device: str, options: dict[str, Any], pm: Any) -> None:
@@ -172,138 +180,122 @@ Example:
               help="Layers: names, globs ('layer*.conv1'), kind:Relu, aliases; repeatable and comma-separated. Default: all.")
 @click.option("--extractor", "-e", metavar="NAME", help="Extractor plugin to use (default: the one that can open MODEL).")
 @click.option("--list-extractors", is_flag=True, help="List installed extractors and input readers, and broken plugins.")
+@click.option("--list-options", is_flag=True,
+              help="List the options (-X, -I) each installed extractor and input reader declares, and exit.")
 @click.option("--list-layers", is_flag=True, help="List the layers MODEL offers (name, kind, shape, aliases) and exit.")
 @click.option("--reduction", "-r", multiple=True, metavar="[PATTERN=]NAME",
-              help="flatten (default), mean (over spatial positions), token_mean, first_token, last_token or none; "
+              help=f"{', '.join(schema.REDUCTIONS)}: flatten is the default, mean averages spatial positions; "
               "PATTERN=NAME for some layers only. Repeatable.")
 @click.option("--mask-input", default="attention_mask", show_default=True, metavar="NAME",
               help="Input holding the attention mask for token reductions; 'none' counts every token.")
 @click.option("--batch-size", "-b", default=64, show_default=True, type=click.IntRange(min=1), help="Examples per forward pass.")
-@click.option("--device", default="cpu", show_default=True, callback=_device, help="cpu, cuda, cuda:N, mps or auto (cuda if available).")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]), help="Stored dtype.")
+@click.option("--device", default="cpu", show_default=True, type=DeviceType(),
+              help="cpu, cuda, cuda:N, mps or auto (cuda if available).")
+@click.option("--dtype", default=schema.DEFAULT_DTYPE, show_default=True, type=click.Choice(schema.STORED_DTYPES), help="Stored dtype.")
 @click.option("--max-examples", type=click.IntRange(min=1), metavar="N", help="Use only the first N examples.")
 @click.option("--shard", callback=_shard, metavar="I/K",
               help="Write only part I of K (I counts from 0) of the examples; the K files form one logical file.")
 @click.option("--resume", is_flag=True, help="Continue OUT.h5.partial left by an interrupted run with the same options.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT.h5 if it exists.")
 @click.option("--chunk-rows", type=click.IntRange(min=1), metavar="N", help="Rows per HDF5 chunk (default: about 4 MB).")
-@click.option("--compression", default="none", show_default=True, type=click.Choice(["none", "gzip", "lz4"]), help="HDF5 compression.")
+@click.option("--compression", default="none", show_default=True, type=click.Choice(schema.COMPRESSION_NAMES), help="HDF5 compression.")
 @click.option("--option", "-X", "option", multiple=True, metavar="KEY=VALUE",
-              help="Extractor option (see --list-extractors); values are JSON (numbers, true, lists) or strings.")
+              help="Extractor option (see --list-options); values are JSON (numbers, true, lists) or strings.")
 @click.option("--input-option", "-I", "input_option", multiple=True, metavar="KEY=VALUE",
-              help="Input reader option: for image folders resize=HxW, mean=, std=, grayscale=true; for HDF5 dataset=, ids=.")
+              help="Input reader option (see --list-options): for image folders resize=HxW, mean=, std=, grayscale=true; "
+              "for HDF5 dataset=, ids=.")
 @click.option("--model-arg", multiple=True, metavar="KEY=VALUE", help="torch: keyword argument of the model factory. Repeatable.")
 @click.option("--weights", metavar="PATH", help="torch: weights (state dict or safetensors) to load into the factory's model.")
 @click.option("--output-index", metavar="N|KEY", help="torch: which element of a tuple/dict model output is the output.")
 @click.option("--allow-pickle-code-execution", is_flag=True,
               help="torch: load a pickled model file. Unpickling RUNS CODE FROM THE FILE: only for files you trust.")
 @click.option("--batch-axis", type=int, metavar="N", help="onnx: axis of the batch in the model's inputs and outputs.")
-@click.option("--onnx-optimization", type=click.Choice(["disable", "basic", "extended", "all"]),
-              help="onnx: onnxruntime graph optimization level (default: all, onnxruntime's own; the chosen "
-                   "tensors are graph outputs, so every level keeps them).")
+@click.option("--onnx-optimization", metavar="LEVEL",
+              help="onnx: onnxruntime graph optimization level: disable, basic, extended or all (default: all, "
+                   "onnxruntime's own; the chosen tensors are graph outputs, so every level keeps them).")
 @quiet_option
 @debug_option
 @click.pass_context
 @handle_errors(PROG, interrupted=lambda **kw: _interrupted(**kw))
-def main(
-    ctx: click.Context,
-    model: str | None,
-    inputs: str | None,
-    output: str | None,
-    layers: tuple[str, ...],
-    extractor: str | None,
-    list_extractors: bool,
-    list_layers: bool,
-    reduction: tuple[str, ...],
-    mask_input: str,
-    batch_size: int,
-    device: str,
-    dtype: str,
-    max_examples: int | None,
-    shard: tuple[int, int] | None,
-    resume: bool,
-    overwrite: bool,
-    chunk_rows: int | None,
-    compression: str,
-    option: tuple[str, ...],
-    input_option: tuple[str, ...],
-    model_arg: tuple[str, ...],
-    weights: str | None,
-    output_index: str | None,
-    allow_pickle_code_execution: bool,
-    batch_axis: int | None,
-    onnx_optimization: str | None,
-    quiet: bool,
-    debug: bool,
-) -> None:
-    setup_logging(debug, quiet)
+def main(ctx: click.Context, **params: Any) -> None:
+    """The command: ``params`` are the options above by name; see :func:`_extract_options` for the run's."""
+    setup_logging(params["debug"], params["quiet"])
     from ..registry import get_plugin_manager
 
     obj = ctx.obj if isinstance(ctx.obj, dict) else {}
     pm = obj.get("plugin_manager") or get_plugin_manager()
-    if list_extractors:
-        _list_extractors(pm)
+    if params["list_extractors"] or params["list_options"]:
+        (_list_extractors if params["list_extractors"] else _list_options)(pm)
         return
+    model, output = params["model"], params["output"]
     if not model:
         raise click.UsageError("give a MODEL (or --list-extractors)")
-    options = _extractor_options(
-        option, model_arg, weights, output_index, allow_pickle_code_execution, batch_axis, onnx_optimization
-    )
-    if list_layers:
-        _list_layers(model, extractor, device, options, pm)
+    options = _extractor_options(params)
+    if params["list_layers"]:
+        _list_layers(model, params["extractor"], params["device"], options, pm)
         return
     if not output:
         raise click.UsageError("give the output file with -o OUT.h5")
 
     from ..distributed import environment
 
-    run = dict(
-        layers=split_list(layers) or None,
-        extractor=extractor,
-        batch_size=batch_size,
-        dtype=dtype,
-        reduction=_reduction(reduction),
-        max_examples=max_examples,
-        resume=resume,
-        overwrite=overwrite,
-        chunk_rows=chunk_rows,
-        compression=None if compression == "none" else compression,
+    opts = _extract_options(ctx, params, options)
+    env = environment()
+    if env is not None and env[1] > 1 and opts.shard is None:
+        _extract_distributed(model, params["inputs"], output, params["quiet"], opts, pm)
+        return
+    from ..extraction import extract_with
+
+    bar = ProgressBar("extracting", enabled=not params["quiet"])
+    try:
+        path = extract_with(opts, model, params["inputs"], output, progress=bar, plugin_manager=pm)
+    finally:
+        bar.finish()
+    if not params["quiet"]:
+        click.echo(f"{PROG}: wrote {path}", err=True)
+
+
+def _extract_options(ctx: click.Context, params: dict[str, Any], options: dict[str, Any]) -> "ExtractOptions":
+    """The command line's settings as one checked :class:`~cka_offline.extraction.ExtractOptions`."""
+    from ..extraction import ExtractOptions
+
+    mask_input = params["mask_input"]
+    return ExtractOptions(
+        layers=split_list(params["layers"]) or None,
+        extractor=params["extractor"],
+        batch_size=params["batch_size"],
+        device=params["device"],
+        dtype=params["dtype"],
+        reduction=_reduction(params["reduction"]),
+        max_examples=params["max_examples"],
+        shard=params["shard"],
+        resume=params["resume"],
+        overwrite=params["overwrite"],
+        chunk_rows=params["chunk_rows"],
+        compression=params["compression"],
         options=options,
-        input_options=parse_key_values(input_option, "-I/--input-option"),
+        input_options=parse_key_values(params["input_option"], "-I/--input-option"),
         mask_input=None if mask_input.lower() == "none" else mask_input,
         # without --resume: a resumed file keeps its first run's command, and a run with nothing (or an
         # unreadable .partial) to resume must record the same, so both equal an uninterrupted run's file
         command=shlex.join([PROG, *[a for a in ctx.meta.get("argv", sys.argv[1:]) if a != "--resume"]]),
-        plugin_manager=pm,
     )
-    env = environment()
-    if env is not None and env[1] > 1 and shard is None:
-        _extract_distributed(model, inputs, output, device, quiet, run)
-        return
-    from ..extraction import extract
-
-    bar = ProgressBar("extracting", enabled=not quiet)
-    try:
-        path = extract(model, inputs, output, device=device, shard=shard, progress=bar, **run)
-    finally:
-        bar.finish()
-    if not quiet:
-        click.echo(f"{PROG}: wrote {path}", err=True)
 
 
-def _extract_distributed(model: str, inputs: str | None, output: str, device: str, quiet: bool, run: dict[str, Any]) -> None:
+def _extract_distributed(model: str, inputs: str | None, output: str, quiet: bool, opts: "ExtractOptions", pm: Any) -> None:
     """Under torchrun with K ranks (and no --shard): rank r writes shard r/K to OUT-0000r-of-0000K.h5."""
+    import dataclasses
+
     from ..distributed import follower_exit, init
-    from ..errors import OutputError
-    from ..extraction import extract, shard_path
+    from ..extraction import extract_with, shard_path
+    from ..files import refuse_existing
 
     with follower_exit(PROG), init("cpu") as dist:  # gloo: the ranks exchange only flags
         index, count = dist.rank, dist.world_size
         target = shard_path(output, index, count)
         with dist.checked("checking the outputs"):
-            device = dist.device(device)
-            if os.path.exists(target) and not run["overwrite"]:
-                raise OutputError(f"{target} already exists; pass --overwrite to replace it or choose another -o")
+            opts = dataclasses.replace(opts, device=dist.device(opts.device), shard=(index, count))
+            refuse_existing(target, overwrite=opts.overwrite)
         bar = ProgressBar(f"extracting shard {index}/{count}", enabled=not quiet and dist.is_main)
 
         def progress(done: int, total: int) -> None:
@@ -312,7 +304,7 @@ def _extract_distributed(model: str, inputs: str | None, output: str, device: st
 
         try:
             with dist.checked("extracting"):
-                extract(model, inputs, target, device=device, shard=(index, count), progress=progress, **run)
+                extract_with(opts, model, inputs, target, progress=progress, plugin_manager=pm)
         finally:
             bar.finish()
     if dist.is_main and not quiet:

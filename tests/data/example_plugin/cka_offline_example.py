@@ -11,7 +11,7 @@ import json
 import numpy as np
 
 from cka_offline.errors import InputError, LayerSelectionError, ModelError
-from cka_offline.extractor import Extractor, LayerInfo, sha256_path
+from cka_offline.extractor import Extractor, LayerInfo, Option, sha256_path
 from cka_offline.hookspecs import hookimpl
 
 
@@ -19,6 +19,10 @@ class MLPExtractor(Extractor):
     name = "example-mlp"
     framework = "numpy"
     description = "*.mlp.json: a numpy MLP (example plugin)"
+    # the options it understands (-X dtype=float64); the core refuses others and checks the values
+    declared_options = (
+        Option("dtype", str, "float32", "dtype of the returned activations", choices=("float32", "float64")),
+    )
 
     @classmethod
     def can_open(cls, source):
@@ -52,7 +56,7 @@ class MLPExtractor(Extractor):
             if i < len(self.weights) - 1:
                 x = np.maximum(x, 0.0)
             if name in layers:
-                out[name] = x.astype(np.float32)
+                out[name] = x.astype(self.option_values["dtype"])
         return out
 
     def provenance(self):
