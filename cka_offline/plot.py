@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from .errors import OutputError
-from .results import atomic_output, shorten_name
+from .files import atomic_output
+from .results.summary import shorten_name
 
 if TYPE_CHECKING:
     from .results import CKAResult
@@ -133,7 +134,9 @@ def _axis_title(info: object) -> str:
     return f"{model} ({os.path.basename(label)})" if model and model != label else str(label)
 
 
-def _ticks(set_ticks, set_labels, names: list[str], font: float, rotation: int) -> None:  # type: ignore[no-untyped-def]
+def _ticks(
+    set_ticks: Callable[..., Any], set_labels: Callable[..., Any], names: list[str], font: float, rotation: int
+) -> None:
     step = max(1, math.ceil(len(names) / MAX_TICK_LABELS))
     positions = list(range(0, len(names), step))
     set_ticks(positions)
