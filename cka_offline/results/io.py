@@ -176,7 +176,10 @@ def _read_json(path: str) -> CKAResult:
     with open(path, encoding="utf-8") as fh:
         doc = json.load(fh)
     check_version(doc, path)
-    matrices = {name: _none_to_nan(doc.get(name)) for name in schema.MATRICES}
+    missing = [name for name in schema.MATRICES if name not in doc]
+    if missing:
+        raise FormatError(f"{path} is not a complete cka-offline result: matrix {', '.join(missing)} missing")
+    matrices = {name: _none_to_nan(doc[name]) for name in schema.MATRICES}
     return _from_meta(doc, matrices)
 
 
@@ -308,8 +311,6 @@ def _nan_to_none(array: np.ndarray) -> list[Any]:
 
 
 def _none_to_nan(rows: Any) -> np.ndarray:
-    if rows is None:
-        raise KeyError("matrix missing")
     return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64).reshape(
         len(rows), -1 if rows else 0
     )

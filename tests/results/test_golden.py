@@ -106,3 +106,13 @@ def test_the_writer_still_writes_the_golden_bytes(tmp_path, ext):
     """While the format is 1.0, saving the golden result reproduces the golden text files byte for byte."""
     path = make_result_golden.golden_result().save(tmp_path / f"r.{ext}")
     assert open(path, "rb").read() == open(golden(ext), "rb").read()
+
+
+def test_the_walk_through_in_docs_results_runs_on_the_golden_files(tmp_path, monkeypatch, capsys):
+    doc = open(os.path.join(DATA, "..", "..", "docs", "results.md"), encoding="utf-8").read()
+    code = doc.split("## Reading a result without cka-offline", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    for ext in ("json", "h5", "csv"):
+        (tmp_path / f"result.{ext}").write_bytes(open(golden(ext), "rb").read())
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/results.md", "exec"), {})
+    assert capsys.readouterr().out.splitlines() == ["a.h5 vs b.h5 (2, 3)", "a.h5 vs c.h5 (2, 1)", "b.h5 vs c.h5 (3, 1)"]

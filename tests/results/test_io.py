@@ -108,6 +108,14 @@ def test_load_rejects_other_files(tmp_path):
         load_result(tmp_path / "o.h5")
 
 
+def test_load_rejects_a_document_without_a_matrix(tmp_path):
+    doc = make_result().to_dict()
+    del doc["se"]
+    (tmp_path / "r.json").write_text(json.dumps(doc))
+    with pytest.raises(FormatError, match=r"r\.json is not a complete cka-offline result: matrix se missing"):
+        load_result(tmp_path / "r.json")
+
+
 def test_load_rejects_a_pair_outside_the_files(tmp_path):
     doc = make_result().to_dict()
     doc["pairs"] = [[0, 2]]
