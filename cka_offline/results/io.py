@@ -227,7 +227,7 @@ def _check_major(version: Any, path: str) -> None:
         )
 
 
-def _from_meta(meta: dict[str, Any], matrices: dict[str, np.ndarray]) -> CKAResult:
+def _from_meta(meta: dict[str, Any], matrices: dict[str, Any]) -> CKAResult:
     files = [
         FileInfo(
             label=f[schema.FILE_LABEL],
@@ -270,7 +270,7 @@ def _read_csv(path: str) -> CKAResult:
     offsets = np.cumsum([0] + [len(f.layers) for f in files])
     position = {(f.label, name): int(offsets[k]) + r for k, f in enumerate(files) for r, name in enumerate(f.layers)}
     size = int(offsets[-1])
-    matrices = {name: np.full((size, size), np.nan) for name in schema.MATRICES}
+    matrices: dict[str, Any] = {name: np.full((size, size), np.nan) for name in schema.MATRICES}
     pairs: list[tuple[int, int]] = []
     for line, row in enumerate(body, start=2):
         a, b = position[(row[0], row[1])], position[(row[2], row[3])]
