@@ -248,7 +248,8 @@ class NpyInputs(_BuiltinInputs):
         return {self.input_name: _copy_rows(self._array, start, stop)}
 
     def close(self) -> None:
-        self._array = None  # type: ignore[assignment]  # drops the memory map
+        # an empty array of the same kind in its place drops the memory map
+        self._array = np.empty((0, *self._array.shape[1:]), dtype=self._array.dtype)
 
 
 # ----------------------------------------------------------------------------------------------- HDF5

@@ -48,6 +48,7 @@ def check_extractor(
     :class:`~cka_offline.errors.CKAOfflineError`; reductions declared in ``early_reductions`` give the
     core's numbers; ``close()`` may be called twice.
     ``layers`` restricts the run checks to some layer names (default: every extractable layer).
+    (Longer than 80 lines on purpose: one straight list of checks, read top to bottom like a test.)
     """
     cls = extractor_cls
     if not (isinstance(cls, type) and issubclass(cls, Extractor)):

@@ -139,3 +139,20 @@ def test_early_reductions_must_give_the_core_s_numbers():
     with pytest.raises(AssertionError, match=r"layer 'm': reduce_early\('mean'\) returned shape \(5, 4\), max "
                                              r"difference .* against the core's reduction"):
         check_extractor(type("BadMaps", (Maps,), {"scale": 1.5}), "m.good", X)
+
+
+def test_declared_options_are_checked_and_converted():
+    from cka_offline.errors import OptionError
+    from cka_offline.extractor import parse_options
+
+    declared = (Option("n", int, 1, "", minimum=0), Option("on", bool, False), Option("level", str, "all", choices=("all", "none")))
+    assert parse_options(declared, {"n": "3", "on": "yes", "level": "NONE"}, owner="x") == {"n": 3, "on": True, "level": "none"}
+    assert parse_options(declared, None, owner="x") == {"n": 1, "on": False, "level": "all"}
+    with pytest.raises(OptionError, match=r"unknown option\(s\) m for x; known: n, on, level"):
+        parse_options(declared, {"m": 1}, owner="x")
+    with pytest.raises(OptionError, match="x: option n=-1 must be >= 0"):
+        parse_options(declared, {"n": -1}, owner="x")
+    with pytest.raises(OptionError, match="x: option n=1.5 is not an integer"):
+        parse_options(declared, {"n": 1.5}, owner="x")
+    with pytest.raises(OptionError, match="option level='max' is not one of all, none"):
+        parse_options(declared, {"level": "max"}, owner="x")

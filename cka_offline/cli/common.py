@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterable, Iterator, TextIO, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TextIO, TypeVar, cast
 
 import click
 
@@ -113,7 +113,7 @@ def handle_errors(prog: str, *, interrupted: Callable[..., str] | None = None) -
             with cli_errors(prog, bool(kwargs.get("debug")), interrupted=message):
                 return func(*args, **kwargs)
 
-        return wrapper  # type: ignore[return-value]
+        return cast(F, wrapper)  # functools.wraps keeps the signature; mypy cannot see that
 
     return decorate
 

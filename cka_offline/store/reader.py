@@ -80,6 +80,8 @@ class _Shard:
             raise
 
     def _validate(self, allow_external: bool) -> None:
+        """Every check docs/format.md promises, in the order it lists them (longer than 80 lines on purpose:
+        one checklist against the spec, each check one short ``raise``)."""
         f, path = self.file, self.path
         attrs = f.attrs
         fmt = _str_attr(attrs, schema.ATTR_FORMAT)
