@@ -283,6 +283,21 @@ def test_float16_overflow(tmp_path, data, pm):
         extract("m.toy", str(tmp_path / "big.npz"), tmp_path / "a.h5", plugin_manager=pm, dtype="float16")
 
 
+def test_float16_underflow_that_destroys_a_layer_is_refused(tmp_path, data, pm):
+    """A layer of scale 3e-8 keeps a handful of distinct values in float16: refused like an overflow,
+    naming the layer and float32; small but representable layers are kept."""
+    np.savez(tmp_path / "tiny.npz", x=data["x"] * 3e-8)
+    with pytest.raises(ActivationValueError, match=r"layer '\w+' underflows float16.*relative error.*--dtype float32"):
+        extract("m.toy", str(tmp_path / "tiny.npz"), tmp_path / "a.h5", plugin_manager=pm, dtype="float16")
+    assert not (tmp_path / "a.h5").exists()
+    np.savez(tmp_path / "small.npz", x=data["x"] * 1e-2)
+    out = extract("m.toy", str(tmp_path / "small.npz"), tmp_path / "b.h5", plugin_manager=pm, dtype="float16")
+    exact = extract("m.toy", str(tmp_path / "small.npz"), tmp_path / "c.h5", plugin_manager=pm)
+    for name, x in read_all(out).items():
+        y = read_all(exact)[name]
+        assert np.linalg.norm(x.astype(np.float64) - y) <= 1e-2 * np.linalg.norm(y)
+
+
 @pytest.mark.parametrize(
     "bad, match",
     [("missing", "returned no output for layer"), ("batch", "batch must be on axis 0"), ("shape", "every batch must give the same shape")],

@@ -145,8 +145,32 @@ class BatchRunner:
             finite = np.isfinite(rows).all(axis=1)
             if not finite.all():
                 raise _value_error(name, arr, rows, finite, batch_ids, self.dtype)
+            if rows.dtype == np.float16:
+                _check_float16_precision(name, reduced, rows)
             out[name] = rows
         return out
+
+
+#: storing a layer as float16 may lose at most this relative error (float16 itself rounds to 2^-11 ~ 5e-4;
+#: values below its normal range, 6.1e-5, keep fewer digits, down to none)
+FLOAT16_MAX_RELATIVE_ERROR = 1e-2
+
+
+def _check_float16_precision(name: str, reduced: np.ndarray, rows: np.ndarray) -> None:
+    """Refuse a batch whose float16 copy has lost the layer: values so small that float16 keeps few or no
+    digits of them (a layer of scale 3e-8 keeps 5 distinct values), measured as the relative error of the
+    whole batch of the layer."""
+    exact = np.asarray(reduced, dtype=np.float64)
+    norm = float(np.linalg.norm(exact))
+    if norm == 0.0:
+        return
+    error = float(np.linalg.norm(rows.astype(np.float64) - exact)) / norm
+    if error > FLOAT16_MAX_RELATIVE_ERROR:
+        raise ActivationValueError(
+            f"layer {name!r} underflows float16: its values are too small for it (largest |value| "
+            f"{np.abs(exact).max():.3g}; float16 keeps full precision only above 6.1e-05), so storing them would "
+            f"change the layer by {error:.1%} (relative error); store it with --dtype float32"
+        )
 
 
 def _value_error(
