@@ -404,7 +404,7 @@ def test_check_options():
         ({"kernel": "poly"}, "unknown kernel 'poly'"),
         ({"precision": "float16"}, "unknown precision"),
         ({"estimator": "exact"}, "unknown estimator"),
-        ({"estimator": "full", "kernel": "rbf"}, "linear kernel only"),
+        ({"full_max_bytes": "lots"}, r"full_max_bytes \(--max-memory\) must be a size such as 8G"),
         ({"rbf_fraction": 0.0}, "rbf fraction must be a number > 0"),
         ({"batch_size": 3}, "batch size must be at least 4"),
         ({"epochs": 0}, "epochs must be at least 1"),

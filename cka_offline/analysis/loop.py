@@ -15,7 +15,7 @@ import numpy as np
 from ..distributed import Distributed
 from ..errors import ActivationValueError, ResourceError
 from .batches import Batch, HDF5BatchReader, mapped_batches
-from .grams import NumpyGrams, TorchGrams, engine_for, torch_compute
+from .grams import NumpyGrams, TorchGrams, blas_threads, engine_for, torch_compute
 from .plan import MinibatchPlan
 from .stack import LayerStack
 
@@ -26,8 +26,8 @@ ProgressCallback = Callable[[int, int], None]
 
 #: examples sampled (at most) to estimate each layer's RBF bandwidth
 BANDWIDTH_SAMPLE = 1000
-#: memory the full-data estimators may use to hold the data of all selected layers
-FULL_DATA_BYTES = 4 * 2**30
+#: memory the full-data estimators may use by default (their n x n Grams and scratch; ``--max-memory``)
+FULL_DATA_BYTES = 8 * 2**30
 
 
 @dataclass(frozen=True)
@@ -168,44 +168,114 @@ def raise_non_finite(stack: LayerStack, batch: Batch, gram_dtype: str) -> None:
 
 
 def run_full(
-    stack: LayerStack, *, debiased: bool, device: str, progress: ProgressCallback | None = None
+    stack: LayerStack, *, debiased: bool, device: str, bandwidths: Sequence[float] | None = None,
+    max_bytes: int | None = None, progress: ProgressCallback | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
-    """Exact full-data linear CKA (biased, or debiased) of every pair of stacked layers: ``(cka, timing)``.
+    """Exact full-data CKA (biased, or debiased) of every pair of stacked layers: ``(cka, timing)``; linear,
+    or RBF with each layer's recorded bandwidth (``bandwidths``; NaN: a constant layer).
+
+    Each layer's rows are read, its centred float64 ``n x n`` Gram built (:func:`~cka_offline.cka.hsic.full_gram`)
+    into a stack and the rows dropped; all pairs' HSIC terms are then one product of the flattened stack
+    (:func:`~cka_offline.cka.hsic.full_hsic`): ``L`` Gram builds, not ``L^2``. On the CPU the builds run on a
+    pool of one thread per core, each with single-threaded BLAS, as the minibatch loop's do (the RBF kernel's
+    elementwise work would otherwise use one core); rows are read by this thread. When the ``L`` Grams do
+    not fit ``max_bytes`` (default :data:`FULL_DATA_BYTES`) with the scratch of the builds, the layers go in
+    blocks: each block's Grams are built once, and each later block's again for every pair of blocks.
 
     Raises:
-        ResourceError: the data of all selected layers exceeds :data:`FULL_DATA_BYTES`.
+        ResourceError: not even two Grams and the scratch fit ``max_bytes``, naming ``--max-memory``.
     """
-    from ..cka.hsic import cka_linear_full
+    from ..cka.hsic import cka_from_hsic, full_gram, full_hsic
 
-    n = stack.n
-    need = n * stack.row_bytes
-    if need > FULL_DATA_BYTES:
-        raise ResourceError(
-            f"the full-data estimator holds all {n} examples of the {len(stack)} selected layers in memory "
-            f"({need / 2**30:.1f} GiB, limit {FULL_DATA_BYTES / 2**30:.0f} GiB); select fewer layers or use "
-            "--estimator minibatch"
-        )
-    t_read = time.perf_counter()
+    limit = FULL_DATA_BYTES if max_bytes is None else max_bytes
+    n, size = stack.n, len(stack)
+    cuda = device != "cpu"
+    workers = 1 if cuda else max(1, min(blas_threads(), size))
+    block = _full_block(stack, limit, rbf=bandwidths is not None, builds=workers)
+    blocks = [list(range(lo, min(size, lo + block))) for lo in range(0, size, block)]
+    builds, done = len(blocks) * (len(blocks) + 1) // 2, 0
     positions = np.arange(n)
-    data: list[Any] = []
-    for i in range(len(stack)):
-        x = stack.read_checked(i, positions)
-        if device != "cpu":
-            import torch
+    timing = {"read_wait": 0.0, "compute": 0.0}
+    t_start = time.perf_counter()
+    buffers: list[Any]
+    if cuda:
+        import torch
 
-            data.append(torch.from_numpy(x).to(device))
-        else:
-            data.append(x)
-    t_compute = time.perf_counter()
-    size = len(stack)
-    cka = np.full((size, size), np.nan)
-    with torch_compute() if device != "cpu" else contextlib.nullcontext():
-        for i in range(size):
-            for j in range(i, size):
-                cka[i, j] = cka[j, i] = cka_linear_full(data[i], data[j], debiased=debiased)
-            if progress is not None:
-                progress(n * (i + 1) // size, n)
-    return cka, {"read_wait": t_compute - t_read, "compute": time.perf_counter() - t_compute}
+        buffers = [torch.empty((block, n, n), dtype=torch.float64, device=device) for _ in blocks[:2]]
+    else:
+        buffers = [np.empty((block, n, n), dtype=np.float64) for _ in blocks[:2]]
+    pool: Any = None  # CPU: the thread pool of the Gram builds, started below
+
+    def build(buffer: Any, layers: list[int]) -> Any:
+        nonlocal done
+        running: deque[Any] = deque()
+        for k in sorted(range(len(layers)), key=lambda k: -stack.layers[layers[k]].features):  # largest first
+            i = layers[k]
+            t_read = time.perf_counter()
+            x: Any = stack.read_checked(i, positions)
+            if cuda:
+                x = torch.from_numpy(x).to(device)
+            timing["read_wait"] += time.perf_counter() - t_read
+            sigma = None if bandwidths is None else float(bandwidths[i])
+            if pool is None:
+                full_gram(x, debiased=debiased, sigma=sigma, out=buffer[k])
+                continue
+            running.append(pool.submit(full_gram, x, debiased=debiased, sigma=sigma, out=buffer[k]))
+            if len(running) >= workers:  # bounded: the rows of at most `workers` layers wait or run
+                running.popleft().result()
+        while running:
+            running.popleft().result()
+        done += 1
+        if progress is not None:
+            progress(n * done // builds, n)
+        return buffer[: len(layers)]
+
+    hsic = np.empty((size, size))
+    with contextlib.ExitStack() as context:
+        if cuda:
+            context.enter_context(torch_compute())
+        elif workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from threadpoolctl import threadpool_limits
+
+            context.enter_context(threadpool_limits(max(1, blas_threads() // workers), user_api="blas"))
+            pool = context.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="cka-full-gram"))
+        for a, rows in enumerate(blocks):
+            grams_a = build(buffers[0], rows)
+            hsic[np.ix_(rows, rows)] = full_hsic(grams_a, debiased=debiased)
+            for cols in blocks[a + 1 :]:
+                h = full_hsic(grams_a, build(buffers[1], cols), debiased=debiased)
+                hsic[np.ix_(rows, cols)] = h
+                hsic[np.ix_(cols, rows)] = h.T
+    del buffers
+    diagonal = np.diagonal(hsic).copy()
+    cka = cka_from_hsic(hsic, diagonal, diagonal)
+    timing["compute"] = time.perf_counter() - t_start - timing["read_wait"]
+    return cka, timing
+
+
+def _full_block(stack: LayerStack, limit: int, *, rbf: bool, builds: int) -> int:
+    """Layers whose Grams :func:`run_full` holds at once: all of them if they fit ``limit`` with the scratch
+    of ``builds`` concurrent Gram builds (each: the widest layer's rows as stored and in float64, and
+    ``n x n`` temporaries, one for linear, four for RBF), else half of what fits (two blocks are held for
+    each pair of blocks)."""
+    n, size = stack.n, len(stack)
+    gram = 8 * n * n
+    widest = max(layer.features * (layer.itemsize + 8) for layer in stack.layers)
+    scratch = builds * (n * widest + (4 if rbf else 1) * gram)
+    fits = max(0, limit - scratch) // gram
+    if fits >= size:
+        return size
+    if fits >= 2:
+        return int(fits // 2)
+    need, whole = scratch + 2 * gram, scratch + size * gram
+    raise ResourceError(
+        f"the full-data estimator holds all {n} examples' {n}x{n} float64 Gram matrices in memory: two of them "
+        f"and the scratch of building them need {need / 2**30:.2f} GiB, above the limit of {limit / 2**30:.2f} GiB; "
+        f"raise it with --max-memory (full_max_bytes), to at least {math.ceil(need / 2**20)}M (all {size} layers "
+        f"at once: {math.ceil(whole / 2**20)}M), or use --estimator minibatch"
+    )
 
 
 __all__ = ["BANDWIDTH_SAMPLE", "FULL_DATA_BYTES", "LoopSettings", "estimate_bandwidths", "raise_non_finite",

@@ -53,6 +53,10 @@ class AnalysisOptions:
         buffer_bytes: memory the shuffle buffer may take (all layers of all files).
         prefetch: minibatches the HDF5 reader thread may hold ready.
         hash_files: compute the SHA-256 of every file (on a background thread) for the result.
+        full_max_bytes: memory the full estimators may use for their float64 ``n x n`` Grams and scratch
+            (``cka-analyze --max-memory``): bytes, or a size such as ``"8G"`` or ``"512M"`` (binary units);
+            ``None``: 8 GiB (``analysis.loop.FULL_DATA_BYTES``). When all layers' Grams do not fit, the
+            layers go in blocks (more Gram builds); below two Grams the analysis is refused.
     """
 
     layers: tuple[str, ...] | None = None
@@ -73,6 +77,7 @@ class AnalysisOptions:
     buffer_bytes: int = BUFFER_BYTES
     prefetch: int = 4
     hash_files: bool = True
+    full_max_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("layers", "layers_a", "layers_b"):
@@ -82,6 +87,7 @@ class AnalysisOptions:
         for name in ("intersect", "allow_external", "hash_files"):
             object.__setattr__(self, name, bool(getattr(self, name)))
         object.__setattr__(self, "device", str(parse_device(self.device, allowed=DEVICES)))
+        object.__setattr__(self, "full_max_bytes", _size(self.full_max_bytes, "full_max_bytes (--max-memory)"))
         self._check()
 
     def _check(self) -> None:
@@ -91,8 +97,6 @@ class AnalysisOptions:
             raise ValueError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {self.estimator!r}; use one of {', '.join(ESTIMATORS)}")
-        if self.estimator != "minibatch" and self.kernel != "linear":
-            raise ValueError(f"the {self.estimator} estimator supports the linear kernel only; use --kernel linear")
         if not (isinstance(self.rbf_fraction, (int, float)) and math.isfinite(self.rbf_fraction) and self.rbf_fraction > 0):
             raise ValueError(f"rbf fraction must be a number > 0, got {self.rbf_fraction}")
         if self.batch_size < MIN_BATCH:
@@ -103,6 +107,8 @@ class AnalysisOptions:
             raise ValueError(f"n_groups must be at least 2 for a jackknife standard error, got {self.n_groups}")
         if self.buffer_bytes < 1 or self.prefetch < 1:
             raise ValueError(f"buffer_bytes and prefetch must be >= 1, got {self.buffer_bytes} and {self.prefetch}")
+        if self.full_max_bytes is not None and self.full_max_bytes < 1:
+            raise ValueError(f"full_max_bytes (--max-memory) must be at least 1 byte, got {self.full_max_bytes}")
 
     def replace(self, **changes: Any) -> "AnalysisOptions":
         """A copy with ``changes`` applied (validated again)."""
@@ -152,6 +158,27 @@ def _integer(value: Any, name: str) -> int:
         return operator.index(value)
     except TypeError:
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+#: binary multiples a size may end with (an optional ``B`` or ``iB`` after the letter)
+_SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _size(value: Any, name: str) -> int | None:
+    """Bytes from an integer or a size such as ``8G``, ``1.5GiB``, ``512M`` or ``1000000``; None stays None."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return _integer(value, name)
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    unit = text[-1:] if text[-1:] in _SIZE_UNITS else ""
+    try:
+        number = float(text[: len(text) - len(unit)])
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or (value.strip().upper().endswith("IB") and not unit):
+        raise ValueError(f"{name} must be a size such as 8G, 512M or 1000000 (bytes), got {value!r}")
+    return int(number * _SIZE_UNITS[unit])
 
 
 __all__ = ["AnalysisOptions", "BUFFER_BYTES", "DEVICES", "ESTIMATORS", "KERNELS", "MIN_BATCH", "PRECISIONS", "check_options"]

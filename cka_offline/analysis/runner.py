@@ -77,7 +77,7 @@ def run_analysis(
                                     prefetch=options.prefetch)
             outcome = _minibatch(stack, plan, settings, progress, ctx)
         else:
-            outcome = _full(stack, options, params["device"], progress)
+            outcome = _full(stack, options, params, progress)
         _mark_undefined(stack, outcome)
         outcome.timing["total"] = time.perf_counter() - t0
         return _result(stack, params, outcome, hasher, ctx)
@@ -147,8 +147,15 @@ def _minibatch(
     return outcome
 
 
-def _full(stack: LayerStack, options: AnalysisOptions, device: str, progress: ProgressCallback | None) -> _Outcome:
-    cka, timing = run_full(stack, debiased=options.estimator == "full-debiased", device=device, progress=progress)
+def _full(
+    stack: LayerStack, options: AnalysisOptions, params: dict[str, Any], progress: ProgressCallback | None
+) -> _Outcome:
+    bandwidths = None
+    if options.kernel == "rbf":  # the minibatch estimator's bandwidths: its seeded sample, recorded the same way
+        bandwidths = estimate_bandwidths(stack, options.seed, options.rbf_fraction)
+        params["bandwidths"] = stack.per_file(bandwidths)
+    cka, timing = run_full(stack, debiased=options.estimator == "full-debiased", device=params["device"],
+                           bandwidths=bandwidths, max_bytes=options.full_max_bytes, progress=progress)
     se = low = high = np.full_like(cka, np.nan)
     degenerate = {i for i in range(len(stack)) if math.isnan(cka[i, i])}
     return _Outcome(cka, se, low, high, degenerate, 0, timing)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -44,6 +44,10 @@ __all__ = [
     "rbf_bandwidth",
     "hsic1_matrix",
     "cka_linear_full",
+    "cka_full",
+    "full_gram",
+    "full_hsic",
+    "cka_from_hsic",
 ]
 
 logger = logging.getLogger(__name__)
@@ -245,12 +249,180 @@ def _torch_float64() -> Any:
     return torch.float64
 
 
+def full_gram(x: Array, *, debiased: bool, sigma: float | None = None, out: Array | None = None) -> Array:
+    """The centred float64 Gram of all ``n`` examples of one layer, ``(n, d)`` -> ``(n, n)``, whose Frobenius
+    inner products are the exact full-data HSIC terms (:func:`full_hsic`).
+
+    ``K = Xc Xc^T`` (column-centred ``x``; ``sigma=None``) or the RBF Gram of bandwidth ``sigma``
+    (:func:`gram_rbf`, the minibatch estimator's kernel), in float64, then centred:
+
+    - ``debiased=False``: ``HKH`` with ``H = I - 11'/n``, so ``<HKH, HLH>_F = tr(KHLH) = (n-1)^2 HSIC_0(K, L)``,
+      the biased HSIC of Kornblith et al. 2019 (eq. 3).
+    - ``debiased=True``: the U-centred ``U(K)``, zero diagonal and, off it,
+      ``K~_ij - (K~1)_i/(n-2) - (K~1)_j/(n-2) + 1'K~1/((n-1)(n-2))`` (Szekely & Rizzo 2014, "Partial distance
+      correlation with methods for dissimilarities", Ann. Statist., sec. 2.3), so
+      ``<U(K), U(L)>_F = n(n-3) HSIC_1(K, L)``, the unbiased HSIC_1 of Song et al. 2012 (module docstring).
+
+    Centring the Gram, like centring the features, subtracts the large common part before the products sum it.
+    ``x``: numpy or torch (computed there, on its device); the result is of ``x``'s kind, written into ``out``
+    (a float64 ``(n, n)`` C-contiguous array or tensor of that kind) when given. ``sigma=NaN`` (a constant
+    layer) gives a zero Gram, whose zero self-HSIC marks the layer undefined. Memory: the Gram, the
+    float64 centred rows and, for RBF, a few ``n x n`` temporaries. Needs ``n >= 4``.
+    """
+    _check_matrix(x, "x")
+    n = x.shape[0]
+    if n < 4:
+        raise InsufficientDataError(f"full CKA needs at least 4 examples, got {n}")
+    tensor = is_tensor(x)
+    gram: Any = out
+    if gram is None:
+        if tensor:
+            import torch
+
+            gram = torch.empty((n, n), dtype=torch.float64, device=x.device)
+        else:
+            gram = np.empty((n, n), dtype=np.float64)
+    if sigma is None:
+        xc = center_columns(x, "float64")
+        if tensor:
+            import torch
+
+            torch.matmul(xc, xc.T, out=gram)
+            gram.add_(gram.T.clone()).mul_(0.5)  # a GPU product need not be bit-symmetric
+        else:
+            np.matmul(xc, xc.T, out=gram)  # numpy runs a syrk: exactly symmetric
+        del xc
+    elif math.isnan(sigma):
+        gram[...] = 0.0
+        return gram
+    else:
+        gram[...] = gram_rbf(x, sigma, "float64")
+    return _center_gram(gram, debiased)
+
+
+def _center_gram(k: Array, debiased: bool) -> Array:
+    """``HKH`` or ``U(K)`` (:func:`full_gram`) of a symmetric float64 ``(n, n)`` ``k``, in place."""
+    n = k.shape[0]
+    zero_diagonal = k.fill_diagonal_ if is_tensor(k) else lambda value: np.fill_diagonal(k, value)
+    if debiased:
+        zero_diagonal(0.0)
+        rows = k.sum(1)
+        total = rows.sum()
+        rows /= n - 2
+        k -= rows[:, None]
+        k -= rows[None, :]
+        k += total / ((n - 1) * (n - 2))
+        zero_diagonal(0.0)
+    else:
+        rows = k.sum(1) / n
+        total = rows.sum() / n
+        k -= rows[:, None]
+        k -= rows[None, :]
+        k += total
+    return k
+
+
+def full_hsic(grams_a: Array, grams_b: Array | None = None, *, debiased: bool) -> np.ndarray:
+    """Exact full-data HSIC of every pair of two stacks of centred Grams from :func:`full_gram` (same
+    ``debiased``): ``(La, n, n)``, ``(Lb, n, n)`` -> ``(La, Lb)`` float64 numpy; ``grams_b=None``: ``grams_a``
+    with itself.
+
+    ``out[i, j] = <A_i, B_j>_F / c``, ``c = n(n-3)`` (debiased: HSIC_1) or ``(n-1)^2`` (biased: HSIC_0): one
+    product of the flattened Grams for all pairs, ``O(La Lb n^2)`` work (a syrk for one stack), in the
+    stacks' library and device.
+    """
+    count, n = grams_a.shape[0], grams_a.shape[1]
+    flat_a = grams_a.reshape(count, n * n)
+    flat_b = flat_a if grams_b is None else grams_b.reshape(grams_b.shape[0], n * n)
+    scale = float(n * (n - 3)) if debiased else float((n - 1) ** 2)
+    return to_numpy(flat_a @ flat_b.T) / scale
+
+
+def cka_from_hsic(hsic: np.ndarray, self_a: np.ndarray, self_b: np.ndarray) -> np.ndarray:
+    """CKA ``hsic[i, j] / sqrt(self_a[i] self_b[j])`` from full-data HSIC terms, ``(La, Lb)`` -> ``(La, Lb)``.
+
+    NaN, with a logged warning, in the rows and columns of a self term ``<= 0`` (a constant layer; CKA is
+    undefined there). Raises ActivationValueError when a term is not finite (NaN/Inf input or float64 overflow).
+    """
+    hsic, self_a, self_b = (np.asarray(v, dtype=np.float64) for v in (hsic, self_a, self_b))
+    if not (np.isfinite(hsic).all() and np.isfinite(self_a).all() and np.isfinite(self_b).all()):
+        raise ActivationValueError(
+            "full CKA: the HSIC terms are not finite, so the activations hold NaN or Inf (or overflow float64); "
+            "check the activations"
+        )
+    bad_a, bad_b = self_a <= 0, self_b <= 0
+    if bad_a.any() or bad_b.any():
+        logger.warning(
+            "full CKA undefined: self-HSIC %s of layer(s) %s and %s of layer(s) %s (a constant layer?); returning NaN",
+            self_a[bad_a].tolist(), np.flatnonzero(bad_a).tolist(), self_b[bad_b].tolist(), np.flatnonzero(bad_b).tolist(),
+        )
+    with np.errstate(invalid="ignore"):
+        cka = hsic / np.sqrt(np.outer(np.where(bad_a, np.nan, self_a), np.where(bad_b, np.nan, self_b)))
+    return cka
+
+
+def cka_full(layers: Sequence[Array], *, debiased: bool, sigmas: Sequence[float] | None = None,
+             max_bytes: int = 2**31) -> np.ndarray:
+    """Exact CKA on all ``n`` examples between every pair of ``L`` layers: ``L`` arrays ``(n, d_i)`` -> ``(L, L)``.
+
+    Linear (``sigmas=None``) or RBF with bandwidth ``sigmas[i]`` for layer ``i``; biased (Kornblith et al.
+    2019: ``<HKH, HLH>_F / (||HKH||_F ||HLH||_F)``) or debiased (``HSIC_1(K, L) / sqrt(HSIC_1(K, K)
+    HSIC_1(L, L))``, the unbiased HSIC_1 of Song et al. 2012 over one ``n x n`` Gram, the estimator Nguyen
+    et al. 2020 apply per minibatch), all in float64: each layer's centred Gram once (:func:`full_gram`),
+    all pairs as one product (:func:`full_hsic`). Computed with the first layer's library, on its device.
+
+    Holds ``L`` ``n x n`` float64 Grams (``8 L n^2`` bytes); raises ResourceError when that exceeds
+    ``max_bytes``, InsufficientDataError for ``n < 4``, AlignmentError for different ``n`` and
+    ActivationValueError for NaN/Inf input. NaN, with a logged warning, for a constant layer
+    (:func:`cka_from_hsic`).
+    """
+    if not layers:
+        raise ValueError("full CKA needs at least one layer")
+    for i, z in enumerate(layers):
+        _check_matrix(z, f"layer {i}")
+    first = layers[0]
+    n = first.shape[0]
+    for i, z in enumerate(layers):
+        if z.shape[0] != n:
+            raise AlignmentError(
+                f"full CKA needs the same examples in every layer, got {n} rows in layer 0 and {z.shape[0]} in layer {i}"
+            )
+    if n < 4:
+        raise InsufficientDataError(f"full CKA needs at least 4 examples, got {n}")
+    if sigmas is not None and len(sigmas) != len(layers):
+        raise ValueError(f"full CKA needs one RBF bandwidth per layer, got {len(sigmas)} for {len(layers)} layers")
+    count = len(layers)
+    grams: Any
+    needed = 8 * count * n * n
+    if needed > max_bytes:
+        raise ResourceError(
+            f"exact full-data CKA on n={n} examples needs {needed} bytes ({needed / 2**30:.2f} GiB) for {count} "
+            f"{n}x{n} float64 Gram matrices, above the limit max_bytes={max_bytes}; use minibatch CKA "
+            "(MinibatchCKA) or raise max_bytes (cka-analyze: --max-memory, which also splits the layers into blocks)"
+        )
+    if is_tensor(first):
+        import torch
+
+        grams = torch.empty((count, n, n), dtype=torch.float64, device=first.device)
+        layers = [(z if is_tensor(z) else torch.from_numpy(np.asarray(z))).to(first.device) for z in layers]
+    else:
+        grams = np.empty((count, n, n), dtype=np.float64)
+        layers = [to_numpy(z) for z in layers]
+    for i, z in enumerate(layers):
+        if not bool(z.isfinite().all() if is_tensor(z) else np.isfinite(z).all()):
+            raise ActivationValueError(f"full CKA: layer {i} holds NaN or Inf; check the activations")
+        full_gram(z, debiased=debiased, sigma=None if sigmas is None else float(sigmas[i]), out=grams[i])
+    hsic = full_hsic(grams, debiased=debiased)
+    diagonal = np.diagonal(hsic).copy()
+    return cka_from_hsic(hsic, diagonal, diagonal)
+
+
 def cka_linear_full(x: Array, y: Array, *, debiased: bool, max_bytes: int = 2**31) -> float:
-    """Exact linear CKA on all ``n`` examples at once (Kornblith et al. 2019), in float64.
+    """Exact linear CKA of two layers on all ``n`` examples at once (Kornblith et al. 2019), in float64:
+    :func:`cka_full` of ``[x, y]``.
 
     ``x``: ``(n, d1)``, ``y``: ``(n, d2)``, same examples in the same order, any float dtype; numpy arrays
-    or tensors (computed with ``x``'s library, on ``x``'s device). With ``K = Xc Xc^T``, ``L = Yc Yc^T``
-    (column-centred, so ``HKH = K``):
+    or tensors (computed with ``x``'s library, on ``x``'s device). With ``K = Xc Xc^T``, ``L = Yc Yc^T``:
 
     - ``debiased=False``: ``CKA = <K, L>_F / (||K||_F ||L||_F)`` (biased HSIC, Kornblith et al. 2019, eq. 2-4).
     - ``debiased=True``: ``HSIC_1(K, L) / sqrt(HSIC_1(K, K) HSIC_1(L, L))`` with the unbiased HSIC_1 of
@@ -267,41 +439,4 @@ def cka_linear_full(x: Array, y: Array, *, debiased: bool, max_bytes: int = 2**3
         raise AlignmentError(
             f"full CKA needs the same examples in x and y, got {n} rows in x and {y.shape[0]} in y"
         )
-    if n < 4:
-        raise InsufficientDataError(f"full CKA needs at least 4 examples, got {n}")
-    needed = 2 * 8 * n * n
-    if needed > max_bytes:
-        raise ResourceError(
-            f"exact full-data CKA on n={n} examples needs {needed} bytes ({needed / 2**30:.2f} GiB) for two "
-            f"{n}x{n} float64 Gram matrices, above the limit max_bytes={max_bytes}; use minibatch CKA "
-            "(MinibatchCKA) or raise max_bytes"
-        )
-    if is_tensor(x):
-        import torch
-
-        y = (y if is_tensor(y) else torch.from_numpy(y)).to(x.device)
-        k = torch.empty((2, n, n), dtype=torch.float64, device=x.device)
-    else:
-        y = to_numpy(y)
-        k = np.empty((2, n, n), dtype=np.float64)
-    for i, z in enumerate((x, y)):
-        zc = center_columns(z, "float64")
-        k[i] = zc @ zc.T
-        del zc
-    if debiased:
-        h = _hsic1_inplace(k)
-    else:
-        flat = k.reshape(2, n * n)
-        h = flat @ flat.T
-    hxx, hyy, hxy = float(h[0, 0]), float(h[1, 1]), float(h[0, 1])
-    if not math.isfinite(hxx + hyy + hxy):
-        raise ActivationValueError(
-            "full CKA: the HSIC terms are not finite, so x or y hold NaN or Inf (or overflow float64); "
-            "check the activations"
-        )
-    if hxx <= 0 or hyy <= 0:
-        logger.warning(
-            "full CKA undefined: self-HSIC of x is %r and of y is %r (a constant layer?); returning NaN", hxx, hyy
-        )
-        return math.nan
-    return hxy / math.sqrt(hxx * hyy)
+    return float(cka_full([x, y], debiased=debiased, max_bytes=max_bytes)[0, 1])

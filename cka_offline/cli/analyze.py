@@ -99,6 +99,9 @@ def _check_outputs(output: str | None, fmt: str | None, plot: str | None, n_file
 @click.option("--allow-external", is_flag=True, help="Read files with external HDF5 links (only files you trust).")
 @click.option("--hash/--no-hash", "hash_files", default=_DEFAULT.hash_files, show_default=True,
               help="Record each file's SHA-256 in the result (reads every byte once more, alongside the analysis).")
+@click.option("--max-memory", "full_max_bytes", metavar="SIZE", default=None,
+              help="Memory the full estimators may use for their n x n float64 Gram matrices, e.g. 16G or 512M "
+                   "(default 8G); beyond it the layers go in blocks, each block's Grams rebuilt per block pair.")
 @quiet_option
 @debug_option
 @handle_errors(PROG)

@@ -4,6 +4,7 @@ Independent of cka_offline.cka on purpose: explicit matrices and loops, no share
 - Unbiased HSIC_1: Song et al. 2012, eq. 5, with K~ = K with its diagonal set to zero.
 - Minibatch CKA: Nguyen, Raghu & Kornblith 2020, sums of HSIC_1 over minibatches.
 - Biased linear CKA: Kornblith et al. 2019, HSIC(K, L) = tr(K H L H) / (n-1)^2, H = I - 11'/n.
+- Full-data CKA of any kernel: the same two HSICs over one n x n Gram of all examples (RBF with a given sigma).
 """
 
 from __future__ import annotations
@@ -95,6 +96,27 @@ def cka_debiased(x: np.ndarray, y: np.ndarray) -> float:
     """Linear CKA with the unbiased HSIC_1 over all n examples in one Gram."""
     k, l = linear_gram(x), linear_gram(y)
     return hsic1(k, l) / math.sqrt(hsic1(k, k) * hsic1(l, l))
+
+
+def hsic0(k: np.ndarray, l: np.ndarray) -> float:
+    """Biased HSIC (Kornblith et al. 2019, eq. 3): tr(K H L H) / (n-1)^2, H = I - 11'/n, by explicit products."""
+    k = np.asarray(k, dtype=np.float64)
+    l = np.asarray(l, dtype=np.float64)
+    n = k.shape[0]
+    h = np.eye(n) - np.ones((n, n)) / n
+    return float(np.trace(k @ h @ l @ h) / (n - 1) ** 2)
+
+
+def cka_full_kernel(k: np.ndarray, l: np.ndarray, debiased: bool) -> float:
+    """Full-data CKA of two n x n Grams of all examples: HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)), with the
+    biased HSIC (hsic0) or the unbiased HSIC_1 (hsic1)."""
+    hsic = hsic1 if debiased else hsic0
+    return hsic(k, l) / math.sqrt(hsic(k, k) * hsic(l, l))
+
+
+def cka_rbf_full(x: np.ndarray, y: np.ndarray, sigma_x: float, sigma_y: float, debiased: bool) -> float:
+    """Exact RBF CKA (Kornblith et al. 2019, sec. 3, biased; or debiased with HSIC_1) over all n examples."""
+    return cka_full_kernel(rbf_gram(x, sigma_x), rbf_gram(y, sigma_y), debiased)
 
 
 def jackknife(per_group: list[tuple[float, float, float]]) -> tuple[float, float]:

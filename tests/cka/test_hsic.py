@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cka_offline.cka import center_columns, cka_linear_full, gram_linear, gram_rbf, hsic1_matrix, rbf_bandwidth
+from cka_offline.cka.hsic import cka_from_hsic, cka_full, full_gram, full_hsic
 from cka_offline.errors import ActivationValueError, AlignmentError, InsufficientDataError, ResourceError
 
 from . import reference as ref
@@ -159,9 +160,101 @@ def test_full_estimator_constant_layer_is_nan_with_warning(caplog, lib):
 
 def test_full_estimator_resource_error_says_how_to_fix():
     x = torch.randn(100, 3)
-    with pytest.raises(ResourceError, match=r"n=100 .*160000 bytes.*max_bytes=1000.*minibatch CKA.*raise max_bytes"):
+    with pytest.raises(ResourceError, match=r"n=100 .*160000 bytes.*max_bytes=1000.*minibatch CKA.*raise max_bytes"
+                                            r".*--max-memory"):
         cka_linear_full(x, x, debiased=False, max_bytes=1000)
     assert cka_linear_full(x, x, debiased=False, max_bytes=160000) == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ResourceError, match=r"240000 bytes .* for 3 100x100 float64 Gram matrices.*max_bytes=239999"):
+        cka_full([x, x, x], debiased=True, max_bytes=239999)
+
+
+# ---------------------------------------------------------------- full data: each Gram once, all pairs at once
+def _full_layers(chain: list[np.ndarray], n: int = 60) -> list[np.ndarray]:
+    return [chain[0][:n] + 5.0, chain[1][:n], chain[2][:n] * 1e-3, chain[4][:n]]
+
+
+SIGMAS = (3.0, 2.0, 0.004, 1.5)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+@pytest.mark.parametrize("debiased", [False, True])
+def test_full_gram_inner_products_are_the_reference_hsic(chain, debiased, kernel, lib):
+    """<HKH, HLH> = (n-1)^2 HSIC_0 and <U(K), U(L)> = n(n-3) HSIC_1 (Song et al. 2012), for every pair."""
+    layers = _full_layers(chain)
+    sigmas = SIGMAS if kernel == "rbf" else (None,) * len(layers)
+    grams = [full_gram(as_lib(lib, z), debiased=debiased, sigma=s) for z, s in zip(layers, sigmas)]
+    got = full_hsic(torch.stack(grams) if lib == "torch" else np.stack(grams), debiased=debiased)
+    ref_grams = [ref.linear_gram(z, center=False) if s is None else ref.rbf_gram(z, s) for z, s in zip(layers, sigmas)]
+    hsic = ref.hsic1 if debiased else ref.hsic0
+    want = np.array([[hsic(k, l) for l in ref_grams] for k in ref_grams])
+    assert got.dtype == np.float64 and isinstance(got, np.ndarray)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12 * np.abs(want).max())
+    if debiased:
+        assert all(np.all(np.diag(to_np(g)) == 0.0) for g in grams)
+    else:  # HKH: rows and columns sum to zero
+        assert max(np.abs(to_np(g).sum(0)).max() / np.abs(to_np(g)).max() for g in grams) < 1e-12
+
+
+def to_np(a) -> np.ndarray:
+    return a.numpy() if isinstance(a, torch.Tensor) else a
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+@pytest.mark.parametrize("debiased", [False, True])
+def test_cka_full_matches_reference_every_pair(chain, debiased, kernel, lib):
+    layers = _full_layers(chain)
+    sigmas = SIGMAS if kernel == "rbf" else None
+    got = cka_full([as_lib(lib, z.astype(np.float32)) for z in layers], debiased=debiased, sigmas=sigmas)
+    layers32 = [z.astype(np.float32) for z in layers]
+    if sigmas is None:
+        pair = ref.cka_debiased if debiased else ref.cka_biased
+        want = np.array([[pair(x, y) for y in layers32] for x in layers32])
+    else:
+        want = np.array([[ref.cka_rbf_full(x, y, sx, sy, debiased) for y, sy in zip(layers32, sigmas)]
+                         for x, sx in zip(layers32, sigmas)])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(got, got.T)
+
+
+def test_cka_full_rbf_is_the_minibatch_estimate_with_one_minibatch(chain):
+    """Debiased full-data CKA = minibatch CKA whose one minibatch holds every example, same kernel."""
+    from cka_offline.cka import MinibatchCKA
+
+    layers = _full_layers(chain)
+    acc = MinibatchCKA(n_layers=len(layers), n_groups=2)
+    acc.update(np.stack([gram_rbf(z, s, "float64") for z, s in zip(layers, SIGMAS)]), batch_index=0)
+    np.testing.assert_allclose(cka_full(layers, debiased=True, sigmas=SIGMAS), acc.compute_stats().cka, atol=1e-12)
+
+
+def test_cka_full_constant_layer_and_nan_bandwidth_are_nan_with_warning(chain, caplog, lib):
+    layers = [as_lib(lib, z) for z in (chain[1][:20], np.full((20, 3), 2.5), chain[2][:20])]
+    with caplog.at_level(logging.WARNING, logger="cka_offline.cka.hsic"):
+        got = cka_full(layers, debiased=True)
+        got_rbf = cka_full(layers, debiased=False, sigmas=[1.0, math.nan, 1.0])
+    for m in (got, got_rbf):
+        assert np.all(np.isnan(m[1])) and np.all(np.isnan(m[:, 1])) and np.isfinite(m[np.ix_([0, 2], [0, 2])]).all()
+    assert "constant layer" in caplog.text and "[1]" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: cka_full([], debiased=True), ValueError, "at least one layer"),
+        (lambda: cka_full([np.ones((5, 2)), np.ones((6, 2))], debiased=True), AlignmentError,
+         "5 rows in layer 0 and 6 in layer 1"),
+        (lambda: cka_full([np.ones((5, 2))], debiased=True, sigmas=[1.0, 2.0]), ValueError,
+         "one RBF bandwidth per layer, got 2 for 1"),
+        (lambda: cka_full([np.ones((3, 2))], debiased=True), InsufficientDataError, "at least 4 examples, got 3"),
+        (lambda: cka_full([np.array([[1.0], [np.inf], [2.0], [3.0]])], debiased=True), ActivationValueError,
+         "layer 0 holds NaN or Inf"),
+        (lambda: full_gram(torch.ones(3, 2), debiased=False), InsufficientDataError, "at least 4 examples, got 3"),
+        (lambda: cka_from_hsic(np.array([[np.nan]]), np.ones(1), np.ones(1)), ActivationValueError,
+         "HSIC terms are not finite"),
+    ],
+)
+def test_full_data_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
 
 
 @pytest.mark.parametrize(

@@ -95,9 +95,9 @@ def test_known_errors_are_one_line(tmp_path, files, args, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5", "b.h5"]  # nothing half-written
 
 
-def test_bad_option_combination_is_a_usage_error(files):
-    res = run([files[0], "--kernel", "rbf", "--estimator", "full"])
-    assert res.exit_code == 2 and "linear kernel only" in res.stderr
+def test_bad_option_value_is_a_usage_error(files):
+    res = run([files[0], "--estimator", "full", "--max-memory", "lots"])
+    assert res.exit_code == 2 and "full_max_bytes (--max-memory) must be a size such as 8G" in res.stderr
 
 
 def test_help_has_description_and_example():
