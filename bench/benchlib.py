@@ -301,9 +301,10 @@ def analyze_plan(result: Any) -> list[np.ndarray]:
     """The minibatches a cka-analyze result used (rebuilt from its recorded parameters)."""
     from cka_offline.analysis import plan_minibatches
 
-    p = result.params
+    p = result.params  # the workloads' ids are 0..n-1 in file order, so ranks are positions (ids=None)
     return plan_minibatches(result.n_examples, int(p["batch_size"]), seed=int(p["seed"]), epochs=int(p["epochs"]),
-                            block_rows=int(p["block_rows"]), buffer_blocks=int(p["buffer_blocks"]))
+                            n_groups=int(p["n_groups"]), shuffle=p.get("shuffle", "blocks"),
+                            block_rows=int(p.get("block_rows", 1024)), buffer_blocks=int(p.get("buffer_blocks", 8)))
 
 
 def peers_available() -> tuple[bool, str]:

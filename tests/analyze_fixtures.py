@@ -42,6 +42,7 @@ def write_acts(
     dtype: str = "float32",
     shard: tuple[int, int, int] | None = None,
     compression: str | None = None,
+    rows_per_write: int = 10,
 ) -> str:
     n = len(next(iter(arrays.values())))
     ids = np.arange(n) if ids is None else np.asarray(ids)
@@ -50,8 +51,8 @@ def write_acts(
         path, ids=ids, layers=specs, provenance={"model": model, "extractor": "test"}, dtype=dtype,
         chunk_rows=chunk_rows, shard=shard, compression=compression,
     ) as w:
-        for s in range(0, n, 10):
-            w.write({k: v[s : s + 10] for k, v in arrays.items()})
+        for s in range(0, n, rows_per_write):
+            w.write({k: v[s : s + rows_per_write] for k, v in arrays.items()})
     return os.fspath(path)
 
 
@@ -62,22 +63,26 @@ ref_full_linear = reference.cka_biased
 
 
 def ref_minibatch(
-    layers: Sequence[np.ndarray], batches: Sequence[np.ndarray], n_groups: int = 16, sigmas: Sequence[float] | None = None
+    layers: Sequence[np.ndarray], batches: Sequence[np.ndarray], n_groups: int = 16, sigmas: Sequence[float] | None = None,
+    groups: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(CKA, jackknife SE) over the stacked ``layers`` (each (n, d)) for the given minibatches of row indices.
 
     CKA_ij = sum_b H_ij,b / sqrt(sum_b H_ii,b sum_b H_jj,b); the SE is the grouped leave-one-group-out
-    jackknife over groups b % n_groups."""
+    jackknife over the groups ``groups[b]`` (default b % n_groups)."""
     size = len(layers)
+    if groups is not None:
+        n_groups = max(n_groups, max(groups) + 1)
     sums = np.zeros((n_groups, size, size))
     for b, rows in enumerate(batches):
+        group = b % n_groups if groups is None else groups[b]
         grams = [
             reference.linear_gram(x[rows]) if sigmas is None else reference.rbf_gram(x[rows], sigmas[i])
             for i, x in enumerate(layers)
         ]
         for i in range(size):
             for j in range(size):
-                sums[b % n_groups, i, j] += ref_hsic1(grams[i], grams[j])
+                sums[group, i, j] += ref_hsic1(grams[i], grams[j])
 
     def cka(h: np.ndarray) -> np.ndarray:
         d = np.sqrt(np.diag(h))

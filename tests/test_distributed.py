@@ -19,6 +19,7 @@ import pytest
 from cka_offline import distributed
 from cka_offline.analysis import MinibatchPlan, align_ids, analyze, own_minibatches, plan_minibatches
 from cka_offline.analysis.batches import HDF5BatchReader
+from cka_offline.analysis.loop import SCALE_SAMPLE
 from cka_offline.analysis.options import AnalysisOptions
 from cka_offline.analysis.stack import LayerStack
 from cka_offline.errors import CKAOfflineError, DistributedError, FormatError
@@ -220,9 +221,10 @@ def test_analyze_on_two_ranks_equals_one_process(tmp_path):
 def test_a_failing_rank_stops_all_with_one_message(tmp_path):
     n = 300
     acts = chain_activations(n, seed=2)
-    plan = plan_minibatches(n, 20, block_rows=16, buffer_blocks=8)
+    plan = plan_minibatches(n, 20)
     lo, hi = own_minibatches(len(plan), 1, 2)
-    bad = int(plan[hi - 1][0])  # an example only rank 1 reads
+    sampled = set(MinibatchPlan(n, 20).sample(SCALE_SAMPLE).tolist())  # read by every rank for the scales
+    bad = next(int(p) for p in plan[hi - 1] if int(p) not in sampled)  # an example only rank 1 reads
     acts["layer1"][bad, 0] = np.nan
     write_acts(tmp_path / "a.h5", acts)
     proc = torchrun(["cka_offline.cli.analyze", "a.h5", "-m", "20", "--device", "cpu", "-o", "cka.json"], tmp_path)

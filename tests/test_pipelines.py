@@ -65,8 +65,10 @@ def test_demo_on_reduced_input(tmp_path):
     b = stored_layers(str(tmp_path / "cnn_b.h5"))
     assert len(a[0]) == 300
     params = cross.params
+    with open_activations(str(tmp_path / "cnn_a.h5")) as f:
+        ids = f.ids
     batches = plan_minibatches(300, params["batch_size"], seed=params["seed"], epochs=params["epochs"],
-                               block_rows=params["block_rows"], buffer_blocks=params["buffer_blocks"])
+                               n_groups=params["n_groups"], ids=ids)
     np.testing.assert_allclose(matrix, reference_cka(a, b, batches), atol=1e-6)
 
 
@@ -190,8 +192,9 @@ def test_minilm_sentences_masked_mean_pooling(tmp_path):
     np.testing.assert_allclose(np.diag(matrix), 1.0, atol=1e-6)
     np.testing.assert_allclose(matrix, matrix.T, atol=1e-12)
     params = result.params
-    batches = plan_minibatches(300, 64, seed=0, epochs=1, block_rows=params["block_rows"],
-                               buffer_blocks=params["buffer_blocks"])
+    with open_activations(out) as f:
+        ids = f.ids
+    batches = plan_minibatches(300, 64, seed=0, epochs=1, n_groups=params["n_groups"], ids=ids)
     np.testing.assert_allclose(matrix, reference_cka(stored, stored, batches), atol=1e-6)
     assert json.loads(open_activations(out).provenance["options"])["reduction"]["encoder.layer.0"] == "token_mean"
 

@@ -29,6 +29,7 @@ class Batch:
 
     index: int
     positions: np.ndarray
+    group: int = 0  # its jackknife group (MinibatchPlan.group_of)
     arrays: list[Any] = field(default_factory=list)
     slot: int = -1
     new_buffer: bool = False  # the first minibatch drawn from a new shuffle buffer (memory-mapped path)
@@ -46,8 +47,9 @@ def mapped_batches(plan: MinibatchPlan, share: tuple[int, int]) -> Iterator[Batc
         buffer = -1
         for k in range(first, last):
             current = int(np.searchsorted(ends, offsets[k], side="right"))  # the buffer this minibatch starts in
-            yield Batch(index=epoch * plan.per_epoch + k, positions=np.sort(order[offsets[k] : offsets[k + 1]]),
-                        new_buffer=current != buffer)
+            index = epoch * plan.per_epoch + k
+            yield Batch(index=index, positions=np.sort(order[offsets[k] : offsets[k + 1]]),
+                        group=plan.group_of(index), new_buffer=current != buffer)
             buffer = current
 
 
@@ -216,7 +218,8 @@ class HDF5BatchReader:
                     return
                 arrays = [x[: end - start] for x in self._slot(slot, plan.largest)]
                 self._gather(pool, loaded, start, end, arrays)
-                yield Batch(index=epoch * plan.per_epoch + local_index, positions=order[start:end], arrays=arrays,
+                index = epoch * plan.per_epoch + local_index
+                yield Batch(index=index, positions=order[start:end], group=plan.group_of(index), arrays=arrays,
                             slot=slot)
 
     def _gather(self, pool: Any, loaded: deque[_Buffer], start: int, end: int, arrays: list[Any]) -> None:

@@ -53,18 +53,40 @@ def engine_for(device: str) -> str:
     return "torch" if device.startswith("cuda") else "numpy"
 
 
-def gram_into(grams: Any, i: int, x: Any, gram_dtype: str, bandwidths: Sequence[float] | None) -> None:
-    """Layer ``i``'s Gram of the minibatch rows ``x`` (this batch's scratch copy: centred in place) into
-    ``grams[i]``: linear, or RBF with the layer's recorded bandwidth; a constant layer (NaN bandwidth) gets a
-    zero Gram, whose zero self-HSIC marks it undefined."""
+def gram_into(
+    grams: Any, i: int, x: Any, gram_dtype: str, bandwidths: Sequence[float] | None, scale: float = 1.0
+) -> None:
+    """Layer ``i``'s Gram of the minibatch rows ``x`` (this batch's scratch copy: scaled and centred in
+    place) into ``grams[i]``: linear, or RBF with the layer's recorded bandwidth; a constant layer (NaN
+    bandwidth) gets a zero Gram, whose zero self-HSIC marks it undefined. ``scale`` is the layer's power of
+    two (:func:`~cka_offline.analysis.loop.layer_statistics`): multiplying by it is exact, changes no CKA
+    value, and keeps float32 Grams of very small or very large activations from underflowing or
+    overflowing."""
     from ..cka.hsic import gram_linear, gram_rbf
 
+    if bandwidths is not None and math.isnan(bandwidths[i]):
+        grams[i] = 0.0
+        return
+    x = _scaled(x, scale)
     if bandwidths is None:
         grams[i] = gram_linear(x, dtype=gram_dtype, inplace=True)
-    elif math.isnan(bandwidths[i]):
-        grams[i] = 0.0
     else:
-        grams[i] = gram_rbf(x, bandwidths[i], dtype=gram_dtype)
+        grams[i] = gram_rbf(x, bandwidths[i] * scale, dtype=gram_dtype)
+
+
+def _scaled(x: Any, scale: float) -> Any:
+    """``x * scale``, in place when ``x`` is float32 or wider (the caller's scratch); float16 rows are
+    widened to float32 first (a power of two can leave float16's range)."""
+    if scale == 1.0:
+        return x
+    if isinstance(x, np.ndarray):
+        if x.dtype.itemsize >= 4:
+            x *= x.dtype.type(scale)
+            return x
+        return x.astype(np.float32) * np.float32(scale)
+    if x.element_size() >= 4:
+        return x.mul_(scale)
+    return x.float().mul_(scale)
 
 
 class NumpyGrams:
@@ -78,8 +100,9 @@ class NumpyGrams:
     depth = 2
 
     def __init__(self, stack: LayerStack, gram_dtype: str, bandwidths: Sequence[float] | None,
-                 mapped: list["MappedRows"] | None, largest: int) -> None:
+                 mapped: list["MappedRows"] | None, largest: int, scales: Sequence[float] | None = None) -> None:
         self.stack, self.gram_dtype, self.bandwidths = stack, gram_dtype, bandwidths
+        self.scales = list(scales) if scales is not None else [1.0] * len(stack)
         self.mapped, self.largest = mapped, largest
         cores = blas_threads()
         self.workers = max(1, min(cores, len(stack)))
@@ -125,7 +148,7 @@ class NumpyGrams:
             # NaN/Inf and overflow are reported by the accumulator, naming the layer and example: numpy's
             # RuntimeWarnings from this thread (np.errstate is per thread) would only be noise before it
             with np.errstate(all="ignore"):
-                gram_into(grams, i, x, self.gram_dtype, self.bandwidths)
+                gram_into(grams, i, x, self.gram_dtype, self.bandwidths, self.scales[i])
 
         futures = [self._pool.submit(task, i) for i in self.order]
 
@@ -147,8 +170,9 @@ class TorchGrams:
     depth = 2
 
     def __init__(self, stack: LayerStack, device: str, gram_dtype: str, bandwidths: Sequence[float] | None,
-                 mapped: list["MappedRows"] | None, largest: int) -> None:
+                 mapped: list["MappedRows"] | None, largest: int, scales: Sequence[float] | None = None) -> None:
         self.stack, self.device, self.gram_dtype, self.bandwidths = stack, device, gram_dtype, bandwidths
+        self.scales = list(scales) if scales is not None else [1.0] * len(stack)
         self.mapped, self.largest = mapped, largest
         self.pin = device.startswith("cuda")
         self.slots: dict[int, list[Any]] = {}
@@ -205,7 +229,7 @@ class TorchGrams:
         m = len(batch.positions)
         grams = torch.empty((len(self.stack), m, m), dtype=getattr(torch, self.gram_dtype), device=self.device)
         for i, x in enumerate(self._arrays(batch)):
-            gram_into(grams, i, x.to(self.device, non_blocking=True), self.gram_dtype, self.bandwidths)
+            gram_into(grams, i, x.to(self.device, non_blocking=True), self.gram_dtype, self.bandwidths, self.scales[i])
         return grams
 
 

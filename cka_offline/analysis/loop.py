@@ -26,6 +26,8 @@ ProgressCallback = Callable[[int, int], None]
 
 #: examples sampled (at most) to estimate each layer's RBF bandwidth
 BANDWIDTH_SAMPLE = 1000
+#: examples sampled (at most) to find each layer's scale (linear kernel; RBF uses the bandwidth sample)
+SCALE_SAMPLE = 256
 #: memory the full-data estimators may use by default (their n x n Grams and scratch; ``--max-memory``)
 FULL_DATA_BYTES = 8 * 2**30
 
@@ -33,8 +35,9 @@ FULL_DATA_BYTES = 8 * 2**30
 @dataclass(frozen=True)
 class LoopSettings:
     """How the minibatch loop runs: the resolved device, Gram dtype, per-layer RBF bandwidths (None:
-    linear kernel), jackknife groups, interval level, reader prefetch, and ``engine`` (``None``: the
-    device's own, :func:`~cka_offline.analysis.grams.engine_for`; the tests run ``torch`` on the CPU)."""
+    linear kernel), jackknife groups, interval level, reader prefetch, ``engine`` (``None``: the
+    device's own, :func:`~cka_offline.analysis.grams.engine_for`; the tests run ``torch`` on the CPU), and
+    where compressed layers are decompressed for uniform minibatches."""
 
     device: str
     gram_dtype: str
@@ -43,24 +46,41 @@ class LoopSettings:
     confidence: float
     prefetch: int
     engine: str | None = None
+    scratch_dir: str | None = None
+    scales: Sequence[float] | None = None
 
 
-def estimate_bandwidths(stack: LayerStack, seed: int, fraction: float) -> list[float]:
-    """Each stacked layer's RBF bandwidth from a sample of up to 1000 aligned examples
-    (``default_rng([seed, 1])``); NaN for a constant layer (its CKA is undefined)."""
+def layer_statistics(
+    stack: LayerStack, positions: np.ndarray, rbf_fraction: float | None = None
+) -> tuple[list[float], list[float] | None]:
+    """From the aligned examples ``positions`` (ascending; the plan's
+    :meth:`~cka_offline.analysis.plan.MinibatchPlan.sample`), each stacked layer's scale and, when
+    ``rbf_fraction`` is given, its RBF bandwidth (NaN for a constant layer: its CKA is undefined).
+
+    The scale is the power of two that brings the root mean square of the layer's centred sample into
+    ``[1, 2)`` (1 for a constant layer): CKA does not depend on it (multiplying by a power of two is exact),
+    but float32 Grams of a layer of scale 1e-25 would underflow to zero, and of 1e25 overflow, without it.
+    """
     from ..cka.hsic import rbf_bandwidth
 
-    n = stack.n
-    size = min(n, BANDWIDTH_SAMPLE)
-    positions = np.sort(np.random.default_rng([seed, 1]).choice(n, size=size, replace=False))
-    out = []
+    scales: list[float] = []
+    bandwidths: list[float] = []
     for i in range(len(stack)):
         x = stack.read_checked(i, positions)
-        if np.all(x == x[:1]):
-            out.append(math.nan)  # constant: CKA undefined; reported with the other constant layers
-            continue
-        out.append(rbf_bandwidth(x, fraction))
-    return out
+        centred = x.astype(np.float64) - x.astype(np.float64).mean(axis=0)
+        rms = math.sqrt(float(np.mean(centred * centred))) if centred.size else 0.0
+        scales.append(math.ldexp(1.0, 1 - math.frexp(rms)[1]) if rms > 0 and math.isfinite(rms) else 1.0)
+        if rbf_fraction is not None:
+            constant = bool(np.all(x == x[:1]))  # CKA undefined; reported with the other constant layers
+            bandwidths.append(math.nan if constant else rbf_bandwidth(x, rbf_fraction))
+    return scales, bandwidths if rbf_fraction is not None else None
+
+
+def estimate_bandwidths(stack: LayerStack, positions: np.ndarray, fraction: float) -> list[float]:
+    """Each stacked layer's RBF bandwidth from the aligned examples ``positions`` (see :func:`layer_statistics`)."""
+    bandwidths = layer_statistics(stack, positions, fraction)[1]
+    assert bandwidths is not None
+    return bandwidths
 
 
 def run_minibatch(
@@ -98,7 +118,7 @@ def run_minibatch(
         nonlocal n_batches, done
         grams = grams_of()
         try:  # synchronizes: the device is done with the batch; the Grams are scratch, overwritten next time
-            acc.update(grams, batch_index=batch.index, overwrite=True)
+            acc.update(grams, batch_index=batch.index, group=batch.group, overwrite=True)
         except ActivationValueError:
             raise_non_finite(stack, batch, settings.gram_dtype)
         if reader is not None:
@@ -142,15 +162,18 @@ def _pipeline(
     """The batch source (memory-mapped positions, or the HDF5 reader thread, also returned on its own so
     its slots can be released) and the Gram engine, both context managers."""
     engine = settings.engine or engine_for(settings.device)
-    mapped = stack.mapped()
+    # uniform minibatches gather rows from anywhere: compressed layers are decompressed to a scratch file;
+    # the block shuffle reads whole chunks, so it streams them through the HDF5 reader instead
+    mapped = stack.mapped(decompress=plan.shuffle == "uniform", scratch_dir=settings.scratch_dir)
     reader = None
     if mapped is None:
         reader = HDF5BatchReader(stack, plan, share, prefetch=settings.prefetch,
                                  torch_device=settings.device if engine == "torch" else None)
     source: Any = reader if reader is not None else contextlib.nullcontext(mapped_batches(plan, share))
     compute: Any = (
-        TorchGrams(stack, settings.device, settings.gram_dtype, settings.bandwidths, mapped, plan.largest)
-        if engine == "torch" else NumpyGrams(stack, settings.gram_dtype, settings.bandwidths, mapped, plan.largest)
+        TorchGrams(stack, settings.device, settings.gram_dtype, settings.bandwidths, mapped, plan.largest, settings.scales)
+        if engine == "torch"
+        else NumpyGrams(stack, settings.gram_dtype, settings.bandwidths, mapped, plan.largest, settings.scales)
     )
     return reader, source, compute
 
@@ -278,5 +301,5 @@ def _full_block(stack: LayerStack, limit: int, *, rbf: bool, builds: int) -> int
     )
 
 
-__all__ = ["BANDWIDTH_SAMPLE", "FULL_DATA_BYTES", "LoopSettings", "estimate_bandwidths", "raise_non_finite",
+__all__ = ["BANDWIDTH_SAMPLE", "FULL_DATA_BYTES", "LoopSettings", "SCALE_SAMPLE", "estimate_bandwidths", "layer_statistics", "raise_non_finite",
            "run_full", "run_minibatch"]

@@ -22,6 +22,8 @@ PRECISIONS = ("float32", "float64")
 ESTIMATORS = ("minibatch", "full", "full-debiased")
 #: devices the analysis runs on
 DEVICES = ("auto", "cpu", "cuda")
+#: how minibatches are drawn: uniformly at random (default), or from shuffled chunk-aligned blocks (opt-in)
+SHUFFLES = ("uniform", "blocks")
 #: the smallest minibatch the unbiased HSIC_1 is defined for
 MIN_BATCH = 4
 #: memory the shuffle buffer may use for all layers of all files together
@@ -38,8 +40,8 @@ class AnalysisOptions:
         layers_a: selection for the first file (overrides ``layers`` there).
         layers_b: selection for the second and every further file (overrides ``layers`` there).
         batch_size: examples per minibatch ``m`` (>= 4); the tail is spread so no minibatch is below 4.
-        epochs: passes over the data, each with its own shuffle (epoch ``e`` uses ``seed + e``).
-        seed: seed of the shuffle and of the RBF bandwidth sample.
+        epochs: passes over the data, each with its own shuffle.
+        seed: seed of the shuffle, the jackknife groups and the RBF bandwidth sample.
         kernel: one of :data:`KERNELS`.
         rbf_fraction: RBF bandwidth = this fraction of the median pairwise distance in a sample of up to
             1000 examples, estimated once per layer (0.5, as in Kornblith et al. 2019's experiments).
@@ -47,7 +49,12 @@ class AnalysisOptions:
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N`` (normalised, not yet resolved).
         estimator: one of :data:`ESTIMATORS`.
         intersect: compare the examples common to all files instead of requiring identical sets.
-        n_groups: jackknife groups for standard errors (minibatch ``b`` goes to group ``b % n_groups``).
+        n_groups: jackknife groups for standard errors (at most the minibatches of one epoch are formed;
+            :mod:`cka_offline.analysis.plan` says which examples each group owns).
+        shuffle: one of :data:`SHUFFLES`: ``uniform`` minibatches (default), or ``blocks`` (reads whole chunks,
+            for data larger than the page cache; biased when rows are stored in class order, so it warns).
+        scratch_dir: where layers stored compressed are decompressed for uniform minibatches (a temporary
+            folder, removed afterwards; default: the system's temporary folder).
         confidence: level of the reported interval.
         allow_external: read files holding external HDF5 links (refused by default).
         buffer_bytes: memory the shuffle buffer may take (all layers of all files).
@@ -72,6 +79,8 @@ class AnalysisOptions:
     estimator: str = "minibatch"
     intersect: bool = False
     n_groups: int = 16
+    shuffle: str = "uniform"
+    scratch_dir: str | None = None
     confidence: float = 0.95
     allow_external: bool = False
     buffer_bytes: int = BUFFER_BYTES
@@ -95,6 +104,8 @@ class AnalysisOptions:
             raise ValueError(f"unknown kernel {self.kernel!r}; use one of {', '.join(KERNELS)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+        if self.shuffle not in SHUFFLES:
+            raise ValueError(f"unknown shuffle {self.shuffle!r}; use one of {', '.join(SHUFFLES)}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {self.estimator!r}; use one of {', '.join(ESTIMATORS)}")
         if not (isinstance(self.rbf_fraction, (int, float)) and math.isfinite(self.rbf_fraction) and self.rbf_fraction > 0):
@@ -130,7 +141,7 @@ class AnalysisOptions:
             "batch_size": self.batch_size, "epochs": self.epochs, "seed": self.seed, "kernel": self.kernel,
             "rbf_fraction": float(self.rbf_fraction) if self.kernel == "rbf" else None, "precision": self.precision,
             "device": device, "estimator": self.estimator, "n_groups": self.n_groups, "intersect": self.intersect,
-            "confidence": float(self.confidence),
+            "confidence": float(self.confidence), "shuffle": self.shuffle,
         }
 
 
@@ -181,4 +192,5 @@ def _size(value: Any, name: str) -> int | None:
     return int(number * _SIZE_UNITS[unit])
 
 
-__all__ = ["AnalysisOptions", "BUFFER_BYTES", "DEVICES", "ESTIMATORS", "KERNELS", "MIN_BATCH", "PRECISIONS", "check_options"]
+__all__ = ["AnalysisOptions", "BUFFER_BYTES", "DEVICES", "ESTIMATORS", "KERNELS", "MIN_BATCH", "PRECISIONS", "SHUFFLES",
+           "check_options"]

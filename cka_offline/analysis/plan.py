@@ -2,26 +2,40 @@
 
 What is random (kept in step with the README's math section)
 ------------------------------------------------------------
-Only the *composition and order of the minibatches* is random; which examples are used is not (all aligned
-examples are used exactly once per epoch). Positions ``0..n-1`` index the aligned examples in the order of
-the first file. Epoch ``e`` (``0 <= e < epochs``) draws everything from ``numpy.random.default_rng(seed + e)``:
-(1) the positions are cut into consecutive blocks of ``block_rows`` positions (the first file's HDF5 chunk
-rows, so a block is one chunk read; fewer when one chunk of all selected layers exceeds the buffer budget,
-``buffer_bytes``, 256 MiB by default) and the order of the blocks is shuffled (``rng.permutation``);
-(2) consecutive shuffled blocks are grouped ``buffer_blocks`` at a time (8, or enough for two minibatches,
-as far as the budget allows) into a shuffle buffer and the positions inside each buffer are shuffled
-(``rng.permutation``); (3) the concatenated shuffled positions
-are cut into ``k = max(1, min(ceil(n / m), n // 4))`` consecutive minibatches whose sizes differ by at most
-one (the first ``n mod k`` have one more), so no minibatch has fewer than 4 examples (the unbiased HSIC_1
-needs 4) and none more than ``m`` unless ``m < 8``. Minibatches are numbered globally across epochs; minibatch
-``b`` goes to jackknife group ``b mod n_groups``. The CKA estimate does not depend on the order in which
-minibatches are processed, only on their composition. ``block_rows`` and ``buffer_blocks`` are recorded in
-the result's ``params`` so a run can be reproduced exactly; with the RBF kernel, the bandwidth sample of
-up to 1000 positions is drawn with ``numpy.random.default_rng([seed, 1]).choice(n, k, replace=False)``.
+Only the *composition of the minibatches* and their jackknife groups are random; which examples are used is
+not (all aligned examples are used exactly once per epoch). The plan depends only on the aligned example
+ids, the seed, ``m``, the number of epochs and ``n_groups``: never on the order the files store their rows
+in, on chunk sizes, or on which other files or layers are in the pass. Examples are numbered by *rank*:
+rank ``r`` is the ``r``-th smallest aligned id (:attr:`MinibatchPlan.canonical` maps ranks to positions in
+the first file's order).
+
+``shuffle="uniform"`` (the default). One epoch is cut into ``k = max(1, min(ceil(n / m), n // 4))``
+minibatches whose sizes differ by at most one (the first ``n mod k`` have one more; :func:`batch_sizes`),
+so no minibatch has fewer than 4 examples (the unbiased HSIC_1 needs 4) and none more than ``m`` unless
+``m < 8``. ``G = min(n_groups, k)`` jackknife groups (``min(n_groups, k // 2)`` with several epochs, so that a group
+holds at least two minibatches that each epoch mixes anew): minibatch ``j`` of every epoch belongs to group
+``j mod G``, and group ``g`` owns as many examples as its minibatches hold. (1) The examples are dealt to the
+groups once, for all epochs: ``numpy.random.default_rng([seed, 2]).permutation(n)`` cut into the groups'
+sizes, group 0 first. (2) Epoch ``e`` draws ``rng = numpy.random.default_rng([seed, 3, e])`` and, group by
+group (``g = 0..G-1``), shuffles the group's examples with ``rng.permutation`` and cuts them, in that order,
+into its minibatches ``j = g, g + G, g + 2G, ...``. In one epoch the minibatches are therefore a uniformly
+random partition of all examples; over several epochs the same example stays in one jackknife group, so the
+delete-a-group jackknife leaves out all minibatches of a set of examples and stays honest for ``epochs > 1``.
+
+``shuffle="blocks"`` (opt-in, for data that does not fit in the page cache: it reads whole chunks). The
+positions (first file's order) are cut into consecutive blocks of ``block_rows`` and epoch ``e`` draws
+everything from ``numpy.random.default_rng(seed + e)``: the order of the blocks is shuffled, consecutive
+blocks are grouped ``buffer_blocks`` at a time into a shuffle buffer whose positions are shuffled, and the
+concatenation is cut into the ``k`` minibatches; minibatch ``b`` (numbered across epochs) goes to jackknife
+group ``b mod n_groups``. Minibatches then come from a few chunks each: when the rows are stored in class
+order the estimate is biased (the analysis warns).
+
+With the RBF kernel, each layer's bandwidth comes from the examples of ranks
+``numpy.random.default_rng([seed, 1]).choice(n, min(n, 1000), replace=False)``.
 
 Several processes (``torchrun``, :mod:`cka_offline.distributed`): every rank forms the same plan; of the
 ``B`` minibatches of all epochs, rank ``r`` of ``K`` processes the contiguous run ``r*B//K .. (r+1)*B//K - 1``
-(:meth:`MinibatchPlan.share`) and reads only their rows; jackknife groups stay ``b mod n_groups`` by global
+(:meth:`MinibatchPlan.share`) and reads only their rows; jackknife groups are those of the global minibatch
 index, so after the sums are all-reduced every rank holds the single-process sums (up to float64 summation
 order).
 """
@@ -35,7 +49,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import InsufficientDataError
-from .options import BUFFER_BYTES, MIN_BATCH
+from .options import BUFFER_BYTES, MIN_BATCH, SHUFFLES
 
 #: preferred number of chunk-aligned blocks in one shuffle buffer
 BUFFER_BLOCKS = 8
@@ -78,8 +92,13 @@ class MinibatchPlan:
     Attributes:
         n: aligned examples.
         batch_size: ``m``; :func:`batch_sizes` gives the sizes of one epoch's minibatches.
-        seed, epochs: epoch ``e`` shuffles with ``numpy.random.default_rng(seed + e)``.
-        block_rows, buffer_blocks: the shuffle's blocks and buffers (recorded in ``CKAResult.params``).
+        seed, epochs: the seeds of every random draw derive from ``seed`` (module docstring).
+        n_groups: jackknife groups asked for; :attr:`groups` is how many the plan can form.
+        shuffle: ``uniform`` (default) or ``blocks``.
+        block_rows, buffer_blocks: ``blocks``: the shuffle's chunk-aligned blocks and blocks per buffer
+            (recorded in ``CKAResult.params``). ``uniform``: ``buffer_blocks`` is the number of minibatches
+            after which the memory-mapped pages read so far are released (no effect on the numbers).
+        canonical: position (first file's order) of each rank (``r``-th smallest id); None: ranks are positions.
     """
 
     n: int
@@ -88,6 +107,9 @@ class MinibatchPlan:
     epochs: int = 1
     block_rows: int = 1024
     buffer_blocks: int = BUFFER_BLOCKS
+    n_groups: int = 16
+    shuffle: str = "uniform"
+    canonical: np.ndarray | None = field(default=None, repr=False, compare=False)
     sizes: tuple[int, ...] = field(init=False, repr=False)
     offsets: np.ndarray = field(init=False, repr=False, compare=False)
 
@@ -98,18 +120,30 @@ class MinibatchPlan:
             raise ValueError(
                 f"block_rows and buffer_blocks must be >= 1, got {self.block_rows} and {self.buffer_blocks}"
             )
+        if self.shuffle not in SHUFFLES:
+            raise ValueError(f"unknown shuffle {self.shuffle!r}; use one of {', '.join(SHUFFLES)}")
+        if self.n_groups < 1:
+            raise ValueError(f"n_groups must be >= 1, got {self.n_groups}")
         sizes = tuple(batch_sizes(self.n, self.batch_size))
         object.__setattr__(self, "sizes", sizes)
-        object.__setattr__(self, "offsets", np.concatenate([[0], np.cumsum(sizes)]))
+        object.__setattr__(self, "offsets", np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
 
     @classmethod
     def for_data(
-        cls, n: int, *, batch_size: int, seed: int, epochs: int, chunk_rows: int, row_bytes: int, buffer_bytes: int
+        cls, n: int, *, batch_size: int, seed: int, epochs: int, chunk_rows: int, row_bytes: int, buffer_bytes: int,
+        n_groups: int = 16, shuffle: str = "uniform", canonical: np.ndarray | None = None,
     ) -> "MinibatchPlan":
-        """The plan :func:`cka_offline.analyze` forms: blocks from the first file's chunk rows, buffers as
-        large as ``buffer_bytes`` allows for rows of ``row_bytes`` (all selected layers of all files)."""
-        block_rows, buffer_blocks = buffer_shape(chunk_rows, row_bytes, batch_size, buffer_bytes)
-        return cls(n, batch_size, seed=seed, epochs=epochs, block_rows=block_rows, buffer_blocks=buffer_blocks)
+        """The plan :func:`cka_offline.analyze` forms. ``blocks``: blocks from the first file's chunk rows,
+        buffers as large as ``buffer_bytes`` allows for rows of ``row_bytes`` (all selected layers of all
+        files). ``uniform``: the mapped pages are released after every ``buffer_bytes`` of minibatches."""
+        if shuffle == "blocks":
+            block_rows, buffer_blocks = buffer_shape(chunk_rows, row_bytes, batch_size, buffer_bytes)
+        else:
+            block_rows = 1
+            largest = max(batch_sizes(n, batch_size))
+            buffer_blocks = max(1, buffer_bytes // max(1, largest * row_bytes))
+        return cls(n, batch_size, seed=seed, epochs=epochs, block_rows=block_rows, buffer_blocks=buffer_blocks,
+                   n_groups=n_groups, shuffle=shuffle, canonical=canonical)
 
     @property
     def per_epoch(self) -> int:
@@ -125,8 +159,52 @@ class MinibatchPlan:
     def largest(self) -> int:
         return max(self.sizes)
 
+    @property
+    def groups(self) -> int:
+        """Jackknife groups the plan forms. ``uniform``: a group owns the examples of whole minibatches, so
+        at most the minibatches of one epoch, and with several epochs at most half of them (a group of one
+        minibatch would repeat the same minibatch every epoch). ``blocks``: at most the minibatches of all
+        epochs."""
+        if self.shuffle == "blocks":
+            return min(self.n_groups, self.n_minibatches)
+        return max(1, min(self.n_groups, self.per_epoch // (1 if self.epochs == 1 else 2)))
+
+    def group_of(self, index: int) -> int:
+        """The jackknife group of global minibatch ``index``."""
+        if self.shuffle == "uniform":
+            return (index % self.per_epoch) % self.groups
+        return index % self.n_groups
+
     def epoch_order(self, epoch: int) -> tuple[np.ndarray, list[int]]:
-        """Shuffled positions of one epoch and the end offsets (into them) of its shuffle buffers."""
+        """Positions of one epoch, minibatch after minibatch (cut at :attr:`offsets`), and the end offsets
+        (into them) of its shuffle buffers (``uniform``: where the mapped pages are released)."""
+        if self.shuffle == "blocks":
+            return self._block_order(epoch)
+        rng = np.random.default_rng([self.seed, 3, epoch])
+        k, n_groups = self.per_epoch, self.groups
+        parts: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * k
+        for g, members in enumerate(self._members()):
+            shuffled = members[rng.permutation(len(members))]
+            mine = range(g, k, n_groups)
+            for j, part in zip(mine, np.split(shuffled, np.cumsum([self.sizes[j] for j in mine])[:-1])):
+                parts[j] = part
+        ranks = np.concatenate(parts)
+        order = ranks if self.canonical is None else np.asarray(self.canonical)[ranks]
+        ends = [int(self.offsets[min(k, i)]) for i in range(self.buffer_blocks, k + self.buffer_blocks, self.buffer_blocks)]
+        return order, ends
+
+    def _members(self) -> list[np.ndarray]:
+        """The ranks each jackknife group owns (``uniform``)."""
+        cached = self.__dict__.get("_members_cache")
+        if cached is None:
+            k, n_groups = self.per_epoch, self.groups
+            owned = [sum(self.sizes[j] for j in range(g, k, n_groups)) for g in range(n_groups)]
+            perm = np.random.default_rng([self.seed, 2]).permutation(self.n)
+            cached = np.split(perm, np.cumsum(owned)[:-1])
+            self.__dict__["_members_cache"] = cached
+        return cached
+
+    def _block_order(self, epoch: int) -> tuple[np.ndarray, list[int]]:
         n, block_rows = self.n, self.block_rows
         rng = np.random.default_rng(self.seed + epoch)
         n_blocks = math.ceil(n / block_rows)
@@ -150,6 +228,12 @@ class MinibatchPlan:
             order, _ = self.epoch_order(epoch)
             out.extend(np.split(order, self.offsets[1:-1]))
         return out
+
+    def sample(self, size: int = 1000) -> np.ndarray:
+        """Positions (ascending) of up to ``size`` examples drawn by ``default_rng([seed, 1])`` over the ranks:
+        the RBF bandwidth sample."""
+        ranks = np.random.default_rng([self.seed, 1]).choice(self.n, size=min(self.n, size), replace=False)
+        return np.sort(ranks if self.canonical is None else np.asarray(self.canonical)[ranks])
 
     def share(self, rank: int, world_size: int) -> tuple[int, int]:
         """Global minibatch indices ``[lo, hi)`` that rank ``rank`` of ``world_size`` processes."""
@@ -176,15 +260,27 @@ def plan_minibatches(
     *,
     seed: int = 0,
     epochs: int = 1,
+    n_groups: int = 16,
+    shuffle: str = "uniform",
+    ids: np.ndarray | None = None,
     block_rows: int = 1024,
     buffer_blocks: int = BUFFER_BLOCKS,
 ) -> list[np.ndarray]:
     """The minibatches :func:`cka_offline.analyze` forms: a list (all epochs, in global minibatch order) of
     int64 arrays of positions into the aligned examples (``0..n-1`` in the first file's order).
 
-    ``block_rows`` and ``buffer_blocks`` are the values recorded in ``CKAResult.params``.
+    ``ids``: the aligned ids (``CKAResult`` does not store them; the files do), which fix the ranks; None:
+    ranks are positions. ``block_rows`` and ``buffer_blocks``: for ``shuffle="blocks"``, the values recorded
+    in ``CKAResult.params``.
     """
-    return MinibatchPlan(n, m, seed=seed, epochs=epochs, block_rows=block_rows, buffer_blocks=buffer_blocks).minibatches()
+    canonical = None if ids is None else canonical_order(ids)
+    return MinibatchPlan(n, m, seed=seed, epochs=epochs, block_rows=block_rows, buffer_blocks=buffer_blocks,
+                         n_groups=n_groups, shuffle=shuffle, canonical=canonical).minibatches()
+
+
+def canonical_order(ids: np.ndarray) -> np.ndarray:
+    """Position of each rank: ``canonical[r]`` is the position of the ``r``-th smallest id (ids are unique)."""
+    return np.argsort(np.asarray(ids), kind="stable").astype(np.int64)
 
 
 def own_minibatches(n_batches: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -193,4 +289,5 @@ def own_minibatches(n_batches: int, rank: int, world_size: int) -> tuple[int, in
     return rank * n_batches // world_size, (rank + 1) * n_batches // world_size
 
 
-__all__ = ["BUFFER_BLOCKS", "MinibatchPlan", "batch_sizes", "buffer_shape", "own_minibatches", "plan_minibatches"]
+__all__ = ["BUFFER_BLOCKS", "MinibatchPlan", "batch_sizes", "buffer_shape", "canonical_order", "own_minibatches",
+           "plan_minibatches"]

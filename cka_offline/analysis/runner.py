@@ -20,15 +20,21 @@ from ..devices import resolve_torch_device
 from ..digests import FileHasher
 from ..distributed import Distributed
 from ..errors import DistributedError
-from .loop import LoopSettings, ProgressCallback, estimate_bandwidths, run_full, run_minibatch
-from .options import DEVICES, AnalysisOptions
-from .plan import MinibatchPlan
+from .loop import (
+    BANDWIDTH_SAMPLE, SCALE_SAMPLE, LoopSettings, ProgressCallback, estimate_bandwidths, layer_statistics, run_full,
+    run_minibatch,
+)
+from .options import DEVICES, MIN_BATCH, AnalysisOptions
+from .plan import MinibatchPlan, canonical_order
 from .stack import LayerStack, as_paths, file_labels
 
 if TYPE_CHECKING:
     from ..results import CKAResult
 
 log = logging.getLogger(__name__)
+
+#: fewer jackknife groups than this get a warning: their intervals have too few degrees of freedom
+FEW_GROUPS = 8
 
 
 def resolve_device(device: str) -> str:
@@ -64,17 +70,17 @@ def run_analysis(
     with contextlib.ExitStack() as cleanup:
         with ctx.checked("opening the files"):
             stack, hasher, params = _open(files, options, ctx, cleanup)
-            plan, bandwidths = _plan(stack, options, params)
+            plan, scales, bandwidths = _plan(stack, options, params)
         if ctx.enabled:
             ctx.agree("data", stack.fingerprint(params), ("example ids", "layers", "file versions", "shuffle blocks"))
-            # one bandwidth for all: a median computed on another GPU model could round differently
-            bandwidths = ctx.broadcast(bandwidths)
+            # one bandwidth and scale for all: a median computed on another GPU model could round differently
+            scales, bandwidths = ctx.broadcast((scales, bandwidths))
         if plan is not None:
             if bandwidths is not None:
                 params["bandwidths"] = stack.per_file(bandwidths)
             settings = LoopSettings(device=params["device"], gram_dtype=options.precision, bandwidths=bandwidths,
                                     n_groups=options.n_groups, confidence=options.confidence,
-                                    prefetch=options.prefetch)
+                                    prefetch=options.prefetch, scratch_dir=options.scratch_dir, scales=scales)
             outcome = _minibatch(stack, plan, settings, progress, ctx)
         else:
             outcome = _full(stack, options, params, progress)
@@ -109,6 +115,7 @@ def _open(
         hasher = FileHasher(paths[ctx.rank :: ctx.world_size])
         cleanup.callback(hasher.cancel)
     stack = LayerStack.build(opened, labels, options)
+    cleanup.callback(stack.close)
     params = options.params(device)
     if ctx.enabled:
         params["world_size"] = ctx.world_size
@@ -117,18 +124,23 @@ def _open(
 
 def _plan(
     stack: LayerStack, options: AnalysisOptions, params: dict[str, Any]
-) -> tuple[MinibatchPlan | None, list[float] | None]:
-    """The minibatch plan (recorded in ``params``) and the RBF bandwidths; ``(None, None)`` for the full
-    estimators."""
+) -> tuple[MinibatchPlan | None, list[float] | None, list[float] | None]:
+    """The minibatch plan (its shape recorded in ``params``), the layers' scales and the RBF bandwidths;
+    ``(None, None, None)`` for the full estimators."""
     if options.estimator != "minibatch":
-        return None, None
+        return None, None, None
     plan = MinibatchPlan.for_data(
         stack.n, batch_size=options.batch_size, seed=options.seed, epochs=options.epochs,
         chunk_rows=stack.files[0].chunk_rows, row_bytes=stack.row_bytes, buffer_bytes=options.buffer_bytes,
+        n_groups=options.n_groups, shuffle=options.shuffle, canonical=canonical_order(stack.alignment.ids),
     )
-    params.update(block_rows=plan.block_rows, buffer_blocks=plan.buffer_blocks)
-    bandwidths = estimate_bandwidths(stack, options.seed, options.rbf_fraction) if options.kernel == "rbf" else None
-    return plan, bandwidths
+    params["n_groups"] = plan.groups  # the groups used: fewer than asked for when there are few minibatches
+    if plan.shuffle == "blocks":
+        params.update(block_rows=plan.block_rows, buffer_blocks=plan.buffer_blocks)
+    rbf = options.kernel == "rbf"
+    sample = plan.sample(BANDWIDTH_SAMPLE if rbf else SCALE_SAMPLE)
+    scales, bandwidths = layer_statistics(stack, sample, options.rbf_fraction if rbf else None)
+    return plan, scales, bandwidths
 
 
 def _minibatch(
@@ -137,10 +149,23 @@ def _minibatch(
 ) -> _Outcome:
     stats, n_batches, timing = run_minibatch(stack, plan, settings, progress=progress, distributed=ctx)
     outcome = _Outcome(stats.cka, stats.se, stats.low, stats.high, set(stats.degenerate_layers), n_batches, timing)
+    if plan.shuffle == "blocks":
+        outcome.warnings.append(
+            "--shuffle blocks: each minibatch comes from a few stored chunks, so the estimate is biased when the "
+            "rows are stored in an order that groups similar examples (class-sorted folders or datasets); use "
+            "--shuffle uniform (the default) unless the files do not fit in memory or on the scratch disk"
+        )
+    suggest = max(MIN_BATCH, stack.n // FEW_GROUPS)
     if stats.n_groups < 2:
         outcome.warnings.append(
             f"only {n_batches} minibatch(es) of {stack.n} examples: no standard errors or intervals (NaN); "
-            "use a smaller batch size (-m) or more examples"
+            f"use a smaller batch size (-m {suggest}) or more examples"
+        )
+    elif stats.n_groups < FEW_GROUPS:
+        outcome.warnings.append(
+            f"only {stats.n_groups} jackknife groups ({plan.per_epoch} minibatches of {stack.n} examples per epoch): "
+            f"the standard errors have {stats.n_groups - 1} degree(s) of freedom and the intervals are unreliable; "
+            f"use -m {suggest} (or more examples) for {FEW_GROUPS} or more groups"
         )
     if settings.bandwidths is not None:
         outcome.degenerate |= {i for i, bw in enumerate(settings.bandwidths) if math.isnan(bw)}
@@ -152,7 +177,9 @@ def _full(
 ) -> _Outcome:
     bandwidths = None
     if options.kernel == "rbf":  # the minibatch estimator's bandwidths: its seeded sample, recorded the same way
-        bandwidths = estimate_bandwidths(stack, options.seed, options.rbf_fraction)
+        sample = MinibatchPlan(stack.n, options.batch_size, seed=options.seed,
+                               canonical=canonical_order(stack.alignment.ids)).sample(BANDWIDTH_SAMPLE)
+        bandwidths = estimate_bandwidths(stack, sample, options.rbf_fraction)
         params["bandwidths"] = stack.per_file(bandwidths)
     cka, timing = run_full(stack, debiased=options.estimator == "full-debiased", device=params["device"],
                            bandwidths=bandwidths, max_bytes=options.full_max_bytes, progress=progress)

@@ -3,16 +3,19 @@ their labels and the id alignment -- the one object the loops, the batch sources
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
+import mmap
 import os
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ..errors import ActivationValueError, InsufficientDataError
+from ..errors import ActivationValueError, InsufficientDataError, ResourceError
 from .align import Alignment, align_ids
 from .options import MIN_BATCH, AnalysisOptions
 
@@ -55,6 +58,8 @@ class LayerStack:
     selected: list[list[str]]
     layers: list[StackedLayer]
     alignment: Alignment
+    _scratch: str | None = field(default=None, repr=False)  # folder of decompressed layers (see mapped)
+    _maps: list[mmap.mmap] = field(default_factory=list, repr=False)
 
     @classmethod
     def build(cls, files: Sequence["ActivationFile"], labels: Sequence[str], options: AnalysisOptions) -> "LayerStack":
@@ -132,17 +137,61 @@ class LayerStack:
             out[self.labels[layer.file]][layer.name] = None if math.isnan(value) else float(value)
         return out
 
-    def mapped(self) -> list["MappedRows"] | None:
-        """Every stacked layer's memory-mapped rows, or None when any layer needs HDF5 to be read."""
+    def mapped(self, *, decompress: bool = False, scratch_dir: str | None = None) -> list["MappedRows"] | None:
+        """Every stacked layer's memory-mapped rows. A layer stored compressed (or otherwise unmappable) is
+        decompressed into a scratch file when ``decompress`` (removed by :meth:`close`), else the answer is
+        None: the layers must then be read through HDF5."""
         out = []
-        for layer in self.layers:
-            rows = self.files[layer.file].mapped_rows(layer.name)
-            if rows is None:
-                log.info("layer %r of %s is stored compressed or unusually: reading through HDF5",
-                         layer.name, self.files[layer.file].path)
+        for i, layer in enumerate(self.layers):
+            f = self.files[layer.file]
+            rows = f.mapped_rows(layer.name)
+            if rows is None and not decompress:
+                log.info("layer %r of %s is stored compressed or unusually: reading through HDF5", layer.name, f.path)
                 return None
-            out.append(rows)
+            out.append(rows if rows is not None else self._decompressed(i, scratch_dir))
         return out
+
+    def _decompressed(self, i: int, scratch_dir: str | None) -> "MappedRows":
+        """All rows of stacked layer ``i``, read through HDF5 once into an uncompressed scratch file and
+        memory-mapped from there, so uniform minibatches can gather any rows.
+
+        Raises:
+            ResourceError: the scratch folder has too little free space (names ``--scratch-dir``).
+        """
+        import tempfile
+
+        from ..store.mapped import MappedRows
+
+        layer, f = self.layers[i], self.files[self.layers[i].file]
+        shape = (int(f.n_examples), layer.features)
+        need = shape[0] * shape[1] * layer.itemsize
+        folder = scratch_dir or tempfile.gettempdir()
+        free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+        if need > free:
+            raise ResourceError(
+                f"layer {layer.name!r} of {self.labels[layer.file]} is stored compressed; uniform minibatches "
+                f"need it decompressed ({need / 2**30:.2f} GiB) into {folder}, which has {free / 2**30:.2f} GiB "
+                "free; give a folder with room (--scratch-dir), or read whole chunks with --shuffle blocks "
+                "(biased when rows are stored in class order)"
+            )
+        if self._scratch is None:
+            self._scratch = tempfile.mkdtemp(prefix="cka-scratch-", dir=folder)
+        path = os.path.join(self._scratch, f"layer{i}.raw")
+        log.info("layer %r of %s is stored compressed or unusually: decompressing it into %s for uniform minibatches",
+                 layer.name, f.path, path)
+        target = np.lib.format.open_memmap(path, mode="w+", dtype=layer.dtype, shape=shape)
+        step = max(1, (64 << 20) // max(1, layer.features * layer.itemsize))
+        for start in range(0, shape[0], step):
+            stop = min(shape[0], start + step)
+            f.read(layer.name, start, stop, out=target[start:stop])
+        target.flush()
+        offset = target.offset
+        del target
+        with open(path, "rb") as fh:
+            mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self._maps.append(mapping)
+        view = np.frombuffer(mapping, dtype=layer.dtype, count=shape[0] * shape[1], offset=offset).reshape(shape)
+        return MappedRows(np.array([0], dtype=np.int64), [view], shape[0])
 
     def gather(self, i: int, mapped: "MappedRows", positions: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Rows of the aligned examples ``positions`` of stacked layer ``i``, from its memory-mapped rows,
@@ -156,6 +205,19 @@ class LayerStack:
         whatever the file size; safe while other threads read (they map the pages again)."""
         for f in self.files:
             f.release_mapped()
+        if hasattr(mmap, "MADV_DONTNEED"):
+            for mapping in self._maps:
+                mapping.madvise(mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        """Remove the scratch files of decompressed layers (the files themselves are closed by their owner)."""
+        for mapping in self._maps:
+            with contextlib.suppress(BufferError):  # a view still held: the map closes with the last view
+                mapping.close()
+        self._maps.clear()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
     def fingerprint(self, params: dict[str, Any]) -> tuple[Any, ...]:
         """What every rank must agree on before splitting the minibatches: ids, layers, file versions, blocks."""

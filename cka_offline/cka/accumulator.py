@@ -5,8 +5,9 @@ For minibatches ``b`` of ``m`` examples each and Grams ``K_{i,b}`` of layers ``i
     CKA_ij = sum_b HSIC_1(K_{i,b}, K_{j,b}) / sqrt( sum_b HSIC_1(K_{i,b}, K_{i,b}) * sum_b HSIC_1(K_{j,b}, K_{j,b}) )
 
 (sums over minibatches, not an average of per-minibatch CKA), with the unbiased HSIC_1 of Song et al. 2012
-(:func:`cka_offline.cka.hsic.hsic1_matrix`). The sums are kept per jackknife group ``batch_index % n_groups``
-so that a grouped leave-one-group-out jackknife gives a standard error for every entry in bounded memory.
+(:func:`cka_offline.cka.hsic.hsic1_matrix`). The sums are kept per jackknife group (``batch_index % n_groups``,
+or the group the caller gives), so that a grouped leave-one-group-out jackknife gives a standard error for
+every entry in bounded memory.
 
 The state is float64 sums and int64 counts only, held as numpy arrays on the host (``L x L`` per group:
 kilobytes, whatever the device the Grams are computed on), so merging two accumulators (two processes, two
@@ -104,13 +105,16 @@ class MinibatchCKA:
             f"batches={int(self.n_batches.sum())}, examples={int(self.n_examples.sum())})"
         )
 
-    def update(self, grams: Any, batch_index: int, *, overwrite: bool = False) -> None:
-        """Add the ``L x L`` HSIC_1 matrix of one minibatch into group ``batch_index % n_groups``.
+    def update(self, grams: Any, batch_index: int, *, group: int | None = None, overwrite: bool = False) -> None:
+        """Add the ``L x L`` HSIC_1 matrix of one minibatch into jackknife group ``group`` (default
+        ``batch_index % n_groups``).
 
         ``grams``: ``(L, m, m)`` symmetric Grams of all layers for the same ``m >= 4`` examples, float32 or
         float64, a numpy array or a tensor on any device (pair products run there in float64; the ``L x L``
         result comes to the host).
         ``batch_index``: a non-negative int, distinct per minibatch (across ranks too) so groups stay balanced.
+        ``group``: the minibatch's group, ``0..n_groups-1``, when the caller forms the groups itself (the
+        analysis groups minibatches by the examples they hold, so that a group is a set of examples).
         ``overwrite``: the Grams are scratch (float64, C-contiguous): their diagonals may be zeroed in place
         instead of working on a float64 copy (see :func:`~cka_offline.cka.hsic.hsic1_matrix`).
         Raises InsufficientDataError for ``m < 4`` and ActivationValueError when the HSIC values are not
@@ -121,6 +125,10 @@ class MinibatchCKA:
             raise ValueError(f"grams must have shape ({self.n_layers}, m, m), got {shape}")
         if isinstance(batch_index, bool) or not isinstance(batch_index, int) or batch_index < 0:
             raise ValueError(f"batch_index must be an int >= 0, got {batch_index!r}")
+        if group is None:
+            group = batch_index % self.n_groups
+        elif isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < self.n_groups:
+            raise ValueError(f"group must be an int in 0..{self.n_groups - 1}, got {group!r}")
         hsic = to_numpy(hsic1_matrix(grams, overwrite=overwrite))
         finite = np.isfinite(hsic)
         if not finite.all():
@@ -129,7 +137,6 @@ class MinibatchCKA:
                 f"minibatch {batch_index}: HSIC is NaN or Inf for layer indices {bad}; the activations "
                 "hold NaN/Inf or overflow the Gram dtype (try float64 Grams); the minibatch was not added"
             )
-        group = batch_index % self.n_groups
         self.hsic_sum[group] += hsic
         self.n_batches[group] += 1
         self.n_examples[group] += grams.shape[1]

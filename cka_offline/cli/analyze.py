@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from ..analysis.options import DEVICES, ESTIMATORS, KERNELS, PRECISIONS, AnalysisOptions
+from ..analysis.options import DEVICES, ESTIMATORS, KERNELS, PRECISIONS, SHUFFLES, AnalysisOptions
 from .common import DeviceType, ProgressBar, debug_option, handle_errors, quiet_option, setup_logging, split_list
 
 PROG = "cka-analyze"
@@ -25,9 +25,9 @@ With one FILE its layers are compared with each other; with two, every layer of 
 with every layer of the second (B); with more (say the checkpoints of one run), every pair, in a
 single pass that computes each file's Gram matrices once per minibatch. A FILE may be a glob or
 shard set ('run/acts-*.h5'). The files must hold the same example ids (in any order), or use
---intersection. CKA is the unbiased minibatch estimator of Nguyen et al. (2021): random minibatches
-of -m examples from a seeded, I/O-friendly shuffle, with jackknife standard errors and 95%
-intervals. The summary (best B layer for each A layer) goes to stdout; -o saves the result (.h5,
+--intersection. CKA is the unbiased minibatch estimator of Nguyen et al. (2021): seeded uniformly random
+minibatches of -m examples (whatever order the files store their rows in), with jackknife standard
+errors and 95% intervals. The summary (best B layer for each A layer) goes to stdout; -o saves the result (.h5,
 .json or .csv) and --plot draws the heatmap (.png, .pdf or .svg; one file per pair for 3+ files).
 Under torchrun the processes share the minibatches and rank 0 writes the outputs (docs/distributed.md).
 
@@ -78,7 +78,7 @@ def _check_outputs(output: str | None, fmt: str | None, plot: str | None, n_file
 @click.option("--batch-size", "-m", default=_DEFAULT.batch_size, show_default=True, type=click.IntRange(min=4),
               help="Examples per minibatch; the last ones are evened out so none is below 4.")
 @click.option("--epochs", default=_DEFAULT.epochs, show_default=True, type=click.IntRange(min=1), help="Passes over the data, each reshuffled.")
-@click.option("--seed", default=_DEFAULT.seed, show_default=True, type=int, help="Seed of the shuffle (epoch e uses seed+e).")
+@click.option("--seed", default=_DEFAULT.seed, show_default=True, type=int, help="Seed of the minibatches, the jackknife groups and the RBF bandwidth sample.")
 @click.option("--layers", "-l", multiple=True, metavar="PATTERN",
               help="Layers of every file: names or globs; repeatable and comma-separated. Default: all.")
 @click.option("--layers-a", multiple=True, metavar="PATTERN", help="Layers of the first file (overrides --layers).")
@@ -94,7 +94,12 @@ def _check_outputs(output: str | None, fmt: str | None, plot: str | None, n_file
               help="minibatch CKA, or the exact full-data CKA (biased or debiased; needs all examples in memory).")
 @click.option("--intersection", is_flag=True, help="Use the examples common to all files instead of requiring the same ones.")
 @click.option("--n-groups", default=_DEFAULT.n_groups, show_default=True, type=click.IntRange(min=2),
-              help="Jackknife groups for standard errors (minibatch b goes to group b mod n).")
+              help="Jackknife groups for standard errors: each owns a share of the examples, in every epoch.")
+@click.option("--shuffle", default=_DEFAULT.shuffle, show_default=True, type=click.Choice(SHUFFLES),
+              help="uniform: random minibatches (compressed layers are decompressed to a scratch file first); "
+                   "blocks: minibatches from shuffled whole chunks, for files larger than memory and disk "
+                   "(biased when rows are stored in class order; warns).")
+@click.option("--scratch-dir", metavar="DIR", help="Where compressed layers are decompressed (default: the temp folder).")
 @click.option("--overwrite", is_flag=True, help="Replace the -o / --plot files if they exist.")
 @click.option("--allow-external", is_flag=True, help="Read files with external HDF5 links (only files you trust).")
 @click.option("--hash/--no-hash", "hash_files", default=_DEFAULT.hash_files, show_default=True,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 FORMAT_NAME = "cka-offline-result"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 
 # --- the serialisations --------------------------------------------------------------------------------
@@ -73,15 +73,16 @@ PARAM_KEYS = (
     "seed",  # int, seed of the minibatch order
     "kernel",  # str, "linear" or "rbf"
     "rbf_fraction",  # float or null, RBF bandwidth as a fraction of the median distance (null: linear)
-    "bandwidths",  # object: file label -> list of float, the RBF bandwidth of each layer
+    "bandwidths",  # object: file label -> {layer name: float or null}, the RBF bandwidth of each layer
     "precision",  # str, dtype of the Gram matrices
     "device",  # str, the device that computed it
     "estimator",  # str, "minibatch", "full" or "full-debiased"
-    "n_groups",  # int, minibatch groups of the jackknife
+    "n_groups",  # int, jackknife groups used (1.1; 1.0: groups asked for)
     "intersect",  # bool, files were reduced to the example ids they share
     "confidence",  # float, level of the interval (as KEY_CONFIDENCE)
-    "block_rows",  # int, rows per read block of the shuffle buffer
-    "buffer_blocks",  # int, blocks in the shuffle buffer
+    "shuffle",  # str, "uniform" or "blocks" (1.1; absent in 1.0: blocks)
+    "block_rows",  # int, rows per read block of the shuffle buffer (shuffle "blocks")
+    "buffer_blocks",  # int, blocks in the shuffle buffer (shuffle "blocks")
     "world_size",  # int, processes of a distributed run
 )
 

@@ -1,4 +1,5 @@
-"""Writes tests/data/result_v1_0.{json,h5,csv}, the frozen examples of result format 1.0 (docs/results.md).
+"""Writes tests/data/result_vMAJOR_MINOR.{json,h5,csv}, the frozen examples of the current result format
+(docs/results.md): result_v1_0.* for 1.0, result_v1_1.* for 1.1 (which adds ``params.shuffle``).
 
 Run once per released result format version; never regenerate an existing golden file (later releases
 must read the bytes as they were written):
@@ -18,15 +19,17 @@ import os
 import numpy as np
 
 from cka_offline.results import CKAResult, FileInfo
+from cka_offline.results.schema import FORMAT_VERSION
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VERSION = "1_0"
+#: the version the current writer writes, as in the file names
+VERSION = FORMAT_VERSION.replace(".", "_")
 LAYERS = (["/block/conv.0/Relu_output_0", "fc"], ["b0", "b1, constant", "b2"], ["c0"])
 CONSTANT = 3  # stacked index of "b1, constant"
 
 
-def golden_result() -> CKAResult:
-    """The result the golden files hold."""
+def golden_result(version: str = VERSION) -> CKAResult:
+    """The result the golden files of ``version`` (``1_0``, ``1_1``) hold."""
     size = sum(len(names) for names in LAYERS)
     r, c = np.indices((size, size))
     cka = np.where(r == c, 1.0, (r + c + 1) / 16)
@@ -49,6 +52,8 @@ def golden_result() -> CKAResult:
         "device": "cpu", "estimator": "minibatch", "n_groups": 4, "intersect": True, "confidence": 0.9,
         "block_rows": 16, "buffer_blocks": 2,
     }
+    if version != "1_0":
+        params["shuffle"] = "blocks"
     return CKAResult(
         files=files, cka=cka, se=se, low=low, high=high, pairs=[(0, 1), (0, 2), (1, 2)], params=params,
         n_examples=32, n_minibatches=8, timing={"total": 1.5, "read_wait": 0.25, "compute": 1.0, "hash_wait": 0.125},
@@ -57,9 +62,9 @@ def golden_result() -> CKAResult:
     )
 
 
-def golden_path(ext: str) -> str:
-    """``tests/data/result_v1_0.<ext>``."""
-    return os.path.join(HERE, f"result_v{VERSION}.{ext}")
+def golden_path(ext: str, version: str = VERSION) -> str:
+    """``tests/data/result_v<version>.<ext>``."""
+    return os.path.join(HERE, f"result_v{version}.{ext}")
 
 
 def main() -> None:
