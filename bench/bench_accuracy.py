@@ -20,9 +20,9 @@ import shutil
 import sys
 
 import numpy as np
+import reference as ref
 
 import benchlib as bl
-import reference as ref
 
 VARIANTS = ("none", "scale1e-3", "shift50")
 PEERS = ("ckatorch", "torch-cka", "pytorch-cka", "cka-pytorch")
@@ -55,12 +55,21 @@ def main() -> int:
         rows_h5, n_layers = ref.h5_rows(files["h5"])
         print(f"== {variant}")
         for precision in ("float32", "float64"):
-            run, res = bl.run_analyze(files["h5"], str(directory / f"acc-{precision}.json"), m=s.m,
-                                      precision=precision, extra=["--quiet"])
+            run, res = bl.run_analyze(
+                files["h5"], str(directory / f"acc-{precision}.json"), m=s.m, precision=precision, extra=["--quiet"]
+            )
             want = ref.minibatch_cka(rows_h5, n_layers, bl.analyze_plan(res))
-            row = {"variant": variant, "impl": "cka-analyze", "version": res.version, "precision": precision,
-                   "ok": True, "nan": bool(np.isnan(res.cka).any()), "err_all": bl.max_abs(res.cka, want),
-                   "err_ab": bl.max_abs(res.cka[:n_a, n_a:], want[:n_a, n_a:]), "batches": res.n_minibatches}
+            row = {
+                "variant": variant,
+                "impl": "cka-analyze",
+                "version": res.version,
+                "precision": precision,
+                "ok": True,
+                "nan": bool(np.isnan(res.cka).any()),
+                "err_all": bl.max_abs(res.cka, want),
+                "err_ab": bl.max_abs(res.cka[:n_a, n_a:], want[:n_a, n_a:]),
+                "batches": res.n_minibatches,
+            }
             out_rows.append(row)
             print(f"  cka-analyze {precision}: max err {row['err_all']:.2e} (A-B {row['err_ab']:.2e})")
         if peers:
@@ -70,12 +79,21 @@ def main() -> int:
             manifest = bl.write_manifest(directory, s, files["npy"])
             for peer in peers:
                 info = bl.run_peer(peer, manifest, str(directory / f"acc-{peer}.npy"), m=s.m, max_batches=limit)
-                row = {"variant": variant, "impl": peer, "version": info.get("version"), "precision": "float32"
-                       if peer != "ckatorch" else "float64", "ok": bool(info.get("ok")), "batches": info.get("batches")}
+                row = {
+                    "variant": variant,
+                    "impl": peer,
+                    "version": info.get("version"),
+                    "precision": "float32" if peer != "ckatorch" else "float64",
+                    "ok": bool(info.get("ok")),
+                    "batches": info.get("batches"),
+                }
                 if info.get("ok"):
                     got = np.load(str(directory / f"acc-{peer}.npy"))
-                    row.update(nan=bool(np.isnan(got).any()), err_ab=bl.max_abs(got, want),
-                               err_ab_vs_last_batch=bl.max_abs(got, last))
+                    row.update(
+                        nan=bool(np.isnan(got).any()),
+                        err_ab=bl.max_abs(got, want),
+                        err_ab_vs_last_batch=bl.max_abs(got, last),
+                    )
                     print(f"  {peer}: max err {row['err_ab']:.2e}" + (" NaN!" if row["nan"] else ""))
                 else:
                     row["error"] = info.get("error")
@@ -83,9 +101,17 @@ def main() -> int:
                 out_rows.append(row)
         if variant != "none" and not args.keep_data and not args.data_dir:
             shutil.rmtree(directory, ignore_errors=True)
-    bl.write_result("accuracy", {"size": size, "workload": s.describe(), "rows": out_rows,
-                                 "peer_batches": len(seq), "peers_skipped": None if ok else why},
-                    args.results_dir)
+    bl.write_result(
+        "accuracy",
+        {
+            "size": size,
+            "workload": s.describe(),
+            "rows": out_rows,
+            "peer_batches": len(seq),
+            "peers_skipped": None if ok else why,
+        },
+        args.results_dir,
+    )
     return 0
 
 

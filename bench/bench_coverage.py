@@ -77,7 +77,9 @@ def linear_cka(pop: Population) -> float:
     return float(np.linalg.norm(sxy) ** 2 / (np.linalg.norm(pop.sxx) * np.linalg.norm(pop.syy)))
 
 
-def population_bandwidths(pop: Population, fraction: float, draws: int, rng: np.random.Generator) -> tuple[float, float]:
+def population_bandwidths(
+    pop: Population, fraction: float, draws: int, rng: np.random.Generator
+) -> tuple[float, float]:
     """``fraction`` x the population median of ||x - x'|| and of ||y - y'|| (x - x' ~ N(0, 2 Sxx))."""
     out = []
     for cov in (pop.sxx, pop.syy):
@@ -131,8 +133,9 @@ def _ratio_with_jackknife(s: np.ndarray) -> tuple[float, float]:
     return cka(total), float(math.sqrt((g - 1) / g * ((loo - loo.mean()) ** 2).sum()))
 
 
-def debiased_rbf_check(pop: Population, sigmas: tuple[float, float], n: int, sets: int,
-                       rng: np.random.Generator) -> tuple[float, float]:
+def debiased_rbf_check(
+    pop: Population, sigmas: tuple[float, float], n: int, sets: int, rng: np.random.Generator
+) -> tuple[float, float]:
     """The debiased full-data RBF CKA (U-centred Grams, float64, fixed bandwidths) pooled over ``sets``
     independent data sets of ``n`` examples: (value, jackknife SE over the data sets)."""
 
@@ -165,8 +168,14 @@ def write_replicates(path: Path, pop: Population, n: int, reps: int, rng: np.ran
         layers[f"x{k}"], layers[f"y{k}"] = pop.sample(n, rng)
     specs = [LayerSpec(name, (a.shape[1],), "none", a.shape[1]) for name, a in layers.items()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    with ActivationWriter(path, ids=np.arange(n), layers=specs, overwrite=True, chunk_rows=n,
-                          provenance={"model": "gaussian population", "extractor": "bench_coverage"}) as w:
+    with ActivationWriter(
+        path,
+        ids=np.arange(n),
+        layers=specs,
+        overwrite=True,
+        chunk_rows=n,
+        provenance={"model": "gaussian population", "extractor": "bench_coverage"},
+    ) as w:
         w.write(layers)
     return str(path)
 
@@ -212,18 +221,33 @@ def main() -> int:
         rng = np.random.default_rng([args.pop_seed, 7])
         sigmas = population_bandwidths(pop, fraction, draws, rng)
         value, se = rbf_cka(pop, sigmas, draws, rng)
-        truth["rbf"] = {"cka": value, "se": se, "bandwidths": list(sigmas), "rbf_fraction": fraction, "draws": draws,
-                        "method": "mean HSIC_1 over independent 4-example samples, bandwidths fixed at "
-                                  "rbf_fraction x the population median distance"}
-        print(f"population RBF CKA {value:.4f} (Monte Carlo SE {se:.1e}), bandwidths {sigmas[0]:.4f} {sigmas[1]:.4f} "
-              f"({elapsed():.1f} s)")
+        truth["rbf"] = {
+            "cka": value,
+            "se": se,
+            "bandwidths": list(sigmas),
+            "rbf_fraction": fraction,
+            "draws": draws,
+            "method": "mean HSIC_1 over independent 4-example samples, bandwidths fixed at "
+            "rbf_fraction x the population median distance",
+        }
+        print(
+            f"population RBF CKA {value:.4f} (Monte Carlo SE {se:.1e}), bandwidths {sigmas[0]:.4f} {sigmas[1]:.4f} "
+            f"({elapsed():.1f} s)"
+        )
         if check_sets:
             c_value, c_se = debiased_rbf_check(pop, sigmas, args.check_n, check_sets, rng)
-            truth["rbf"]["check"] = {"method": "debiased full-data RBF CKA, fixed bandwidths, float64, pooled",
-                                     "sets": check_sets, "n": args.check_n, "cka": c_value, "se": c_se,
-                                     "z": (c_value - value) / math.hypot(c_se, se)}
-            print(f"  cross-check: debiased full-data CKA over {check_sets} x n={args.check_n}: {c_value:.4f} "
-                  f"(SE {c_se:.1e}; {truth['rbf']['check']['z']:+.1f} SE from the Monte Carlo value)")
+            truth["rbf"]["check"] = {
+                "method": "debiased full-data RBF CKA, fixed bandwidths, float64, pooled",
+                "sets": check_sets,
+                "n": args.check_n,
+                "cka": c_value,
+                "se": c_se,
+                "z": (c_value - value) / math.hypot(c_se, se),
+            }
+            print(
+                f"  cross-check: debiased full-data CKA over {check_sets} x n={args.check_n}: {c_value:.4f} "
+                f"(SE {c_se:.1e}; {truth['rbf']['check']['z']:+.1f} SE from the Monte Carlo value)"
+            )
     print(f"population linear CKA {truth['linear']['cka']:.4f} (closed form)")
 
     directory = bl.data_dir(args, f"coverage-{size}")
@@ -235,42 +259,81 @@ def main() -> int:
         true = truth[kernel]["cka"]
         for epochs in epochs_list:
             t = bl.timer()
-            r = analyze(path, batch_size=m, epochs=epochs, seed=100 + epochs, kernel=kernel, precision=args.precision,
-                        device="cpu", hash_files=False)
-            est, low, high, se = (np.asarray(getattr(r, name))[2 * k, 2 * k + 1] for name in ("cka", "low", "high", "se"))
+            r = analyze(
+                path,
+                batch_size=m,
+                epochs=epochs,
+                seed=100 + epochs,
+                kernel=kernel,
+                precision=args.precision,
+                device="cpu",
+                hash_files=False,
+            )
+            est, low, high, se = (
+                np.asarray(getattr(r, name))[2 * k, 2 * k + 1] for name in ("cka", "low", "high", "se")
+            )
             covered = (low <= true) & (true <= high)
             coverage = float(np.mean(covered))
-            row = {"kernel": kernel, "epochs": epochs, "coverage": coverage,
-                   "coverage_se": math.sqrt(coverage * (1 - coverage) / reps),
-                   "below": float(np.mean(high < true)), "above": float(np.mean(low > true)),
-                   "se_over_sd": float(np.mean(se) / np.std(est, ddof=1)), "mean_se": float(np.mean(se)),
-                   "sd_estimates": float(np.std(est, ddof=1)), "mean_estimate": float(np.mean(est)),
-                   "bias": float(np.mean(est) - true), "true": true, "replicates": reps, "n": n, "m": m,
-                   "n_groups": int(r.params["n_groups"]), "minibatches": int(r.n_minibatches),
-                   "confidence": float(r.params["confidence"]), "seconds": t()}
+            row = {
+                "kernel": kernel,
+                "epochs": epochs,
+                "coverage": coverage,
+                "coverage_se": math.sqrt(coverage * (1 - coverage) / reps),
+                "below": float(np.mean(high < true)),
+                "above": float(np.mean(low > true)),
+                "se_over_sd": float(np.mean(se) / np.std(est, ddof=1)),
+                "mean_se": float(np.mean(se)),
+                "sd_estimates": float(np.std(est, ddof=1)),
+                "mean_estimate": float(np.mean(est)),
+                "bias": float(np.mean(est) - true),
+                "true": true,
+                "replicates": reps,
+                "n": n,
+                "m": m,
+                "n_groups": int(r.params["n_groups"]),
+                "minibatches": int(r.n_minibatches),
+                "confidence": float(r.params["confidence"]),
+                "seconds": t(),
+            }
             if kernel == "rbf":
                 ratio = _bandwidths(r) / np.array(truth["rbf"]["bandwidths"])
                 row["bandwidth_ratio"] = {"mean": ratio.mean(0).tolist(), "sd": ratio.std(0, ddof=1).tolist()}
             rows.append(row)
-            print(f"  {kernel:6s} E={epochs}: coverage {coverage:.3f} +- {row['coverage_se']:.3f}, "
-                  f"mean SE / sd {row['se_over_sd']:.2f}, bias {row['bias']:+.4f} ({row['seconds']:.1f} s)")
+            print(
+                f"  {kernel:6s} E={epochs}: coverage {coverage:.3f} +- {row['coverage_se']:.3f}, "
+                f"mean SE / sd {row['se_over_sd']:.2f}, bias {row['bias']:+.4f} ({row['seconds']:.1f} s)"
+            )
 
     print()
     print("| kernel | epochs | coverage of 95% intervals | mean SE / sd | jackknife groups | replicates | n | m |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['kernel']} | {row['epochs']} | {row['coverage']:.3f} (+- {row['coverage_se']:.3f}) | "
-              f"{row['se_over_sd']:.2f} | {row['n_groups']} | {row['replicates']} | {row['n']} | {row['m']} |")
+        print(
+            f"| {row['kernel']} | {row['epochs']} | {row['coverage']:.3f} (+- {row['coverage_se']:.3f}) | "
+            f"{row['se_over_sd']:.2f} | {row['n_groups']} | {row['replicates']} | {row['n']} | {row['m']} |"
+        )
     print()
-    bl.write_result("coverage", {
-        "size": size, "population": {"d_x": int(pop.sxx.shape[0]), "d_y": int(pop.a.shape[1]), "noise": pop.noise,
-                                     "seed": args.pop_seed},
-        "truth": truth, "rows": rows, "precision": args.precision, "seconds": elapsed(),
-        "note": "coverage: fraction of data sets whose interval [low, high] contains the population CKA "
-                "(coverage_se: its binomial SE); se_over_sd: mean jackknife SE / sd of the estimates over the "
-                "data sets. RBF: analyze estimates each layer's bandwidth from the same data and treats it as "
-                "fixed (bandwidth_ratio: estimated / population bandwidth, x then y layers).",
-    }, args.results_dir)
+    bl.write_result(
+        "coverage",
+        {
+            "size": size,
+            "population": {
+                "d_x": int(pop.sxx.shape[0]),
+                "d_y": int(pop.a.shape[1]),
+                "noise": pop.noise,
+                "seed": args.pop_seed,
+            },
+            "truth": truth,
+            "rows": rows,
+            "precision": args.precision,
+            "seconds": elapsed(),
+            "note": "coverage: fraction of data sets whose interval [low, high] contains the population CKA "
+            "(coverage_se: its binomial SE); se_over_sd: mean jackknife SE / sd of the estimates over the "
+            "data sets. RBF: analyze estimates each layer's bandwidth from the same data and treats it as "
+            "fixed (bandwidth_ratio: estimated / population bandwidth, x then y layers).",
+        },
+        args.results_dir,
+    )
     return 0
 
 

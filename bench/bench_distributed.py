@@ -36,7 +36,7 @@ import sys
 import benchlib as bl
 
 
-def _spec(size: str) -> "bl.Spec":
+def _spec(size: str) -> bl.Spec:
     if size == "smoke":
         return bl.Spec("scale-out smoke", (32, 48), (40, 24), 256, 32)
     if size == "quick":
@@ -45,9 +45,25 @@ def _spec(size: str) -> "bl.Spec":
 
 
 def _torchrun(files: list[str], output: str, m: int, procs: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
-            "-m", "cka_offline.cli.analyze", *files, "-o", output, "-m", str(m), "--device", "cpu",
-            "--overwrite", "--quiet"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(procs),
+        "-m",
+        "cka_offline.cli.analyze",
+        *files,
+        "-o",
+        output,
+        "-m",
+        str(m),
+        "--device",
+        "cpu",
+        "--overwrite",
+        "--quiet",
+    ]
 
 
 _GEMM = """
@@ -70,8 +86,12 @@ def gemm_ceiling(m: int, d: int, reps: int, env: dict[str, str]) -> dict[str, fl
     import subprocess
 
     code = _GEMM.format(m=m, d=d, reps=reps)
-    alone = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout)
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    alone = float(
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     pair = [float(proc.communicate()[0]) for proc in procs]
     return {"alone": alone, "pair": max(pair), "ceiling": 2 * alone / max(pair)}
 
@@ -79,10 +99,18 @@ def gemm_ceiling(m: int, d: int, reps: int, env: dict[str, str]) -> dict[str, fl
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bl.common_args(p)
-    p.add_argument("--rounds", type=int, help="pairs (1 process, 2 processes); the medians are kept "
-                   "(default 3, --quick 2, --smoke 1)")
-    p.add_argument("--batch-size", "-m", type=int, help="minibatch size (default 256; the Grams' cost grows as m^2, "
-                   "so a larger m is more GEMM-bound); the result goes to distributed-mM.json")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help="pairs (1 process, 2 processes); the medians are kept (default 3, --quick 2, --smoke 1)",
+    )
+    p.add_argument(
+        "--batch-size",
+        "-m",
+        type=int,
+        help="minibatch size (default 256; the Grams' cost grows as m^2, "
+        "so a larger m is more GEMM-bound); the result goes to distributed-mM.json",
+    )
     args = p.parse_args()
     size = bl.size_of(args)
     rounds = args.rounds or {"full": 3, "quick": 2, "smoke": 1}[size]
@@ -122,9 +150,14 @@ def main() -> int:
         row["max_abs_cka_diff"] = bl.max_abs(results["one"].cka, results["two"].cka)
         row["max_abs_se_diff"] = bl.max_abs(results["one"].se, results["two"].se)
         rows.append(row)
-        print(f"round {r}: " + ", ".join(
-            f"{name} {row[f'{name}_wall']:.2f} s (analysis {row[f'{name}_analysis']:.2f} s, cpu {row[f'{name}_cpu']:.2f} s)"
-            for name in configs) + f", max |CKA diff| {row['max_abs_cka_diff']:.1e}")
+        print(
+            f"round {r}: "
+            + ", ".join(
+                f"{name} {row[f'{name}_wall']:.2f} s (analysis {row[f'{name}_analysis']:.2f} s, cpu {row[f'{name}_cpu']:.2f} s)"
+                for name in configs
+            )
+            + f", max |CKA diff| {row['max_abs_cka_diff']:.1e}"
+        )
     load_after = os.getloadavg()
     ceiling_after = gemm_ceiling(s.m, max(s.widths_a), reps, env)
     keys = [f"{name}_{what}" for name in configs for what in ("wall", "analysis", "cpu")]
@@ -147,16 +180,30 @@ def main() -> int:
     if "one_pinned" in configs:
         summary["speedup_analysis_over_one_core"] = med["one_pinned_analysis"] / med["two_analysis"]
         summary["speedup_end_to_end_over_one_core"] = med["one_pinned_wall"] / med["two_wall"]
-    print(f"speed-up of 2 processes over 1: analysis {summary['speedup_analysis']:.2f}x, end to end "
-          f"{summary['speedup_end_to_end']:.2f}x (ideal 2x)"
-          + (f"; over 1 process pinned to 1 core: analysis {summary['speedup_analysis_over_one_core']:.2f}x"
-             if "one_pinned" in configs else "")
-          + f"; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after; what the machine allowed "
-          f"(2 Gram loops at once): {ceiling_before['ceiling']:.2f}x before, {ceiling_after['ceiling']:.2f}x after")
-    bl.write_result("distributed" if not args.batch_size else f"distributed-m{s.m}", {
-        "size": size, "workload": s.describe(), "rounds": rows, "summary": summary,
-        "threads_per_process": 1, "backend": "gloo", "launcher": "python -m torch.distributed.run --standalone",
-    }, args.results_dir)
+    print(
+        f"speed-up of 2 processes over 1: analysis {summary['speedup_analysis']:.2f}x, end to end "
+        f"{summary['speedup_end_to_end']:.2f}x (ideal 2x)"
+        + (
+            f"; over 1 process pinned to 1 core: analysis {summary['speedup_analysis_over_one_core']:.2f}x"
+            if "one_pinned" in configs
+            else ""
+        )
+        + f"; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after; what the machine allowed "
+        f"(2 Gram loops at once): {ceiling_before['ceiling']:.2f}x before, {ceiling_after['ceiling']:.2f}x after"
+    )
+    bl.write_result(
+        "distributed" if not args.batch_size else f"distributed-m{s.m}",
+        {
+            "size": size,
+            "workload": s.describe(),
+            "rounds": rows,
+            "summary": summary,
+            "threads_per_process": 1,
+            "backend": "gloo",
+            "launcher": "python -m torch.distributed.run --standalone",
+        },
+        args.results_dir,
+    )
     return 0
 
 

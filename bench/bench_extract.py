@@ -59,17 +59,18 @@ def bare(kind: str, model: str, inputs: str) -> None:
     print(json.dumps({"load_s": t1 - t0, "loop_s": t2 - t1}))
 
 
-def in_process(model: str, inputs: dict[int, str], reductions: list[str], layers: str, repeats: int,
-               directory: Path) -> list[dict]:
+def in_process(
+    model: str, inputs: dict[int, str], reductions: list[str], layers: str, repeats: int, directory: Path
+) -> list[dict]:
     """PyTorch only, in this one process: the bare loop and ``cka_offline.extract`` on N and 2N inputs,
     alternated ``repeats`` times; marginal seconds are medians. One process and alternation keep torch's
     and the allocator's state alike for both sides, which separate processes on this machine do not."""
     import statistics
 
+    import cnn
     import numpy as np
     import torch
 
-    import cnn
     from cka_offline import extract
 
     net = cnn.make_model()
@@ -85,8 +86,7 @@ def in_process(model: str, inputs: dict[int, str], reductions: list[str], layers
     def extraction(n: int, reduction: str) -> float:
         out = directory / f"in-process-{reduction}-{n}.h5"
         t = time.perf_counter()
-        extract(model, inputs[n], out, layers=layers.split(","), reduction=reduction, batch_size=BATCH,
-                overwrite=True)
+        extract(model, inputs[n], out, layers=layers.split(","), reduction=reduction, batch_size=BATCH, overwrite=True)
         seconds = time.perf_counter() - t
         out.unlink(missing_ok=True)
         return seconds
@@ -101,11 +101,22 @@ def in_process(model: str, inputs: dict[int, str], reductions: list[str], layers
             bare_m.append(bare_loop(n2) - bare_loop(n1))
             ext_m.append(extraction(n2, reduction) - extraction(n1, reduction))
         b, e = statistics.median(bare_m), statistics.median(ext_m)
-        rows.append({"plugin": "torch", "reduction": reduction, "repeats": repeats, "marginal_bare_s": b,
-                     "marginal_extract_s": e, "ratio": e / b if b > 0 else float("nan"),
-                     "bare_spread_s": [min(bare_m), max(bare_m)], "extract_spread_s": [min(ext_m), max(ext_m)]})
-        print(f"in one process, torch {reduction:7s}: per {n1} inputs cka_offline.extract {e:6.2f} s, bare loop "
-              f"{b:6.2f} s -> {e / b:.2f}x (medians of {repeats})")
+        rows.append(
+            {
+                "plugin": "torch",
+                "reduction": reduction,
+                "repeats": repeats,
+                "marginal_bare_s": b,
+                "marginal_extract_s": e,
+                "ratio": e / b if b > 0 else float("nan"),
+                "bare_spread_s": [min(bare_m), max(bare_m)],
+                "extract_spread_s": [min(ext_m), max(ext_m)],
+            }
+        )
+        print(
+            f"in one process, torch {reduction:7s}: per {n1} inputs cka_offline.extract {e:6.2f} s, bare loop "
+            f"{b:6.2f} s -> {e / b:.2f}x (medians of {repeats})"
+        )
     return rows
 
 
@@ -146,36 +157,72 @@ def main() -> int:
 
     rows = []
     for plugin, model in models.items():
-        bare_runs = {n: best([sys.executable, __file__, "--bare", plugin, "--model", model, "--inputs", inputs[n]])
-                     for n in inputs}
+        bare_runs = {
+            n: best([sys.executable, __file__, "--bare", plugin, "--model", model, "--inputs", inputs[n]])
+            for n in inputs
+        }
         bare_loop = {n: json.loads(r.stdout.strip().splitlines()[-1])["loop_s"] for n, r in bare_runs.items()}
         for reduction in reductions:
             ext = {}
             for n in inputs:
                 out = str(directory / f"{plugin}-{reduction}-{n}.h5")
-                ext[n] = best([*bl.cli("cka-extract"), model, "-i", inputs[n], "-o", out, "--layers", layers,
-                               "--reduction", reduction, "--batch-size", str(BATCH), "--overwrite", "--quiet"])
+                ext[n] = best(
+                    [
+                        *bl.cli("cka-extract"),
+                        model,
+                        "-i",
+                        inputs[n],
+                        "-o",
+                        out,
+                        "--layers",
+                        layers,
+                        "--reduction",
+                        reduction,
+                        "--batch-size",
+                        str(BATCH),
+                        "--overwrite",
+                        "--quiet",
+                    ]
+                )
                 Path(out).unlink(missing_ok=True)
             marginal_ext = ext[2 * n1].seconds - ext[n1].seconds
             marginal_bare = bare_runs[2 * n1].seconds - bare_runs[n1].seconds
             row = {
-                "plugin": plugin, "reduction": reduction, "n": [n1, 2 * n1],
-                "extract_s": [ext[n].seconds for n in inputs], "bare_s": [bare_runs[n].seconds for n in inputs],
+                "plugin": plugin,
+                "reduction": reduction,
+                "n": [n1, 2 * n1],
+                "extract_s": [ext[n].seconds for n in inputs],
+                "bare_s": [bare_runs[n].seconds for n in inputs],
                 "bare_loop_s": [bare_loop[n] for n in inputs],
-                "marginal_extract_s": marginal_ext, "marginal_bare_s": marginal_bare,
+                "marginal_extract_s": marginal_ext,
+                "marginal_bare_s": marginal_bare,
                 "overhead_ratio": marginal_ext / marginal_bare if marginal_bare > 0 else float("nan"),
                 "overhead_ratio_vs_loop": marginal_ext / (bare_loop[2 * n1] - bare_loop[n1])
-                if bare_loop[2 * n1] > bare_loop[n1] else float("nan"),
+                if bare_loop[2 * n1] > bare_loop[n1]
+                else float("nan"),
                 "end_to_end_ratio": ext[2 * n1].seconds / bare_runs[2 * n1].seconds,
-                "extract_max_rss_mb": ext[2 * n1].max_rss_mb, "bare_max_rss_mb": bare_runs[2 * n1].max_rss_mb,
+                "extract_max_rss_mb": ext[2 * n1].max_rss_mb,
+                "bare_max_rss_mb": bare_runs[2 * n1].max_rss_mb,
             }
             rows.append(row)
-            print(f"{plugin:5s} {reduction:7s}: per {n1} inputs cka-extract {marginal_ext:6.2f} s, bare forward "
-                  f"{marginal_bare:6.2f} s -> {row['overhead_ratio']:.2f}x (end to end at {2 * n1}: "
-                  f"{row['end_to_end_ratio']:.2f}x)")
+            print(
+                f"{plugin:5s} {reduction:7s}: per {n1} inputs cka-extract {marginal_ext:6.2f} s, bare forward "
+                f"{marginal_bare:6.2f} s -> {row['overhead_ratio']:.2f}x (end to end at {2 * n1}: "
+                f"{row['end_to_end_ratio']:.2f}x)"
+            )
     same_process = in_process(models["torch"], inputs, reductions, layers, 1 if args.smoke else 5, directory)
-    bl.write_result("extract", {"size": size, "batch_size": BATCH, "layers": list(cnn.LAYERS), "rows": rows,
-                                "in_process": same_process, "target_ratio": 1.15}, args.results_dir)
+    bl.write_result(
+        "extract",
+        {
+            "size": size,
+            "batch_size": BATCH,
+            "layers": list(cnn.LAYERS),
+            "rows": rows,
+            "in_process": same_process,
+            "target_ratio": 1.15,
+        },
+        args.results_dir,
+    )
     return 0
 
 

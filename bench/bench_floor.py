@@ -65,8 +65,10 @@ def main() -> int:
 
     seconds = 0.2 if args.smoke else 1.0
     square = 512 if args.smoke else 2048
-    rates_by_lib = {lib: {dt: bl.gemm_rate(dt, (square, square, square), seconds, lib=lib)
-                          for dt in ("float32", "float64")} for lib in ("torch", "numpy")}
+    rates_by_lib = {
+        lib: {dt: bl.gemm_rate(dt, (square, square, square), seconds, lib=lib) for dt in ("float32", "float64")}
+        for lib in ("torch", "numpy")
+    }
     rates = {dt: max(r[dt] for r in rates_by_lib.values()) for dt in ("float32", "float64")}
     gram_time = {}
     for dt in ("float32", "float64"):
@@ -81,24 +83,45 @@ def main() -> int:
         floor_shape = gram_time[dt] + pair_flops / rates[dt]
         t = timings[dt]
         floors[dt] = {
-            "gemm_rate_flops": rates[dt], "floor_peak_s": floor_peak, "floor_shapes_s": floor_shape,
+            "gemm_rate_flops": rates[dt],
+            "floor_peak_s": floor_peak,
+            "floor_shapes_s": floor_shape,
             "ratio_end_to_end_vs_peak": t["end_to_end_s"] / floor_peak,
             "ratio_end_to_end_vs_shapes": t["end_to_end_s"] / floor_shape,
             "ratio_compute_vs_peak": t["compute_s"] / floor_peak,
             "achieved_flops_end_to_end": (gram_flops + pair_flops) / t["end_to_end_s"],
         }
-        print(f"{dt}: GEMM {rates[dt] / 1e9:.1f} GFLOP/s, floor {floor_peak:.2f} s (at W's shapes {floor_shape:.2f} s); "
-              f"cka-analyze {t['end_to_end_s']:.2f} s end to end ({t['compute_s']:.2f} s compute) = "
-              f"{floors[dt]['ratio_end_to_end_vs_peak']:.2f}x the floor")
+        print(
+            f"{dt}: GEMM {rates[dt] / 1e9:.1f} GFLOP/s, floor {floor_peak:.2f} s (at W's shapes {floor_shape:.2f} s); "
+            f"cka-analyze {t['end_to_end_s']:.2f} s end to end ({t['compute_s']:.2f} s compute) = "
+            f"{floors[dt]['ratio_end_to_end_vs_peak']:.2f}x the floor"
+        )
     mem_floor = nbytes / bw["read_Bps"]
-    print(f"memory: read {bw['read_Bps'] / 1e9:.1f} GB/s, copy {bw['copy_Bps'] / 1e9:.1f} GB/s; "
-          f"{nbytes / 1e9:.2f} GB to read = {mem_floor:.2f} s")
-    bl.write_result("floor", {
-        "size": size, "workload": s.describe(), "minibatches": len(sizes), "gram_flops": gram_flops,
-        "pair_flops": pair_flops, "bytes": nbytes, "bandwidth": bw, "memory_floor_s": mem_floor,
-        "square_gemm_n": square, "gemm_rates_by_lib": rates_by_lib, "gram_time_s": gram_time, "analyze": timings, "floors": floors,
-        "target_ratio": 1.5, "target_met": floors["float32"]["ratio_end_to_end_vs_peak"] <= 1.5,
-    }, args.results_dir)
+    print(
+        f"memory: read {bw['read_Bps'] / 1e9:.1f} GB/s, copy {bw['copy_Bps'] / 1e9:.1f} GB/s; "
+        f"{nbytes / 1e9:.2f} GB to read = {mem_floor:.2f} s"
+    )
+    bl.write_result(
+        "floor",
+        {
+            "size": size,
+            "workload": s.describe(),
+            "minibatches": len(sizes),
+            "gram_flops": gram_flops,
+            "pair_flops": pair_flops,
+            "bytes": nbytes,
+            "bandwidth": bw,
+            "memory_floor_s": mem_floor,
+            "square_gemm_n": square,
+            "gemm_rates_by_lib": rates_by_lib,
+            "gram_time_s": gram_time,
+            "analyze": timings,
+            "floors": floors,
+            "target_ratio": 1.5,
+            "target_met": floors["float32"]["ratio_end_to_end_vs_peak"] <= 1.5,
+        },
+        args.results_dir,
+    )
     return 0
 
 

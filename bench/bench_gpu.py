@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import reference as ref
 
 import benchlib as bl
-import reference as ref
 
 TARGETS = {"end_to_end_s": 2.0, "h2d_fraction": 0.6, "max_err_float32": 1e-8, "max_err_float64": 1e-15}
 
@@ -120,8 +120,11 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=2, help="timed CUDA runs per precision (best kept)")
     p.add_argument("--cpu-runs", type=int, default=1, help="timed CPU runs per precision (best kept; 0: no CPU rows)")
     p.add_argument("--workload", default="W", help="W (default) or another name bench/benchlib.spec knows (H)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="without CUDA: still generate the workload and run the CPU rows and the reference")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="without CUDA: still generate the workload and run the CPU rows and the reference",
+    )
     args = p.parse_args()
     import torch
 
@@ -143,8 +146,10 @@ def main() -> int:
     files = bl.materialize(s, directory, h5=True, npy=False)
     generated_s = time.perf_counter() - t0
     cache = read_into_cache(files["h5"])
-    print(f"workload {s.name}: {cache['bytes'] / 1e9:.2f} GB in {len(files['h5'])} files "
-          f"(made or reused in {generated_s:.1f} s, read into the page cache in {cache['seconds']:.1f} s)")
+    print(
+        f"workload {s.name}: {cache['bytes'] / 1e9:.2f} GB in {len(files['h5'])} files "
+        f"(made or reused in {generated_s:.1f} s, read into the page cache in {cache['seconds']:.1f} s)"
+    )
     rows_h5, n_layers = ref.h5_rows(files["h5"])
     runs = 1 if args.smoke else args.runs
     cpu_runs = min(args.cpu_runs, 1) if args.smoke else args.cpu_runs
@@ -152,8 +157,10 @@ def main() -> int:
     bandwidth = h2d_bandwidth(64 if args.smoke else 1024) if on_cuda else {}
     startup = startup_seconds() if on_cuda else None
     if on_cuda:
-        print(f"host to device: pinned {bandwidth['pinned_Bps'] / 1e9:.1f} GB/s, pageable "
-              f"{bandwidth['pageable_Bps'] / 1e9:.1f} GB/s; python + import torch + CUDA init {startup:.2f} s")
+        print(
+            f"host to device: pinned {bandwidth['pinned_Bps'] / 1e9:.1f} GB/s, pageable "
+            f"{bandwidth['pageable_Bps'] / 1e9:.1f} GB/s; python + import torch + CUDA init {startup:.2f} s"
+        )
     want, note = None, ""
     rows = []
     for device, n_runs in devices:
@@ -161,8 +168,10 @@ def main() -> int:
             out = str(directory / f"gpu-{device}-{precision}.json")
             if not args.smoke:
                 bl.run_analyze(files["h5"], out, m=s.m, device=device, precision=precision, extra=["--quiet"])
-            timed = [bl.run_analyze(files["h5"], out, m=s.m, device=device, precision=precision, extra=["--quiet"])
-                     for _ in range(n_runs)]
+            timed = [
+                bl.run_analyze(files["h5"], out, m=s.m, device=device, precision=precision, extra=["--quiet"])
+                for _ in range(n_runs)
+            ]
             run, res = min(timed, key=lambda t: t[0].seconds)
             if want is None and not note:
                 want, note = reference_of(rows_h5, n_layers, res)
@@ -172,27 +181,48 @@ def main() -> int:
             loop = (timing.get("compute") or 0.0) + (timing.get("read_wait") or 0.0)
             epochs = int(res.params.get("epochs", 1))
             h2d_bytes = 4 * s.n * epochs * s.total_width  # the files are float32; each row goes over once an epoch
-            row = {"device": device, "precision": precision, "seconds": run.seconds, "all_seconds": [t[0].seconds for t in timed],
-                   "compute_s": timing.get("compute"), "read_wait_s": timing.get("read_wait"), "loop_s": loop,
-                   "timing": timing, "max_rss_mb": run.max_rss_mb,
-                   "max_err": bl.max_abs(res.cka, want) if want is not None else None,
-                   "nan": bool(np.isnan(res.cka).any())}
+            row = {
+                "device": device,
+                "precision": precision,
+                "seconds": run.seconds,
+                "all_seconds": [t[0].seconds for t in timed],
+                "compute_s": timing.get("compute"),
+                "read_wait_s": timing.get("read_wait"),
+                "loop_s": loop,
+                "timing": timing,
+                "max_rss_mb": run.max_rss_mb,
+                "max_err": bl.max_abs(res.cka, want) if want is not None else None,
+                "nan": bool(np.isnan(res.cka).any()),
+            }
             if device == "cuda":
                 row["h2d_bytes"] = h2d_bytes
                 row["h2d_Bps"] = h2d_bytes / loop if loop > 0 else None
                 row["h2d_fraction_of_pinned"] = row["h2d_Bps"] / bandwidth["pinned_Bps"] if row["h2d_Bps"] else None
             rows.append(row)
             err = f"{row['max_err']:.1e}" if row["max_err"] is not None else "n/a"
-            extra = (f", {row['h2d_Bps'] / 1e9:.1f} GB/s to the device = {row['h2d_fraction_of_pinned']:.0%} of pinned"
-                     if row.get("h2d_Bps") else "")
-            print(f"{device:4s} {precision}: {run.seconds:7.2f} s end to end, loop {loop:.3f} s "
-                  f"({row['compute_s']:.3f} compute + {row['read_wait_s']:.3f} waiting){extra}; "
-                  f"max |CKA - float64 reference| = {err}")
-    common = {"size": size, "workload": s.describe(), "generate_s": generated_s, "page_cache_read": cache,
-              "reference_note": note}
+            extra = (
+                f", {row['h2d_Bps'] / 1e9:.1f} GB/s to the device = {row['h2d_fraction_of_pinned']:.0%} of pinned"
+                if row.get("h2d_Bps")
+                else ""
+            )
+            print(
+                f"{device:4s} {precision}: {run.seconds:7.2f} s end to end, loop {loop:.3f} s "
+                f"({row['compute_s']:.3f} compute + {row['read_wait_s']:.3f} waiting){extra}; "
+                f"max |CKA - float64 reference| = {err}"
+            )
+    common = {
+        "size": size,
+        "workload": s.describe(),
+        "generate_s": generated_s,
+        "page_cache_read": cache,
+        "reference_note": note,
+    }
     if not on_cuda:
-        bl.write_result(name, {**common, "skipped": f"no CUDA device (torch {torch.__version__}); dry run",
-                               "dry_run": {"rows": rows}}, args.results_dir)
+        bl.write_result(
+            name,
+            {**common, "skipped": f"no CUDA device (torch {torch.__version__}); dry run", "dry_run": {"rows": rows}},
+            args.results_dir,
+        )
         return 0
     from cka_offline.analysis import batch_sizes
 
@@ -210,17 +240,31 @@ def main() -> int:
     for key, t in targets.items():
         v = t["value"]
         t["met"] = None if v is None else bool(v >= t["target"] if key == "h2d_fraction" else v <= t["target"])
-    print("targets: " + ", ".join(f"{k} {t['value']} vs {t['target']}: {'met' if t['met'] else 'NOT met'}"
-                                  for k, t in targets.items()))
-    bl.write_result(name, {
-        **common, "gpu": torch.cuda.get_device_name(0), "rows": rows,
-        "h2d_bandwidth_Bps": bandwidth, "startup_s": startup, "targets": targets,
-        "cuda_gemm_rate_flops": rates, "flops": flops,
-        "cuda_floor_s": {dt: flops / rates[dt] for dt in rates},
-        "speedup_cuda_vs_cpu": {dt: by[("cpu", dt)]["seconds"] / by[("cuda", dt)]["seconds"] for dt in rates
-                                if ("cpu", dt) in by},
-        "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
-    }, args.results_dir)
+    print(
+        "targets: "
+        + ", ".join(
+            f"{k} {t['value']} vs {t['target']}: {'met' if t['met'] else 'NOT met'}" for k, t in targets.items()
+        )
+    )
+    bl.write_result(
+        name,
+        {
+            **common,
+            "gpu": torch.cuda.get_device_name(0),
+            "rows": rows,
+            "h2d_bandwidth_Bps": bandwidth,
+            "startup_s": startup,
+            "targets": targets,
+            "cuda_gemm_rate_flops": rates,
+            "flops": flops,
+            "cuda_floor_s": {dt: flops / rates[dt] for dt in rates},
+            "speedup_cuda_vs_cpu": {
+                dt: by[("cpu", dt)]["seconds"] / by[("cuda", dt)]["seconds"] for dt in rates if ("cpu", dt) in by
+            },
+            "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        },
+        args.results_dir,
+    )
     return 0
 
 

@@ -43,8 +43,15 @@ def main() -> int:
             continue
         files = bl.materialize(sn, directory, h5=True, npy=False)
         run, res = bl.run_analyze(files["h5"], str(directory / "memory-result.json"), m=s.m, extra=["--quiet"])
-        analyze_rows.append({"n": n, "file_gb": need * 2**30 / 1e9, "max_rss_mb": run.max_rss_mb,
-                             "seconds": run.seconds, "minibatches": res.n_minibatches})
+        analyze_rows.append(
+            {
+                "n": n,
+                "file_gb": need * 2**30 / 1e9,
+                "max_rss_mb": run.max_rss_mb,
+                "seconds": run.seconds,
+                "minibatches": res.n_minibatches,
+            }
+        )
         print(f"cka-analyze n={n:6d}: peak RSS {run.max_rss_mb:7.0f} MB ({run.seconds:.1f} s)")
         if n != s.n and not args.keep_data and not args.data_dir:
             shutil.rmtree(directory, ignore_errors=True)
@@ -62,17 +69,42 @@ def main() -> int:
         if not inputs.exists():
             cnn.write_inputs(str(inputs), n)
         out = directory / f"memory-{n}.h5"
-        run = bl.run([*bl.cli("cka-extract"), f"{BENCH / 'cnn.py'}:make_model", "-i", str(inputs), "-o", str(out),
-                      "--layers", ",".join(cnn.LAYERS), "--reduction", "mean", "--overwrite", "--quiet"])
+        run = bl.run(
+            [
+                *bl.cli("cka-extract"),
+                f"{BENCH / 'cnn.py'}:make_model",
+                "-i",
+                str(inputs),
+                "-o",
+                str(out),
+                "--layers",
+                ",".join(cnn.LAYERS),
+                "--reduction",
+                "mean",
+                "--overwrite",
+                "--quiet",
+            ]
+        )
         out.unlink(missing_ok=True)
-        extract_rows.append({"n": n, "inputs_mb": inputs.stat().st_size / 1e6, "max_rss_mb": run.max_rss_mb,
-                             "seconds": run.seconds})
-        print(f"cka-extract n={n:6d} ({inputs.stat().st_size / 1e6:6.0f} MB of inputs): peak RSS {run.max_rss_mb:7.0f} MB")
-    bl.write_result("memory", {
-        "size": size, "workload": s.describe(), "analyze": analyze_rows, "analyze_rss_ratio": flat,
-        "analyze_target_met": None if flat is None else flat <= 1.10, "extract": extract_rows,
-        "extract_rss_ratio": extract_rows[-1]["max_rss_mb"] / extract_rows[0]["max_rss_mb"],
-    }, args.results_dir)
+        extract_rows.append(
+            {"n": n, "inputs_mb": inputs.stat().st_size / 1e6, "max_rss_mb": run.max_rss_mb, "seconds": run.seconds}
+        )
+        print(
+            f"cka-extract n={n:6d} ({inputs.stat().st_size / 1e6:6.0f} MB of inputs): peak RSS {run.max_rss_mb:7.0f} MB"
+        )
+    bl.write_result(
+        "memory",
+        {
+            "size": size,
+            "workload": s.describe(),
+            "analyze": analyze_rows,
+            "analyze_rss_ratio": flat,
+            "analyze_target_met": None if flat is None else flat <= 1.10,
+            "extract": extract_rows,
+            "extract_rss_ratio": extract_rows[-1]["max_rss_mb"] / extract_rows[0]["max_rss_mb"],
+        },
+        args.results_dir,
+    )
     return 0
 
 

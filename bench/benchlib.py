@@ -23,9 +23,10 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -53,13 +54,20 @@ class Spec:
     def total_width(self) -> int:
         return sum(self.widths_a) + sum(self.widths_b)
 
-    def with_n(self, n: int) -> "Spec":
+    def with_n(self, n: int) -> Spec:
         return Spec(self.name, self.widths_a, self.widths_b, n, self.m, self.seed)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "n": self.n, "m": self.m, "seed": self.seed, "widths_a": list(self.widths_a),
-                "widths_b": list(self.widths_b), "layers": len(self.widths_a) + len(self.widths_b),
-                "total_width": self.total_width}
+        return {
+            "name": self.name,
+            "n": self.n,
+            "m": self.m,
+            "seed": self.seed,
+            "widths_a": list(self.widths_a),
+            "widths_b": list(self.widths_b),
+            "layers": len(self.widths_a) + len(self.widths_b),
+            "total_width": self.total_width,
+        }
 
 
 _W_A = (256, 512, 1024, 2048, 4096, 4096, 2048, 2048, 1024, 1024, 512, 256)  # sum 18,944
@@ -142,7 +150,12 @@ def _fingerprint(s: Spec, transform: str, kind: str) -> str:
 
 
 def materialize(
-    s: Spec, directory: str | os.PathLike[str], *, transform: str = "none", h5: bool = True, npy: bool = False,
+    s: Spec,
+    directory: str | os.PathLike[str],
+    *,
+    transform: str = "none",
+    h5: bool = True,
+    npy: bool = False,
     block_rows: int = 1024,
 ) -> dict[str, Any]:
     """Write W (or a variant) as HDF5 activation files (``a.h5``, ``b.h5``; float32, uncompressed) and/or as
@@ -173,13 +186,23 @@ def materialize(
         mmaps = []
         if h5:
             layers = [LayerSpec(nm, (w,), "none", w) for nm, w in zip(names[k], widths[k])]
-            writer = ActivationWriter(str(h5_paths[k]), ids=np.arange(s.n, dtype=np.int64), layers=layers,
-                                      provenance={"extractor": "bench/benchlib.py", "model": f"W model {'AB'[k]}",
-                                                  "options": json.dumps({"transform": transform, **s.describe()})},
-                                      dtype="float32", overwrite=True)
+            writer = ActivationWriter(
+                str(h5_paths[k]),
+                ids=np.arange(s.n, dtype=np.int64),
+                layers=layers,
+                provenance={
+                    "extractor": "bench/benchlib.py",
+                    "model": f"W model {'AB'[k]}",
+                    "options": json.dumps({"transform": transform, **s.describe()}),
+                },
+                dtype="float32",
+                overwrite=True,
+            )
         if npy:
-            mmaps = [np.lib.format.open_memmap(p, mode="w+", dtype=np.float32, shape=(s.n, w))
-                     for p, w in zip(npy_paths[k], widths[k])]
+            mmaps = [
+                np.lib.format.open_memmap(p, mode="w+", dtype=np.float32, shape=(s.n, w))
+                for p, w in zip(npy_paths[k], widths[k])
+            ]
         try:
             for start in range(0, s.n, block_rows):
                 stop = min(s.n, start + block_rows)
@@ -250,7 +273,9 @@ _LAUNCHER = (
 )
 
 
-def run(cmd: Sequence[str], *, check: bool = True, env: dict[str, str] | None = None, timeout: float | None = None) -> Run:
+def run(
+    cmd: Sequence[str], *, check: bool = True, env: dict[str, str] | None = None, timeout: float | None = None
+) -> Run:
     """Run ``cmd``; its wall seconds and its own peak resident memory (``wait4``'s ru_maxrss of the command,
     started by a small launcher so that this process's memory does not count; see ``_LAUNCHER``). The
     seconds are the launcher's, from fork to exit of the command: the launcher's own start is not counted."""
@@ -258,11 +283,20 @@ def run(cmd: Sequence[str], *, check: bool = True, env: dict[str, str] | None = 
     import tempfile
     import threading
 
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
-            tempfile.NamedTemporaryFile("r", suffix=".maxrss") as rss:
+    with (
+        tempfile.TemporaryFile("w+") as out,
+        tempfile.TemporaryFile("w+") as err,
+        tempfile.NamedTemporaryFile("r", suffix=".maxrss") as rss,
+    ):
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, rss.name, *cmd], stdout=out, stderr=err,
-                                text=True, env=env or child_env(), start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-S", "-c", _LAUNCHER, rss.name, *cmd],
+            stdout=out,
+            stderr=err,
+            text=True,
+            env=env or child_env(),
+            start_new_session=True,
+        )
         timer_ = None
         if timeout:
             timer_ = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
@@ -282,10 +316,32 @@ def run(cmd: Sequence[str], *, check: bool = True, env: dict[str, str] | None = 
     return Run(seconds, float("nan"), stdout, stderr, proc.returncode)
 
 
-def analyze_cmd(files: Sequence[str], output: str, *, m: int = 256, precision: str = "float32",
-                device: str = "cpu", seed: int = 0, extra: Sequence[str] = ()) -> list[str]:
-    return [*cli("cka-analyze"), *files, "-o", output, "-m", str(m), "--seed", str(seed), "--precision", precision,
-            "--device", device, "--overwrite", *extra]
+def analyze_cmd(
+    files: Sequence[str],
+    output: str,
+    *,
+    m: int = 256,
+    precision: str = "float32",
+    device: str = "cpu",
+    seed: int = 0,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    return [
+        *cli("cka-analyze"),
+        *files,
+        "-o",
+        output,
+        "-m",
+        str(m),
+        "--seed",
+        str(seed),
+        "--precision",
+        precision,
+        "--device",
+        device,
+        "--overwrite",
+        *extra,
+    ]
 
 
 def run_analyze(files: Sequence[str], output: str, *, env: dict[str, str] | None = None, **kw: Any) -> tuple[Run, Any]:
@@ -302,9 +358,16 @@ def analyze_plan(result: Any) -> list[np.ndarray]:
     from cka_offline.analysis import plan_minibatches
 
     p = result.params  # the workloads' ids are 0..n-1 in file order, so ranks are positions (ids=None)
-    return plan_minibatches(result.n_examples, int(p["batch_size"]), seed=int(p["seed"]), epochs=int(p["epochs"]),
-                            n_groups=int(p["n_groups"]), shuffle=p.get("shuffle", "blocks"),
-                            block_rows=int(p.get("block_rows", 1024)), buffer_blocks=int(p.get("buffer_blocks", 8)))
+    return plan_minibatches(
+        result.n_examples,
+        int(p["batch_size"]),
+        seed=int(p["seed"]),
+        epochs=int(p["epochs"]),
+        n_groups=int(p["n_groups"]),
+        shuffle=p.get("shuffle", "blocks"),
+        block_rows=int(p.get("block_rows", 1024)),
+        buffer_blocks=int(p.get("buffer_blocks", 8)),
+    )
 
 
 def peers_available() -> tuple[bool, str]:
@@ -313,11 +376,22 @@ def peers_available() -> tuple[bool, str]:
     return True, ""
 
 
-def run_peer(peer: str, manifest: str, output: str, *, m: int, max_batches: int | None = None,
-             timeout: float | None = None) -> dict[str, Any]:
+def run_peer(
+    peer: str, manifest: str, output: str, *, m: int, max_batches: int | None = None, timeout: float | None = None
+) -> dict[str, Any]:
     """Run one peer's own minibatch loop in the peers' venv; returns the runner's JSON line (seconds, ...)."""
-    cmd = [str(PEERS_PYTHON), str(BENCH / "peers_runner.py"), "--peer", peer, "--manifest", manifest,
-           "--batch-size", str(m), "--out", output]
+    cmd = [
+        str(PEERS_PYTHON),
+        str(BENCH / "peers_runner.py"),
+        "--peer",
+        peer,
+        "--manifest",
+        manifest,
+        "--batch-size",
+        str(m),
+        "--out",
+        output,
+    ]
     if max_batches:
         cmd += ["--max-batches", str(max_batches)]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -333,14 +407,16 @@ def run_peer(peer: str, manifest: str, output: str, *, m: int, max_batches: int 
 def write_manifest(directory: str | os.PathLike[str], s: Spec, npy: dict[str, list[str]]) -> str:
     names = layer_names(s)
     path = Path(directory) / "manifest.json"
-    path.write_text(json.dumps({"n": s.n, "a": {"names": names[0], "paths": npy["a"]},
-                                "b": {"names": names[1], "paths": npy["b"]}}))
+    path.write_text(
+        json.dumps({"n": s.n, "a": {"names": names[0], "paths": npy["a"]}, "b": {"names": names[1], "paths": npy["b"]}})
+    )
     return str(path)
 
 
 # ====================================================================== hardware
-def gemm_rate(dtype: str, shape: tuple[int, int, int] = (2048, 2048, 2048), min_seconds: float = 1.0,
-              lib: str = "torch") -> float:
+def gemm_rate(
+    dtype: str, shape: tuple[int, int, int] = (2048, 2048, 2048), min_seconds: float = 1.0, lib: str = "torch"
+) -> float:
     """Matrix-product rate (FLOP/s) for ``(a x b) @ (b x c)``, best of repeats: ``lib="torch"`` (torch.matmul
     on this process's torch threads, MKL here) or ``"numpy"`` (numpy's BLAS, OpenBLAS here, its default threads)."""
     a_, b_, c_ = shape
@@ -430,9 +506,12 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     info: dict[str, Any] = {
-        "cpu": model or platform.processor(), "cores": os.cpu_count(), "memory": mem,
+        "cpu": model or platform.processor(),
+        "cores": os.cpu_count(),
+        "memory": mem,
         "simd": " ".join(f for f in ("avx2", "fma", "avx512f") if f in flags),
-        "os": platform.platform(), "python": platform.python_version(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
         "env": {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS", "OMP_", "MKL_"))},
     }
     try:
@@ -451,7 +530,7 @@ def versions() -> dict[str, str]:
     for mod in ("cka_offline", "numpy", "torch", "h5py", "onnxruntime"):
         try:
             out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 -- a missing optional module is just not listed
+        except Exception:
             pass
     commit = _cmd_out(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]).strip()
     if commit:
@@ -464,9 +543,14 @@ def write_result(name: str, data: dict[str, Any], results_dir: str | os.PathLike
     """Write ``bench/results/<name>.json`` with the date, machine, versions and command added."""
     directory = Path(results_dir) if results_dir else RESULTS
     directory.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": name, "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "command": " ".join(["python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
-           "machine": machine(), "versions": versions(), **data}
+    doc = {
+        "benchmark": name,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(["python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
+        "machine": machine(),
+        "versions": versions(),
+        **data,
+    }
     path = directory / f"{name}.json"
     path.write_text(json.dumps(doc, indent=2, default=_json_default))
     print(f"wrote {path}")

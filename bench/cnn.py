@@ -50,9 +50,17 @@ def export_onnx(path: str) -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(make_model(), (torch.zeros(2, 3, 32, 32),), path, dynamo=False, opset_version=17,
-                          input_names=["x"], output_names=["logits"],
-                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, do_constant_folding=False)
+        torch.onnx.export(
+            make_model(),
+            (torch.zeros(2, 3, 32, 32),),
+            path,
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+            output_names=["logits"],
+            dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+            do_constant_folding=False,
+        )
 
 
 def write_inputs(path: str, n: int, seed: int = 0) -> None:

@@ -46,24 +46,44 @@ def compare(cuda_file: str, cpu_file: str, tolerance: float = 1e-4) -> int:
 def summary(steps_tsv: str, out: str, *gpu_json: str) -> int:
     steps = []
     path = Path(steps_tsv)
-    for line in (path.read_text().splitlines() if path.exists() else []):
+    for line in path.read_text().splitlines() if path.exists() else []:
         name, status, rc, seconds, limit, note = (line.split("\t") + [""] * 6)[:6]
-        steps.append({"step": name, "status": status, "rc": int(rc), "seconds": float(seconds),
-                      "limit_s": int(limit), "note": note})
-    doc = {"check": "bench/gpu_check.sh (issue 19)",
-           "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "host": platform.node(), "python": sys.version.split()[0], "steps": steps,
-           "failed": [s["step"] for s in steps if s["status"] == "fail"],
-           "ok": all(s["status"] != "fail" for s in steps)}
+        steps.append(
+            {
+                "step": name,
+                "status": status,
+                "rc": int(rc),
+                "seconds": float(seconds),
+                "limit_s": int(limit),
+                "note": note,
+            }
+        )
+    doc = {
+        "check": "bench/gpu_check.sh (issue 19)",
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "host": platform.node(),
+        "python": sys.version.split()[0],
+        "steps": steps,
+        "failed": [s["step"] for s in steps if s["status"] == "fail"],
+        "ok": all(s["status"] != "fail" for s in steps),
+    }
     for g in gpu_json:
         p = Path(g)
         if p.exists():
             d = json.loads(p.read_text())
             doc.setdefault("benchmarks", {})[p.stem] = {
-                "skipped": d.get("skipped"), "targets": d.get("targets"),
-                "rows": [{k: r.get(k) for k in ("device", "precision", "seconds", "loop_s", "h2d_fraction_of_pinned",
-                                                 "max_err")} for r in d.get("rows", [])],
-                "h2d_bandwidth_Bps": d.get("h2d_bandwidth_Bps"), "startup_s": d.get("startup_s")}
+                "skipped": d.get("skipped"),
+                "targets": d.get("targets"),
+                "rows": [
+                    {
+                        k: r.get(k)
+                        for k in ("device", "precision", "seconds", "loop_s", "h2d_fraction_of_pinned", "max_err")
+                    }
+                    for r in d.get("rows", [])
+                ],
+                "h2d_bandwidth_Bps": d.get("h2d_bandwidth_Bps"),
+                "startup_s": d.get("startup_s"),
+            }
     Path(out).write_text(json.dumps(doc, indent=2))
     width = max([len(s["step"]) for s in steps] + [4])
     print(f"\n{'step':{width}s}  status  seconds  limit")

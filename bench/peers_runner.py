@@ -25,7 +25,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-PACKAGES = {"ckatorch": "ckatorch", "torch-cka": "torch-cka", "pytorch-cka": "pytorch-cka", "cka-pytorch": "cka-pytorch"}
+PACKAGES = {
+    "ckatorch": "ckatorch",
+    "torch-cka": "torch-cka",
+    "pytorch-cka": "pytorch-cka",
+    "cka-pytorch": "cka-pytorch",
+}
 
 
 class StoredLayer(nn.Module):
@@ -94,8 +99,9 @@ def run_peer(peer: str, a: StoredModel, b: StoredModel, dl: DataLoader) -> torch
     if peer == "cka-pytorch":
         from cka_pytorch import CKACalculator
 
-        calc = CKACalculator(a, b, model1_layers=a.names, model2_layers=b.names, device=torch.device("cpu"),
-                             verbose=False)
+        calc = CKACalculator(
+            a, b, model1_layers=a.names, model2_layers=b.names, device=torch.device("cpu"), verbose=False
+        )
         return calc.calculate_cka_matrix(dl, num_epochs=1)
     raise SystemExit(f"unknown peer {peer!r}; one of {', '.join(PACKAGES)}")
 
@@ -118,8 +124,14 @@ def main() -> int:
     a = StoredModel(manifest["a"]["names"], arrays["a"], leading_one)
     b = StoredModel(manifest["b"]["names"], arrays["b"], leading_one)
     dl = loader(manifest["n"], args.batch_size, args.max_batches)
-    info = {"peer": args.peer, "version": metadata.version(PACKAGES[args.peer]), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "batches": len(dl), "batch_size": args.batch_size}
+    info = {
+        "peer": args.peer,
+        "version": metadata.version(PACKAGES[args.peer]),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batches": len(dl),
+        "batch_size": args.batch_size,
+    }
     import_peer(args.peer)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -134,8 +146,12 @@ def main() -> int:
             return 0
     cka = cka.detach().to(torch.float64).numpy()
     np.save(args.out, cka)
-    info.update(ok=True, shape=list(cka.shape), nan=bool(np.isnan(cka).any()),
-                warnings=sorted({str(w.message)[:120] for w in caught}))
+    info.update(
+        ok=True,
+        shape=list(cka.shape),
+        nan=bool(np.isnan(cka).any()),
+        warnings=sorted({str(w.message)[:120] for w in caught}),
+    )
     print(json.dumps(info))
     return 0
 

@@ -14,7 +14,7 @@ OPENBLAS settings (4 GFLOP/s); pass ``use_torch=False`` for pure numpy.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

@@ -58,14 +58,19 @@ def provenance(d: dict[str, Any]) -> str:
     m, v = d["machine"], d["versions"]
     env = ", ".join(f"{k}={val}" for k, val in sorted(m.get("env", {}).items())) or "none"
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
-    return (f"*{d['date']}; `{d['command']}`; {m['cpu']} ({m['cores']} cores, {m.get('simd', '')}), "
-            f"{m['memory']} RAM{gpu}; torch threads {m.get('torch_threads')}; Python {m['python']}; "
-            + ", ".join(f"{k} {val}" for k, val in v.items()) + f"; BLAS environment: {env}; size: {d.get('size')}.*")
+    return (
+        f"*{d['date']}; `{d['command']}`; {m['cpu']} ({m['cores']} cores, {m.get('simd', '')}), "
+        f"{m['memory']} RAM{gpu}; torch threads {m.get('torch_threads')}; Python {m['python']}; "
+        + ", ".join(f"{k} {val}" for k, val in v.items())
+        + f"; BLAS environment: {env}; size: {d.get('size')}.*"
+    )
 
 
 def workload_line(w: dict[str, Any]) -> str:
-    return (f"{w['name']}: {w['layers']} layers ({len(w['widths_a'])} + {len(w['widths_b'])}), total width "
-            f"{w['total_width']:,}, n = {w['n']:,}, m = {w['m']}")
+    return (
+        f"{w['name']}: {w['layers']} layers ({len(w['widths_a'])} + {len(w['widths_b'])}), total width "
+        f"{w['total_width']:,}, n = {w['n']:,}, m = {w['m']}"
+    )
 
 
 def section_speed(d: dict[str, Any]) -> str:
@@ -75,61 +80,114 @@ def section_speed(d: dict[str, Any]) -> str:
         if not r.get("ok"):
             rows.append([r["peer"], fmt(r.get("version")), "-", "failed: " + fmt(r.get("error")), "-", "-"])
             continue
-        est = " (extrapolated from %d of %d minibatches)" % (r["batches_run"], r["batches_total"]) if r["extrapolated"] else ""
-        rows.append([r["peer"], r["version"], r.get("torch", "-"), fmt(r["peer_s"]) + est, fmt(r["analyze_s"]),
-                     fmt(r["ratio"]), fmt(r.get("ratio_in_process"))])
-    body = table(["peer", "version", "peer's torch", "peer seconds", "cka-analyze seconds (same pair)",
-                  "peer / cka-analyze", "peer / cka-analyze's in-process time"], rows)
-    return (f"Workload {workload_line(d['workload'])}. cka-analyze alone: {fmt(a['seconds'])} s end to end "
-            f"({fmt(a['timing'].get('compute'))} s in the minibatch loop, {fmt(a['timing'].get('read_wait'))} s of it "
-            f"waiting for data), peak RSS {fmt(a['max_rss_mb'], 0)} MB.\n\n{body}\n\n"
-            "Each row is one back-to-back pair: cka-analyze end to end as a user runs it (process start, imports, "
-            "reading the HDF5 files, writing the result; the files' SHA-256, recorded in the result, is remembered "
-            "from the warm-up run -- section 2 times the first analysis too), then the peer's own loop on the same "
-            "values (timed inside bench/peers_runner.py: constructor + loop + result, without interpreter start-up "
-            "and imports -- torch alone takes about 1 s to import here --, which favours the peers). The last column "
-            "compares like with like: the peer's in-process time against cka-analyze's own in-process time "
-            "(`timing.total` of its result: opening the files to the summed result, without interpreter start-up, "
-            "imports or writing the result file). Peers run sequential minibatches; cka-analyze its shuffled ones "
-            "(same sizes).")
+        est = (
+            f" (extrapolated from {r['batches_run']} of {r['batches_total']} minibatches)" if r["extrapolated"] else ""
+        )
+        rows.append(
+            [
+                r["peer"],
+                r["version"],
+                r.get("torch", "-"),
+                fmt(r["peer_s"]) + est,
+                fmt(r["analyze_s"]),
+                fmt(r["ratio"]),
+                fmt(r.get("ratio_in_process")),
+            ]
+        )
+    body = table(
+        [
+            "peer",
+            "version",
+            "peer's torch",
+            "peer seconds",
+            "cka-analyze seconds (same pair)",
+            "peer / cka-analyze",
+            "peer / cka-analyze's in-process time",
+        ],
+        rows,
+    )
+    return (
+        f"Workload {workload_line(d['workload'])}. cka-analyze alone: {fmt(a['seconds'])} s end to end "
+        f"({fmt(a['timing'].get('compute'))} s in the minibatch loop, {fmt(a['timing'].get('read_wait'))} s of it "
+        f"waiting for data), peak RSS {fmt(a['max_rss_mb'], 0)} MB.\n\n{body}\n\n"
+        "Each row is one back-to-back pair: cka-analyze end to end as a user runs it (process start, imports, "
+        "reading the HDF5 files, writing the result; the files' SHA-256, recorded in the result, is remembered "
+        "from the warm-up run -- section 2 times the first analysis too), then the peer's own loop on the same "
+        "values (timed inside bench/peers_runner.py: constructor + loop + result, without interpreter start-up "
+        "and imports -- torch alone takes about 1 s to import here --, which favours the peers). The last column "
+        "compares like with like: the peer's in-process time against cka-analyze's own in-process time "
+        "(`timing.total` of its result: opening the files to the summed result, without interpreter start-up, "
+        "imports or writing the result file). Peers run sequential minibatches; cka-analyze its shuffled ones "
+        "(same sizes)."
+    )
 
 
 def section_floor(d: dict[str, Any]) -> str:
     rows = []
     for dt in ("float32", "float64"):
         f, t = d["floors"][dt], d["analyze"][dt]
-        rows.append([dt, fmt(f["gemm_rate_flops"] / 1e9, 1), fmt(f["floor_peak_s"]), fmt(f["floor_shapes_s"]),
-                     fmt(t["end_to_end_s"]), fmt(t["compute_s"]), fmt(f["ratio_end_to_end_vs_peak"]),
-                     fmt(f["achieved_flops_end_to_end"] / 1e9, 1)])
+        rows.append(
+            [
+                dt,
+                fmt(f["gemm_rate_flops"] / 1e9, 1),
+                fmt(f["floor_peak_s"]),
+                fmt(f["floor_shapes_s"]),
+                fmt(t["end_to_end_s"]),
+                fmt(t["compute_s"]),
+                fmt(f["ratio_end_to_end_vs_peak"]),
+                fmt(f["achieved_flops_end_to_end"] / 1e9, 1),
+            ]
+        )
     bw = d["bandwidth"]
-    body = table(["Grams", "GEMM GFLOP/s (square)", "GEMM floor s", "floor at W's shapes s", "cka-analyze s",
-                  "of which loop s", "cka-analyze / floor", "achieved GFLOP/s"], rows)
+    body = table(
+        [
+            "Grams",
+            "GEMM GFLOP/s (square)",
+            "GEMM floor s",
+            "floor at W's shapes s",
+            "cka-analyze s",
+            "of which loop s",
+            "cka-analyze / floor",
+            "achieved GFLOP/s",
+        ],
+        rows,
+    )
     by_lib = d.get("gemm_rates_by_lib")
     libs = ""
     if by_lib:
-        libs = (" The square GEMM ran at " + ", ".join(
-            f"{by_lib[lib]['float32'] / 1e9:.0f} (float32) / {by_lib[lib]['float64'] / 1e9:.0f} (float64) GFLOP/s with "
-            + ("torch (MKL)" if lib == "torch" else "numpy (OpenBLAS)") for lib in ("torch", "numpy")) + "; the floor uses the faster.")
+        libs = (
+            " The square GEMM ran at "
+            + ", ".join(
+                f"{by_lib[lib]['float32'] / 1e9:.0f} (float32) / {by_lib[lib]['float64'] / 1e9:.0f} (float64) GFLOP/s with "
+                + ("torch (MKL)" if lib == "torch" else "numpy (OpenBLAS)")
+                for lib in ("torch", "numpy")
+            )
+            + "; the floor uses the faster."
+        )
     t32 = d["analyze"]["float32"]
     first = ""
     if "end_to_end_hashing_s" in t32:
         floor = d["floors"]["float32"]["floor_peak_s"]
-        first = (f" The float32 time is a repeat analysis, which reuses the files' remembered SHA-256; the first "
-                 f"analysis of new files also hashes them ({fmt(t32['end_to_end_hashing_s'])} s, "
-                 f"{fmt(t32['end_to_end_hashing_s'] / floor)}x the floor); with `--no-hash` it took "
-                 f"{fmt(t32['end_to_end_no_hash_s'])} s.")
-    return (f"Workload {workload_line(d['workload'])}, {d['minibatches']} minibatches: "
-            f"{d['gram_flops'] / 1e9:.1f} GFLOP of Grams + {d['pair_flops'] / 1e9:.2f} GFLOP of pair terms; "
-            f"{d['bytes'] / 1e9:.2f} GB to read. Memory bandwidth: read {bw['read_Bps'] / 1e9:.1f} GB/s, copy "
-            f"{bw['copy_Bps'] / 1e9:.1f} GB/s, so reading the values once takes at least "
-            f"{fmt(d['memory_floor_s'])} s.\n\n{body}\n\n"
-            f"GEMM floor = FLOPs / the rate of a square {d['square_gemm_n']}^3 matrix product measured in the same "
-            "run (the machine's best)." + libs + " \"At W's shapes\" times the (m x d)(d x m) Gram products as general "
-            "products, which run slower than square ones. The FLOPs count general products; cka-analyze computes "
-            "each Gram as a symmetric rank-k update (numpy's syrk), which needs half of them -- that is how its "
-            "\"achieved GFLOP/s\" can exceed the GEMM rate. cka-analyze is the best of the timed runs after a "
-            "warm-up (files in the page cache)." + first + f" Target: at most {d['target_ratio']}x the float32 GEMM "
-            f"floor: **{'met' if d['target_met'] else 'missed'}**.")
+        first = (
+            f" The float32 time is a repeat analysis, which reuses the files' remembered SHA-256; the first "
+            f"analysis of new files also hashes them ({fmt(t32['end_to_end_hashing_s'])} s, "
+            f"{fmt(t32['end_to_end_hashing_s'] / floor)}x the floor); with `--no-hash` it took "
+            f"{fmt(t32['end_to_end_no_hash_s'])} s."
+        )
+    return (
+        f"Workload {workload_line(d['workload'])}, {d['minibatches']} minibatches: "
+        f"{d['gram_flops'] / 1e9:.1f} GFLOP of Grams + {d['pair_flops'] / 1e9:.2f} GFLOP of pair terms; "
+        f"{d['bytes'] / 1e9:.2f} GB to read. Memory bandwidth: read {bw['read_Bps'] / 1e9:.1f} GB/s, copy "
+        f"{bw['copy_Bps'] / 1e9:.1f} GB/s, so reading the values once takes at least "
+        f"{fmt(d['memory_floor_s'])} s.\n\n{body}\n\n"
+        f"GEMM floor = FLOPs / the rate of a square {d['square_gemm_n']}^3 matrix product measured in the same "
+        "run (the machine's best)." + libs + ' "At W\'s shapes" times the (m x d)(d x m) Gram products as general '
+        "products, which run slower than square ones. The FLOPs count general products; cka-analyze computes "
+        "each Gram as a symmetric rank-k update (numpy's syrk), which needs half of them -- that is how its "
+        '"achieved GFLOP/s" can exceed the GEMM rate. cka-analyze is the best of the timed runs after a '
+        "warm-up (files in the page cache)." + first + f" Target: at most {d['target_ratio']}x the float32 GEMM "
+        f"floor: **{'met' if d['target_met'] else 'missed'}**."
+    )
 
 
 def section_accuracy(d: dict[str, Any]) -> str:
@@ -140,7 +198,9 @@ def section_accuracy(d: dict[str, Any]) -> str:
     for impl, precision in impls:
         cells = [impl, fmt(next((r["version"] for r in d["rows"] if r["impl"] == impl), "")), precision]
         for v in variants:
-            r = next((r for r in d["rows"] if r["impl"] == impl and r["precision"] == precision and r["variant"] == v), None)
+            r = next(
+                (r for r in d["rows"] if r["impl"] == impl and r["precision"] == precision and r["variant"] == v), None
+            )
             if r is None:
                 cells.append("-")
             elif not r["ok"]:
@@ -151,29 +211,44 @@ def section_accuracy(d: dict[str, Any]) -> str:
     body = table(["implementation", "version", "Grams", *[names.get(v, v) for v in variants]], rows)
     full = [r for r in d["rows"] if r["impl"] == "cka-analyze"]
     worst = {p: max((r["err_all"] for r in full if r["precision"] == p), default=None) for p in ("float32", "float64")}
-    lines = [f"Workload {workload_line(d['workload'])}. Entries: max |CKA - float64 reference| over the A-vs-B "
-             f"block ({len(d['workload']['widths_a'])} x {len(d['workload']['widths_b'])}). Peers ran their first {d['peer_batches']} sequential minibatches, the reference the "
-             "same ones; cka-analyze ran all of its shuffled minibatches, its reference the same ones "
-             "(`plan_minibatches`). Over the whole stacked matrix (A-A, A-B, B-B) cka-analyze's worst error is "
-             f"{sci(worst['float32'])} with float32 Grams and {sci(worst['float64'])} with float64 Grams.", "", body]
+    lines = [
+        f"Workload {workload_line(d['workload'])}. Entries: max |CKA - float64 reference| over the A-vs-B "
+        f"block ({len(d['workload']['widths_a'])} x {len(d['workload']['widths_b'])}). Peers ran their first {d['peer_batches']} sequential minibatches, the reference the "
+        "same ones; cka-analyze ran all of its shuffled minibatches, its reference the same ones "
+        "(`plan_minibatches`). Over the whole stacked matrix (A-A, A-B, B-B) cka-analyze's worst error is "
+        f"{sci(worst['float32'])} with float32 Grams and {sci(worst['float64'])} with float64 Grams.",
+        "",
+        body,
+    ]
     ck = [r for r in d["rows"] if r["impl"] == "ckatorch" and r.get("ok")]
     if ck:
-        lines += ["", "ckatorch's CKA class against the CKA of the *last minibatch alone*: max difference "
-                  + ", ".join(f"{sci(r['err_ab_vs_last_batch'])} ({names.get(r['variant'], r['variant'])})" for r in ck)
-                  + " -- its loop assigns each minibatch's CKA instead of accumulating HSIC sums."]
+        lines += [
+            "",
+            "ckatorch's CKA class against the CKA of the *last minibatch alone*: max difference "
+            + ", ".join(f"{sci(r['err_ab_vs_last_batch'])} ({names.get(r['variant'], r['variant'])})" for r in ck)
+            + " -- its loop assigns each minibatch's CKA instead of accumulating HSIC sums.",
+        ]
     return "\n".join(lines)
 
 
 def section_memory(d: dict[str, Any]) -> str:
-    a = table(["n", "files GB", "peak RSS MB", "seconds"],
-              [[f"{r['n']:,}", fmt(r["file_gb"]), fmt(r["max_rss_mb"], 0), fmt(r["seconds"], 1)] for r in d["analyze"]])
-    e = table(["inputs", "inputs MB", "peak RSS MB", "seconds"],
-              [[f"{r['n']:,}", fmt(r["inputs_mb"], 0), fmt(r["max_rss_mb"], 0), fmt(r["seconds"], 1)] for r in d["extract"]])
+    a = table(
+        ["n", "files GB", "peak RSS MB", "seconds"],
+        [[f"{r['n']:,}", fmt(r["file_gb"]), fmt(r["max_rss_mb"], 0), fmt(r["seconds"], 1)] for r in d["analyze"]],
+    )
+    e = table(
+        ["inputs", "inputs MB", "peak RSS MB", "seconds"],
+        [[f"{r['n']:,}", fmt(r["inputs_mb"], 0), fmt(r["max_rss_mb"], 0), fmt(r["seconds"], 1)] for r in d["extract"]],
+    )
     ratio = d.get("analyze_rss_ratio")
-    verdict = "-" if ratio is None else f"{ratio:.3f} ({'within' if d['analyze_target_met'] else 'above'} the 1.10 target)"
-    return (f"`cka-analyze` on {workload_line(d['workload'])} (n varied):\n\n{a}\n\nPeak RSS ratio large/small n: "
-            f"{verdict}.\n\n`cka-extract` (PyTorch plugin, bench/cnn.py, 8 layers, `--reduction mean`):\n\n{e}\n\n"
-            f"Peak RSS ratio largest/smallest: {d['extract_rss_ratio']:.3f}.")
+    verdict = (
+        "-" if ratio is None else f"{ratio:.3f} ({'within' if d['analyze_target_met'] else 'above'} the 1.10 target)"
+    )
+    return (
+        f"`cka-analyze` on {workload_line(d['workload'])} (n varied):\n\n{a}\n\nPeak RSS ratio large/small n: "
+        f"{verdict}.\n\n`cka-extract` (PyTorch plugin, bench/cnn.py, 8 layers, `--reduction mean`):\n\n{e}\n\n"
+        f"Peak RSS ratio largest/smallest: {d['extract_rss_ratio']:.3f}."
+    )
 
 
 def section_extract(d: dict[str, Any]) -> str:
@@ -181,46 +256,91 @@ def section_extract(d: dict[str, Any]) -> str:
         ok = r["marginal_extract_s"] > 0 and r["marginal_bare_s"] > 0
         return fmt(r["overhead_ratio"]) if ok else "noise (negative marginal; see end to end)"
 
-    rows = [[r["plugin"], r["reduction"], fmt(r["marginal_extract_s"]), fmt(r["marginal_bare_s"]), ratio(r),
-             fmt(r["end_to_end_ratio"]), fmt(r["extract_max_rss_mb"], 0)] for r in d["rows"]]
+    rows = [
+        [
+            r["plugin"],
+            r["reduction"],
+            fmt(r["marginal_extract_s"]),
+            fmt(r["marginal_bare_s"]),
+            ratio(r),
+            fmt(r["end_to_end_ratio"]),
+            fmt(r["extract_max_rss_mb"], 0),
+        ]
+        for r in d["rows"]
+    ]
     n = d["rows"][0]["n"] if d["rows"] else ["?", "?"]
-    body = table(["plugin", "reduction", f"cka-extract s per {n[0]:,} inputs", "bare forward s", "ratio",
-                  f"end-to-end ratio at {n[1]:,}", "cka-extract peak RSS MB"], rows)
-    return (f"Small CNN (bench/cnn.py), 8 layers ({', '.join(d['layers'])}), batch {d['batch_size']}, CPU. "
-            f"Seconds are marginal: time({n[1]:,} inputs) - time({n[0]:,} inputs), so start-up cancels out.\n\n"
-            f"{body}\n\nTarget: at most {d['target_ratio']}x the bare forward passes (8 layers, CPU). On this "
-            "machine these ratios swing by up to 2x between runs of the same code (see \"Reading these numbers\": "
-            "the bare loop itself took 0.43-1.05 s per 2,048 inputs); a ratio below 1 is that noise, not "
-            "extraction being faster than the forward passes." + _in_process(d))
+    body = table(
+        [
+            "plugin",
+            "reduction",
+            f"cka-extract s per {n[0]:,} inputs",
+            "bare forward s",
+            "ratio",
+            f"end-to-end ratio at {n[1]:,}",
+            "cka-extract peak RSS MB",
+        ],
+        rows,
+    )
+    return (
+        f"Small CNN (bench/cnn.py), 8 layers ({', '.join(d['layers'])}), batch {d['batch_size']}, CPU. "
+        f"Seconds are marginal: time({n[1]:,} inputs) - time({n[0]:,} inputs), so start-up cancels out.\n\n"
+        f"{body}\n\nTarget: at most {d['target_ratio']}x the bare forward passes (8 layers, CPU). On this "
+        'machine these ratios swing by up to 2x between runs of the same code (see "Reading these numbers": '
+        "the bare loop itself took 0.43-1.05 s per 2,048 inputs); a ratio below 1 is that noise, not "
+        "extraction being faster than the forward passes." + _in_process(d)
+    )
 
 
 def _in_process(d: dict[str, Any]) -> str:
     rows = d.get("in_process") or []
     if not rows:
         return ""
-    body = table(["plugin", "reduction", "extract s per 2,048 inputs (median)", "bare loop s (median)", "ratio",
-                  "spread: extract / bare s"],
-                 [[r["plugin"], r["reduction"], fmt(r["marginal_extract_s"]), fmt(r["marginal_bare_s"]), fmt(r["ratio"]),
-                   f"{fmt(r['extract_spread_s'][0])}-{fmt(r['extract_spread_s'][1])} / "
-                   f"{fmt(r['bare_spread_s'][0])}-{fmt(r['bare_spread_s'][1])}"] for r in rows])
-    return ("\n\nThe same marginal comparison in one process (`cka_offline.extract` and the bare loop alternated, "
-            f"{rows[0]['repeats']} times, medians): the steadier measurement here. `flatten` writes 768 KiB per "
-            "input; in one process, several GB written and deleted within seconds also meet the kernel's "
-            "write-back throttling, so its row measures the disk more than the extraction.\n\n" + body)
+    body = table(
+        [
+            "plugin",
+            "reduction",
+            "extract s per 2,048 inputs (median)",
+            "bare loop s (median)",
+            "ratio",
+            "spread: extract / bare s",
+        ],
+        [
+            [
+                r["plugin"],
+                r["reduction"],
+                fmt(r["marginal_extract_s"]),
+                fmt(r["marginal_bare_s"]),
+                fmt(r["ratio"]),
+                f"{fmt(r['extract_spread_s'][0])}-{fmt(r['extract_spread_s'][1])} / "
+                f"{fmt(r['bare_spread_s'][0])}-{fmt(r['bare_spread_s'][1])}",
+            ]
+            for r in rows
+        ],
+    )
+    return (
+        "\n\nThe same marginal comparison in one process (`cka_offline.extract` and the bare loop alternated, "
+        f"{rows[0]['repeats']} times, medians): the steadier measurement here. `flatten` writes 768 KiB per "
+        "input; in one process, several GB written and deleted within seconds also meet the kernel's "
+        "write-back throttling, so its row measures the disk more than the extraction.\n\n" + body
+    )
 
 
 def section_gpu(d: dict[str, Any]) -> str:
     if d.get("skipped"):
         return f"Skipped on this machine: {d['skipped']}."
-    rows = [[r["device"], r["precision"], fmt(r["seconds"]), fmt(r["compute_s"]), fmt(r["read_wait_s"]),
-             sci(r["max_err"])] for r in d["rows"]]
+    rows = [
+        [r["device"], r["precision"], fmt(r["seconds"]), fmt(r["compute_s"]), fmt(r["read_wait_s"]), sci(r["max_err"])]
+        for r in d["rows"]
+    ]
     body = table(["device", "Grams", "end to end s", "loop s", "waiting for data s", "max err vs float64"], rows)
     rates = d["cuda_gemm_rate_flops"]
-    return (f"{d['gpu']}; workload {workload_line(d['workload'])}.\n\n{body}\n\nCUDA GEMM rate: float32 "
-            f"{rates['float32'] / 1e12:.1f} TFLOP/s (TF32 {'on' if d['tf32'] else 'off'}), float64 "
-            f"{rates['float64'] / 1e12:.1f} TFLOP/s; GEMM floor of W on the GPU: {fmt(d['cuda_floor_s']['float32'], 3)} s "
-            f"(float32). Speed-up of CUDA over the same machine's CPU, end to end: float32 {fmt(d['speedup_cuda_vs_cpu']['float32'], 1)}x, "
-            f"float64 {fmt(d['speedup_cuda_vs_cpu']['float64'], 1)}x.")
+    return (
+        f"{d['gpu']}; workload {workload_line(d['workload'])}.\n\n{body}\n\nCUDA GEMM rate: float32 "
+        f"{rates['float32'] / 1e12:.1f} TFLOP/s (TF32 {'on' if d['tf32'] else 'off'}), float64 "
+        f"{rates['float64'] / 1e12:.1f} TFLOP/s; GEMM floor of W on the GPU: {fmt(d['cuda_floor_s']['float32'], 3)} s "
+        f"(float32). Speed-up of CUDA over the same machine's CPU, end to end: float32 {fmt(d['speedup_cuda_vs_cpu']['float32'], 1)}x, "
+        f"float64 {fmt(d['speedup_cuda_vs_cpu']['float64'], 1)}x."
+    )
 
 
 SECTIONS = [
@@ -266,8 +386,10 @@ def render(results_dir: Path) -> str:
         try:
             out.append(fn(d) + "\n")
         except (KeyError, TypeError, ZeroDivisionError) as exc:
-            out.append(f"The result file {path.name} could not be rendered ({type(exc).__name__}: {exc}); "
-                       f"run `{SCRIPTS[key]}` again.\n")
+            out.append(
+                f"The result file {path.name} could not be rendered ({type(exc).__name__}: {exc}); "
+                f"run `{SCRIPTS[key]}` again.\n"
+            )
         out.append(provenance(d) + "\n")
     # hand-written sections: the scale-out measurements (bench/bench_distributed.py) and the notes
     for name in ("SCALE_OUT.md", "NOTES.md"):

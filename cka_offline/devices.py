@@ -45,7 +45,9 @@ def describe_kinds(allowed: tuple[str, ...] = DEVICE_KINDS) -> str:
     return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
 
 
-def parse_device(spec: str | Device | None, *, allowed: tuple[str, ...] = DEVICE_KINDS, default: str = "auto") -> Device:
+def parse_device(
+    spec: str | Device | None, *, allowed: tuple[str, ...] = DEVICE_KINDS, default: str = "auto"
+) -> Device:
     """Parse ``spec`` (case and surrounding spaces ignored; ``None`` or empty: ``default``).
 
     Raises:
@@ -57,7 +59,9 @@ def parse_device(spec: str | Device | None, *, allowed: tuple[str, ...] = DEVICE
         text = (spec or default).strip().lower()
         kind, sep, rest = text.partition(":")
         if sep and (kind != "cuda" or not rest.isdigit()):
-            raise DeviceError(f"device {spec!r}: expected cuda:N with an integer N >= 0, or one of {describe_kinds(allowed)}")
+            raise DeviceError(
+                f"device {spec!r}: expected cuda:N with an integer N >= 0, or one of {describe_kinds(allowed)}"
+            )
         if kind not in DEVICE_KINDS:
             raise DeviceError(f"unknown device {spec!r}; use {describe_kinds(allowed)}")
         device = Device(kind, int(rest) if sep else None)
@@ -73,7 +77,9 @@ def gpu_driver_present() -> bool:
     return any(os.path.exists(p) for p in GPU_DRIVER_FILES)
 
 
-def resolve_torch_device(spec: str | Device | None, *, allowed: tuple[str, ...] = DEVICE_KINDS, default: str = "auto") -> Device:
+def resolve_torch_device(
+    spec: str | Device | None, *, allowed: tuple[str, ...] = DEVICE_KINDS, default: str = "auto"
+) -> Device:
     """The device to run on: ``auto`` becomes ``cuda`` when torch sees a GPU, else ``cpu``; a requested
     ``cuda``, ``cuda:N`` or ``mps`` is checked to exist. ``cpu``, and ``auto`` without a GPU driver, do not
     import torch.

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import threading
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,6 @@ def file_sha256(path: str, *, cancelled: Callable[[], bool] | None = None, block
     if cache is not None and _key(path) == key:  # unchanged while we read it
         _store(cache, key, text)
     return text
-
-
 
 
 class FileHasher:

@@ -29,14 +29,15 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .devices import parse_device
 from .errors import CKAOfflineError, DistributedError
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -179,17 +180,19 @@ class Distributed:
             yield
         except PeerFailedError:
             pass  # another rank failed; its status says why
-        except Exception as exc:  # noqa: BLE001 - every error must reach the other ranks
+        except Exception as exc:
             error = exc
             self._signal(phase_id)
-        status = _Status(self.rank, False) if error is None else _Status(
-            self.rank, True, type(error).__name__, _describe(error), int(getattr(error, "exit_code", 1))
+        status = (
+            _Status(self.rank, False)
+            if error is None
+            else _Status(self.rank, True, type(error).__name__, _describe(error), int(getattr(error, "exit_code", 1)))
         )
         try:
             statuses: list[_Status] = self._gather(status)
-        except Exception as exc:  # noqa: BLE001 - lost contact: our own error says more, if any
+        except Exception as exc:
             if error is not None:
-                raise error
+                raise error from None  # this rank's own error says more than the lost contact
             raise DistributedError(
                 f"rank {self.rank} of {self.world_size} lost contact with the other ranks while {phase} "
                 f"({_describe(exc)}); another rank died or is far slower (wait limit {self.timeout:g} s, "
@@ -202,13 +205,13 @@ class Distributed:
         if error is not None and (self.is_main or not isinstance(error, CKAOfflineError)):
             raise error
         others = f" (ranks {', '.join(str(s.rank) for s in failed[1:])} failed too)" if len(failed) > 1 else ""
-        exc = DistributedError(
+        failure = DistributedError(
             f"rank {first.rank} of {self.world_size} failed while {phase}: {first.message}{others}. "
             "No result was written"
         )
-        exc.exit_code = first.exit_code
-        exc.quiet = not self.is_main
-        raise exc
+        failure.exit_code = first.exit_code
+        failure.quiet = not self.is_main
+        raise failure
 
     def poll(self, force: bool = False) -> None:
         """Raise :class:`PeerFailedError` if another rank has failed in the current phase; cheap (looks
@@ -221,7 +224,7 @@ class Distributed:
         self._last_poll = now
         try:
             failures = self._store.add(self._fail_key(self._phase - 1), 0)
-        except Exception:  # noqa: BLE001 - the store is gone: the phase's end will say why
+        except Exception:
             return
         if failures:
             raise PeerFailedError("another rank failed")
@@ -234,7 +237,7 @@ class Distributed:
             return
         try:
             self._store.add(self._fail_key(phase_id), 1)
-        except Exception:  # noqa: BLE001 - best effort: the phase's end reports the failure anyway
+        except Exception:
             log.debug("could not flag the failure in the store", exc_info=True)
 
     # ------------------------------------------------------------------ collectives
@@ -302,7 +305,7 @@ class Distributed:
             if dist.is_initialized():
                 dist.destroy_process_group()
 
-    def __enter__(self) -> "Distributed":
+    def __enter__(self) -> Distributed:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -368,8 +371,9 @@ def init(device: str = "cpu", *, backend: str | None = None, timeout: float | No
     if dist.is_initialized():
         get_store = getattr(dist.distributed_c10d, "_get_default_store", None)
         store = dist.PrefixStore(prefix, get_store()) if get_store is not None else None
-        return Distributed(dist.get_rank(), dist.get_world_size(), local, backend=str(dist.get_backend()),
-                           store=store, timeout=limit)
+        return Distributed(
+            dist.get_rank(), dist.get_world_size(), local, backend=str(dist.get_backend()), store=store, timeout=limit
+        )
     parsed = parse_device(device)
     on_cuda = parsed.is_cuda or (parsed.kind == "auto" and torch.cuda.is_available())
     chosen = backend or os.environ.get("CKA_DIST_BACKEND") or ("cpu:gloo,cuda:nccl" if on_cuda else "gloo")
@@ -379,8 +383,9 @@ def init(device: str = "cpu", *, backend: str | None = None, timeout: float | No
     try:
         store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=delta))
         store.set_timeout(delta)
-        dist.init_process_group(chosen, store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world,
-                                timeout=delta)
+        dist.init_process_group(
+            chosen, store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world, timeout=delta
+        )
     except (RuntimeError, ValueError, OSError) as exc:
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         raise DistributedError(
@@ -389,11 +394,17 @@ def init(device: str = "cpu", *, backend: str | None = None, timeout: float | No
             "rendezvous address, or set CKA_DIST_BACKEND"
         ) from exc
     log.info("rank %d of %d (local %d) joined the process group, backend %s", rank, world, local, chosen)
-    return Distributed(rank, world, local, backend=chosen, store=dist.PrefixStore(prefix, store), timeout=limit,
-                       owns_group=True)
+    return Distributed(
+        rank, world, local, backend=chosen, store=dist.PrefixStore(prefix, store), timeout=limit, owns_group=True
+    )
 
 
 __all__ = [
-    "Distributed", "DistributedError", "PeerFailedError", "init", "environment", "follower_exit",
+    "Distributed",
+    "DistributedError",
+    "PeerFailedError",
+    "init",
+    "environment",
+    "follower_exit",
     "DEFAULT_TIMEOUT",
 ]

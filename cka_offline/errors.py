@@ -77,6 +77,9 @@ class ResumeError(CKAOfflineError):
 class DistributedError(CKAOfflineError):
     """A rank of a torch.distributed run failed or disagrees with the others."""
 
+    #: set on the ranks that are not rank 0: the CLI exits without printing (rank 0 says it once)
+    quiet: bool = False
+
 
 class NoExtractorError(PluginError):
     """No installed extractor can open a model source."""

@@ -20,8 +20,9 @@ import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import OptionError
 
@@ -137,7 +138,9 @@ def check_declarations(options: Sequence[Option], owner: str) -> None:
     """Raise ``TypeError`` unless ``options`` is a sequence of :class:`Option` with unique names and known
     types (a bug in the plugin, found by :mod:`cka_offline.testing` and when options are parsed)."""
     if not isinstance(options, (tuple, list)) or not all(isinstance(o, Option) for o in options):
-        raise TypeError(f"{owner}: declared_options must be a tuple of cka_offline.extractor.Option, got {options!r:.200}")
+        raise TypeError(
+            f"{owner}: declared_options must be a tuple of cka_offline.extractor.Option, got {options!r:.200}"
+        )
     names = [o.name for o in options]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -236,9 +239,7 @@ class InputReader(ABC):
         converted values with defaults (``self.option_values``)."""
         self.path = path
         self.options = options
-        self.option_values = parse_options(
-            declared_options(type(self)), options, owner=f"{self.name} inputs {path}"
-        )
+        self.option_values = parse_options(declared_options(type(self)), options, owner=f"{self.name} inputs {path}")
 
     @abstractmethod
     def __len__(self) -> int:
@@ -256,7 +257,7 @@ class InputReader(ABC):
         """``{"description": ..., "sha256": ...}`` identifying the inputs for provenance and resume."""
         return {"description": f"{self.name}:{os.path.abspath(self.path)}", "sha256": sha256_path(self.path)}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: a reader without open files needs none
         """Release open files."""
 
 
@@ -342,10 +343,10 @@ class Extractor(ABC):
         ``model`` (identifier), ``model_sha256`` (empty if there is no file); others are stored as extras."""
         return {"framework": self.framework, "framework_version": "", "model": self.source, "model_sha256": ""}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: an extractor without resources needs none
         """Release the model and any resources."""
 
-    def __enter__(self) -> "Extractor":
+    def __enter__(self) -> Extractor:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -369,7 +370,7 @@ def sha256_path(path: str, *, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _update_file(digest: "hashlib._Hash", path: str, chunk: int) -> None:
+def _update_file(digest: hashlib._Hash, path: str, chunk: int) -> None:
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             digest.update(block)

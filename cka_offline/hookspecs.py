@@ -27,7 +27,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def cka_extractors() -> "list[type[Extractor]]":
+def cka_extractors() -> list[type[Extractor]]:
     """Return the :class:`~cka_offline.extractor.Extractor` subclasses this plugin provides.
 
     Called once per plugin manager, when extractors are listed or a source is opened. Each class must have
@@ -38,7 +38,7 @@ def cka_extractors() -> "list[type[Extractor]]":
 
 
 @hookspec
-def cka_input_readers() -> "list[type[InputReader]]":
+def cka_input_readers() -> list[type[InputReader]]:
     """Return the :class:`~cka_offline.extractor.InputReader` subclasses this plugin provides.
 
     Called like :func:`cka_extractors`. The core's own readers (``.npz``, ``.npy``, HDF5 datasets, image

@@ -14,7 +14,8 @@ import logging
 import mmap
 import os
 import zipfile
-from typing import Any, BinaryIO, Sequence
+from collections.abc import Sequence
+from typing import IO, Any
 
 import numpy as np
 
@@ -42,7 +43,9 @@ def _check_lengths(lengths: dict[str, int], where: str) -> int:
         raise InputError(f"{where} holds no input arrays")
     if len(set(lengths.values())) != 1:
         listing = ", ".join(f"{k}: {v}" for k, v in lengths.items())
-        raise InputError(f"arrays in {where} have different numbers of examples (axis 0): {listing}; they must all match")
+        raise InputError(
+            f"arrays in {where} have different numbers of examples (axis 0): {listing}; they must all match"
+        )
     return next(iter(lengths.values()))
 
 
@@ -90,7 +93,7 @@ class _NpzMember:
 
     def __init__(self, path: str, zf: zipfile.ZipFile, member: str, name: str) -> None:
         self.path, self.zf, self.member, self.name = path, zf, member, name
-        self._stream: BinaryIO | None = None
+        self._stream: IO[bytes] | None = None
         self._pos = 0
         self._full: np.ndarray | None = None
         with zf.open(member) as fh:
@@ -116,7 +119,7 @@ class _NpzMember:
             offset = info.header_offset + 30 + name_len + extra_len + header_len
             self._memmap = np.memmap(path, dtype=self.dtype, mode="r", offset=offset, shape=self.shape)
 
-    def _header(self, fh: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    def _header(self, fh: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
         try:
             version = np.lib.format.read_magic(fh)
             if version == (1, 0):
@@ -143,14 +146,15 @@ class _NpzMember:
             self._stream = self.zf.open(self.member)
             self._header(self._stream)
             self._pos = 0
+        stream = self._stream
         skip = (start - self._pos) * self.row_bytes
         while skip > 0:
-            got = len(self._stream.read(min(skip, 1 << 24)))
+            got = len(stream.read(min(skip, 1 << 24)))
             if got == 0:
                 break
             skip -= got
         want = (stop - start) * self.row_bytes
-        data = self._stream.read(want)
+        data = stream.read(want)
         if len(data) != want:
             raise InputError(f"array {self.name!r} in {self.path} is truncated (rows {start}:{stop} missing)")
         self._pos = stop
@@ -275,7 +279,9 @@ class HDF5Inputs(_BuiltinInputs):
 
     name = "hdf5"
     declared_options = (
-        Option("dataset", str, None, "dataset path(s) in the file, comma-separated, each an input named by its basename"),
+        Option(
+            "dataset", str, None, "dataset path(s) in the file, comma-separated, each an input named by its basename"
+        ),
         Option("ids", str, None, "path of a dataset of example ids in the file (default: row numbers)"),
     )
     description = "HDF5 dataset: file.h5:/path/to/dataset (input named by the basename), ids with option ids=/path"
@@ -426,10 +432,10 @@ class ImageFolderInputs(_BuiltinInputs):
 
         full = os.path.join(self.path, self._files[index])
         try:
-            with Image.open(full) as img:
-                img = img.convert("L" if self.grayscale else "RGB")
+            with Image.open(full) as opened:
+                img = opened.convert("L" if self.grayscale else "RGB")
                 if self.size is not None:
-                    img = img.resize((self.size[1], self.size[0]), Image.BILINEAR)
+                    img = img.resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
                 arr = np.asarray(img, dtype=np.float32) / 255.0
         except OSError as exc:
             raise InputError(f"cannot read image {full}: {exc}") from None

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ def plot_format(path: str) -> str:
 
 
 def plot_heatmap(
-    result: "CKAResult",
+    result: CKAResult,
     path: str | os.PathLike[str],
     pair: tuple[int, int] | None = None,
     annotate: bool | None = None,
@@ -96,7 +97,12 @@ def plot_heatmap(
     ax = fig.add_axes((0.0, 0.0, 1 / 1.12, 1.0))  # the cells fill the figure; labels go outside it
     colours = matplotlib.colormaps[cmap].with_extremes(bad="#bbbbbb")
     image = ax.imshow(
-        np.ma.masked_invalid(values), origin="lower", cmap=colours, vmin=0.0, vmax=1.0, aspect="equal",
+        np.ma.masked_invalid(values),
+        origin="lower",
+        cmap=colours,
+        vmin=0.0,
+        vmax=1.0,
+        aspect="equal",
         interpolation="nearest",
     )
     colorbar = fig.colorbar(image, cax=fig.add_axes((1 / 1.12 + 0.02, 0.0, 0.03, 1.0)))
@@ -114,13 +120,19 @@ def plot_heatmap(
             for b in range(n_cols):
                 v = values[a, b]
                 text = "nan" if math.isnan(v) else f"{v:.2f}"
-                ax.text(b, a, text, ha="center", va="center", fontsize=cell_font,
-                        color="black" if (not math.isnan(v) and v > 0.6) else "white")
+                ax.text(
+                    b,
+                    a,
+                    text,
+                    ha="center",
+                    va="center",
+                    fontsize=cell_font,
+                    color="black" if (not math.isnan(v) and v > 0.6) else "white",
+                )
     if title is None:
         p = result.params
         title = (
-            f"CKA ({p.get('kernel', 'linear')} kernel, {p.get('estimator', 'minibatch')}), "
-            f"{result.n_examples} examples"
+            f"CKA ({p.get('kernel', 'linear')} kernel, {p.get('estimator', 'minibatch')}), {result.n_examples} examples"
         )
     ax.set_title(title, fontsize=12)
     with atomic_output(path) as tmp:

@@ -15,7 +15,7 @@ The reduction of each layer is recorded in the file. All take an array with the 
 from __future__ import annotations
 
 import fnmatch
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -145,4 +145,12 @@ def _check_mask(layer: str, mask: np.ndarray, b: int, t: int, ids: Sequence | No
     return valid
 
 
-__all__ = ["DEFAULT_REDUCTION", "REDUCTIONS", "TOKEN_REDUCTIONS", "check_reduction", "resolve_reductions", "reduced_features", "reduce"]
+__all__ = [
+    "DEFAULT_REDUCTION",
+    "REDUCTIONS",
+    "TOKEN_REDUCTIONS",
+    "check_reduction",
+    "resolve_reductions",
+    "reduced_features",
+    "reduce",
+]

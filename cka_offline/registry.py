@@ -9,9 +9,10 @@ the others carry on. The registry's own state lives in a :class:`Plugins` object
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Iterable, Union
+from typing import Any
 
 import pluggy
 
@@ -31,7 +32,7 @@ class PluginEntry:
     """An extractor or input-reader class with where it came from."""
 
     name: str
-    cls: type
+    cls: Any  # an Extractor or InputReader subclass (which one: the list it came from)
     plugin: str
     distribution: str
     version: str
@@ -65,7 +66,7 @@ class Plugins:
         return self.distributions.get(plugin, ("?", ""))
 
 
-PluginsLike = Union[Plugins, pluggy.PluginManager]
+PluginsLike = Plugins | pluggy.PluginManager
 
 
 def get_plugin_manager(*, entry_points: bool = True, plugins: Iterable[object] = ()) -> Plugins:
@@ -111,10 +112,10 @@ def broken_plugins(pm: PluginsLike) -> list[tuple[str, str, str]]:
     return list(pm.broken) if isinstance(pm, Plugins) else []
 
 
-_KIND = {Extractor: "extractor", InputReader: "input reader"}
+_KIND: dict[type, str] = {Extractor: "extractor", InputReader: "input reader"}
 
 
-def _collect(plugins: Plugins, hook_name: str, base: type) -> list[PluginEntry]:
+def _collect(plugins: Plugins, hook_name: str, base: type[Any]) -> list[PluginEntry]:
     pm = plugins.manager
     entries: list[PluginEntry] = []
     seen: dict[str, PluginEntry] = {}
@@ -132,15 +133,16 @@ def _collect(plugins: Plugins, hook_name: str, base: type) -> list[PluginEntry]:
             if not (isinstance(cls, type) and issubclass(cls, base)) or not getattr(cls, "name", ""):
                 plugins.report_broken(plugin_name, dist, f"{cls!r} is not a named {base.__name__} subclass")
                 continue
-            entry = PluginEntry(cls.name, cls, plugin_name, dist, version, getattr(cls, "description", ""))
-            if cls.name in seen and seen[cls.name].cls is not cls:
+            name = str(cls.name)  # type: ignore[attr-defined]  # checked above: a named subclass of base
+            entry = PluginEntry(name, cls, plugin_name, dist, version, getattr(cls, "description", ""))
+            if name in seen and seen[name].cls is not cls:
                 raise PluginError(
-                    f"two plugins provide an {_KIND[base]} named {cls.name!r}: "
-                    f"plugin {seen[cls.name].plugin!r} ({seen[cls.name].distribution}) and plugin {plugin_name!r} "
+                    f"two plugins provide an {_KIND[base]} named {name!r}: "
+                    f"plugin {seen[name].plugin!r} ({seen[name].distribution}) and plugin {plugin_name!r} "
                     f"({dist}); uninstall one of them"
                 )
-            if cls.name not in seen:
-                seen[cls.name] = entry
+            if name not in seen:
+                seen[name] = entry
                 entries.append(entry)
     return entries
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from .errors import LayerSelectionError
 from .extractor import LayerInfo
@@ -70,7 +70,9 @@ def select_layers(
             )
         for info in matched:
             if not info.exposable:
-                log.warning("%s %r matches %r but cannot be extracted (%s); skipped", what, info.name, pattern, info.reason)
+                log.warning(
+                    "%s %r matches %r but cannot be extracted (%s); skipped", what, info.name, pattern, info.reason
+                )
         chosen.update(i.name for i in usable)
     return sorted(chosen, key=order.__getitem__)
 
@@ -98,7 +100,8 @@ def _match(
         return [i for i in infos if i.kind and fnmatch.fnmatchcase(i.kind, kind)]
     if _is_glob(pattern):
         return [
-            i for i in infos
+            i
+            for i in infos
             if fnmatch.fnmatchcase(i.name, pattern) or any(fnmatch.fnmatchcase(a, pattern) for a in i.aliases)
         ]
     return []

@@ -13,7 +13,8 @@ Every failed check raises :class:`AssertionError` with a message saying what the
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -122,18 +123,22 @@ def check_extractor(
     try:
         ext.close()
     except Exception as exc:
-        raise _fail(cls, f"close() called a second time raised {type(exc).__name__}: {exc}; it must be idempotent") from exc
+        raise _fail(
+            cls, f"close() called a second time raised {type(exc).__name__}: {exc}; it must be idempotent"
+        ) from exc
     return names
 
 
-def _check_early(ext: Extractor, inputs: Any, full: dict[str, np.ndarray], names: list[str], n: int,
-                 rtol: float, atol: float) -> None:
+def _check_early(
+    ext: Extractor, inputs: Any, full: dict[str, np.ndarray], names: list[str], n: int, rtol: float, atol: float
+) -> None:
     """Reductions the extractor says it applies itself (``early_reductions``) must give the core's numbers."""
     from .reduce import reduce
 
     cls = type(ext)
-    early = {name: r for r in sorted(cls.early_reductions) for name in names
-             if r == "mean" and full[name].ndim >= 3}  # the spatial mean needs (batch, channels, *spatial)
+    early = {
+        name: r for r in sorted(cls.early_reductions) for name in names if r == "mean" and full[name].ndim >= 3
+    }  # the spatial mean needs (batch, channels, *spatial)
     if not early:
         return
     accepted = ext.reduce_early(early)

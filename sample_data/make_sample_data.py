@@ -64,7 +64,7 @@ def train(seed: int, pixels: np.ndarray, labels: np.ndarray) -> nn.Module:
     for _ in range(EPOCHS):
         perm = torch.randperm(len(x), generator=order)
         for start in range(0, len(x), BATCH):
-            idx = perm[start:start + BATCH]
+            idx = perm[start : start + BATCH]
             opt.zero_grad()
             loss_fn(model(x[idx]), y[idx]).backward()
             opt.step()
@@ -86,8 +86,13 @@ def export_onnx(model: nn.Module, path: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated
         torch.onnx.export(
-            model, (torch.zeros(2, 1, 8, 8),), path, dynamo=False, opset_version=OPSET,
-            input_names=["pixels"], output_names=["logits"],
+            model,
+            (torch.zeros(2, 1, 8, 8),),
+            path,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=["pixels"],
+            output_names=["logits"],
             dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
             do_constant_folding=False,
         )
@@ -123,15 +128,22 @@ def main(argv: list[str] | None = None) -> int:
             logits = model(torch.from_numpy(pixels)).numpy()
         path = os.path.join(args.out, fname)
         if fname.endswith(".safetensors"):
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path,
-                      # one key: safetensors orders several metadata keys differently on every run
-                      metadata={"made_by": f"sample_data/make_sample_data.py, seed {seed}, "
-                                           "factory sample_data/digits_cnn.py:make_model"})
+            save_file(
+                {k: v.contiguous() for k, v in model.state_dict().items()},
+                path,
+                # one key: safetensors orders several metadata keys differently on every run
+                metadata={
+                    "made_by": f"sample_data/make_sample_data.py, seed {seed}, "
+                    "factory sample_data/digits_cnn.py:make_model"
+                },
+            )
         else:
             export_onnx(model, path)
         written.append(path)
-        print(f"{fname}: seed {seed}, accuracy held-out {accuracy(logits[test], labels[test]):.4f}, "
-              f"train {accuracy(logits[~test], labels[~test]):.4f}, all {accuracy(logits, labels):.4f}")
+        print(
+            f"{fname}: seed {seed}, accuracy held-out {accuracy(logits[test], labels[test]):.4f}, "
+            f"train {accuracy(logits[~test], labels[~test]):.4f}, all {accuracy(logits, labels):.4f}"
+        )
 
     for path in written:
         print(f"{os.path.basename(path)}  {os.path.getsize(path)} bytes  sha256 {sha256(path)}")

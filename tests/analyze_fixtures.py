@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -48,8 +48,14 @@ def write_acts(
     ids = np.arange(n) if ids is None else np.asarray(ids)
     specs = [LayerSpec(name, (a.shape[1],), "none", a.shape[1]) for name, a in arrays.items()]
     with ActivationWriter(
-        path, ids=ids, layers=specs, provenance={"model": model, "extractor": "test"}, dtype=dtype,
-        chunk_rows=chunk_rows, shard=shard, compression=compression,
+        path,
+        ids=ids,
+        layers=specs,
+        provenance={"model": model, "extractor": "test"},
+        dtype=dtype,
+        chunk_rows=chunk_rows,
+        shard=shard,
+        compression=compression,
     ) as w:
         for s in range(0, n, rows_per_write):
             w.write({k: v[s : s + rows_per_write] for k, v in arrays.items()})
@@ -63,7 +69,10 @@ ref_full_linear = reference.cka_biased
 
 
 def ref_minibatch(
-    layers: Sequence[np.ndarray], batches: Sequence[np.ndarray], n_groups: int = 16, sigmas: Sequence[float] | None = None,
+    layers: Sequence[np.ndarray],
+    batches: Sequence[np.ndarray],
+    n_groups: int = 16,
+    sigmas: Sequence[float] | None = None,
     groups: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(CKA, jackknife SE) over the stacked ``layers`` (each (n, d)) for the given minibatches of row indices.
@@ -96,5 +105,3 @@ def ref_minibatch(
     loo = np.stack([cka(total - sums[g_]) for g_ in used])
     se = np.sqrt((g - 1) / g * ((loo - loo.mean(0)) ** 2).sum(0))
     return cka(total), se
-
-

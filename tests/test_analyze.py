@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from cka_offline.analysis import (
-    MinibatchPlan, align_ids, analyze, batch_sizes, check_options, plan_minibatches, resolve_device,
+    MinibatchPlan,
+    align_ids,
+    analyze,
+    batch_sizes,
+    check_options,
+    plan_minibatches,
+    resolve_device,
 )
 from cka_offline.analysis.plan import canonical_order
 from cka_offline.errors import (
@@ -40,9 +46,17 @@ def plan_of(result, ids=None):
     which fix the ranks; default 0..n-1, as the test files hold)."""
     p = result.params
     ids = np.arange(result.n_examples) if ids is None else ids
-    return MinibatchPlan(result.n_examples, p["batch_size"], seed=p["seed"], epochs=p["epochs"], n_groups=p["n_groups"],
-                         shuffle=p["shuffle"], block_rows=p.get("block_rows", 1024),
-                         buffer_blocks=p.get("buffer_blocks", 8), canonical=canonical_order(ids))
+    return MinibatchPlan(
+        result.n_examples,
+        p["batch_size"],
+        seed=p["seed"],
+        epochs=p["epochs"],
+        n_groups=p["n_groups"],
+        shuffle=p["shuffle"],
+        block_rows=p.get("block_rows", 1024),
+        buffer_blocks=p.get("buffer_blocks", 8),
+        canonical=canonical_order(ids),
+    )
 
 
 def ref_of(layers, result, sigmas=None, ids=None):
@@ -96,8 +110,9 @@ def test_plan_is_a_seeded_permutation_per_epoch(shuffle):
 
 def test_blocks_shuffle_buffer_holds_whole_blocks():
     block, per_buffer = 10, 3
-    order = np.concatenate(plan_minibatches(100, 16, seed=0, block_rows=block, buffer_blocks=per_buffer,
-                                            shuffle="blocks"))
+    order = np.concatenate(
+        plan_minibatches(100, 16, seed=0, block_rows=block, buffer_blocks=per_buffer, shuffle="blocks")
+    )
     for start in range(0, 90, block * per_buffer):
         blocks = set((order[start : start + block * per_buffer] // block).tolist())
         assert len(blocks) == per_buffer  # each buffer is exactly 3 whole chunk-aligned blocks
@@ -177,8 +192,17 @@ def test_epochs_small_buffer_and_float16_match_reference(tmp_path, shuffle):
     a = chain_activations(90, seed=1)
     pa = write_acts(tmp_path / "a.h5", a, chunk_rows=8, dtype="float16")
     # a buffer budget below one minibatch: minibatches span several shuffle buffers
-    r = analyze([pa], batch_size=16, epochs=3, seed=1, precision="float64", device="cpu", buffer_bytes=200,
-                n_groups=5, shuffle=shuffle)
+    r = analyze(
+        [pa],
+        batch_size=16,
+        epochs=3,
+        seed=1,
+        precision="float64",
+        device="cpu",
+        buffer_bytes=200,
+        n_groups=5,
+        shuffle=shuffle,
+    )
     if shuffle == "blocks":
         assert r.params["buffer_blocks"] * r.params["block_rows"] < 16
     assert r.params["n_groups"] == (3 if shuffle == "uniform" else 5)  # uniform: 6 minibatches an epoch, 2 a group
@@ -305,7 +329,10 @@ def test_scratch_space_is_checked_before_decompressing(tmp_path, two_files, monk
     pa, pb, a, _ = two_files
     pa_gz = write_acts(tmp_path / "a_gz.h5", a, compression="gzip")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
-    with pytest.raises(ResourceError, match=r"stored compressed; uniform minibatches need it decompressed.*--scratch-dir.*--shuffle blocks"):
+    with pytest.raises(
+        ResourceError,
+        match=r"stored compressed; uniform minibatches need it decompressed.*--scratch-dir.*--shuffle blocks",
+    ):
         analyze([pa_gz, pb], batch_size=16, device="cpu", scratch_dir=str(tmp_path))
 
 
@@ -344,8 +371,9 @@ def test_mapped_pages_are_released_at_every_shuffle_buffer(two_files, monkeypatc
     monkeypatch.setattr(ActivationFile, "release_mapped", lambda self: (calls.append(self.path), release(self))[1])
     result = analyze([pa, pb], **opts)
     row_bytes = 4 * sum(x.shape[1] for x in [*a.values(), *b.values()])
-    plan = MinibatchPlan.for_data(N, batch_size=8, seed=0, epochs=1, chunk_rows=16, row_bytes=row_bytes,
-                                  buffer_bytes=4000, shuffle=shuffle)
+    plan = MinibatchPlan.for_data(
+        N, batch_size=8, seed=0, epochs=1, chunk_rows=16, row_bytes=row_bytes, buffer_bytes=4000, shuffle=shuffle
+    )
     _, ends = plan.epoch_order(0)
     starts = plan.offsets[:-1]
     buffers = len(set(np.searchsorted(ends, starts, side="right").tolist()))
@@ -390,8 +418,11 @@ def test_different_sets_error_and_intersection(tmp_path):
     # B: ids 10..99 shuffled, so 10 ids of A are missing from B and 20 of B from A
     ids_b = np.random.default_rng(2).permutation(np.arange(10, 100))
     pb = write_acts(tmp_path / "b.h5", {k: v[ids_b] for k, v in b.items()}, ids=ids_b)
-    with pytest.raises(AlignmentError, match=r"10 id\(s\) of .*a.h5 are missing from .*b.h5 \(e.g. 0, 1, 2, ...\), "
-                       r"20 id\(s\) of .*b.h5 are missing from .*a.h5.*--intersection"):
+    with pytest.raises(
+        AlignmentError,
+        match=r"10 id\(s\) of .*a.h5 are missing from .*b.h5 \(e.g. 0, 1, 2, ...\), "
+        r"20 id\(s\) of .*b.h5 are missing from .*a.h5.*--intersection",
+    ):
         analyze([pa, pb], device="cpu")
     r = analyze([pa, pb], batch_size=16, intersect=True, precision="float64", device="cpu")
     assert r.n_examples == 70
@@ -478,7 +509,10 @@ def test_gram_overflow_from_a_rare_outlier_is_reported(tmp_path):
     outside = sorted(set(range(n)) - set(MinibatchPlan(n, 16).sample(SCALE_SAMPLE).tolist()))[0]
     a["layer0"][outside] = np.float32(1e25)  # finite, but its float32 Gram entries overflow
     pa = write_acts(tmp_path / "a.h5", a)
-    with pytest.raises(ActivationValueError, match="minibatch .*: the Grams overflow float32 although the activations are finite.*--precision float64"):
+    with pytest.raises(
+        ActivationValueError,
+        match="minibatch .*: the Grams overflow float32 although the activations are finite.*--precision float64",
+    ):
         analyze([pa], batch_size=16, device="cpu")
     r = analyze([pa], batch_size=16, precision="float64", device="cpu")  # the fix runs
     assert np.isfinite(r.cka[1:, 1:]).all()
@@ -513,8 +547,15 @@ def test_layer_selection_per_side(two_files):
 
 
 def test_check_options():
-    good = dict(batch_size=256, epochs=1, kernel="linear", rbf_fraction=0.5, precision="float32",
-                estimator="minibatch", n_groups=16)
+    good = dict(
+        batch_size=256,
+        epochs=1,
+        kernel="linear",
+        rbf_fraction=0.5,
+        precision="float32",
+        estimator="minibatch",
+        n_groups=16,
+    )
     check_options(**good)
     for change, message in [
         ({"kernel": "poly"}, "unknown kernel 'poly'"),
@@ -576,8 +617,12 @@ def test_tf32_setting_is_overridden_and_restored(two_files):
                 raise KeyError("restored on error too")
         assert torch.get_float32_matmul_precision() == "high"
         seen = []  # the CPU loop is numpy: it leaves torch's settings alone
-        analyze([two_files[0]], batch_size=16, device="cpu",
-                progress=lambda *_: seen.append(torch.get_float32_matmul_precision()))
+        analyze(
+            [two_files[0]],
+            batch_size=16,
+            device="cpu",
+            progress=lambda *_: seen.append(torch.get_float32_matmul_precision()),
+        )
         assert set(seen) == {"high"}
     finally:
         torch.set_float32_matmul_precision(before)
@@ -596,8 +641,9 @@ def test_cpu_analysis_does_not_import_torch(two_files, tmp_path, device):
         "assert r.cka.shape[0] > 0\n"
         "print('torch' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.json")], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "r.json")], capture_output=True, text=True, check=True
+    )
     driver = device == "auto" and any(os.path.exists(p) for p in _GPU_DRIVER_FILES)
     assert out.stdout.strip() == str(driver), out.stderr
 
@@ -615,6 +661,8 @@ def test_package_level_call(two_files):
 
 def test_progress_callback(two_files):
     seen = []
-    analyze([two_files[0]], batch_size=16, epochs=2, device="cpu", progress=lambda done, total: seen.append((done, total)))
+    analyze(
+        [two_files[0]], batch_size=16, epochs=2, device="cpu", progress=lambda done, total: seen.append((done, total))
+    )
     assert seen[-1] == (2 * N, 2 * N)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)

@@ -31,10 +31,18 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     procs = {}
     for name in SCRIPTS:
         # each script its own data folder: they run concurrently
-        cmd = [sys.executable, str(BENCH / f"{name}.py"), "--smoke", "--results-dir", str(results),
-               "--data-dir", str(data / name)]
-        procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True)
+        cmd = [
+            sys.executable,
+            str(BENCH / f"{name}.py"),
+            "--smoke",
+            "--results-dir",
+            str(results),
+            "--data-dir",
+            str(data / name),
+        ]
+        procs[name] = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
     outputs = {name: p.communicate(timeout=300)[0] for name, p in procs.items()}
     codes = {name: p.returncode for name, p in procs.items()}
     return {"results": results, "outputs": outputs, "codes": codes}
@@ -107,8 +115,11 @@ def test_report(smoke: dict[str, object], tmp_path: Path) -> None:
     for name in SCRIPTS:
         _load(smoke, name.removeprefix("bench_"))
     out = tmp_path / "benchmarks.md"
-    subprocess.run([sys.executable, str(BENCH / "report.py"), "--results-dir", str(smoke["results"]),
-                    "--output", str(out)], check=True, cwd=REPO)
+    subprocess.run(
+        [sys.executable, str(BENCH / "report.py"), "--results-dir", str(smoke["results"]), "--output", str(out)],
+        check=True,
+        cwd=REPO,
+    )
     text = out.read_text()
     for title in ("1. Analysis speed", "2. The hardware floor", "3. Accuracy", "4. Memory", "5. Extraction", "6. GPU"):
         assert f"## {title}" in text

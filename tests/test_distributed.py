@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from cka_offline import distributed
-from cka_offline.analysis import MinibatchPlan, align_ids, analyze, own_minibatches, plan_minibatches
+from cka_offline.analysis import MinibatchPlan, analyze, own_minibatches, plan_minibatches
 from cka_offline.analysis.batches import HDF5BatchReader
 from cka_offline.analysis.loop import SCALE_SAMPLE
 from cka_offline.analysis.options import AnalysisOptions
@@ -30,15 +30,26 @@ from .analyze_fixtures import chain_activations, write_acts
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_data"
-_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CKA_DISTRIBUTED", "TORCHELASTIC_RUN_ID", "MASTER_ADDR",
-                  "MASTER_PORT")
+_TORCHRUN_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "CKA_DISTRIBUTED",
+    "TORCHELASTIC_RUN_ID",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 
 def torchrun(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     """``python -m torch.distributed.run --standalone --nproc-per-node 2 -m MODULE ARGS`` with this venv."""
     env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CKA_DIST_TIMEOUT="120",
-               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        CKA_DIST_TIMEOUT="120",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -71,7 +82,7 @@ def test_ranks_read_exactly_the_single_process_minibatches(tmp_path, world):
     assert [len(s) for s in shares] == [len(range(*own_minibatches(len(plan), r, world))) for r in range(world)]
     joined = [b for share in shares for b in share]
     assert [b[0] for b in joined] == list(range(len(plan)))
-    for (index, positions, arrays), (_, pos_whole, arr_whole), planned in zip(joined, whole, plan):
+    for (_, positions, arrays), (_, pos_whole, arr_whole), planned in zip(joined, whole, plan):
         np.testing.assert_array_equal(positions, planned)
         np.testing.assert_array_equal(positions, pos_whole)
         for a, b in zip(arrays, arr_whole):
@@ -161,7 +172,7 @@ def test_checked_phase_outcomes():
     with pytest.raises(FormatError, match="my own"), TwoRanks(0, _ok).checked("reading"):
         raise FormatError("my own")
     with pytest.raises(ZeroDivisionError), TwoRanks(1, _ok).checked("reading"):
-        1 / 0  # a bug keeps its traceback on its rank
+        _ = 1 / 0  # a bug keeps its traceback on its rank
     with pytest.raises(DistributedError, match="rank 0 of 2 lost contact with the other ranks while reading"):
         with TwoRanks(0, lambda obj: RuntimeError("Connection closed by peer")).checked("reading"):
             pass
@@ -208,8 +219,15 @@ def test_analyze_on_two_ranks_equals_one_process(tmp_path):
     assert sorted(os.listdir(out)) == ["cka.json"]  # rank 0 wrote the result, rank 1 nothing
     assert proc.stdout.count("layer of A") == 1  # one summary
     got = json.loads((out / "cka.json").read_text())
-    ref = analyze([str(tmp_path / "a-*.h5"), str(tmp_path / "b.h5")], batch_size=20, epochs=3, seed=5,
-                  kernel="rbf", precision="float64", device="cpu")
+    ref = analyze(
+        [str(tmp_path / "a-*.h5"), str(tmp_path / "b.h5")],
+        batch_size=20,
+        epochs=3,
+        seed=5,
+        kernel="rbf",
+        precision="float64",
+        device="cpu",
+    )
     assert got["n_minibatches"] == ref.n_minibatches == 45 and got["params"]["world_size"] == 2
     assert [f["sha256"] for f in got["files"]] == [f.sha256 for f in ref.files]  # each rank hashed a share
     bandwidths = [v for per_file in got["params"]["bandwidths"].values() for v in per_file.values()]
@@ -240,14 +258,31 @@ def test_extract_on_two_ranks_writes_shards_equal_to_one_file(tmp_path):
     from cka_offline.extraction import extract
 
     model = f"{SAMPLE / 'digits_cnn.py'}:make_model"
-    common = ["--weights", str(SAMPLE / "cnn_a.safetensors"), "--inputs", str(SAMPLE / "digits.npz"),
-              "--max-examples", "200", "--layers", "relu3,relu4", "-b", "64"]
+    common = [
+        "--weights",
+        str(SAMPLE / "cnn_a.safetensors"),
+        "--inputs",
+        str(SAMPLE / "digits.npz"),
+        "--max-examples",
+        "200",
+        "--layers",
+        "relu3,relu4",
+        "-b",
+        "64",
+    ]
     proc = torchrun(["cka_offline.cli.extract", model, *common, "-o", "acts.h5"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["acts-00000-of-00002.h5", "acts-00001-of-00002.h5"]
     assert proc.stderr.count("wrote 2 shards acts-*-of-00002.h5") == 1
-    whole = extract(model, str(SAMPLE / "digits.npz"), tmp_path / "whole.h5", layers=["relu3", "relu4"],
-                    options={"weights": str(SAMPLE / "cnn_a.safetensors")}, max_examples=200, batch_size=64)
+    whole = extract(
+        model,
+        str(SAMPLE / "digits.npz"),
+        tmp_path / "whole.h5",
+        layers=["relu3", "relu4"],
+        options={"weights": str(SAMPLE / "cnn_a.safetensors")},
+        max_examples=200,
+        batch_size=64,
+    )
     pattern = str(tmp_path / "acts-*-of-00002.h5")
     with open_activations(pattern) as shards, open_activations(whole) as one:
         assert shards.n_examples == 200 and np.array_equal(shards.ids, one.ids)
@@ -262,8 +297,15 @@ def test_extract_on_two_ranks_writes_shards_equal_to_one_file(tmp_path):
 def test_bench_distributed_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
     env["PYTHONPATH"] = str(REPO)
-    cmd = [sys.executable, str(REPO / "bench" / "bench_distributed.py"), "--smoke", "--results-dir",
-           str(tmp_path / "results"), "--data-dir", str(tmp_path / "data")]
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "bench_distributed.py"),
+        "--smoke",
+        "--results-dir",
+        str(tmp_path / "results"),
+        "--data-dir",
+        str(tmp_path / "data"),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     doc = json.loads((tmp_path / "results" / "distributed.json").read_text())

@@ -83,8 +83,13 @@ class ToyExtractor(Extractor):
         return out
 
     def provenance(self):
-        return {"framework": "numpy", "framework_version": np.__version__, "model": self.source,
-                "model_sha256": "", "seed": "0"}
+        return {
+            "framework": "numpy",
+            "framework_version": np.__version__,
+            "model": self.source,
+            "model_sha256": "",
+            "seed": "0",
+        }
 
 
 class OtherToyExtractor(ToyExtractor):
@@ -124,7 +129,9 @@ def read_all(path: str) -> dict[str, np.ndarray]:
 
 
 def test_flatten_matches_direct_computation(tmp_path, data, pm):
-    out = extract("m.toy", data["path"], tmp_path / "a.h5", plugin_manager=pm, batch_size=4, command="cka-extract m.toy")
+    out = extract(
+        "m.toy", data["path"], tmp_path / "a.h5", plugin_manager=pm, batch_size=4, command="cka-extract m.toy"
+    )
     ref = forward(data["x"])
     with open_activations(out) as f:
         assert f.layer_names == ["embed", "relu", "conv", "head"]
@@ -155,10 +162,24 @@ def test_reductions_per_layer_against_float64_reference(tmp_path, data, pm):
 
 def test_token_reduction_without_mask(tmp_path, data, pm):
     with pytest.raises(InputError, match="needs the attention mask input 'mask'.*--mask-input"):
-        extract("m.toy", data["path"], tmp_path / "a.h5", plugin_manager=pm, layers=["relu"],
-                reduction="token_mean", mask_input="mask")
-    out = extract("m.toy", data["path"], tmp_path / "b.h5", plugin_manager=pm, layers=["relu"],
-                  reduction="token_mean", mask_input=None)
+        extract(
+            "m.toy",
+            data["path"],
+            tmp_path / "a.h5",
+            plugin_manager=pm,
+            layers=["relu"],
+            reduction="token_mean",
+            mask_input="mask",
+        )
+    out = extract(
+        "m.toy",
+        data["path"],
+        tmp_path / "b.h5",
+        plugin_manager=pm,
+        layers=["relu"],
+        reduction="token_mean",
+        mask_input=None,
+    )
     np.testing.assert_allclose(read_all(out)["relu"], forward(data["x"])["relu"].mean(axis=1), rtol=1e-5)
 
 
@@ -176,8 +197,10 @@ def test_shards_are_disjoint_and_cover_all(tmp_path, data, pm, count):
     assert ranges[0][0] == 0 and ranges[-1][1] == N
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     full = extract("m.toy", data["path"], tmp_path / "full.h5", plugin_manager=pm, layers=["head"])
-    paths = [extract("m.toy", data["path"], tmp_path / f"s{i}.h5", plugin_manager=pm, layers=["head"], shard=(i, count))
-             for i in range(count)]
+    paths = [
+        extract("m.toy", data["path"], tmp_path / f"s{i}.h5", plugin_manager=pm, layers=["head"], shard=(i, count))
+        for i in range(count)
+    ]
     with open_activations(paths[::-1]) as sharded, open_activations(full) as whole:
         np.testing.assert_array_equal(sharded.ids, whole.ids)
         np.testing.assert_array_equal(sharded.read("head", 0, N), whole.read("head", 0, N))
@@ -209,11 +232,13 @@ def test_max_examples(tmp_path, data, pm):
 def _file_content(path: str) -> dict[str, object]:
     content: dict[str, object] = {}
     with h5py.File(path, "r") as f:
+
         def visit(name, obj):
             for key, value in obj.attrs.items():
                 content[f"{name}@{key}"] = np.asarray(value).tolist()
             if isinstance(obj, h5py.Dataset):
                 content[name] = obj[()].tolist()
+
         visit("/", f)
         f.visititems(visit)
     content.pop("/@created")
@@ -231,8 +256,14 @@ class StopAfter:
 
 
 def test_resume_gives_identical_file(tmp_path, data, pm):
-    kw = dict(plugin_manager=pm, batch_size=4, reduction={"relu": "token_mean", "*": "flatten"}, dtype="float16",
-              chunk_rows=3, compression="gzip")
+    kw = dict(
+        plugin_manager=pm,
+        batch_size=4,
+        reduction={"relu": "token_mean", "*": "flatten"},
+        dtype="float16",
+        chunk_rows=3,
+        compression="gzip",
+    )
     full = extract("m.toy", data["path"], tmp_path / "full.h5", **kw)
     out = tmp_path / "b.h5"
     with pytest.raises(KeyboardInterrupt):
@@ -300,7 +331,11 @@ def test_float16_underflow_that_destroys_a_layer_is_refused(tmp_path, data, pm):
 
 @pytest.mark.parametrize(
     "bad, match",
-    [("missing", "returned no output for layer"), ("batch", "batch must be on axis 0"), ("shape", "every batch must give the same shape")],
+    [
+        ("missing", "returned no output for layer"),
+        ("batch", "batch must be on axis 0"),
+        ("shape", "every batch must give the same shape"),
+    ],
 )
 def test_extractor_contract_violations(tmp_path, data, pm, bad, match):
     ToyExtractor.calls = 0
@@ -329,8 +364,14 @@ def test_inputs_resolution(tmp_path, data, pm):
         extract("m.toy", str(tmp_path / "wrong.npz"), tmp_path / "a.h5", plugin_manager=pm)
     # a single array feeds a one-input model whatever its name; default_inputs() when none are given
     np.save(tmp_path / "x.npy", data["x"])
-    out = extract("m.toy", None, tmp_path / "a.h5", plugin_manager=pm, layers=["head"],
-                  options={"default_inputs": str(tmp_path / "x.npy")})
+    out = extract(
+        "m.toy",
+        None,
+        tmp_path / "a.h5",
+        plugin_manager=pm,
+        layers=["head"],
+        options={"default_inputs": str(tmp_path / "x.npy")},
+    )
     np.testing.assert_allclose(read_all(out)["head"], forward(data["x"])["head"], rtol=1e-5, atol=1e-6)
 
 
@@ -376,10 +417,18 @@ def test_early_reduction_gives_the_core_s_numbers(tmp_path, data):
     EarlyToyExtractor.asked = []
     pm = get_plugin_manager(entry_points=False, plugins=[Plugin(ToyExtractor, EarlyToyExtractor)])
     red = {"conv": "mean", "*": "flatten"}
-    core = extract("m.toy", data["path"], tmp_path / "core.h5", plugin_manager=pm, batch_size=5, reduction=red,
-                   extractor="toy")
-    early = extract("m.toy", data["path"], tmp_path / "early.h5", plugin_manager=pm, batch_size=5, reduction=red,
-                    extractor="toy-early")
+    core = extract(
+        "m.toy", data["path"], tmp_path / "core.h5", plugin_manager=pm, batch_size=5, reduction=red, extractor="toy"
+    )
+    early = extract(
+        "m.toy",
+        data["path"],
+        tmp_path / "early.h5",
+        plugin_manager=pm,
+        batch_size=5,
+        reduction=red,
+        extractor="toy-early",
+    )
     assert EarlyToyExtractor.asked == [{"conv": "mean"}]  # asked once, for the mean layer only
     a, b = read_all(core), read_all(early)
     want = forward(data["x"])["conv"].mean(axis=(2, 3))
@@ -393,8 +442,18 @@ def test_early_reduction_gives_the_core_s_numbers(tmp_path, data):
 
 def test_early_reduction_with_a_wrong_shape_is_the_plugin_s_error(tmp_path, data):
     pm = get_plugin_manager(entry_points=False, plugins=[Plugin(EarlyToyExtractor)])
-    with pytest.raises(ModelError, match=r"returned shape \(5, 6, 5, 2\) for layer 'conv', which it reduces itself "
-                                         r"with 'mean'; expected \(5, 6\) \(a bug in the extractor plugin\)"):
-        extract("m.toy", data["path"], tmp_path / "bad.h5", plugin_manager=pm, batch_size=5,
-                reduction={"conv": "mean", "*": "flatten"}, options={"bad": "early_shape"})
+    with pytest.raises(
+        ModelError,
+        match=r"returned shape \(5, 6, 5, 2\) for layer 'conv', which it reduces itself "
+        r"with 'mean'; expected \(5, 6\) \(a bug in the extractor plugin\)",
+    ):
+        extract(
+            "m.toy",
+            data["path"],
+            tmp_path / "bad.h5",
+            plugin_manager=pm,
+            batch_size=5,
+            reduction={"conv": "mean", "*": "flatten"},
+            options={"bad": "early_shape"},
+        )
     assert not (tmp_path / "bad.h5").exists()

@@ -102,23 +102,35 @@ def test_blocks_under_a_memory_limit_give_the_same_values(two_files, monkeypatch
     scratch = N * widest * (4 + 8) + (4 if kernel == "rbf" else 1) * gram
     calls = _count_builds(monkeypatch)
     progress: list[tuple[int, int]] = []
-    blocked = analyze([pa, pb], estimator="full-debiased", kernel=kernel, device="cpu",
-                      full_max_bytes=scratch + 3 * gram, progress=lambda done, total: progress.append((done, total)))
+    blocked = analyze(
+        [pa, pb],
+        estimator="full-debiased",
+        kernel=kernel,
+        device="cpu",
+        full_max_bytes=scratch + 3 * gram,
+        progress=lambda done, total: progress.append((done, total)),
+    )
     size = len(a) + len(b)
     assert len(calls) == size * (size + 1) // 2 and len(progress) == size * (size + 1) // 2
     assert progress[-1] == (N, N)
     np.testing.assert_allclose(blocked.cka, whole.cka, rtol=0, atol=1e-13)
     np.testing.assert_array_equal(blocked.cka, blocked.cka.T)
-    with pytest.raises(ResourceError, match=r"holds all 60 examples' 60x60 float64 Gram matrices .*--max-memory "
-                                            r"\(full_max_bytes\), to at least \d+M .*or use --estimator minibatch"):
+    with pytest.raises(
+        ResourceError,
+        match=r"holds all 60 examples' 60x60 float64 Gram matrices .*--max-memory "
+        r"\(full_max_bytes\), to at least \d+M .*or use --estimator minibatch",
+    ):
         analyze([pa, pb], estimator="full", kernel=kernel, device="cpu", full_max_bytes=scratch + 2 * gram - 1)
 
 
 def test_refusal_names_the_option_and_the_default_limit_is_8_gib(two_files, monkeypatch):
     assert loop.FULL_DATA_BYTES == 8 * 2**30 and check_options().full_max_bytes is None
     monkeypatch.setattr(loop, "FULL_DATA_BYTES", 1000)
-    with pytest.raises(ResourceError, match=r"full-data estimator holds all 60 examples.*limit of 0\.00 GiB; raise "
-                                            r"it with --max-memory"):
+    with pytest.raises(
+        ResourceError,
+        match=r"full-data estimator holds all 60 examples.*limit of 0\.00 GiB; raise "
+        r"it with --max-memory",
+    ):
         analyze([two_files[0]], estimator="full", device="cpu")
     r = analyze([two_files[0]], estimator="full", device="cpu", full_max_bytes="64M")  # the option wins
     np.testing.assert_allclose(np.diag(r.cka), 1.0, atol=1e-12)
@@ -140,8 +152,14 @@ def test_max_memory_option_values():
     assert check_options(estimator="full", kernel="rbf").kernel == "rbf"  # no longer refused
     for text, value in (("8G", 8 * 2**30), ("1.5GiB", 3 * 2**29), ("512mb", 512 * 2**20), ("4096", 4096), (7, 7)):
         assert check_options(full_max_bytes=text).full_max_bytes == value
-    for bad, message in (("lots", "must be a size such as 8G"), ("8iB", "must be a size"), ("-1G", "must be at least 1 byte"),
-                         (0, "must be at least 1 byte"), (True, "must be an integer"), (2.5, "must be an integer")):
+    for bad, message in (
+        ("lots", "must be a size such as 8G"),
+        ("8iB", "must be a size"),
+        ("-1G", "must be at least 1 byte"),
+        (0, "must be at least 1 byte"),
+        (True, "must be an integer"),
+        (2.5, "must be an integer"),
+    ):
         with pytest.raises(ValueError, match=rf"full_max_bytes \(--max-memory\) {message}"):
             check_options(full_max_bytes=bad)
 
@@ -156,8 +174,9 @@ def test_cli_full_rbf_and_max_memory(tmp_path, two_files):
     res = _run([pa, pb, "--estimator", "full", "--kernel", "rbf", "--max-memory", "64M", "-o", out, "--no-hash"])
     assert res.exit_code == 0, res.output
     r = load_result(out)
-    np.testing.assert_allclose(r.matrix(0, 1), _reference(list(a.values()), list(b.values()), "rbf", False),
-                               rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        r.matrix(0, 1), _reference(list(a.values()), list(b.values()), "rbf", False), rtol=0, atol=1e-12
+    )
     res = _run([pa, "--estimator", "full", "--max-memory", "10K"])
     lines = res.stderr.strip().splitlines()
     assert res.exit_code != 0 and len(lines) == 1 and "raise it with --max-memory" in lines[0], res.stderr

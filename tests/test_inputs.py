@@ -105,7 +105,7 @@ def test_hdf5_dataset(tmp_path):
     assert HDF5Inputs.can_open(f"{path}:/group/pixels") and len(reader) == 9
     np.testing.assert_array_equal(blocks(reader, 4)["pixels"], x)
     np.testing.assert_array_equal(reader.ids(), np.arange(10, 19))
-    assert reader.fingerprint()["description"].endswith(":pixels {\"ids\": \"/meta/ids\"}")
+    assert reader.fingerprint()["description"].endswith(':pixels {"ids": "/meta/ids"}')
     reader.close()
     both = HDF5Inputs(str(path), dataset="/group/pixels,/group/mask")
     assert sorted(both.read(0, 2)) == ["mask", "pixels"]
@@ -127,7 +127,7 @@ def test_hdf5_dataset(tmp_path):
 
 def write_images(folder, sizes):
     paths = []
-    for i, (rel, size) in enumerate(sizes):
+    for rel, size in sizes:
         p = folder / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         arr = (RNG.random((*size, 3)) * 255).astype(np.uint8)

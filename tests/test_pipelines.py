@@ -47,7 +47,9 @@ def reference_cka(layers_a: list[np.ndarray], layers_b: list[np.ndarray], batche
 def test_demo_on_reduced_input(tmp_path):
     env = dict(os.environ, DEMO_OUTPUT=str(tmp_path), DEMO_MAX_EXAMPLES="300")
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
-    run = subprocess.run(["bash", os.path.join(SAMPLE, "demo.sh")], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        ["bash", os.path.join(SAMPLE, "demo.sh")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr
     for name in ("cnn_a.h5", "cnn_b.h5", "a_vs_b.json", "a_vs_b.png", "a_vs_a.json", "a_vs_a.png"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -67,8 +69,9 @@ def test_demo_on_reduced_input(tmp_path):
     params = cross.params
     with open_activations(str(tmp_path / "cnn_a.h5")) as f:
         ids = f.ids
-    batches = plan_minibatches(300, params["batch_size"], seed=params["seed"], epochs=params["epochs"],
-                               n_groups=params["n_groups"], ids=ids)
+    batches = plan_minibatches(
+        300, params["batch_size"], seed=params["seed"], epochs=params["epochs"], n_groups=params["n_groups"], ids=ids
+    )
     np.testing.assert_allclose(matrix, reference_cka(a, b, batches), atol=1e-6)
 
 
@@ -84,12 +87,24 @@ def test_torch_cnn_and_its_onnx_export_agree(tmp_path):
     model = digits_cnn.make_model().eval()
     model.load_state_dict(load_file(os.path.join(SAMPLE, "cnn_a.safetensors")))
     onnx_path = str(tmp_path / "cnn_a.onnx")
-    torch.onnx.export(model, (torch.zeros(2, 1, 8, 8),), onnx_path, dynamo=False, opset_version=17,
-                      do_constant_folding=False, input_names=["pixels"], output_names=["logits"],
-                      dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}})
+    torch.onnx.export(
+        model,
+        (torch.zeros(2, 1, 8, 8),),
+        onnx_path,
+        dynamo=False,
+        opset_version=17,
+        do_constant_folding=False,
+        input_names=["pixels"],
+        output_names=["logits"],
+        dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
+    )
     common = dict(inputs=os.path.join(SAMPLE, "digits.npz"), layers=DEMO_LAYERS, max_examples=400, batch_size=100)
-    a = extract(os.path.join(SAMPLE, "digits_cnn.py") + ":make_model", output=str(tmp_path / "torch.h5"),
-                options={"weights": os.path.join(SAMPLE, "cnn_a.safetensors")}, **common)
+    a = extract(
+        os.path.join(SAMPLE, "digits_cnn.py") + ":make_model",
+        output=str(tmp_path / "torch.h5"),
+        options={"weights": os.path.join(SAMPLE, "cnn_a.safetensors")},
+        **common,
+    )
     b = extract(onnx_path, output=str(tmp_path / "onnx.h5"), **common)
     with open_activations(a) as fa, open_activations(b) as fb:
         assert fb.provenance["framework"] == "onnxruntime" and fa.provenance["framework"] == "torch"
@@ -116,9 +131,22 @@ def real_files(limit: int = 48) -> list[str]:
     stdlib = os.path.dirname(inspect.__file__)
     groups = [
         sorted(os.path.join(stdlib, f) for f in os.listdir(stdlib) if f.endswith(".py")),
-        sorted(os.path.join(mpl_data, "images", f) for f in os.listdir(os.path.join(mpl_data, "images")) if f.endswith(".png")),
-        sorted(os.path.join(mpl_data, "images", f) for f in os.listdir(os.path.join(mpl_data, "images")) if f.endswith(".svg")),
-        sorted(os.path.join(root, f) for root, _, files in os.walk(mpl_data) for f in files if f.endswith((".json", ".txt", ".afm"))),
+        sorted(
+            os.path.join(mpl_data, "images", f)
+            for f in os.listdir(os.path.join(mpl_data, "images"))
+            if f.endswith(".png")
+        ),
+        sorted(
+            os.path.join(mpl_data, "images", f)
+            for f in os.listdir(os.path.join(mpl_data, "images"))
+            if f.endswith(".svg")
+        ),
+        sorted(
+            os.path.join(root, f)
+            for root, _, files in os.walk(mpl_data)
+            for f in files
+            if f.endswith((".json", ".txt", ".afm"))
+        ),
     ]
     per_group = limit // len(groups)
     files = [p for group in groups for p in group[:per_group] if os.path.getsize(p) > 64]
@@ -134,8 +162,15 @@ def test_magika_real_files_extracted_and_analysed(tmp_path):
     ids = np.array([os.path.basename(p) + f"#{i}" for i, p in enumerate(files)])
     np.savez(tmp_path / "bytes.npz", bytes=features, ids=ids)
     layers = [prefix + "Dense_0/AddV2:0", prefix + "Max_Squeeze__213:0", prefix + "Dense_1/AddV2:0"]
-    out = extract(model, inputs=str(tmp_path / "bytes.npz"), output=str(tmp_path / "magika.h5"), layers=layers,
-                  reduction={"*Dense_0*": "token_mean", "*": "flatten"}, mask_input=None, batch_size=16)
+    out = extract(
+        model,
+        inputs=str(tmp_path / "bytes.npz"),
+        output=str(tmp_path / "magika.h5"),
+        layers=layers,
+        reduction={"*Dense_0*": "token_mean", "*": "flatten"},
+        mask_input=None,
+        batch_size=16,
+    )
     with open_activations(out) as f:
         assert f.provenance["framework"] == "onnxruntime"
         assert "tf2onnx" in f.provenance["extra"]["producer"]
@@ -151,11 +186,22 @@ def test_magika_real_files_extracted_and_analysed(tmp_path):
 
 def real_sentences(count: int = 300) -> list[str]:
     """English sentences from the docstrings of Python's standard library (real prose, always installed)."""
-    import collections, argparse, json as json_mod, logging, pathlib, subprocess as sp, textwrap, threading, unittest
+    import argparse
+    import collections
+    import json as json_mod
+    import logging
+    import pathlib
+    import subprocess as sp
+    import textwrap
+    import threading
+    import unittest
 
-    text = " ".join(inspect.getdoc(obj) or "" for module in (collections, argparse, json_mod, logging, pathlib, sp,
-                                                            textwrap, threading, unittest)
-                    for _, obj in sorted(vars(module).items()) if callable(obj))
+    text = " ".join(
+        inspect.getdoc(obj) or ""
+        for module in (collections, argparse, json_mod, logging, pathlib, sp, textwrap, threading, unittest)
+        for _, obj in sorted(vars(module).items())
+        if callable(obj)
+    )
     sentences = []
     for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
         words = s.split()
@@ -175,14 +221,23 @@ def test_minilm_sentences_masked_mean_pooling(tmp_path):
     assert (mask == 0).any(), "some sentences must be padded for the test to mean anything"
     np.savez(tmp_path / "tokens.npz", **tokens, ids=np.arange(len(sentences)) + 1000)
     layers = ["embeddings"] + [f"encoder.layer.{i}" for i in range(6)]
-    out = extract(os.path.join(ROOT, "tests", "plugins", "minilm_factory.py") + ":make", inputs=str(tmp_path / "tokens.npz"),
-                  output=str(tmp_path / "minilm.h5"), layers=layers, reduction="token_mean", batch_size=64)
+    out = extract(
+        os.path.join(ROOT, "tests", "plugins", "minilm_factory.py") + ":make",
+        inputs=str(tmp_path / "tokens.npz"),
+        output=str(tmp_path / "minilm.h5"),
+        layers=layers,
+        reduction="token_mean",
+        batch_size=64,
+    )
     stored = stored_layers(out)
     # independent pooling of the model's own hidden states, over the real (unpadded) tokens only
     model = minilm_factory.make()
     with torch.no_grad():
-        hidden = model(input_ids=torch.as_tensor(tokens["input_ids"][:40]), attention_mask=torch.as_tensor(mask[:40]),
-                       output_hidden_states=True).hidden_states
+        hidden = model(
+            input_ids=torch.as_tensor(tokens["input_ids"][:40]),
+            attention_mask=torch.as_tensor(mask[:40]),
+            output_hidden_states=True,
+        ).hidden_states
     m = mask[:40, :, None].astype(np.float64)
     for layer, h in zip(stored, hidden):
         pooled = (h.double().numpy() * m).sum(1) / m.sum(1)

@@ -19,8 +19,11 @@ def result_with(n_a: int, n_b: int) -> CKAResult:
     cka = np.random.default_rng(0).uniform(0, 1, (size, size))
     cka[2, :] = cka[:, 2] = np.nan
     files = [
-        FileInfo("a.h5", layers=[f"encoder.layer.{k}.attention.output.dense" for k in range(n_a)],
-                 provenance={"model": "/models/bert.onnx"}),
+        FileInfo(
+            "a.h5",
+            layers=[f"encoder.layer.{k}.attention.output.dense" for k in range(n_a)],
+            provenance={"model": "/models/bert.onnx"},
+        ),
         FileInfo("b.h5", layers=[f"b{k}" for k in range(n_b)]),
     ]
     return CKAResult(files=files, cka=cka, se=cka * 0, low=cka, high=cka, pairs=[(0, 1)], n_examples=50)

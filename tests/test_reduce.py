@@ -21,9 +21,11 @@ def test_flatten_mean_none():
     scale = np.abs(x.astype(np.float64)).mean(axis=(2, 3))
     assert np.all(np.abs(got - ref) <= 1e-6 * scale)
     np.testing.assert_allclose(reduce("l", "mean", x.astype(np.float64)), ref, rtol=1e-12)  # float64: exact
-    np.testing.assert_allclose(reduce("l", "mean", x.astype(np.float16)),
-                               [[x[b, c].astype(np.float16).astype(np.float64).mean() for c in range(4)] for b in range(3)],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        reduce("l", "mean", x.astype(np.float16)),
+        [[x[b, c].astype(np.float16).astype(np.float64).mean() for c in range(4)] for b in range(3)],
+        rtol=1e-6,
+    )
     big = np.maximum(RNG.normal(size=(8, 16, 32, 32)) + 0.5, 0).astype(np.float32)  # 1024 positions, ReLU-like
     want = big.astype(np.float64).mean(axis=(2, 3))
     np.testing.assert_allclose(reduce("l", "mean", big), want, rtol=1e-6)  # a few float32 ulps
@@ -59,9 +61,14 @@ def test_token_reductions_without_mask():
 
 
 def test_shape_errors_name_the_layer():
-    with pytest.raises(LayerSelectionError, match="'mean' needs a \\(batch, channels, \\*spatial\\) output, but layer 'fc'.*--reduction 'fc=none'"):
+    with pytest.raises(
+        LayerSelectionError,
+        match="'mean' needs a \\(batch, channels, \\*spatial\\) output, but layer 'fc'.*--reduction 'fc=none'",
+    ):
         reduce("fc", "mean", np.zeros((2, 3)))
-    with pytest.raises(LayerSelectionError, match="'token_mean' needs a \\(batch, tokens, features\\) output, but layer 'conv'"):
+    with pytest.raises(
+        LayerSelectionError, match="'token_mean' needs a \\(batch, tokens, features\\) output, but layer 'conv'"
+    ):
         reduced_features("conv", "token_mean", (3, 4, 4))
     with pytest.raises(LayerSelectionError, match="'none' needs a \\(batch, features\\) output, but layer 'seq'"):
         reduce("seq", "none", np.zeros((2, 3, 4)))
@@ -83,9 +90,16 @@ def test_resolve_reductions():
     layers = ["enc.0", "enc.1", "head"]
     assert resolve_reductions("mean", layers) == dict.fromkeys(layers, "mean")
     assert resolve_reductions({"enc.*": "token_mean", "head": "none"}, layers) == {
-        "enc.0": "token_mean", "enc.1": "token_mean", "head": "none"}
+        "enc.0": "token_mean",
+        "enc.1": "token_mean",
+        "head": "none",
+    }
     assert resolve_reductions({"head": "none"}, layers)["enc.0"] == "flatten"
-    assert resolve_reductions({"enc.1": "mean", "*": "none"}, layers) == {"enc.0": "none", "enc.1": "mean", "head": "none"}
+    assert resolve_reductions({"enc.1": "mean", "*": "none"}, layers) == {
+        "enc.0": "none",
+        "enc.1": "mean",
+        "head": "none",
+    }
     with pytest.raises(LayerSelectionError, match="reduction given for 'dec.\\*', which matches no selected layer"):
         resolve_reductions({"dec.*": "mean"}, layers)
     with pytest.raises(LayerSelectionError, match="unknown reduction 'avg'"):

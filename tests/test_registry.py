@@ -34,10 +34,12 @@ def example(monkeypatch):
 
 
 def write_mlp(path, rng):
-    spec = {"layers": [
-        {"name": "fc1", "weight": rng.normal(size=(4, 6)).tolist(), "bias": rng.normal(size=6).tolist()},
-        {"name": "fc2", "weight": rng.normal(size=(6, 2)).tolist(), "bias": [0.0, 0.0]},
-    ]}
+    spec = {
+        "layers": [
+            {"name": "fc1", "weight": rng.normal(size=(4, 6)).tolist(), "bias": rng.normal(size=6).tolist()},
+            {"name": "fc2", "weight": rng.normal(size=(6, 2)).tolist(), "bias": [0.0, 0.0]},
+        ]
+    }
     path.write_text(json.dumps(spec))
     return spec
 
@@ -58,7 +60,9 @@ def test_example_plugin_registered_as_module(tmp_path, example):
     np.savez(tmp_path / "in.npz", input=x)
     pm = get_plugin_manager(entry_points=False, plugins=[example])
     assert find_extractor("m.mlp.json", pm) is example.MLPExtractor
-    out = extract(str(tmp_path / "m.mlp.json"), str(tmp_path / "in.npz"), tmp_path / "a.h5", plugin_manager=pm, batch_size=3)
+    out = extract(
+        str(tmp_path / "m.mlp.json"), str(tmp_path / "in.npz"), tmp_path / "a.h5", plugin_manager=pm, batch_size=3
+    )
     w1, b1 = np.array(spec["layers"][0]["weight"]), np.array(spec["layers"][0]["bias"])
     with open_activations(out) as f:
         np.testing.assert_allclose(f.read("fc1", 0, 10), np.maximum(x @ w1 + b1, 0), rtol=1e-5, atol=1e-6)
@@ -111,7 +115,9 @@ def test_clashes_and_lookup_errors(example):
             return [Twin]
 
     pm = get_plugin_manager(entry_points=False, plugins=[example, TwinPlugin()])
-    with pytest.raises(PluginError, match="two plugins provide an extractor named 'example-mlp': plugin '.*' \\(.*\\) and plugin"):
+    with pytest.raises(
+        PluginError, match="two plugins provide an extractor named 'example-mlp': plugin '.*' \\(.*\\) and plugin"
+    ):
         list_extractors(pm)
     pm = get_plugin_manager(entry_points=False, plugins=[example, Faulty()])
     assert [e.name for e in list_extractors(pm)] == ["example-mlp"]

@@ -10,8 +10,22 @@ import pytest
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data"
 HOLDOUT_EVERY = 3  # make_sample_data.HOLDOUT_EVERY: ids that are multiples of it were not trained on
-MODULE_NAMES = ["conv1", "bn1", "relu1", "conv2", "bn2", "relu2", "pool2", "conv3", "relu3", "gap", "flatten",
-                "fc1", "relu4", "fc2"]
+MODULE_NAMES = [
+    "conv1",
+    "bn1",
+    "relu1",
+    "conv2",
+    "bn2",
+    "relu2",
+    "pool2",
+    "conv3",
+    "relu3",
+    "gap",
+    "flatten",
+    "fc1",
+    "relu4",
+    "fc2",
+]
 
 
 @pytest.fixture(scope="module")

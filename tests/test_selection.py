@@ -34,14 +34,18 @@ def test_names_aliases_globs_kinds_in_model_order():
 
 
 def test_not_exposable_quotes_reason():
-    with pytest.raises(LayerSelectionError, match="'/if/then/Relu_output_0'.*cannot be extracted: inside an If subgraph"):
+    with pytest.raises(
+        LayerSelectionError, match="'/if/then/Relu_output_0'.*cannot be extracted: inside an If subgraph"
+    ):
         select_layers(LAYERS, ["/if/then/Relu_output_0"])
     with pytest.raises(LayerSelectionError, match="selected by '/if/\\*'.*inside an If subgraph"):
         select_layers(LAYERS, ["/if/*"])
 
 
 def test_no_match_lists_close_names():
-    with pytest.raises(LayerSelectionError, match="no layer matches 'layer1.reul' in m.onnx; close matches: layer1.relu.*\\(see it\\)"):
+    with pytest.raises(
+        LayerSelectionError, match="no layer matches 'layer1.reul' in m.onnx; close matches: layer1.relu.*\\(see it\\)"
+    ):
         select_layers(LAYERS, ["layer1.reul"], where="m.onnx", hint="see it")
     with pytest.raises(LayerSelectionError, match="no layer matches 'zzz' in the model; 6 layers, for example"):
         select_layers(LAYERS, ["zzz"])

@@ -72,19 +72,61 @@ BROKEN = [
     (Good, "m.onnx", "can_open\\('m.onnx'\\) returned False; expected True"),
     (variant(layers=lambda self: [LayerInfo("a"), LayerInfo("a")]), "m.good", "duplicate names \\['a'\\]"),
     (variant(layers=lambda self: ["a"]), "m.good", "layers\\(\\) must return a non-empty list of LayerInfo"),
-    (variant(run=lambda self, i, l: {"a": Good.outputs(self, i["input"])["a"]}), "m.good", "did not return requested layer\\(s\\) \\['b'\\]"),
-    (variant(run=lambda self, i, l: {**Good.outputs(self, i["input"]), "c": np.zeros(len(i["input"]))} if l != ["x"] else {}),
-     "m.good", "returned layer\\(s\\) \\['c'\\] that were not requested"),
-    (variant(run=lambda self, i, l: {n: Good.outputs(self, i["input"])[n].T for n in l}), "m.good", "the batch must be on axis 0"),
-    (variant(run=lambda self, i, l: {n: Good.outputs(self, i["input"])[n].tolist() for n in l}), "m.good", "must return numpy arrays"),
-    (variant(run=lambda self, i, l: {n: Good.outputs(self, i["input"])[n][:, : len(i["input"])] for n in l}),
-     "m.good", "per-example shape .* must not depend on the batch size"),
-    (variant(run=lambda self, i, l: {n: v - v.mean(axis=0) for n, v in Good.outputs(self, i["input"]).items() if n in l}),
-     "m.good", "different values in a batch of 1 .* training mode"),
-    (variant(run=lambda self, i, l: Good.outputs(self, i["input"]) if l != ["cka-offline-conformance-no-such-layer"] else {}),
-     "m.good", "unknown layer returned normally"),
-    (variant(run=lambda self, i, l: {n: Good.outputs(self, i["input"])[n] for n in l}), "m.good", "unknown layer raised KeyError"),
-    (variant(provenance=lambda self: {"model_sha256": None}), "m.good", "provenance\\(\\) must return a dict of strings"),
+    (
+        variant(run=lambda self, i, l: {"a": Good.outputs(self, i["input"])["a"]}),
+        "m.good",
+        "did not return requested layer\\(s\\) \\['b'\\]",
+    ),
+    (
+        variant(
+            run=lambda self, i, l: (
+                {**Good.outputs(self, i["input"]), "c": np.zeros(len(i["input"]))} if l != ["x"] else {}
+            )
+        ),
+        "m.good",
+        "returned layer\\(s\\) \\['c'\\] that were not requested",
+    ),
+    (
+        variant(run=lambda self, i, l: {n: Good.outputs(self, i["input"])[n].T for n in l}),
+        "m.good",
+        "the batch must be on axis 0",
+    ),
+    (
+        variant(run=lambda self, i, l: {n: Good.outputs(self, i["input"])[n].tolist() for n in l}),
+        "m.good",
+        "must return numpy arrays",
+    ),
+    (
+        variant(run=lambda self, i, l: {n: Good.outputs(self, i["input"])[n][:, : len(i["input"])] for n in l}),
+        "m.good",
+        "per-example shape .* must not depend on the batch size",
+    ),
+    (
+        variant(
+            run=lambda self, i, l: {n: v - v.mean(axis=0) for n, v in Good.outputs(self, i["input"]).items() if n in l}
+        ),
+        "m.good",
+        "different values in a batch of 1 .* training mode",
+    ),
+    (
+        variant(
+            run=lambda self, i, l: (
+                Good.outputs(self, i["input"]) if l != ["cka-offline-conformance-no-such-layer"] else {}
+            )
+        ),
+        "m.good",
+        "unknown layer returned normally",
+    ),
+    (
+        variant(run=lambda self, i, l: {n: Good.outputs(self, i["input"])[n] for n in l}),
+        "m.good",
+        "unknown layer raised KeyError",
+    ),
+    (
+        variant(provenance=lambda self: {"model_sha256": None}),
+        "m.good",
+        "provenance\\(\\) must return a dict of strings",
+    ),
     (Closes, "m.good", "close\\(\\) called a second time raised RuntimeError"),
 ]
 
@@ -136,8 +178,11 @@ class Maps(Good):
 
 def test_early_reductions_must_give_the_core_s_numbers():
     assert check_extractor(Maps, "m.good", X) == ["a", "b", "m"]
-    with pytest.raises(AssertionError, match=r"layer 'm': reduce_early\('mean'\) returned shape \(5, 4\), max "
-                                             r"difference .* against the core's reduction"):
+    with pytest.raises(
+        AssertionError,
+        match=r"layer 'm': reduce_early\('mean'\) returned shape \(5, 4\), max "
+        r"difference .* against the core's reduction",
+    ):
         check_extractor(type("BadMaps", (Maps,), {"scale": 1.5}), "m.good", X)
 
 
@@ -145,8 +190,16 @@ def test_declared_options_are_checked_and_converted():
     from cka_offline.errors import OptionError
     from cka_offline.extractor import parse_options
 
-    declared = (Option("n", int, 1, "", minimum=0), Option("on", bool, False), Option("level", str, "all", choices=("all", "none")))
-    assert parse_options(declared, {"n": "3", "on": "yes", "level": "NONE"}, owner="x") == {"n": 3, "on": True, "level": "none"}
+    declared = (
+        Option("n", int, 1, "", minimum=0),
+        Option("on", bool, False),
+        Option("level", str, "all", choices=("all", "none")),
+    )
+    assert parse_options(declared, {"n": "3", "on": "yes", "level": "NONE"}, owner="x") == {
+        "n": 3,
+        "on": True,
+        "level": "none",
+    }
     assert parse_options(declared, None, owner="x") == {"n": 1, "on": False, "level": "all"}
     with pytest.raises(OptionError, match=r"unknown option\(s\) m for x; known: n, on, level"):
         parse_options(declared, {"m": 1}, owner="x")

@@ -23,7 +23,8 @@ names are loaded on first use.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Union
 
 from .options import BUFFER_BYTES, DEVICES, ESTIMATORS, KERNELS, MIN_BATCH, PRECISIONS, AnalysisOptions, check_options
 
@@ -38,8 +39,12 @@ if TYPE_CHECKING:
 FileSpec = Union[str, "os.PathLike[str]", Sequence[str]]
 
 _LAZY = {
-    "Alignment": "align", "align_ids": "align",
-    "MinibatchPlan": "plan", "batch_sizes": "plan", "own_minibatches": "plan", "plan_minibatches": "plan",
+    "Alignment": "align",
+    "align_ids": "align",
+    "MinibatchPlan": "plan",
+    "batch_sizes": "plan",
+    "own_minibatches": "plan",
+    "plan_minibatches": "plan",
     "resolve_device": "runner",
 }
 
@@ -49,9 +54,9 @@ def analyze(
     options: AnalysisOptions | None = None,
     *,
     progress: Callable[[int, int], None] | None = None,
-    distributed: "Distributed | None" = None,
+    distributed: Distributed | None = None,
     **choices: Any,
-) -> "CKAResult":
+) -> CKAResult:
     """CKA between the layers of one or more activation files.
 
     One file is compared with itself; two or more are compared pairwise in one pass (every file's Grams
@@ -101,6 +106,21 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "AnalysisOptions", "BUFFER_BYTES", "DEVICES", "ESTIMATORS", "FileSpec", "KERNELS", "MIN_BATCH", "PRECISIONS",
-    "analyze", "check_options", *_LAZY,
+    "BUFFER_BYTES",
+    "DEVICES",
+    "ESTIMATORS",
+    "KERNELS",
+    "MIN_BATCH",
+    "PRECISIONS",
+    "Alignment",
+    "AnalysisOptions",
+    "FileSpec",
+    "MinibatchPlan",
+    "align_ids",
+    "analyze",
+    "batch_sizes",
+    "check_options",
+    "own_minibatches",
+    "plan_minibatches",
+    "resolve_device",
 ]

@@ -12,8 +12,9 @@ import os
 import queue
 import threading
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -48,8 +49,12 @@ def mapped_batches(plan: MinibatchPlan, share: tuple[int, int]) -> Iterator[Batc
         for k in range(first, last):
             current = int(np.searchsorted(ends, offsets[k], side="right"))  # the buffer this minibatch starts in
             index = epoch * plan.per_epoch + k
-            yield Batch(index=index, positions=np.sort(order[offsets[k] : offsets[k + 1]]),
-                        group=plan.group_of(index), new_buffer=current != buffer)
+            yield Batch(
+                index=index,
+                positions=np.sort(order[offsets[k] : offsets[k + 1]]),
+                group=plan.group_of(index),
+                new_buffer=current != buffer,
+            )
             buffer = current
 
 
@@ -97,7 +102,7 @@ class HDF5BatchReader:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="cka-reader", daemon=True)
 
-    def __enter__(self) -> "HDF5BatchReader":
+    def __enter__(self) -> HDF5BatchReader:
         self.thread.start()
         return self
 
@@ -219,8 +224,9 @@ class HDF5BatchReader:
                 arrays = [x[: end - start] for x in self._slot(slot, plan.largest)]
                 self._gather(pool, loaded, start, end, arrays)
                 index = epoch * plan.per_epoch + local_index
-                yield Batch(index=index, positions=order[start:end], group=plan.group_of(index), arrays=arrays,
-                            slot=slot)
+                yield Batch(
+                    index=index, positions=order[start:end], group=plan.group_of(index), arrays=arrays, slot=slot
+                )
 
     def _gather(self, pool: Any, loaded: deque[_Buffer], start: int, end: int, arrays: list[Any]) -> None:
         """Copy the minibatch ``[start, end)`` of the shuffled order out of the loaded buffers into ``arrays``."""

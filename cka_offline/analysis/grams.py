@@ -11,7 +11,8 @@ import contextlib
 import logging
 import math
 import os
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -99,8 +100,15 @@ class NumpyGrams:
     #: minibatches in flight: the next one's tasks run while the caller sums the previous one's HSIC terms
     depth = 2
 
-    def __init__(self, stack: LayerStack, gram_dtype: str, bandwidths: Sequence[float] | None,
-                 mapped: list["MappedRows"] | None, largest: int, scales: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        stack: LayerStack,
+        gram_dtype: str,
+        bandwidths: Sequence[float] | None,
+        mapped: list[MappedRows] | None,
+        largest: int,
+        scales: Sequence[float] | None = None,
+    ) -> None:
         self.stack, self.gram_dtype, self.bandwidths = stack, gram_dtype, bandwidths
         self.scales = list(scales) if scales is not None else [1.0] * len(stack)
         self.mapped, self.largest = mapped, largest
@@ -112,7 +120,7 @@ class NumpyGrams:
         self.grams: dict[tuple[int, int], np.ndarray] = {}
         self.submitted = 0
 
-    def __enter__(self) -> "NumpyGrams":
+    def __enter__(self) -> NumpyGrams:
         from concurrent.futures import ThreadPoolExecutor
 
         from threadpoolctl import threadpool_limits
@@ -137,7 +145,9 @@ class NumpyGrams:
         if mapped is not None and batch.new_buffer:
             self.stack.release_mapped()
         if mapped is not None and slot not in self.scratch:
-            self.scratch[slot] = [np.empty((self.largest, layer.features), dtype=layer.dtype) for layer in self.stack.layers]
+            self.scratch[slot] = [
+                np.empty((self.largest, layer.features), dtype=layer.dtype) for layer in self.stack.layers
+            ]
         scratch = self.scratch.get(slot)
 
         def task(i: int) -> None:
@@ -169,8 +179,16 @@ class TorchGrams:
     #: the slot of a minibatch is reused two minibatches later, after the caller has synchronized on it
     depth = 2
 
-    def __init__(self, stack: LayerStack, device: str, gram_dtype: str, bandwidths: Sequence[float] | None,
-                 mapped: list["MappedRows"] | None, largest: int, scales: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        stack: LayerStack,
+        device: str,
+        gram_dtype: str,
+        bandwidths: Sequence[float] | None,
+        mapped: list[MappedRows] | None,
+        largest: int,
+        scales: Sequence[float] | None = None,
+    ) -> None:
         self.stack, self.device, self.gram_dtype, self.bandwidths = stack, device, gram_dtype, bandwidths
         self.scales = list(scales) if scales is not None else [1.0] * len(stack)
         self.mapped, self.largest = mapped, largest
@@ -179,7 +197,7 @@ class TorchGrams:
         self.submitted = 0
         self._compute = torch_compute()
 
-    def __enter__(self) -> "TorchGrams":
+    def __enter__(self) -> TorchGrams:
         from concurrent.futures import ThreadPoolExecutor
 
         self._pool = ThreadPoolExecutor(blas_threads(), thread_name_prefix="cka-gather") if self.mapped else None
@@ -217,8 +235,10 @@ class TorchGrams:
             ]
         m = len(batch.positions)
         arrays = [t[:m] for t in self.slots[slot]]
-        futures = [self._pool.submit(self.stack.gather, i, self.mapped[i], batch.positions, arrays[i].numpy())
-                   for i in range(len(self.stack))]
+        futures = [
+            self._pool.submit(self.stack.gather, i, self.mapped[i], batch.positions, arrays[i].numpy())
+            for i in range(len(self.stack))
+        ]
         for future in futures:
             future.result()
         return arrays
@@ -249,4 +269,13 @@ def torch_compute() -> Iterator[None]:
         torch.set_float32_matmul_precision(before)
 
 
-__all__ = ["ENGINES", "NumpyGrams", "THREAD_VARIABLES", "TorchGrams", "blas_threads", "engine_for", "gram_into", "torch_compute"]
+__all__ = [
+    "ENGINES",
+    "NumpyGrams",
+    "THREAD_VARIABLES",
+    "TorchGrams",
+    "blas_threads",
+    "engine_for",
+    "gram_into",
+    "torch_compute",
+]

@@ -7,8 +7,9 @@ import contextlib
 import math
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -84,9 +85,13 @@ def estimate_bandwidths(stack: LayerStack, positions: np.ndarray, fraction: floa
 
 
 def run_minibatch(
-    stack: LayerStack, plan: MinibatchPlan, settings: LoopSettings, *,
-    progress: ProgressCallback | None = None, distributed: Distributed | None = None,
-) -> tuple["CKAStats", int, dict[str, float]]:
+    stack: LayerStack,
+    plan: MinibatchPlan,
+    settings: LoopSettings,
+    *,
+    progress: ProgressCallback | None = None,
+    distributed: Distributed | None = None,
+) -> tuple[CKAStats, int, dict[str, float]]:
     """The minibatch loop: ``(stats, minibatches, timing)``.
 
     CPU: numpy throughout (no torch import). Each layer's work for a minibatch -- gather its rows, centre
@@ -167,11 +172,14 @@ def _pipeline(
     mapped = stack.mapped(decompress=plan.shuffle == "uniform", scratch_dir=settings.scratch_dir)
     reader = None
     if mapped is None:
-        reader = HDF5BatchReader(stack, plan, share, prefetch=settings.prefetch,
-                                 torch_device=settings.device if engine == "torch" else None)
+        reader = HDF5BatchReader(
+            stack, plan, share, prefetch=settings.prefetch, torch_device=settings.device if engine == "torch" else None
+        )
     source: Any = reader if reader is not None else contextlib.nullcontext(mapped_batches(plan, share))
     compute: Any = (
-        TorchGrams(stack, settings.device, settings.gram_dtype, settings.bandwidths, mapped, plan.largest, settings.scales)
+        TorchGrams(
+            stack, settings.device, settings.gram_dtype, settings.bandwidths, mapped, plan.largest, settings.scales
+        )
         if engine == "torch"
         else NumpyGrams(stack, settings.gram_dtype, settings.bandwidths, mapped, plan.largest, settings.scales)
     )
@@ -191,8 +199,13 @@ def raise_non_finite(stack: LayerStack, batch: Batch, gram_dtype: str) -> None:
 
 
 def run_full(
-    stack: LayerStack, *, debiased: bool, device: str, bandwidths: Sequence[float] | None = None,
-    max_bytes: int | None = None, progress: ProgressCallback | None = None,
+    stack: LayerStack,
+    *,
+    debiased: bool,
+    device: str,
+    bandwidths: Sequence[float] | None = None,
+    max_bytes: int | None = None,
+    progress: ProgressCallback | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Exact full-data CKA (biased, or debiased) of every pair of stacked layers: ``(cka, timing)``; linear,
     or RBF with each layer's recorded bandwidth (``bandwidths``; NaN: a constant layer).
@@ -301,5 +314,14 @@ def _full_block(stack: LayerStack, limit: int, *, rbf: bool, builds: int) -> int
     )
 
 
-__all__ = ["BANDWIDTH_SAMPLE", "FULL_DATA_BYTES", "LoopSettings", "SCALE_SAMPLE", "estimate_bandwidths", "layer_statistics", "raise_non_finite",
-           "run_full", "run_minibatch"]
+__all__ = [
+    "BANDWIDTH_SAMPLE",
+    "FULL_DATA_BYTES",
+    "LoopSettings",
+    "SCALE_SAMPLE",
+    "estimate_bandwidths",
+    "layer_statistics",
+    "raise_non_finite",
+    "run_full",
+    "run_minibatch",
+]

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Sequence
+from typing import Any
 
 from ..devices import parse_device
 
@@ -108,7 +109,9 @@ class AnalysisOptions:
             raise ValueError(f"unknown shuffle {self.shuffle!r}; use one of {', '.join(SHUFFLES)}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {self.estimator!r}; use one of {', '.join(ESTIMATORS)}")
-        if not (isinstance(self.rbf_fraction, (int, float)) and math.isfinite(self.rbf_fraction) and self.rbf_fraction > 0):
+        if not (
+            isinstance(self.rbf_fraction, (int, float)) and math.isfinite(self.rbf_fraction) and self.rbf_fraction > 0
+        ):
             raise ValueError(f"rbf fraction must be a number > 0, got {self.rbf_fraction}")
         if self.batch_size < MIN_BATCH:
             raise ValueError(f"batch size must be at least {MIN_BATCH} (unbiased HSIC_1), got {self.batch_size}")
@@ -121,7 +124,7 @@ class AnalysisOptions:
         if self.full_max_bytes is not None and self.full_max_bytes < 1:
             raise ValueError(f"full_max_bytes (--max-memory) must be at least 1 byte, got {self.full_max_bytes}")
 
-    def replace(self, **changes: Any) -> "AnalysisOptions":
+    def replace(self, **changes: Any) -> AnalysisOptions:
         """A copy with ``changes`` applied (validated again)."""
         return replace(self, **changes)
 
@@ -138,10 +141,18 @@ class AnalysisOptions:
     def params(self, device: str) -> dict[str, Any]:
         """The parameters a result records (``device``: the resolved device), in the order results show them."""
         return {
-            "batch_size": self.batch_size, "epochs": self.epochs, "seed": self.seed, "kernel": self.kernel,
-            "rbf_fraction": float(self.rbf_fraction) if self.kernel == "rbf" else None, "precision": self.precision,
-            "device": device, "estimator": self.estimator, "n_groups": self.n_groups, "intersect": self.intersect,
-            "confidence": float(self.confidence), "shuffle": self.shuffle,
+            "batch_size": self.batch_size,
+            "epochs": self.epochs,
+            "seed": self.seed,
+            "kernel": self.kernel,
+            "rbf_fraction": float(self.rbf_fraction) if self.kernel == "rbf" else None,
+            "precision": self.precision,
+            "device": device,
+            "estimator": self.estimator,
+            "n_groups": self.n_groups,
+            "intersect": self.intersect,
+            "confidence": float(self.confidence),
+            "shuffle": self.shuffle,
         }
 
 
@@ -192,5 +203,14 @@ def _size(value: Any, name: str) -> int | None:
     return int(number * _SIZE_UNITS[unit])
 
 
-__all__ = ["AnalysisOptions", "BUFFER_BYTES", "DEVICES", "ESTIMATORS", "KERNELS", "MIN_BATCH", "PRECISIONS", "SHUFFLES",
-           "check_options"]
+__all__ = [
+    "AnalysisOptions",
+    "BUFFER_BYTES",
+    "DEVICES",
+    "ESTIMATORS",
+    "KERNELS",
+    "MIN_BATCH",
+    "PRECISIONS",
+    "SHUFFLES",
+    "check_options",
+]

@@ -43,8 +43,8 @@ order).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
@@ -130,9 +130,19 @@ class MinibatchPlan:
 
     @classmethod
     def for_data(
-        cls, n: int, *, batch_size: int, seed: int, epochs: int, chunk_rows: int, row_bytes: int, buffer_bytes: int,
-        n_groups: int = 16, shuffle: str = "uniform", canonical: np.ndarray | None = None,
-    ) -> "MinibatchPlan":
+        cls,
+        n: int,
+        *,
+        batch_size: int,
+        seed: int,
+        epochs: int,
+        chunk_rows: int,
+        row_bytes: int,
+        buffer_bytes: int,
+        n_groups: int = 16,
+        shuffle: str = "uniform",
+        canonical: np.ndarray | None = None,
+    ) -> MinibatchPlan:
         """The plan :func:`cka_offline.analyze` forms. ``blocks``: blocks from the first file's chunk rows,
         buffers as large as ``buffer_bytes`` allows for rows of ``row_bytes`` (all selected layers of all
         files). ``uniform``: the mapped pages are released after every ``buffer_bytes`` of minibatches."""
@@ -142,8 +152,17 @@ class MinibatchPlan:
             block_rows = 1
             largest = max(batch_sizes(n, batch_size))
             buffer_blocks = max(1, buffer_bytes // max(1, largest * row_bytes))
-        return cls(n, batch_size, seed=seed, epochs=epochs, block_rows=block_rows, buffer_blocks=buffer_blocks,
-                   n_groups=n_groups, shuffle=shuffle, canonical=canonical)
+        return cls(
+            n,
+            batch_size,
+            seed=seed,
+            epochs=epochs,
+            block_rows=block_rows,
+            buffer_blocks=buffer_blocks,
+            n_groups=n_groups,
+            shuffle=shuffle,
+            canonical=canonical,
+        )
 
     @property
     def per_epoch(self) -> int:
@@ -190,7 +209,9 @@ class MinibatchPlan:
                 parts[j] = part
         ranks = np.concatenate(parts)
         order = ranks if self.canonical is None else np.asarray(self.canonical)[ranks]
-        ends = [int(self.offsets[min(k, i)]) for i in range(self.buffer_blocks, k + self.buffer_blocks, self.buffer_blocks)]
+        ends = [
+            int(self.offsets[min(k, i)]) for i in range(self.buffer_blocks, k + self.buffer_blocks, self.buffer_blocks)
+        ]
         return order, ends
 
     def _members(self) -> list[np.ndarray]:
@@ -214,7 +235,10 @@ class MinibatchPlan:
         done = 0
         for start in range(0, n_blocks, self.buffer_blocks):
             rows = np.concatenate(
-                [np.arange(b * block_rows, min(n, (b + 1) * block_rows)) for b in blocks[start : start + self.buffer_blocks]]
+                [
+                    np.arange(b * block_rows, min(n, (b + 1) * block_rows))
+                    for b in blocks[start : start + self.buffer_blocks]
+                ]
             )
             parts.append(rows[rng.permutation(len(rows))])
             done += len(rows)
@@ -274,8 +298,17 @@ def plan_minibatches(
     in ``CKAResult.params``.
     """
     canonical = None if ids is None else canonical_order(ids)
-    return MinibatchPlan(n, m, seed=seed, epochs=epochs, block_rows=block_rows, buffer_blocks=buffer_blocks,
-                         n_groups=n_groups, shuffle=shuffle, canonical=canonical).minibatches()
+    return MinibatchPlan(
+        n,
+        m,
+        seed=seed,
+        epochs=epochs,
+        block_rows=block_rows,
+        buffer_blocks=buffer_blocks,
+        n_groups=n_groups,
+        shuffle=shuffle,
+        canonical=canonical,
+    ).minibatches()
 
 
 def canonical_order(ids: np.ndarray) -> np.ndarray:
@@ -289,5 +322,12 @@ def own_minibatches(n_batches: int, rank: int, world_size: int) -> tuple[int, in
     return rank * n_batches // world_size, (rank + 1) * n_batches // world_size
 
 
-__all__ = ["BUFFER_BLOCKS", "MinibatchPlan", "batch_sizes", "buffer_shape", "canonical_order", "own_minibatches",
-           "plan_minibatches"]
+__all__ = [
+    "BUFFER_BLOCKS",
+    "MinibatchPlan",
+    "batch_sizes",
+    "buffer_shape",
+    "canonical_order",
+    "own_minibatches",
+    "plan_minibatches",
+]

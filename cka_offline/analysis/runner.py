@@ -10,8 +10,9 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,7 +22,13 @@ from ..digests import FileHasher
 from ..distributed import Distributed
 from ..errors import DistributedError
 from .loop import (
-    BANDWIDTH_SAMPLE, SCALE_SAMPLE, LoopSettings, ProgressCallback, estimate_bandwidths, layer_statistics, run_full,
+    BANDWIDTH_SAMPLE,
+    SCALE_SAMPLE,
+    LoopSettings,
+    ProgressCallback,
+    estimate_bandwidths,
+    layer_statistics,
+    run_full,
     run_minibatch,
 )
 from .options import DEVICES, MIN_BATCH, AnalysisOptions
@@ -59,9 +66,12 @@ class _Outcome:
 
 
 def run_analysis(
-    files: Sequence[Any], options: AnalysisOptions, *, progress: ProgressCallback | None = None,
+    files: Sequence[Any],
+    options: AnalysisOptions,
+    *,
+    progress: ProgressCallback | None = None,
     distributed: Distributed | None = None,
-) -> "CKAResult":
+) -> CKAResult:
     """See :func:`cka_offline.analyze`."""
     if not files:
         raise ValueError("analyze() needs at least one activation file")
@@ -78,9 +88,16 @@ def run_analysis(
         if plan is not None:
             if bandwidths is not None:
                 params["bandwidths"] = stack.per_file(bandwidths)
-            settings = LoopSettings(device=params["device"], gram_dtype=options.precision, bandwidths=bandwidths,
-                                    n_groups=options.n_groups, confidence=options.confidence,
-                                    prefetch=options.prefetch, scratch_dir=options.scratch_dir, scales=scales)
+            settings = LoopSettings(
+                device=params["device"],
+                gram_dtype=options.precision,
+                bandwidths=bandwidths,
+                n_groups=options.n_groups,
+                confidence=options.confidence,
+                prefetch=options.prefetch,
+                scratch_dir=options.scratch_dir,
+                scales=scales,
+            )
             outcome = _minibatch(stack, plan, settings, progress, ctx)
         else:
             outcome = _full(stack, options, params, progress)
@@ -130,9 +147,16 @@ def _plan(
     if options.estimator != "minibatch":
         return None, None, None
     plan = MinibatchPlan.for_data(
-        stack.n, batch_size=options.batch_size, seed=options.seed, epochs=options.epochs,
-        chunk_rows=stack.files[0].chunk_rows, row_bytes=stack.row_bytes, buffer_bytes=options.buffer_bytes,
-        n_groups=options.n_groups, shuffle=options.shuffle, canonical=canonical_order(stack.alignment.ids),
+        stack.n,
+        batch_size=options.batch_size,
+        seed=options.seed,
+        epochs=options.epochs,
+        chunk_rows=stack.files[0].chunk_rows,
+        row_bytes=stack.row_bytes,
+        buffer_bytes=options.buffer_bytes,
+        n_groups=options.n_groups,
+        shuffle=options.shuffle,
+        canonical=canonical_order(stack.alignment.ids),
     )
     params["n_groups"] = plan.groups  # the groups used: fewer than asked for when there are few minibatches
     if plan.shuffle == "blocks":
@@ -144,7 +168,10 @@ def _plan(
 
 
 def _minibatch(
-    stack: LayerStack, plan: MinibatchPlan, settings: LoopSettings, progress: ProgressCallback | None,
+    stack: LayerStack,
+    plan: MinibatchPlan,
+    settings: LoopSettings,
+    progress: ProgressCallback | None,
     ctx: Distributed,
 ) -> _Outcome:
     stats, n_batches, timing = run_minibatch(stack, plan, settings, progress=progress, distributed=ctx)
@@ -177,12 +204,19 @@ def _full(
 ) -> _Outcome:
     bandwidths = None
     if options.kernel == "rbf":  # the minibatch estimator's bandwidths: its seeded sample, recorded the same way
-        sample = MinibatchPlan(stack.n, options.batch_size, seed=options.seed,
-                               canonical=canonical_order(stack.alignment.ids)).sample(BANDWIDTH_SAMPLE)
+        sample = MinibatchPlan(
+            stack.n, options.batch_size, seed=options.seed, canonical=canonical_order(stack.alignment.ids)
+        ).sample(BANDWIDTH_SAMPLE)
         bandwidths = estimate_bandwidths(stack, sample, options.rbf_fraction)
         params["bandwidths"] = stack.per_file(bandwidths)
-    cka, timing = run_full(stack, debiased=options.estimator == "full-debiased", device=params["device"],
-                           bandwidths=bandwidths, max_bytes=options.full_max_bytes, progress=progress)
+    cka, timing = run_full(
+        stack,
+        debiased=options.estimator == "full-debiased",
+        device=params["device"],
+        bandwidths=bandwidths,
+        max_bytes=options.full_max_bytes,
+        progress=progress,
+    )
     se = low = high = np.full_like(cka, np.nan)
     degenerate = {i for i in range(len(stack)) if math.isnan(cka[i, i])}
     return _Outcome(cka, se, low, high, degenerate, 0, timing)
@@ -206,12 +240,18 @@ def _mark_undefined(stack: LayerStack, outcome: _Outcome) -> None:
 
 def _result(
     stack: LayerStack, params: dict[str, Any], outcome: _Outcome, hasher: FileHasher | None, ctx: Distributed
-) -> "CKAResult":
+) -> CKAResult:
     from ..results import CKAResult, FileInfo
 
     infos = [
-        FileInfo(label=stack.labels[k], paths=list(f.paths), layers=list(stack.selected[k]),
-                 provenance=dict(f.provenance), sha256=[], n_examples=int(f.n_examples))
+        FileInfo(
+            label=stack.labels[k],
+            paths=list(f.paths),
+            layers=list(stack.selected[k]),
+            provenance=dict(f.provenance),
+            sha256=[],
+            n_examples=int(f.n_examples),
+        )
         for k, f in enumerate(stack.files)
     ]
     if hasher is not None:
@@ -225,9 +265,19 @@ def _result(
     n_files = len(stack.files)
     pairs = [(0, 0)] if n_files == 1 else [(i, j) for i in range(n_files) for j in range(i + 1, n_files)]
     return CKAResult(
-        files=infos, cka=outcome.cka, se=outcome.se, low=outcome.low, high=outcome.high, pairs=pairs, params=params,
-        n_examples=stack.n, n_minibatches=outcome.n_batches, timing=outcome.timing, warnings=outcome.warnings,
-        version=__version__, confidence=float(params["confidence"]),
+        files=infos,
+        cka=outcome.cka,
+        se=outcome.se,
+        low=outcome.low,
+        high=outcome.high,
+        pairs=pairs,
+        params=params,
+        n_examples=stack.n,
+        n_minibatches=outcome.n_batches,
+        timing=outcome.timing,
+        warnings=outcome.warnings,
+        version=__version__,
+        confidence=float(params["confidence"]),
     )
 
 

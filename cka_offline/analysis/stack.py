@@ -10,8 +10,9 @@ import math
 import mmap
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from ..store.reader import ActivationFile, MappedRows
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class StackedLayer:
@@ -53,7 +55,7 @@ class StackedLayer:
 class LayerStack:
     """Files, labels, selected layer names per file, the stacked layers and the alignment of the ids."""
 
-    files: list["ActivationFile"]
+    files: list[ActivationFile]
     labels: list[str]
     selected: list[list[str]]
     layers: list[StackedLayer]
@@ -62,7 +64,7 @@ class LayerStack:
     _maps: list[mmap.mmap] = field(default_factory=list, repr=False)
 
     @classmethod
-    def build(cls, files: Sequence["ActivationFile"], labels: Sequence[str], options: AnalysisOptions) -> "LayerStack":
+    def build(cls, files: Sequence[ActivationFile], labels: Sequence[str], options: AnalysisOptions) -> LayerStack:
         """Select the layers of every file and align the ids.
 
         Raises:
@@ -72,8 +74,15 @@ class LayerStack:
         from ..selection import select_layers
 
         selected = [
-            list(select_layers(f.layer_names, options.patterns_for(k), what="layer", where=labels[k],
-                               hint=f"list them with cka-inspect {labels[k]}"))
+            list(
+                select_layers(
+                    f.layer_names,
+                    options.patterns_for(k),
+                    what="layer",
+                    where=labels[k],
+                    hint=f"list them with cka-inspect {labels[k]}",
+                )
+            )
             for k, f in enumerate(files)
         ]
         alignment = align_ids([f.ids for f in files], labels, intersect=options.intersect)
@@ -137,7 +146,7 @@ class LayerStack:
             out[self.labels[layer.file]][layer.name] = None if math.isnan(value) else float(value)
         return out
 
-    def mapped(self, *, decompress: bool = False, scratch_dir: str | None = None) -> list["MappedRows"] | None:
+    def mapped(self, *, decompress: bool = False, scratch_dir: str | None = None) -> list[MappedRows] | None:
         """Every stacked layer's memory-mapped rows. A layer stored compressed (or otherwise unmappable) is
         decompressed into a scratch file when ``decompress`` (removed by :meth:`close`), else the answer is
         None: the layers must then be read through HDF5."""
@@ -151,7 +160,7 @@ class LayerStack:
             out.append(rows if rows is not None else self._decompressed(i, scratch_dir))
         return out
 
-    def _decompressed(self, i: int, scratch_dir: str | None) -> "MappedRows":
+    def _decompressed(self, i: int, scratch_dir: str | None) -> MappedRows:
         """All rows of stacked layer ``i``, read through HDF5 once into an uncompressed scratch file and
         memory-mapped from there, so uniform minibatches can gather any rows.
 
@@ -177,8 +186,12 @@ class LayerStack:
         if self._scratch is None:
             self._scratch = tempfile.mkdtemp(prefix="cka-scratch-", dir=folder)
         path = os.path.join(self._scratch, f"layer{i}.raw")
-        log.info("layer %r of %s is stored compressed or unusually: decompressing it into %s for uniform minibatches",
-                 layer.name, f.path, path)
+        log.info(
+            "layer %r of %s is stored compressed or unusually: decompressing it into %s for uniform minibatches",
+            layer.name,
+            f.path,
+            path,
+        )
         target = np.lib.format.open_memmap(path, mode="w+", dtype=layer.dtype, shape=shape)
         step = max(1, (64 << 20) // max(1, layer.features * layer.itemsize))
         for start in range(0, shape[0], step):
@@ -193,7 +206,7 @@ class LayerStack:
         view = np.frombuffer(mapping, dtype=layer.dtype, count=shape[0] * shape[1], offset=offset).reshape(shape)
         return MappedRows(np.array([0], dtype=np.int64), [view], shape[0])
 
-    def gather(self, i: int, mapped: "MappedRows", positions: np.ndarray, out: np.ndarray) -> np.ndarray:
+    def gather(self, i: int, mapped: MappedRows, positions: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Rows of the aligned examples ``positions`` of stacked layer ``i``, from its memory-mapped rows,
         into ``out``."""
         return mapped.gather(self.alignment.rows_of(self.layers[i].file, positions), out)
@@ -233,7 +246,7 @@ class LayerStack:
 
 
 def read_rows(
-    f: "ActivationFile", layer: str, rows: np.ndarray, sorted_rows: bool, out: np.ndarray | None = None
+    f: ActivationFile, layer: str, rows: np.ndarray, sorted_rows: bool, out: np.ndarray | None = None
 ) -> np.ndarray:
     """Rows ``rows`` of ``layer`` in that order (into ``out`` when given); contiguous runs of sorted rows
     are read as slices."""

@@ -120,7 +120,11 @@ class MinibatchCKA:
         Raises InsufficientDataError for ``m < 4`` and ActivationValueError when the HSIC values are not
         finite (NaN/Inf activations); the state is left unchanged then.
         """
-        if not (isinstance(grams, np.ndarray) or is_tensor(grams)) or grams.ndim != 3 or grams.shape[0] != self.n_layers:
+        if (
+            not (isinstance(grams, np.ndarray) or is_tensor(grams))
+            or grams.ndim != 3
+            or grams.shape[0] != self.n_layers
+        ):
             shape = tuple(grams.shape) if hasattr(grams, "shape") else type(grams).__name__
             raise ValueError(f"grams must have shape ({self.n_layers}, m, m), got {shape}")
         if isinstance(batch_index, bool) or not isinstance(batch_index, int) or batch_index < 0:
@@ -229,9 +233,7 @@ class MinibatchCKA:
         used = self.n_batches > 0
         n_used = int(used.sum())
         if n_used < 2:
-            logger.warning(
-                "jackknife needs minibatches in at least 2 groups, got %d; standard errors are NaN", n_used
-            )
+            logger.warning("jackknife needs minibatches in at least 2 groups, got %d; standard errors are NaN", n_used)
             se = np.full_like(theta, math.nan)
         else:
             loo = _cka_from_sums(totals[None] - self.hsic_sum[used])  # (G, L, L)

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -234,8 +235,11 @@ def hsic1_matrix(grams: Array, *, overwrite: bool = False) -> Array:
             f"unbiased HSIC needs a minibatch of at least 4 examples, got {m}; use a larger batch size"
         )
     if is_tensor(grams):
-        k = grams if overwrite and grams.dtype == _torch_float64() and grams.is_contiguous() else (
-            astype(grams, "float64", copy=True).contiguous())
+        k = (
+            grams
+            if overwrite and grams.dtype == _torch_float64() and grams.is_contiguous()
+            else (astype(grams, "float64", copy=True).contiguous())
+        )
     elif overwrite and grams.dtype == np.float64 and grams.flags.c_contiguous:
         k = grams
     else:
@@ -354,15 +358,19 @@ def cka_from_hsic(hsic: np.ndarray, self_a: np.ndarray, self_b: np.ndarray) -> n
     if bad_a.any() or bad_b.any():
         logger.warning(
             "full CKA undefined: self-HSIC %s of layer(s) %s and %s of layer(s) %s (a constant layer?); returning NaN",
-            self_a[bad_a].tolist(), np.flatnonzero(bad_a).tolist(), self_b[bad_b].tolist(), np.flatnonzero(bad_b).tolist(),
+            self_a[bad_a].tolist(),
+            np.flatnonzero(bad_a).tolist(),
+            self_b[bad_b].tolist(),
+            np.flatnonzero(bad_b).tolist(),
         )
     with np.errstate(invalid="ignore"):
         cka = hsic / np.sqrt(np.outer(np.where(bad_a, np.nan, self_a), np.where(bad_b, np.nan, self_b)))
     return cka
 
 
-def cka_full(layers: Sequence[Array], *, debiased: bool, sigmas: Sequence[float] | None = None,
-             max_bytes: int = 2**31) -> np.ndarray:
+def cka_full(
+    layers: Sequence[Array], *, debiased: bool, sigmas: Sequence[float] | None = None, max_bytes: int = 2**31
+) -> np.ndarray:
     """Exact CKA on all ``n`` examples between every pair of ``L`` layers: ``L`` arrays ``(n, d_i)`` -> ``(L, L)``.
 
     Linear (``sigmas=None``) or RBF with bandwidth ``sigmas[i]`` for layer ``i``; biased (Kornblith et al.
@@ -436,7 +444,5 @@ def cka_linear_full(x: Array, y: Array, *, debiased: bool, max_bytes: int = 2**3
     _check_matrix(y, "y")
     n = x.shape[0]
     if y.shape[0] != n:
-        raise AlignmentError(
-            f"full CKA needs the same examples in x and y, got {n} rows in x and {y.shape[0]} in y"
-        )
+        raise AlignmentError(f"full CKA needs the same examples in x and y, got {n} rows in x and {y.shape[0]} in y")
     return float(cka_full([x, y], debiased=debiased, max_bytes=max_bytes)[0, 1])

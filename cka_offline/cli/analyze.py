@@ -72,41 +72,106 @@ def _check_outputs(output: str | None, fmt: str | None, plot: str | None, n_file
 @click.command(name=PROG, help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("files", nargs=-1, required=True, metavar="A.h5 [B.h5 ...]")
 @click.option("--output", "-o", metavar="PATH", help="Save the result: .h5, .json or .csv (by extension, or --format).")
-@click.option("--format", "fmt", type=click.Choice(["h5", "json", "csv"]), help="Result format, overriding the extension.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["h5", "json", "csv"]), help="Result format, overriding the extension."
+)
 @click.option("--plot", metavar="PATH", help="Heatmap of A against B: .png, .pdf or .svg.")
 @click.option("--annotate/--no-annotate", default=None, help="Write values in the heatmap cells (default: when small).")
-@click.option("--batch-size", "-m", default=_DEFAULT.batch_size, show_default=True, type=click.IntRange(min=4),
-              help="Examples per minibatch; the last ones are evened out so none is below 4.")
-@click.option("--epochs", default=_DEFAULT.epochs, show_default=True, type=click.IntRange(min=1), help="Passes over the data, each reshuffled.")
-@click.option("--seed", default=_DEFAULT.seed, show_default=True, type=int, help="Seed of the minibatches, the jackknife groups and the RBF bandwidth sample.")
-@click.option("--layers", "-l", multiple=True, metavar="PATTERN",
-              help="Layers of every file: names or globs; repeatable and comma-separated. Default: all.")
+@click.option(
+    "--batch-size",
+    "-m",
+    default=_DEFAULT.batch_size,
+    show_default=True,
+    type=click.IntRange(min=4),
+    help="Examples per minibatch; the last ones are evened out so none is below 4.",
+)
+@click.option(
+    "--epochs",
+    default=_DEFAULT.epochs,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Passes over the data, each reshuffled.",
+)
+@click.option(
+    "--seed",
+    default=_DEFAULT.seed,
+    show_default=True,
+    type=int,
+    help="Seed of the minibatches, the jackknife groups and the RBF bandwidth sample.",
+)
+@click.option(
+    "--layers",
+    "-l",
+    multiple=True,
+    metavar="PATTERN",
+    help="Layers of every file: names or globs; repeatable and comma-separated. Default: all.",
+)
 @click.option("--layers-a", multiple=True, metavar="PATTERN", help="Layers of the first file (overrides --layers).")
 @click.option("--layers-b", multiple=True, metavar="PATTERN", help="Layers of the other files (overrides --layers).")
 @click.option("--kernel", default=_DEFAULT.kernel, show_default=True, type=click.Choice(KERNELS), help="CKA kernel.")
-@click.option("--rbf-fraction", default=_DEFAULT.rbf_fraction, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="RBF bandwidth as a fraction of the median pairwise distance (per layer, from up to 1000 examples).")
-@click.option("--precision", default=_DEFAULT.precision, show_default=True, type=click.Choice(PRECISIONS),
-              help="Gram matrix precision (sums are always float64).")
-@click.option("--device", default=_DEFAULT.device, show_default=True, type=DeviceType(DEVICES), help="auto, cpu, cuda or cuda:N.")
-@click.option("--estimator", default=_DEFAULT.estimator, show_default=True,
-              type=click.Choice(ESTIMATORS),
-              help="minibatch CKA, or the exact full-data CKA (biased or debiased; needs all examples in memory).")
-@click.option("--intersection", is_flag=True, help="Use the examples common to all files instead of requiring the same ones.")
-@click.option("--n-groups", default=_DEFAULT.n_groups, show_default=True, type=click.IntRange(min=2),
-              help="Jackknife groups for standard errors: each owns a share of the examples, in every epoch.")
-@click.option("--shuffle", default=_DEFAULT.shuffle, show_default=True, type=click.Choice(SHUFFLES),
-              help="uniform: random minibatches (compressed layers are decompressed to a scratch file first); "
-                   "blocks: minibatches from shuffled whole chunks, for files larger than memory and disk "
-                   "(biased when rows are stored in class order; warns).")
-@click.option("--scratch-dir", metavar="DIR", help="Where compressed layers are decompressed (default: the temp folder).")
+@click.option(
+    "--rbf-fraction",
+    default=_DEFAULT.rbf_fraction,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="RBF bandwidth as a fraction of the median pairwise distance (per layer, from up to 1000 examples).",
+)
+@click.option(
+    "--precision",
+    default=_DEFAULT.precision,
+    show_default=True,
+    type=click.Choice(PRECISIONS),
+    help="Gram matrix precision (sums are always float64).",
+)
+@click.option(
+    "--device", default=_DEFAULT.device, show_default=True, type=DeviceType(DEVICES), help="auto, cpu, cuda or cuda:N."
+)
+@click.option(
+    "--estimator",
+    default=_DEFAULT.estimator,
+    show_default=True,
+    type=click.Choice(ESTIMATORS),
+    help="minibatch CKA, or the exact full-data CKA (biased or debiased; needs all examples in memory).",
+)
+@click.option(
+    "--intersection", is_flag=True, help="Use the examples common to all files instead of requiring the same ones."
+)
+@click.option(
+    "--n-groups",
+    default=_DEFAULT.n_groups,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Jackknife groups for standard errors: each owns a share of the examples, in every epoch.",
+)
+@click.option(
+    "--shuffle",
+    default=_DEFAULT.shuffle,
+    show_default=True,
+    type=click.Choice(SHUFFLES),
+    help="uniform: random minibatches (compressed layers are decompressed to a scratch file first); "
+    "blocks: minibatches from shuffled whole chunks, for files larger than memory and disk "
+    "(biased when rows are stored in class order; warns).",
+)
+@click.option(
+    "--scratch-dir", metavar="DIR", help="Where compressed layers are decompressed (default: the temp folder)."
+)
 @click.option("--overwrite", is_flag=True, help="Replace the -o / --plot files if they exist.")
 @click.option("--allow-external", is_flag=True, help="Read files with external HDF5 links (only files you trust).")
-@click.option("--hash/--no-hash", "hash_files", default=_DEFAULT.hash_files, show_default=True,
-              help="Record each file's SHA-256 in the result (reads every byte once more, alongside the analysis).")
-@click.option("--max-memory", "full_max_bytes", metavar="SIZE", default=None,
-              help="Memory the full estimators may use for their n x n float64 Gram matrices, e.g. 16G or 512M "
-                   "(default 8G); beyond it the layers go in blocks, each block's Grams rebuilt per block pair.")
+@click.option(
+    "--hash/--no-hash",
+    "hash_files",
+    default=_DEFAULT.hash_files,
+    show_default=True,
+    help="Record each file's SHA-256 in the result (reads every byte once more, alongside the analysis).",
+)
+@click.option(
+    "--max-memory",
+    "full_max_bytes",
+    metavar="SIZE",
+    default=None,
+    help="Memory the full estimators may use for their n x n float64 Gram matrices, e.g. 16G or 512M "
+    "(default 8G); beyond it the layers go in blocks, each block's Grams rebuilt per block pair.",
+)
 @quiet_option
 @debug_option
 @handle_errors(PROG)
@@ -132,8 +197,13 @@ def main(
 
     env = environment()
     try:
-        options = check_options(layers=split_list(layers) or None, layers_a=split_list(layers_a) or None,
-                                layers_b=split_list(layers_b) or None, intersect=intersection, **choices)
+        options = check_options(
+            layers=split_list(layers) or None,
+            layers_a=split_list(layers_a) or None,
+            layers_b=split_list(layers_b) or None,
+            intersect=intersection,
+            **choices,
+        )
     except ValueError as exc:
         if env is not None and env[0] != 0:  # under torchrun every rank finds it: rank 0 says it
             time.sleep(FOLLOWER_GRACE)

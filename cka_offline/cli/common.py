@@ -13,7 +13,8 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterable, Iterator, TextIO, TypeVar, cast
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TextIO, TypeVar, cast
 
 import click
 

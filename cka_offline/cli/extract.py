@@ -10,13 +10,23 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..files import partial_path
 from ..store import schema
-from .common import DeviceType, ProgressBar, debug_option, handle_errors, parse_key_values, quiet_option, setup_logging, split_list
+from .common import (
+    DeviceType,
+    ProgressBar,
+    debug_option,
+    handle_errors,
+    parse_key_values,
+    quiet_option,
+    setup_logging,
+    split_list,
+)
 
 if TYPE_CHECKING:
     from ..extraction import ExtractOptions
@@ -88,7 +98,7 @@ def _shape(shape: tuple[int | None, ...] | None) -> str:
     return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
+def _table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -125,7 +135,13 @@ def _list_options(pm: Any) -> None:
     for flag, entries in (("-X", list_extractors(pm)), ("-I", list_input_readers(pm))):
         for e in entries:
             for o in declared_options(e.cls):
-                default = "-" if o.default is None else str(o.default).lower() if isinstance(o.default, bool) else str(o.default)
+                default = (
+                    "-"
+                    if o.default is None
+                    else str(o.default).lower()
+                    if isinstance(o.default, bool)
+                    else str(o.default)
+                )
                 rows.append((e.name, flag, o.name, o.describe_type(), default or '""', " ".join(o.help.split())))
     click.echo(_table(rows) if len(rows) > 1 else "no plugin declares options")
 
@@ -172,47 +188,127 @@ Example:
 """
 
 
-@click.command(cls=_Command, name=PROG, help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(
+    cls=_Command,
+    name=PROG,
+    help=HELP,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.argument("model", required=False)
-@click.option("--inputs", "-i", "inputs", metavar="INPUTS", help="Model inputs: .npz, .npy, file.h5:/dataset or an image folder.")
+@click.option(
+    "--inputs", "-i", "inputs", metavar="INPUTS", help="Model inputs: .npz, .npy, file.h5:/dataset or an image folder."
+)
 @click.option("--output", "-o", "output", metavar="OUT.h5", help="Activation file to write.")
-@click.option("--layers", "-l", multiple=True, metavar="PATTERN",
-              help="Layers: names, globs ('layer*.conv1'), kind:Relu, aliases; repeatable and comma-separated. Default: all.")
-@click.option("--extractor", "-e", metavar="NAME", help="Extractor plugin to use (default: the one that can open MODEL).")
-@click.option("--list-extractors", is_flag=True, help="List installed extractors and input readers, and broken plugins.")
-@click.option("--list-options", is_flag=True,
-              help="List the options (-X, -I) each installed extractor and input reader declares, and exit.")
+@click.option(
+    "--layers",
+    "-l",
+    multiple=True,
+    metavar="PATTERN",
+    help="Layers: names, globs ('layer*.conv1'), kind:Relu, aliases; repeatable and comma-separated. Default: all.",
+)
+@click.option(
+    "--extractor", "-e", metavar="NAME", help="Extractor plugin to use (default: the one that can open MODEL)."
+)
+@click.option(
+    "--list-extractors", is_flag=True, help="List installed extractors and input readers, and broken plugins."
+)
+@click.option(
+    "--list-options",
+    is_flag=True,
+    help="List the options (-X, -I) each installed extractor and input reader declares, and exit.",
+)
 @click.option("--list-layers", is_flag=True, help="List the layers MODEL offers (name, kind, shape, aliases) and exit.")
-@click.option("--reduction", "-r", multiple=True, metavar="[PATTERN=]NAME",
-              help=f"{', '.join(schema.REDUCTIONS)}: flatten is the default, mean averages spatial positions; "
-              "PATTERN=NAME for some layers only. Repeatable.")
-@click.option("--mask-input", default="attention_mask", show_default=True, metavar="NAME",
-              help="Input holding the attention mask for token reductions; 'none' counts every token.")
-@click.option("--batch-size", "-b", default=64, show_default=True, type=click.IntRange(min=1), help="Examples per forward pass.")
-@click.option("--device", default="cpu", show_default=True, type=DeviceType(),
-              help="cpu, cuda, cuda:N, mps or auto (cuda if available).")
-@click.option("--dtype", default=schema.DEFAULT_DTYPE, show_default=True, type=click.Choice(schema.STORED_DTYPES), help="Stored dtype.")
+@click.option(
+    "--reduction",
+    "-r",
+    multiple=True,
+    metavar="[PATTERN=]NAME",
+    help=f"{', '.join(schema.REDUCTIONS)}: flatten is the default, mean averages spatial positions; "
+    "PATTERN=NAME for some layers only. Repeatable.",
+)
+@click.option(
+    "--mask-input",
+    default="attention_mask",
+    show_default=True,
+    metavar="NAME",
+    help="Input holding the attention mask for token reductions; 'none' counts every token.",
+)
+@click.option(
+    "--batch-size", "-b", default=64, show_default=True, type=click.IntRange(min=1), help="Examples per forward pass."
+)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    type=DeviceType(),
+    help="cpu, cuda, cuda:N, mps or auto (cuda if available).",
+)
+@click.option(
+    "--dtype",
+    default=schema.DEFAULT_DTYPE,
+    show_default=True,
+    type=click.Choice(schema.STORED_DTYPES),
+    help="Stored dtype.",
+)
 @click.option("--max-examples", type=click.IntRange(min=1), metavar="N", help="Use only the first N examples.")
-@click.option("--shard", callback=_shard, metavar="I/K",
-              help="Write only part I of K (I counts from 0) of the examples; the K files form one logical file.")
-@click.option("--resume", is_flag=True, help="Continue OUT.h5.partial left by an interrupted run with the same options.")
+@click.option(
+    "--shard",
+    callback=_shard,
+    metavar="I/K",
+    help="Write only part I of K (I counts from 0) of the examples; the K files form one logical file.",
+)
+@click.option(
+    "--resume", is_flag=True, help="Continue OUT.h5.partial left by an interrupted run with the same options."
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT.h5 if it exists.")
-@click.option("--chunk-rows", type=click.IntRange(min=1), metavar="N", help="Rows per HDF5 chunk (default: about 4 MB).")
-@click.option("--compression", default="none", show_default=True, type=click.Choice(schema.COMPRESSION_NAMES), help="HDF5 compression.")
-@click.option("--option", "-X", "option", multiple=True, metavar="KEY=VALUE",
-              help="Extractor option (see --list-options); values are JSON (numbers, true, lists) or strings.")
-@click.option("--input-option", "-I", "input_option", multiple=True, metavar="KEY=VALUE",
-              help="Input reader option (see --list-options): for image folders resize=HxW, mean=, std=, grayscale=true; "
-              "for HDF5 dataset=, ids=.")
-@click.option("--model-arg", multiple=True, metavar="KEY=VALUE", help="torch: keyword argument of the model factory. Repeatable.")
-@click.option("--weights", metavar="PATH", help="torch: weights (state dict or safetensors) to load into the factory's model.")
-@click.option("--output-index", metavar="N|KEY", help="torch: which element of a tuple/dict model output is the output.")
-@click.option("--allow-pickle-code-execution", is_flag=True,
-              help="torch: load a pickled model file. Unpickling RUNS CODE FROM THE FILE: only for files you trust.")
+@click.option(
+    "--chunk-rows", type=click.IntRange(min=1), metavar="N", help="Rows per HDF5 chunk (default: about 4 MB)."
+)
+@click.option(
+    "--compression",
+    default="none",
+    show_default=True,
+    type=click.Choice(schema.COMPRESSION_NAMES),
+    help="HDF5 compression.",
+)
+@click.option(
+    "--option",
+    "-X",
+    "option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Extractor option (see --list-options); values are JSON (numbers, true, lists) or strings.",
+)
+@click.option(
+    "--input-option",
+    "-I",
+    "input_option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Input reader option (see --list-options): for image folders resize=HxW, mean=, std=, grayscale=true; "
+    "for HDF5 dataset=, ids=.",
+)
+@click.option(
+    "--model-arg", multiple=True, metavar="KEY=VALUE", help="torch: keyword argument of the model factory. Repeatable."
+)
+@click.option(
+    "--weights", metavar="PATH", help="torch: weights (state dict or safetensors) to load into the factory's model."
+)
+@click.option(
+    "--output-index", metavar="N|KEY", help="torch: which element of a tuple/dict model output is the output."
+)
+@click.option(
+    "--allow-pickle-code-execution",
+    is_flag=True,
+    help="torch: load a pickled model file. Unpickling RUNS CODE FROM THE FILE: only for files you trust.",
+)
 @click.option("--batch-axis", type=int, metavar="N", help="onnx: axis of the batch in the model's inputs and outputs.")
-@click.option("--onnx-optimization", metavar="LEVEL",
-              help="onnx: onnxruntime graph optimization level: disable, basic, extended or all (default: all, "
-                   "onnxruntime's own; the chosen tensors are graph outputs, so every level keeps them).")
+@click.option(
+    "--onnx-optimization",
+    metavar="LEVEL",
+    help="onnx: onnxruntime graph optimization level: disable, basic, extended or all (default: all, "
+    "onnxruntime's own; the chosen tensors are graph outputs, so every level keeps them).",
+)
 @quiet_option
 @debug_option
 @click.pass_context
@@ -255,7 +351,7 @@ def main(ctx: click.Context, **params: Any) -> None:
         click.echo(f"{PROG}: wrote {path}", err=True)
 
 
-def _extract_options(ctx: click.Context, params: dict[str, Any], options: dict[str, Any]) -> "ExtractOptions":
+def _extract_options(ctx: click.Context, params: dict[str, Any], options: dict[str, Any]) -> ExtractOptions:
     """The command line's settings as one checked :class:`~cka_offline.extraction.ExtractOptions`."""
     from ..extraction import ExtractOptions
 
@@ -282,7 +378,9 @@ def _extract_options(ctx: click.Context, params: dict[str, Any], options: dict[s
     )
 
 
-def _extract_distributed(model: str, inputs: str | None, output: str, quiet: bool, opts: "ExtractOptions", pm: Any) -> None:
+def _extract_distributed(
+    model: str, inputs: str | None, output: str, quiet: bool, opts: ExtractOptions, pm: Any
+) -> None:
     """Under torchrun with K ranks (and no --shard): rank r writes shard r/K to OUT-0000r-of-0000K.h5."""
     import dataclasses
 

@@ -47,8 +47,11 @@ def format_text(info: dict[str, Any]) -> str:
         if value:
             lines.append(f"  {key:<11} {value}")
 
-    row("format", f"cka-offline-activations {info['format_version']} (written by cka-offline "
-        f"{prov.get('cka_offline_version', '?')} at {prov.get('created', '?')})")
+    row(
+        "format",
+        f"cka-offline-activations {info['format_version']} (written by cka-offline "
+        f"{prov.get('cka_offline_version', '?')} at {prov.get('created', '?')})",
+    )
     ids = info["ids"]
     row("examples", f"{info['n_examples']} (ids: {ids['dtype']}, {ids['first']!r} .. {ids['last']!r})")
     row("extractor", f"{prov.get('extractor', '')} {prov.get('extractor_version', '')}".strip())
@@ -79,7 +82,11 @@ def format_text(info: dict[str, Any]) -> str:
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("files", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file instead of text.")
-@click.option("--allow-external", is_flag=True, help="Open files with HDF5 external links or virtual datasets (only files you trust).")
+@click.option(
+    "--allow-external",
+    is_flag=True,
+    help="Open files with HDF5 external links or virtual datasets (only files you trust).",
+)
 @debug_option
 @handle_errors("cka-inspect")
 def inspect(files: tuple[str, ...], as_json: bool, allow_external: bool, debug: bool) -> None:

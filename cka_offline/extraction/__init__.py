@@ -11,8 +11,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -22,7 +23,15 @@ from ..extractor import Extractor, InputReader
 from ..files import refuse_existing
 from ..inputs import check_ids
 from ..reduce import resolve_reductions
-from ..registry import PluginEntry, PluginsLike, find_extractor, find_input_reader, get_extractor, get_plugin_manager, list_extractors
+from ..registry import (
+    PluginEntry,
+    PluginsLike,
+    find_extractor,
+    find_input_reader,
+    get_extractor,
+    get_plugin_manager,
+    list_extractors,
+)
 from ..selection import select_layers
 from ..store import schema
 from ..store.schema import DEFAULT_DTYPE, DEFAULT_REDUCTION, STORED_DTYPES, TOKEN_REDUCTIONS
@@ -168,9 +177,21 @@ def extract(
         the ``.partial`` file is kept for ``resume=True``, and the error propagates.
     """
     opts = ExtractOptions(
-        layers=layers, extractor=extractor, batch_size=batch_size, device=device, dtype=dtype, reduction=reduction,
-        max_examples=max_examples, shard=shard, resume=resume, overwrite=overwrite, chunk_rows=chunk_rows,
-        compression=compression, options=options or {}, input_options=input_options or {}, mask_input=mask_input,
+        layers=layers,
+        extractor=extractor,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        reduction=reduction,
+        max_examples=max_examples,
+        shard=shard,
+        resume=resume,
+        overwrite=overwrite,
+        chunk_rows=chunk_rows,
+        compression=compression,
+        options=options or {},
+        input_options=input_options or {},
+        mask_input=mask_input,
         command=command,
     )
     return extract_with(opts, source, inputs, output, progress=progress, plugin_manager=plugin_manager)
@@ -203,7 +224,11 @@ def extract_with(
         ids, n_inputs, n_used, (lo, hi) = _rows(reader, fingerprint["description"], opts)
 
         names = select_layers(
-            ext.layers(), opts.layers, what="layer", where=f"model {source}", hint="list them with cka-extract --list-layers"
+            ext.layers(),
+            opts.layers,
+            what="layer",
+            where=f"model {source}",
+            hint="list them with cka-extract --list-layers",
         )
         reductions = resolve_reductions(opts.reduction, names)
         run = BatchRunner(ext, reader, ids, names, reductions, opts.mask_input, opts.dtype)
@@ -251,7 +276,11 @@ def _rows(reader: InputReader, where: str, opts: ExtractOptions) -> tuple[np.nda
 
 
 def _write_rows(
-    writer: ActivationWriter, run: BatchRunner, first: Batch, rows: tuple[int, int, int], batch_size: int,
+    writer: ActivationWriter,
+    run: BatchRunner,
+    first: Batch,
+    rows: tuple[int, int, int],
+    batch_size: int,
     progress: Progress | None,
 ) -> str:
     """Write the first batch (unless resumed past it) and every later one; returns the complete file's
@@ -296,7 +325,9 @@ def shard_path(output: str | os.PathLike[str], index: int | str, count: int) -> 
     return f"{root}-{number}-of-{count:05d}{ext}"
 
 
-def resume_key(provenance: Mapping[str, str], layers: Sequence[str], rows: tuple[int, int, int], settings: Mapping[str, Any]) -> str:
+def resume_key(
+    provenance: Mapping[str, str], layers: Sequence[str], rows: tuple[int, int, int], settings: Mapping[str, Any]
+) -> str:
     """SHA-256 of everything that determines the stored values.
 
     The model and inputs count by content (SHA-256) where there is a file, so moving them does not break
@@ -347,7 +378,9 @@ def _open_inputs(
     if inputs is None:
         reader = ext.default_inputs()
         if reader is None:
-            raise InputError(f"no inputs given for model {ext.source}; pass --inputs FILE (.npz, .npy, file.h5:/dataset, image folder)")
+            raise InputError(
+                f"no inputs given for model {ext.source}; pass --inputs FILE (.npz, .npy, file.h5:/dataset, image folder)"
+            )
         return reader
     path = os.fspath(inputs)
     if not os.path.exists(path) and not os.path.exists(path.rsplit(":", 1)[0]):
@@ -357,7 +390,11 @@ def _open_inputs(
 
 
 def _provenance(
-    ext: Extractor, entry: PluginEntry | None, fingerprint: Mapping[str, str], settings: Mapping[str, Any], command: str | None
+    ext: Extractor,
+    entry: PluginEntry | None,
+    fingerprint: Mapping[str, str],
+    settings: Mapping[str, Any],
+    command: str | None,
 ) -> dict[str, Any]:
     model = dict(ext.provenance())
     prov: dict[str, Any] = {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -47,7 +47,7 @@ class BatchRunner:
     def reduce_early(self) -> bool:
         """Hand the reductions the extractor can apply itself (while its batch runs) to it; True if any.
         Called after the first batch, when every layer's per-example shape is known and checked."""
-        supported = getattr(self.ext, "early_reductions", frozenset())
+        supported: frozenset[str] = getattr(self.ext, "early_reductions", frozenset())
         wanted = {n: r for n, r in self.reductions.items() if r in supported and n in self.shapes}
         if not wanted:
             return False
@@ -130,17 +130,26 @@ class BatchRunner:
 
     def layer_specs(self) -> list[StoredLayer]:
         return [
-            StoredLayer(n, tuple(int(d) for d in self.shapes[n]), self.reductions[n], reduced_features(n, self.reductions[n], self.shapes[n]))
+            StoredLayer(
+                n,
+                tuple(int(d) for d in self.shapes[n]),
+                self.reductions[n],
+                reduced_features(n, self.reductions[n], self.shapes[n]),
+            )
             for n in self.names
         ]
 
-    def finish(self, batch: tuple[dict[str, np.ndarray], np.ndarray | None], start: int, stop: int) -> dict[str, np.ndarray]:
+    def finish(
+        self, batch: tuple[dict[str, np.ndarray], np.ndarray | None], start: int, stop: int
+    ) -> dict[str, np.ndarray]:
         arrays, mask = batch
         batch_ids = self.ids[start:stop]
         out = {}
         for name, arr in arrays.items():
             with np.errstate(over="ignore"):  # float16 overflow is reported below, with the example's id
-                reduced = arr if name in self.early else reduce(name, self.reductions[name], arr, mask, batch_ids.tolist())
+                reduced = (
+                    arr if name in self.early else reduce(name, self.reductions[name], arr, mask, batch_ids.tolist())
+                )
                 rows = reduced.astype(self.dtype, copy=False)
             finite = np.isfinite(rows).all(axis=1)
             if not finite.all():

@@ -19,7 +19,8 @@ import csv
 import json
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -258,9 +259,7 @@ def _read_csv(path: str) -> CKAResult:
         rows = list(csv.reader(fh))
     known = len(schema.CSV_COLUMNS)
     if not rows or tuple(rows[0][:known]) != schema.CSV_COLUMNS:
-        raise FormatError(
-            f"{path} is not a cka-offline CSV result: expected the header {','.join(schema.CSV_COLUMNS)}"
-        )
+        raise FormatError(f"{path} is not a cka-offline CSV result: expected the header {','.join(schema.CSV_COLUMNS)}")
     width, body = len(rows[0]), rows[1:]  # columns after the known ones are a later minor's: ignored
     for line, row in enumerate(body, start=2):
         if len(row) != width:
@@ -331,5 +330,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-__all__ = ["WRITERS", "check_version", "load_result", "result_document", "result_meta", "result_format",
-           "save_result", "write_csv", "write_h5", "write_json"]
+__all__ = [
+    "WRITERS",
+    "check_version",
+    "load_result",
+    "result_document",
+    "result_meta",
+    "result_format",
+    "save_result",
+    "write_csv",
+    "write_h5",
+    "write_json",
+]

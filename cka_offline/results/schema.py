@@ -113,4 +113,3 @@ def parse_version(text: object) -> tuple[int, int]:
     """``"1.0"`` -> ``(1, 0)``; raises ValueError on anything else."""
     major, minor = str(text).split(".")
     return int(major), int(minor)
-

@@ -31,9 +31,15 @@ class FileMap:
         when the layer cannot be read that way (compressed or filtered, byte-swapped, partial-width chunks,
         a user block, external or virtual storage) -- then read it through HDF5."""
         ds = file[schema.LAYERS_GROUP][meta.key]
-        if (ds.compression is not None or filter_codes(ds) or not ds.dtype.isnative
-                or ds.is_virtual or ds.external or ds.shape[0] == 0
-                or file.id.get_create_plist().get_userblock() != 0):
+        if (
+            ds.compression is not None
+            or filter_codes(ds)
+            or not ds.dtype.isnative
+            or ds.is_virtual
+            or ds.external
+            or ds.shape[0] == 0
+            or file.id.get_create_plist().get_userblock() != 0
+        ):
             return None
         dtype = ds.dtype
         itemsize, features = dtype.itemsize, ds.shape[1]
@@ -67,8 +73,10 @@ class FileMap:
             last = start + len(view) - 1
             with damaged(self.path, f"rows of layer {meta.name!r}"):
                 first_row, last_row = ds[start : start + 1], ds[last : last + 1]  # slices: fast reads
-            if not (np.array_equal(view[:1], first_row, equal_nan=True)
-                    and np.array_equal(view[-1:], last_row, equal_nan=True)):
+            if not (
+                np.array_equal(view[:1], first_row, equal_nan=True)
+                and np.array_equal(view[-1:], last_row, equal_nan=True)
+            ):
                 return None
         return blocks
 
@@ -95,8 +103,9 @@ class MappedRows:
     :meth:`ActivationFile.mapped_rows`.
     """
 
-    def __init__(self, starts: np.ndarray, views: list[np.ndarray], n_rows: int,
-                 spans: list[tuple[mmap.mmap, int]] | None = None) -> None:
+    def __init__(
+        self, starts: np.ndarray, views: list[np.ndarray], n_rows: int, spans: list[tuple[mmap.mmap, int]] | None = None
+    ) -> None:
         self.starts, self.views, self.n_rows = starts, views, n_rows
         self.spans = spans or []
 

@@ -13,7 +13,8 @@ import json
 import math
 import mmap
 import os
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
@@ -94,7 +95,9 @@ class _Shard:
         try:
             self.version = schema.parse_version(version)
         except ValueError:
-            raise FormatError(f"{path}: malformed format version {version!r}; expected MAJOR.MINOR; {DAMAGED}") from None
+            raise FormatError(
+                f"{path}: malformed format version {version!r}; expected MAJOR.MINOR; {DAMAGED}"
+            ) from None
         if self.version[0] != schema.FORMAT_MAJOR:
             raise VersionError(
                 f"{path} uses activation format {version}, but this cka-offline reads format "
@@ -117,7 +120,9 @@ class _Shard:
             )
         self.chunk_rows = _int_attr(attrs, schema.ATTR_CHUNK_ROWS, path)
         if self.chunk_rows < 1:
-            raise FormatError(f"{path}: attribute {schema.ATTR_CHUNK_ROWS!r} is {self.chunk_rows}, expected >= 1; {DAMAGED}")
+            raise FormatError(
+                f"{path}: attribute {schema.ATTR_CHUNK_ROWS!r} is {self.chunk_rows}, expected >= 1; {DAMAGED}"
+            )
         ids_ds = f.get(schema.IDS_DATASET)
         if not isinstance(ids_ds, h5py.Dataset):
             raise FormatError(f"{path}: dataset /{schema.IDS_DATASET} (example ids) is missing; {DAMAGED}")
@@ -133,7 +138,9 @@ class _Shard:
             self.ids = self.ids.astype(np.int64)
         uniq, counts = np.unique(self.ids, return_counts=True)
         if len(uniq) != len(self.ids):
-            raise FormatError(f"{path}: example id {format_id(uniq[counts > 1][0])} occurs more than once; ids must be unique; {DAMAGED}")
+            raise FormatError(
+                f"{path}: example id {format_id(uniq[counts > 1][0])} occurs more than once; ids must be unique; {DAMAGED}"
+            )
         group = f.get(schema.LAYERS_GROUP)
         if not isinstance(group, h5py.Group) or len(group) == 0:
             raise FormatError(f"{path}: group /{schema.LAYERS_GROUP} is missing or holds no layers; {DAMAGED}")
@@ -144,30 +151,46 @@ class _Shard:
                 raise FormatError(f"{path}: /{schema.LAYERS_GROUP}/{key} is not a dataset; {DAMAGED}")
             for attr in schema.REQUIRED_LAYER_ATTRS:
                 if attr not in ds.attrs:
-                    raise FormatError(f"{path}: layer dataset /{schema.LAYERS_GROUP}/{key} lacks attribute {attr!r}; {DAMAGED}")
+                    raise FormatError(
+                        f"{path}: layer dataset /{schema.LAYERS_GROUP}/{key} lacks attribute {attr!r}; {DAMAGED}"
+                    )
             name = _str_attr(ds.attrs, schema.LAYER_ATTR_NAME)
             if ds.ndim != 2:
-                raise FormatError(f"{path}: layer {name!r} has {ds.ndim} dimensions; expected (examples, features); {DAMAGED}")
+                raise FormatError(
+                    f"{path}: layer {name!r} has {ds.ndim} dimensions; expected (examples, features); {DAMAGED}"
+                )
             if ds.shape[0] != self.n:
                 raise FormatError(
                     f"{path}: layer {name!r} has {ds.shape[0]} rows but the file has {self.n} example ids; {DAMAGED}"
                 )
             if ds.dtype.name not in schema.STORED_DTYPES:
-                raise FormatError(f"{path}: layer {name!r} is stored as {ds.dtype}; expected float32 or float16; {DAMAGED}")
+                raise FormatError(
+                    f"{path}: layer {name!r} is stored as {ds.dtype}; expected float32 or float16; {DAMAGED}"
+                )
             features = _int_attr(ds.attrs, schema.LAYER_ATTR_FEATURES, path)
             if features != ds.shape[1]:
-                raise FormatError(f"{path}: layer {name!r} says {features} features but stores {ds.shape[1]}; {DAMAGED}")
+                raise FormatError(
+                    f"{path}: layer {name!r} says {features} features but stores {ds.shape[1]}; {DAMAGED}"
+                )
             _check_stored(ds, path, f"layer {name!r}")
             reduction = _str_attr(ds.attrs, schema.LAYER_ATTR_REDUCTION)
             try:
                 shape = tuple(int(x) for x in np.asarray(ds.attrs[schema.LAYER_ATTR_ORIGINAL_SHAPE]).reshape(-1))
             except (TypeError, ValueError):
-                raise FormatError(f"{path}: layer {name!r} has a malformed original_shape attribute; {DAMAGED}") from None
+                raise FormatError(
+                    f"{path}: layer {name!r} has a malformed original_shape attribute; {DAMAGED}"
+                ) from None
             if _LZ4_FILTER in filter_codes(ds):
                 _load_hdf5plugin(path)
             layers.append(
                 LayerMeta(
-                    name, shape, reduction, features, ds.dtype.name, _int_attr(ds.attrs, schema.LAYER_ATTR_ORDER, path), key
+                    name,
+                    shape,
+                    reduction,
+                    features,
+                    ds.dtype.name,
+                    _int_attr(ds.attrs, schema.LAYER_ATTR_ORDER, path),
+                    key,
                 )
             )
         layers.sort(key=lambda m: m.order)
@@ -197,7 +220,6 @@ class _Shard:
     def close(self) -> None:
         self.file.close()
         self._mapping.close()
-
 
     def _read_provenance(self) -> dict[str, Any]:
         attrs = self.file.attrs
@@ -261,7 +283,9 @@ class ActivationFile:
         start, stop = max(0, int(start)), min(self.n_examples, int(stop))
         if out is not None:
             if out.shape != (stop - start, meta.features) or out.dtype != np.dtype(meta.dtype):
-                raise ValueError(f"out must be ({stop - start}, {meta.features}) {meta.dtype}, got {out.shape} {out.dtype}")
+                raise ValueError(
+                    f"out must be ({stop - start}, {meta.features}) {meta.dtype}, got {out.shape} {out.dtype}"
+                )
             for i, shard in enumerate(self._shards):
                 lo, hi = self._starts[i], self._starts[i + 1]
                 a, b = max(start, lo), min(stop, hi)
@@ -312,7 +336,7 @@ class ActivationFile:
             stop = min(self.n_examples, start + step)
             yield start, stop, {name: self.read(name, start, stop) for name in names}
 
-    def mapped_rows(self, layer: str) -> "MappedRows | None":
+    def mapped_rows(self, layer: str) -> MappedRows | None:
         """Layer ``layer``'s rows as memory-mapped views (no HDF5 call, no copy until gathered), or ``None``
         when a shard stores it in a way that needs HDF5 (see :meth:`_Shard.mapped_blocks`)."""
         meta = self.layer(layer)
@@ -338,7 +362,7 @@ class ActivationFile:
         for shard in self._shards:
             shard.close()
 
-    def __enter__(self) -> "ActivationFile":
+    def __enter__(self) -> ActivationFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -358,7 +382,9 @@ def expand_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
             matches = sorted(p for p in globlib.glob(text) if not p.endswith(PARTIAL_SUFFIX))
             if not matches:
                 partial = globlib.glob(text + PARTIAL_SUFFIX)
-                hint = f" ({len(partial)} unfinished .partial file(s) match: finish them with --resume)" if partial else ""
+                hint = (
+                    f" ({len(partial)} unfinished .partial file(s) match: finish them with --resume)" if partial else ""
+                )
                 raise FormatError(f"no activation file matches {text!r}{hint}")
             out.extend(matches)
         else:
@@ -433,7 +459,9 @@ def _order_shards(shards: list[_Shard], allow_lone_shard: bool = False) -> list[
     all_ids = np.concatenate([s.ids for s in shards])
     uniq, counts_ = np.unique(all_ids, return_counts=True)
     if len(uniq) != len(all_ids):
-        raise AlignmentError(f"example id {format_id(uniq[counts_ > 1][0])} occurs in more than one shard; shards must be disjoint")
+        raise AlignmentError(
+            f"example id {format_id(uniq[counts_ > 1][0])} occurs in more than one shard; shards must be disjoint"
+        )
     return shards
 
 
@@ -479,7 +507,9 @@ def _check_stored(ds: h5py.Dataset, path: str, what: str) -> None:
     itemsize = ds.dtype.itemsize
     if ds.chunks is None:
         if ds.id.get_storage_size() < ds.size * min(itemsize, 8):
-            raise FormatError(f"{path}: {what} declares shape {ds.shape} but the file does not store its values; {DAMAGED}")
+            raise FormatError(
+                f"{path}: {what} declares shape {ds.shape} but the file does not store its values; {DAMAGED}"
+            )
         return
     chunk_bytes = math.prod(ds.chunks) * itemsize
     if chunk_bytes > MAX_CHUNK_BYTES:
@@ -499,7 +529,9 @@ def _load_hdf5plugin(path: str) -> None:
     try:
         import hdf5plugin  # noqa: F401 - registers the LZ4 filter with HDF5
     except ImportError:
-        raise FormatError(f"{path} is compressed with LZ4; install hdf5plugin to read it (pip install hdf5plugin)") from None
+        raise FormatError(
+            f"{path} is compressed with LZ4; install hdf5plugin to read it (pip install hdf5plugin)"
+        ) from None
 
 
 def _str_attr(attrs: Any, key: str) -> str:

@@ -103,6 +103,7 @@ class StoredLayer:
     order: int = -1
     key: str = ""
 
+
 # === allowed values: extraction side (activation files) ==============================================
 # Every list of allowed values lives here; the CLI's click.Choice lists, extract() and the writer read them.
 
@@ -125,6 +126,7 @@ def compression_name(compression: str | None) -> str | None:
     if value not in COMPRESSIONS:
         raise ValueError(f"unknown compression {compression!r}; use one of {', '.join(COMPRESSION_NAMES)}")
     return value
+
 
 # === end of the extraction-side allowed values ========================================================
 

@@ -13,13 +13,14 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
 
-from ..errors import FormatError, InputError, OutputError, ResumeError
+from ..errors import InputError, OutputError, ResumeError
 from ..files import PARTIAL_SUFFIX, partial_path, refuse_existing, remove_quietly
 from . import schema
 
@@ -160,7 +161,9 @@ class ActivationWriter:
             self._file = self._create(provenance, compression, shard)
 
     # -- creation and resume --------------------------------------------------------------------------
-    def _create(self, provenance: Mapping[str, Any], compression: str | None, shard: tuple[int, int, int] | None) -> h5py.File:
+    def _create(
+        self, provenance: Mapping[str, Any], compression: str | None, shard: tuple[int, int, int] | None
+    ) -> h5py.File:
         comp = _compression_kwargs(compression)
         ids_bytes = sum(len(x.encode()) + 16 for x in self.ids.tolist()) if self.ids.dtype.kind == "U" else 8 * self.n
         self._check_space(ids_bytes, creating=True)
@@ -220,7 +223,9 @@ class ActivationWriter:
         except (OSError, RuntimeError) as exc:
             # HDF5 cannot be closed cleanly after a failed write (closing it crashes the process at exit)
             remove_quietly(self.tmp_path)
-            raise OutputError(f"{self.path}: cannot create {self.tmp_path}: {_write_failure(exc)}; free space and rerun") from exc
+            raise OutputError(
+                f"{self.path}: cannot create {self.tmp_path}: {_write_failure(exc)}; free space and rerun"
+            ) from exc
         except BaseException:
             f.close()
             remove_quietly(self.tmp_path)
@@ -244,16 +249,18 @@ class ActivationWriter:
                     "same ones to resume, or pass --overwrite to start over"
                 )
             ids_ds = f.get(schema.IDS_DATASET)
-            same_ids = ids_ds is not None and ids_ds.shape == (self.n,) and np.array_equal(
-                _read_ids(ids_ds), self.ids
-            )
+            same_ids = ids_ds is not None and ids_ds.shape == (self.n,) and np.array_equal(_read_ids(ids_ds), self.ids)
             layers = f.get(schema.LAYERS_GROUP)
-            same_layers = layers is not None and len(layers) == len(self.layers) and all(
-                schema.layer_key(i) in layers
-                and layers[schema.layer_key(i)].shape == (self.n, spec.features)
-                and str(layers[schema.layer_key(i)].attrs.get(schema.LAYER_ATTR_NAME)) == spec.name
-                and layers[schema.layer_key(i)].dtype == self.dtype
-                for i, spec in enumerate(self.layers)
+            same_layers = (
+                layers is not None
+                and len(layers) == len(self.layers)
+                and all(
+                    schema.layer_key(i) in layers
+                    and layers[schema.layer_key(i)].shape == (self.n, spec.features)
+                    and str(layers[schema.layer_key(i)].attrs.get(schema.LAYER_ATTR_NAME)) == spec.name
+                    and layers[schema.layer_key(i)].dtype == self.dtype
+                    for i, spec in enumerate(self.layers)
+                )
             )
             if not (same_ids and same_layers):
                 raise ResumeError(
@@ -396,7 +403,7 @@ class ActivationWriter:
             except Exception as exc:  # already failing; do not mask the original error
                 log.warning("closing %s failed: %s", self.tmp_path, exc)
 
-    def __enter__(self) -> "ActivationWriter":
+    def __enter__(self) -> ActivationWriter:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -434,4 +441,10 @@ def _file_size(path: str) -> int:
         return 0
 
 
-__all__ = ["ActivationWriter", "LayerSpec", "partial_path", "normalize_ids", "PARTIAL_SUFFIX"]  # the last two: re-exported from files
+__all__ = [
+    "ActivationWriter",
+    "LayerSpec",
+    "partial_path",
+    "normalize_ids",
+    "PARTIAL_SUFFIX",
+]  # the last two: re-exported from files

@@ -83,7 +83,9 @@ def test_rbf_minibatch_matches_reference(chain, lib):
     sigma = rbf_bandwidth(as_lib(lib, chain[1][128:]), 0.8)
     want = ref.minibatch_cka_matrix(layers, M, kernel=lambda x: ref.rbf_gram(x, sigma))
     for dtype, tol in (("float64", 1e-10), ("float32", 1e-6)):
-        got = accumulate(layers, dtype=dtype, kernel=lambda x: gram_rbf(x, sigma, dtype), lib=lib).compute()
+        got = accumulate(
+            layers, dtype=dtype, kernel=lambda x, dtype=dtype: gram_rbf(x, sigma, dtype), lib=lib
+        ).compute()
         assert np.abs(got - want).max() <= tol
 
 
@@ -116,7 +118,9 @@ def test_state_dict_round_trip_and_reset(chain):
     acc = accumulate(chain)
     state = acc.state_dict()
     assert {k: v.dtype for k, v in state.items()} == {
-        "hsic_sum": np.float64, "n_batches": np.int64, "n_examples": np.int64,
+        "hsic_sum": np.float64,
+        "n_batches": np.int64,
+        "n_examples": np.int64,
     }
     state["hsic_sum"][...] = 0.0  # a copy: the accumulator is untouched
     assert np.abs(acc.hsic_sum).sum() > 0
@@ -245,18 +249,31 @@ def _grams(l_layers: int = 2, m: int = 5) -> torch.Tensor:
     [
         (lambda: MinibatchCKA(0), ValueError, "n_layers must be an int >= 1, got 0"),
         (lambda: MinibatchCKA(2, n_groups=0), ValueError, "n_groups must be an int >= 1, got 0"),
-        (lambda: MinibatchCKA(3).update(_grams(2), 0), ValueError, r"grams must have shape \(3, m, m\), got \(2, 5, 5\)"),
+        (
+            lambda: MinibatchCKA(3).update(_grams(2), 0),
+            ValueError,
+            r"grams must have shape \(3, m, m\), got \(2, 5, 5\)",
+        ),
         (lambda: MinibatchCKA(2).update([[0.0]], 0), ValueError, "grams must have shape .* got list"),
         (lambda: MinibatchCKA(2).update(_grams(2), -1), ValueError, "batch_index must be an int >= 0, got -1"),
         (lambda: MinibatchCKA(2).update(_grams(2), 1.0), ValueError, "batch_index must be an int >= 0"),
         (lambda: MinibatchCKA(2).update(_grams(2, m=3), 0), InsufficientDataError, "at least 4 examples, got 3"),
         (lambda: MinibatchCKA(2).merge("x"), TypeError, "can only merge a MinibatchCKA, got str"),
-        (lambda: MinibatchCKA(2).merge(MinibatchCKA(2, n_groups=3)), ValueError,
-         r"cannot merge MinibatchCKA\(n_layers=2, n_groups=3\)"),
-        (lambda: MinibatchCKA(2).load_state_dict({"hsic_sum": torch.zeros(16, 2, 2)}), ValueError,
-         "state keys must be"),
-        (lambda: MinibatchCKA(2).load_state_dict(MinibatchCKA(3).state_dict()), ValueError,
-         r"state\['hsic_sum'\] must be a float64 array of shape \(16, 2, 2\)"),
+        (
+            lambda: MinibatchCKA(2).merge(MinibatchCKA(2, n_groups=3)),
+            ValueError,
+            r"cannot merge MinibatchCKA\(n_layers=2, n_groups=3\)",
+        ),
+        (
+            lambda: MinibatchCKA(2).load_state_dict({"hsic_sum": torch.zeros(16, 2, 2)}),
+            ValueError,
+            "state keys must be",
+        ),
+        (
+            lambda: MinibatchCKA(2).load_state_dict(MinibatchCKA(3).state_dict()),
+            ValueError,
+            r"state\['hsic_sum'\] must be a float64 array of shape \(16, 2, 2\)",
+        ),
         (lambda: MinibatchCKA(2).compute(), InsufficientDataError, "no minibatch was added"),
         (lambda: MinibatchCKA(2).compute_stats(), InsufficientDataError, "no minibatch was added"),
         (lambda: MinibatchCKA(2).compute_stats(confidence=95), ValueError, r"confidence must be a number in \(0, 1\)"),

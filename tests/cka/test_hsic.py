@@ -45,8 +45,9 @@ def test_numpy_grams_are_the_same_numbers_as_torch_grams(chain):
         strided = np.array(x, dtype=dtype)[:, ::2]  # not contiguous: a general product, then symmetrized
         k_s = gram_linear(strided, dtype, inplace=True)
         assert np.array_equal(k_s, k_s.T)
-        np.testing.assert_allclose(k_s, gram_linear(t64(x[:, ::2]), dtype).numpy(), rtol=0,
-                                   atol=tol * np.abs(k_s).max())
+        np.testing.assert_allclose(
+            k_s, gram_linear(t64(x[:, ::2]), dtype).numpy(), rtol=0, atol=tol * np.abs(k_s).max()
+        )
         r_np, r_t = gram_rbf(x, 2.0, dtype), gram_rbf(t64(x), 2.0, dtype)
         assert isinstance(r_np, np.ndarray) and np.all(np.diag(r_np) == 1.0)
         np.testing.assert_allclose(r_np, r_t.numpy(), rtol=0, atol=tol)
@@ -160,8 +161,11 @@ def test_full_estimator_constant_layer_is_nan_with_warning(caplog, lib):
 
 def test_full_estimator_resource_error_says_how_to_fix():
     x = torch.randn(100, 3)
-    with pytest.raises(ResourceError, match=r"n=100 .*160000 bytes.*max_bytes=1000.*minibatch CKA.*raise max_bytes"
-                                            r".*--max-memory"):
+    with pytest.raises(
+        ResourceError,
+        match=r"n=100 .*160000 bytes.*max_bytes=1000.*minibatch CKA.*raise max_bytes"
+        r".*--max-memory",
+    ):
         cka_linear_full(x, x, debiased=False, max_bytes=1000)
     assert cka_linear_full(x, x, debiased=False, max_bytes=160000) == pytest.approx(1.0, abs=1e-12)
     with pytest.raises(ResourceError, match=r"240000 bytes .* for 3 100x100 float64 Gram matrices.*max_bytes=239999"):
@@ -210,8 +214,12 @@ def test_cka_full_matches_reference_every_pair(chain, debiased, kernel, lib):
         pair = ref.cka_debiased if debiased else ref.cka_biased
         want = np.array([[pair(x, y) for y in layers32] for x in layers32])
     else:
-        want = np.array([[ref.cka_rbf_full(x, y, sx, sy, debiased) for y, sy in zip(layers32, sigmas)]
-                         for x, sx in zip(layers32, sigmas)])
+        want = np.array(
+            [
+                [ref.cka_rbf_full(x, y, sx, sy, debiased) for y, sy in zip(layers32, sigmas)]
+                for x, sx in zip(layers32, sigmas)
+            ]
+        )
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(got, got.T)
 
@@ -240,16 +248,28 @@ def test_cka_full_constant_layer_and_nan_bandwidth_are_nan_with_warning(chain, c
     "call, error, match",
     [
         (lambda: cka_full([], debiased=True), ValueError, "at least one layer"),
-        (lambda: cka_full([np.ones((5, 2)), np.ones((6, 2))], debiased=True), AlignmentError,
-         "5 rows in layer 0 and 6 in layer 1"),
-        (lambda: cka_full([np.ones((5, 2))], debiased=True, sigmas=[1.0, 2.0]), ValueError,
-         "one RBF bandwidth per layer, got 2 for 1"),
+        (
+            lambda: cka_full([np.ones((5, 2)), np.ones((6, 2))], debiased=True),
+            AlignmentError,
+            "5 rows in layer 0 and 6 in layer 1",
+        ),
+        (
+            lambda: cka_full([np.ones((5, 2))], debiased=True, sigmas=[1.0, 2.0]),
+            ValueError,
+            "one RBF bandwidth per layer, got 2 for 1",
+        ),
         (lambda: cka_full([np.ones((3, 2))], debiased=True), InsufficientDataError, "at least 4 examples, got 3"),
-        (lambda: cka_full([np.array([[1.0], [np.inf], [2.0], [3.0]])], debiased=True), ActivationValueError,
-         "layer 0 holds NaN or Inf"),
+        (
+            lambda: cka_full([np.array([[1.0], [np.inf], [2.0], [3.0]])], debiased=True),
+            ActivationValueError,
+            "layer 0 holds NaN or Inf",
+        ),
         (lambda: full_gram(torch.ones(3, 2), debiased=False), InsufficientDataError, "at least 4 examples, got 3"),
-        (lambda: cka_from_hsic(np.array([[np.nan]]), np.ones(1), np.ones(1)), ActivationValueError,
-         "HSIC terms are not finite"),
+        (
+            lambda: cka_from_hsic(np.array([[np.nan]]), np.ones(1), np.ones(1)),
+            ActivationValueError,
+            "HSIC terms are not finite",
+        ),
     ],
 )
 def test_full_data_errors(call, error, match):
@@ -260,12 +280,21 @@ def test_full_data_errors(call, error, match):
 @pytest.mark.parametrize(
     "call, error, match",
     [
-        (lambda: cka_linear_full(torch.randn(3, 2), torch.randn(3, 2), debiased=True), InsufficientDataError,
-         "at least 4 examples, got 3"),
-        (lambda: cka_linear_full(torch.randn(5, 2), torch.randn(6, 2), debiased=True), AlignmentError,
-         "5 rows in x and 6 in y"),
-        (lambda: cka_linear_full(torch.tensor([[math.nan], [1.0], [2.0], [3.0]]), torch.randn(4, 2), debiased=False),
-         ActivationValueError, "NaN or Inf"),
+        (
+            lambda: cka_linear_full(torch.randn(3, 2), torch.randn(3, 2), debiased=True),
+            InsufficientDataError,
+            "at least 4 examples, got 3",
+        ),
+        (
+            lambda: cka_linear_full(torch.randn(5, 2), torch.randn(6, 2), debiased=True),
+            AlignmentError,
+            "5 rows in x and 6 in y",
+        ),
+        (
+            lambda: cka_linear_full(torch.tensor([[math.nan], [1.0], [2.0], [3.0]]), torch.randn(4, 2), debiased=False),
+            ActivationValueError,
+            "NaN or Inf",
+        ),
         (lambda: hsic1_matrix(torch.zeros(2, 3, 3)), InsufficientDataError, "at least 4 examples, got 3"),
         (lambda: hsic1_matrix(torch.zeros(4, 4)), ValueError, r"shape \(L, m, m\), got shape \(4, 4\)"),
         (lambda: hsic1_matrix(torch.zeros(1, 4, 5)), ValueError, r"shape \(L, m, m\)"),
@@ -282,12 +311,19 @@ def test_full_data_errors(call, error, match):
         (lambda: gram_rbf(torch.zeros(4, 2), 0.0), ValueError, "sigma must be a finite number > 0"),
         (lambda: gram_rbf(torch.zeros(4, 2), math.nan), ValueError, "sigma must be a finite number > 0"),
         (lambda: rbf_bandwidth(torch.randn(5, 2), -1.0), ValueError, "fraction must be a finite number > 0"),
-        (lambda: rbf_bandwidth(torch.randn(1, 2), 1.0), InsufficientDataError, "at least 2 sample examples to measure a distance, got 1"),
+        (
+            lambda: rbf_bandwidth(torch.randn(1, 2), 1.0),
+            InsufficientDataError,
+            "at least 2 sample examples to measure a distance, got 1",
+        ),
         (lambda: rbf_bandwidth(torch.ones(5, 2), 1.0), InsufficientDataError, "all 5 sample examples are identical"),
         (lambda: rbf_bandwidth(torch.tensor([[0.0], [math.inf], [1.0]]), 1.0), ValueError, "NaN or Inf"),
         (lambda: rbf_bandwidth(np.array([[0.0], [math.nan], [1.0]]), 1.0), ValueError, "NaN or Inf"),
-        (lambda: cka_linear_full(np.ones((3, 2)), np.ones((3, 2)), debiased=True), InsufficientDataError,
-         "at least 4 examples, got 3"),
+        (
+            lambda: cka_linear_full(np.ones((3, 2)), np.ones((3, 2)), debiased=True),
+            InsufficientDataError,
+            "at least 4 examples, got 3",
+        ),
     ],
 )
 def test_errors(call, error, match):

@@ -52,8 +52,9 @@ def test_hash_recorded_unless_no_hash(tmp_path, files):
 
 def test_three_files_csv_and_one_plot_per_pair(tmp_path, files):
     c = write_acts(tmp_path / "c.h5", chain_activations(64, seed=3))
-    res = run([*files, c, "-m", "16", "-o", tmp_path / "r.out", "--format", "csv", "--plot", tmp_path / "p.svg",
-               "--quiet"])
+    res = run(
+        [*files, c, "-m", "16", "-o", tmp_path / "r.out", "--format", "csv", "--plot", tmp_path / "p.svg", "--quiet"]
+    )
     assert res.exit_code == 0, res.output
     assert res.stderr == ""
     assert sorted(p.name for p in tmp_path.glob("p_*.svg")) == ["p_0-1.svg", "p_0-2.svg", "p_1-2.svg"]

@@ -34,13 +34,22 @@ def example(monkeypatch):
 def files(tmp_path):
     rng = np.random.default_rng(6)
     w1, w2 = rng.normal(size=(3, 5)), rng.normal(size=(5, 2))
-    spec = {"layers": [{"name": "fc1", "weight": w1.tolist(), "bias": [0.0] * 5},
-                       {"name": "fc2", "weight": w2.tolist(), "bias": [0.0] * 2}]}
+    spec = {
+        "layers": [
+            {"name": "fc1", "weight": w1.tolist(), "bias": [0.0] * 5},
+            {"name": "fc2", "weight": w2.tolist(), "bias": [0.0] * 2},
+        ]
+    }
     (tmp_path / "m.mlp.json").write_text(json.dumps(spec))
     x = rng.normal(size=(9, 3)).astype(np.float32)
     np.savez(tmp_path / "in.npz", input=x)
-    return {"model": str(tmp_path / "m.mlp.json"), "inputs": str(tmp_path / "in.npz"), "x": x, "w1": w1,
-            "out": str(tmp_path / "out.h5")}
+    return {
+        "model": str(tmp_path / "m.mlp.json"),
+        "inputs": str(tmp_path / "in.npz"),
+        "x": x,
+        "w1": w1,
+        "out": str(tmp_path / "out.h5"),
+    }
 
 
 def invoke(pm, args):
@@ -55,8 +64,24 @@ def error_line(result) -> str:
 
 def test_extraction(example, files):
     pm = get_plugin_manager(entry_points=False, plugins=[example])
-    r = invoke(pm, [files["model"], "-i", files["inputs"], "-o", files["out"], "--layers", "fc1", "-b", "4",
-                    "-X", "dtype=float64", "--dtype", "float16"])
+    r = invoke(
+        pm,
+        [
+            files["model"],
+            "-i",
+            files["inputs"],
+            "-o",
+            files["out"],
+            "--layers",
+            "fc1",
+            "-b",
+            "4",
+            "-X",
+            "dtype=float64",
+            "--dtype",
+            "float16",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert f"wrote {files['out']}" in r.stderr
     with open_activations(files["out"]) as f:
@@ -65,11 +90,28 @@ def test_extraction(example, files):
         np.testing.assert_allclose(f.read("fc1", 0, 9), ref, rtol=1e-3, atol=1e-3)
         assert json.loads(f.provenance["options"])["extractor_options"] == {"dtype": "float64"}
         assert f.provenance["command"] == "cka-extract " + " ".join(
-            [files["model"], "-i", files["inputs"], "-o", files["out"], "--layers", "fc1", "-b", "4", "-X", "dtype=float64",
-             "--dtype", "float16"])
+            [
+                files["model"],
+                "-i",
+                files["inputs"],
+                "-o",
+                files["out"],
+                "--layers",
+                "fc1",
+                "-b",
+                "4",
+                "-X",
+                "dtype=float64",
+                "--dtype",
+                "float16",
+            ]
+        )
     r = invoke(pm, [files["model"], "-i", files["inputs"], "-o", files["out"]])
     assert r.exit_code == 2
-    assert error_line(r) == f"cka-extract: error: {files['out']} already exists; pass --overwrite to replace it or choose another -o"
+    assert (
+        error_line(r)
+        == f"cka-extract: error: {files['out']} already exists; pass --overwrite to replace it or choose another -o"
+    )
 
 
 def test_bad_input_is_one_line_and_debug_shows_traceback(example, files, tmp_path):
@@ -153,7 +195,10 @@ def test_interrupt_keeps_partial_file(example, files):
     args = [files["model"], "-i", files["inputs"], "-o", files["out"], "-b", "2", "-q"]
     r = invoke(pm, args)
     assert r.exit_code == 130
-    assert error_line(r) == f"cka-extract: interrupted; the partial file {files['out']}.partial was kept: run the same command with --resume to continue"
+    assert (
+        error_line(r)
+        == f"cka-extract: interrupted; the partial file {files['out']}.partial was kept: run the same command with --resume to continue"
+    )
     r = invoke(pm, [*args, "--resume"])
     assert r.exit_code == 0 and r.stderr == ""
     with open_activations(files["out"]) as f:
@@ -162,18 +207,39 @@ def test_interrupt_keeps_partial_file(example, files):
 
 def test_option_parsing():
     assert parse_key_values(["a=1", "b=x", "c=[1, 2]", "d=true", "e=1.5e3", "f=-2", "g=a=b"], "-X") == {
-        "a": 1, "b": "x", "c": [1, 2], "d": True, "e": 1500.0, "f": -2, "g": "a=b"}
+        "a": 1,
+        "b": "x",
+        "c": [1, 2],
+        "d": True,
+        "e": 1500.0,
+        "f": -2,
+        "g": "a=b",
+    }
     assert parse_value("1x") == "1x" and parse_value("") == ""
     assert split_list(["a,b", " c ", ""]) == ["a", "b", "c"]
     assert _reduction(()) == "flatten" and _reduction(("mean",)) == "mean"
     assert _reduction(("token_mean", "enc.*=mean")) == {"enc.*": "mean", "*": "token_mean"}
-    def flags(option=(), model_arg=(), weights=None, output_index=None, allow_pickle_code_execution=False,
-              batch_axis=None, onnx_optimization=None):
+
+    def flags(
+        option=(),
+        model_arg=(),
+        weights=None,
+        output_index=None,
+        allow_pickle_code_execution=False,
+        batch_axis=None,
+        onnx_optimization=None,
+    ):
         return _extractor_options(dict(locals()))
 
     opts = flags(("weights=old",), ("num_classes=10",), "w.pt", "1", True, 0, "basic")
-    assert opts == {"weights": "w.pt", "model_args": {"num_classes": 10}, "output_index": 1,
-                    "allow_pickle_code_execution": True, "batch_axis": 0, "optimization_level": "basic"}
+    assert opts == {
+        "weights": "w.pt",
+        "model_args": {"num_classes": 10},
+        "output_index": 1,
+        "allow_pickle_code_execution": True,
+        "batch_axis": 0,
+        "optimization_level": "basic",
+    }
     assert flags(output_index="logits") == {"output_index": "logits"}
     r = CliRunner().invoke(main, ["m.onnx", "-X", "novalue"], obj={})
     assert r.exit_code == 2 and "'novalue' is not KEY=VALUE" in r.stderr
@@ -198,9 +264,11 @@ def test_progress_bar():
 
 
 def test_help_is_fast_and_light():
-    code = ("import sys, cka_offline.cli.extract; "
-            "heavy = [m for m in ('torch', 'onnxruntime', 'h5py', 'onnx') if m in sys.modules]; "
-            "assert not heavy, heavy")
+    code = (
+        "import sys, cka_offline.cli.extract; "
+        "heavy = [m for m in ('torch', 'onnxruntime', 'h5py', 'onnx') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
     script = os.path.join(os.path.dirname(sys.executable), "cka-extract")
     if not os.path.exists(script):

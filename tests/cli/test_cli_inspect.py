@@ -12,7 +12,9 @@ from ..store.conftest import make_layers, write_file
 
 def test_inspect_prints_version_provenance_and_layers(tmp_path):
     arrays = make_layers(12)
-    path = write_file(tmp_path / "a.h5", arrays, provenance={"model": "pkg.mod:make", "extractor": "torch", "model_sha256": "ab" * 32})
+    path = write_file(
+        tmp_path / "a.h5", arrays, provenance={"model": "pkg.mod:make", "extractor": "torch", "model_sha256": "ab" * 32}
+    )
     result = CliRunner().invoke(inspect, [path])
     assert result.exit_code == 0, result.output
     out = result.output

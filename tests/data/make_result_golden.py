@@ -39,26 +39,54 @@ def golden_result(version: str = VERSION) -> CKAResult:
         m[CONSTANT, :] = m[:, CONSTANT] = np.nan
     files = [
         FileInfo(
-            label="a.h5", paths=["/data/a.h5"], layers=LAYERS[0], n_examples=40, sha256=["a" * 64],
+            label="a.h5",
+            paths=["/data/a.h5"],
+            layers=LAYERS[0],
+            n_examples=40,
+            sha256=["a" * 64],
             provenance={"model": "/models/net_a.onnx", "extractor": "onnx", "options": {"reduction": "mean"}},
         ),
-        FileInfo(label="b.h5", paths=["/data/b.0.h5", "/data/b.1.h5"], layers=LAYERS[1], n_examples=36,
-                 sha256=["b" * 64, "c" * 64], provenance={"model": "pkg.nets:make_b", "extractor": "torch"}),
-        FileInfo(label="c.h5", paths=["/data/c.h5"], layers=LAYERS[2], n_examples=32, sha256=[""],
-                 provenance={}),
+        FileInfo(
+            label="b.h5",
+            paths=["/data/b.0.h5", "/data/b.1.h5"],
+            layers=LAYERS[1],
+            n_examples=36,
+            sha256=["b" * 64, "c" * 64],
+            provenance={"model": "pkg.nets:make_b", "extractor": "torch"},
+        ),
+        FileInfo(label="c.h5", paths=["/data/c.h5"], layers=LAYERS[2], n_examples=32, sha256=[""], provenance={}),
     ]
     params = {
-        "batch_size": 8, "epochs": 2, "seed": 7, "kernel": "linear", "rbf_fraction": None, "precision": "float64",
-        "device": "cpu", "estimator": "minibatch", "n_groups": 4, "intersect": True, "confidence": 0.9,
-        "block_rows": 16, "buffer_blocks": 2,
+        "batch_size": 8,
+        "epochs": 2,
+        "seed": 7,
+        "kernel": "linear",
+        "rbf_fraction": None,
+        "precision": "float64",
+        "device": "cpu",
+        "estimator": "minibatch",
+        "n_groups": 4,
+        "intersect": True,
+        "confidence": 0.9,
+        "block_rows": 16,
+        "buffer_blocks": 2,
     }
     if version != "1_0":
         params["shuffle"] = "blocks"
     return CKAResult(
-        files=files, cka=cka, se=se, low=low, high=high, pairs=[(0, 1), (0, 2), (1, 2)], params=params,
-        n_examples=32, n_minibatches=8, timing={"total": 1.5, "read_wait": 0.25, "compute": 1.0, "hash_wait": 0.125},
+        files=files,
+        cka=cka,
+        se=se,
+        low=low,
+        high=high,
+        pairs=[(0, 1), (0, 2), (1, 2)],
+        params=params,
+        n_examples=32,
+        n_minibatches=8,
+        timing={"total": 1.5, "read_wait": 0.25, "compute": 1.0, "hash_wait": 0.125},
         warnings=["layer 'b1, constant' of b.h5 is constant over the examples, so its CKA is undefined (NaN)"],
-        version="0.1.0", confidence=0.9,
+        version="0.1.0",
+        confidence=0.9,
     )
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import h5py
 import numpy as np
@@ -19,7 +18,11 @@ from cka_offline.store.writer import ActivationWriter, LayerSpec
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "sample_data"
 BIN = ROOT / ".venv" / "bin"
-COMMANDS: dict[str, Any] = {"cka-extract": cli_extract.main, "cka-analyze": cli_analyze.main, "cka-inspect": cli_inspect.inspect}
+COMMANDS: dict[str, Any] = {
+    "cka-extract": cli_extract.main,
+    "cka-analyze": cli_analyze.main,
+    "cka-inspect": cli_inspect.inspect,
+}
 
 
 def invoke(prog: str, args: list[str]) -> Result:
@@ -32,18 +35,26 @@ def error_line(result: Result, prog: str) -> str:
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"{prog}: error: "), lines[0]
-    return lines[0][len(f"{prog}: error: "):]
+    return lines[0][len(f"{prog}: error: ") :]
 
 
-def acts(path: Path, n: int = 40, *, ids: Any = None, layers: dict[str, np.ndarray] | None = None, seed: int = 0,
-         chunk_rows: int = 8) -> str:
+def acts(
+    path: Path,
+    n: int = 40,
+    *,
+    ids: Any = None,
+    layers: dict[str, np.ndarray] | None = None,
+    seed: int = 0,
+    chunk_rows: int = 8,
+) -> str:
     """A valid activation file of ``n`` examples (layers ``conv1`` (6 features) and ``fc`` (3))."""
     rng = np.random.default_rng(seed)
     if layers is None:
         layers = {"conv1": rng.normal(size=(n, 6)).astype(np.float32), "fc": rng.normal(size=(n, 3)).astype(np.float32)}
     specs = [LayerSpec(name, (a.shape[1],), "none", a.shape[1]) for name, a in layers.items()]
-    with ActivationWriter(path, ids=np.arange(n) if ids is None else ids, layers=specs, provenance={"model": "m"},
-                          chunk_rows=chunk_rows) as w:
+    with ActivationWriter(
+        path, ids=np.arange(n) if ids is None else ids, layers=specs, provenance={"model": "m"}, chunk_rows=chunk_rows
+    ) as w:
         w.write(layers)
     return str(path)
 
@@ -93,8 +104,13 @@ def two_input_onnx(path: Path) -> str:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])
     out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 3])
-    nodes = [helper.make_node("Add", ["x", "y"], ["sum"], name="add"), helper.make_node("Relu", ["sum"], ["out"], name="relu")]
-    model = helper.make_model(helper.make_graph(nodes, "two", [x, y], [out]), opset_imports=[helper.make_opsetid("", 17)])
+    nodes = [
+        helper.make_node("Add", ["x", "y"], ["sum"], name="add"),
+        helper.make_node("Relu", ["sum"], ["out"], name="relu"),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "two", [x, y], [out]), opset_imports=[helper.make_opsetid("", 17)]
+    )
     model.ir_version = 8
     onnx.save(model, path)
     return str(path)
@@ -118,8 +134,13 @@ def full_content(path: str) -> dict[str, Any]:
         def visit(name: str, obj: Any) -> None:
             attrs = {k: _plain(v) for k, v in obj.attrs.items()}
             if isinstance(obj, h5py.Dataset):
-                out[name] = (obj[()].tobytes() if obj.dtype.kind != "O" else obj.asstr()[()].tolist(), obj.dtype.str,
-                             obj.shape, obj.chunks, attrs)
+                out[name] = (
+                    obj[()].tobytes() if obj.dtype.kind != "O" else obj.asstr()[()].tolist(),
+                    obj.dtype.str,
+                    obj.shape,
+                    obj.chunks,
+                    attrs,
+                )
             else:
                 out[name] = attrs
 
@@ -133,6 +154,3 @@ def _plain(value: Any) -> Any:
 
 def one_line(text: str) -> bool:
     return len(text.splitlines()) == 1
-
-
-

@@ -9,10 +9,9 @@ the same cases; store-level checks of the same files are in tests/store/test_val
 from __future__ import annotations
 
 import os
-import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import h5py
 import numpy as np
@@ -82,7 +81,10 @@ def duplicate_ids(t):
 
 
 def short_layer(t):
-    return [mutate(acts(t / "a.h5"), lambda h: replace_dataset(h, "layers/L0001", np.zeros((39, 3), np.float32))), *_ab(t)]
+    return [
+        mutate(acts(t / "a.h5"), lambda h: replace_dataset(h, "layers/L0001", np.zeros((39, 3), np.float32))),
+        *_ab(t),
+    ]
 
 
 def with_value(value, row, estimator="minibatch"):
@@ -251,87 +253,199 @@ FACTORY_NOT_MODULE = "def make():\n    return {'conv': 1}\n"
 
 CASES: dict[str, Case] = {
     # --- activation files ----------------------------------------------------------------------------
-    "truncated-hdf5": Case("cka-analyze", truncated,
-                           r".*/a\.h5 is truncated \(shorter than its HDF5 header says\).*copy it again or extract it again"),
-    "random-bytes": Case("cka-analyze", random_bytes,
-                         r".*/a\.h5 is not a readable HDF5 file \(truncated, corrupt or another file type\); activation files are written by cka-extract"),
-    "hdf5-not-activations": Case("cka-inspect", not_activations,
-                                 r".*/a\.h5 is an HDF5 file but not a cka-offline activation file .*; write it with cka-extract"),
-    "newer-major-version": Case("cka-analyze", newer_major,
-                                r".*/a\.h5 uses activation format 2\.0, but this cka-offline reads format 1\.x; install .*pip install -U cka-offline\)"),
-    "ids-missing": Case("cka-analyze", missing_ids, r".*/a\.h5: dataset /ids \(example ids\) is missing; .*extract it again.*"),
-    "ids-duplicate": Case("cka-analyze", duplicate_ids, r".*/a\.h5: example id 3 occurs more than once; .*extract it again.*"),
-    "layer-rows-differ-from-ids": Case("cka-analyze", short_layer,
-                                       r".*/a\.h5: layer 'fc' has 39 rows but the file has 40 example ids; .*extract it again.*"),
-    "nan-activations": Case("cka-analyze", with_value(np.nan, 7),
-                            r".*/a\.h5: layer 'conv1' holds nan for example id 7 .*fix the model or inputs and extract again"),
-    "inf-activations-full-estimator": Case("cka-analyze", with_value(np.inf, 9, "full"),
-                                           r".*/a\.h5: layer 'conv1' holds inf for example id 9 .*fix the model or inputs and extract again"),
-    "fewer-than-4-examples": Case("cka-analyze", few_examples,
-                                  r"CKA needs at least 4 examples .*3 example\(s\) in .*/a\.h5.*; extract at least 4 examples"),
-    "ids-disjoint": Case("cka-analyze", disjoint,
-                         r".*/a\.h5 and .*/b\.h5 hold different examples: 40 id\(s\) .*e\.g\. 0, 1, 2, .*extract both from the same inputs, or use the common examples with --intersection"),
-    "ids-partly-overlapping": Case("cka-analyze", overlapping,
-                                   r".*/a\.h5 and .*/b\.h5 hold different examples: 30 id\(s\) of .*/a\.h5 are missing .*\(e\.g\. 0, 1, 2, \.\.\.\), 30 id\(s\) .*\(e\.g\. 40, 41, 42, \.\.\.\); .*--intersection"),
-    "ids-int-vs-str": Case("cka-analyze", int_and_str_ids,
-                           r"example ids are integers in some files and strings in others \(.*/a\.h5: integers, .*/b\.h5: strings\); extract all files from the same inputs"),
-    "layer-pattern-matches-nothing": Case("cka-analyze", no_such_layer,
-                                          r"no layer matches 'relu\*' in .*/a\.h5; 2 layers, for example conv1, fc \(list them with cka-inspect .*/a\.h5\)"),
-    "incomplete-file": Case("cka-analyze", incomplete,
-                            r".*/a\.h5 is incomplete \(40 of 40 rows written\).*complete it with cka-extract --resume"),
-    "partial-file-given": Case("cka-inspect", partial_name,
-                               r".*/a\.h5\.partial is incomplete: an unfinished extraction \(still being written, or its writer stopped\); wait for it to finish, or complete it with cka-extract --resume"),
-    "final-missing-partial-left": Case("cka-analyze", final_missing_partial_left,
-                                       r".*/a\.h5: no such file yet, the extraction is incomplete: only .*/a\.h5\.partial exists .*wait for it to finish, or complete it with cka-extract --resume"),
-    "external-link": Case("cka-analyze", external_link,
-                          r".*/a\.h5: /notes is an external link to .*secret\.h5; files that point outside themselves are refused by default\. If you trust the file, .*--allow-external\)"),
-    "result-file-exists": Case("cka-analyze", result_exists,
-                               r".*/res\.json already exists; pass --overwrite to replace it or choose another name"),
+    "truncated-hdf5": Case(
+        "cka-analyze",
+        truncated,
+        r".*/a\.h5 is truncated \(shorter than its HDF5 header says\).*copy it again or extract it again",
+    ),
+    "random-bytes": Case(
+        "cka-analyze",
+        random_bytes,
+        r".*/a\.h5 is not a readable HDF5 file \(truncated, corrupt or another file type\); activation files are written by cka-extract",
+    ),
+    "hdf5-not-activations": Case(
+        "cka-inspect",
+        not_activations,
+        r".*/a\.h5 is an HDF5 file but not a cka-offline activation file .*; write it with cka-extract",
+    ),
+    "newer-major-version": Case(
+        "cka-analyze",
+        newer_major,
+        r".*/a\.h5 uses activation format 2\.0, but this cka-offline reads format 1\.x; install .*pip install -U cka-offline\)",
+    ),
+    "ids-missing": Case(
+        "cka-analyze", missing_ids, r".*/a\.h5: dataset /ids \(example ids\) is missing; .*extract it again.*"
+    ),
+    "ids-duplicate": Case(
+        "cka-analyze", duplicate_ids, r".*/a\.h5: example id 3 occurs more than once; .*extract it again.*"
+    ),
+    "layer-rows-differ-from-ids": Case(
+        "cka-analyze",
+        short_layer,
+        r".*/a\.h5: layer 'fc' has 39 rows but the file has 40 example ids; .*extract it again.*",
+    ),
+    "nan-activations": Case(
+        "cka-analyze",
+        with_value(np.nan, 7),
+        r".*/a\.h5: layer 'conv1' holds nan for example id 7 .*fix the model or inputs and extract again",
+    ),
+    "inf-activations-full-estimator": Case(
+        "cka-analyze",
+        with_value(np.inf, 9, "full"),
+        r".*/a\.h5: layer 'conv1' holds inf for example id 9 .*fix the model or inputs and extract again",
+    ),
+    "fewer-than-4-examples": Case(
+        "cka-analyze",
+        few_examples,
+        r"CKA needs at least 4 examples .*3 example\(s\) in .*/a\.h5.*; extract at least 4 examples",
+    ),
+    "ids-disjoint": Case(
+        "cka-analyze",
+        disjoint,
+        r".*/a\.h5 and .*/b\.h5 hold different examples: 40 id\(s\) .*e\.g\. 0, 1, 2, .*extract both from the same inputs, or use the common examples with --intersection",
+    ),
+    "ids-partly-overlapping": Case(
+        "cka-analyze",
+        overlapping,
+        r".*/a\.h5 and .*/b\.h5 hold different examples: 30 id\(s\) of .*/a\.h5 are missing .*\(e\.g\. 0, 1, 2, \.\.\.\), 30 id\(s\) .*\(e\.g\. 40, 41, 42, \.\.\.\); .*--intersection",
+    ),
+    "ids-int-vs-str": Case(
+        "cka-analyze",
+        int_and_str_ids,
+        r"example ids are integers in some files and strings in others \(.*/a\.h5: integers, .*/b\.h5: strings\); extract all files from the same inputs",
+    ),
+    "layer-pattern-matches-nothing": Case(
+        "cka-analyze",
+        no_such_layer,
+        r"no layer matches 'relu\*' in .*/a\.h5; 2 layers, for example conv1, fc \(list them with cka-inspect .*/a\.h5\)",
+    ),
+    "incomplete-file": Case(
+        "cka-analyze",
+        incomplete,
+        r".*/a\.h5 is incomplete \(40 of 40 rows written\).*complete it with cka-extract --resume",
+    ),
+    "partial-file-given": Case(
+        "cka-inspect",
+        partial_name,
+        r".*/a\.h5\.partial is incomplete: an unfinished extraction \(still being written, or its writer stopped\); wait for it to finish, or complete it with cka-extract --resume",
+    ),
+    "final-missing-partial-left": Case(
+        "cka-analyze",
+        final_missing_partial_left,
+        r".*/a\.h5: no such file yet, the extraction is incomplete: only .*/a\.h5\.partial exists .*wait for it to finish, or complete it with cka-extract --resume",
+    ),
+    "external-link": Case(
+        "cka-analyze",
+        external_link,
+        r".*/a\.h5: /notes is an external link to .*secret\.h5; files that point outside themselves are refused by default\. If you trust the file, .*--allow-external\)",
+    ),
+    "result-file-exists": Case(
+        "cka-analyze",
+        result_exists,
+        r".*/res\.json already exists; pass --overwrite to replace it or choose another name",
+    ),
     # --- models --------------------------------------------------------------------------------------
-    "factory-import-fails": Case("cka-extract", factory(FACTORY_IMPORT_FAILS),
-                                 r"factory file '.*/model_def\.py' failed to run: ModuleNotFoundError: No module named 'package_that_is_not_installed'; fix the file or its imports"),
-    "factory-module-not-found": Case("cka-extract", lambda t: ["no_such_pkg_xyz.models:make", "-i", digits(t / "in.npz")],
-                                     r"cannot import module 'no_such_pkg_xyz\.models' .*install the package or add its folder to PYTHONPATH.*"),
-    "factory-returns-non-module": Case("cka-extract", factory(FACTORY_NOT_MODULE),
-                                       r"factory '.*/model_def\.py:make' returned a builtins\.dict, not a torch\.nn\.Module; make it return the model itself"),
-    "factory-name-typo": Case("cka-extract", lambda t: [f"{SAMPLE}/digits_cnn.py:make_modle", "-i", digits(t / "in.npz")],
-                              r"'.*digits_cnn\.py' has no attribute 'make_modle' .*did you mean make_model\?"),
-    "weights-do-not-fit": Case("cka-extract", weights_of_other_width,
-                               r"weights '.*cnn_a\.safetensors' do not fit the model .*13 shape mismatch\(es\): bn1\.bias \(file \(16,\), model \(8,\)\).*check that -X model_args build the same architecture.*"),
-    "weights-corrupt": Case("cka-extract", corrupt_weights,
-                            r"weights file '.*/w\.safetensors' is not a readable safetensors file: .*; check that the file is complete.*"),
-    "onnx-corrupt": Case("cka-extract", corrupt_onnx,
-                         r".*/m\.onnx is not a readable ONNX model \(.*\); check that the file is complete and was written by an ONNX exporter"),
-    "onnx-unknown-tensor": Case("cka-extract", onnx_unknown_tensor,
-                                r"no layer matches '/conv9/Conv_output_0' in model .*cnn_b\.onnx; close matches: /conv3/Conv_output_0, .*\(list them with cka-extract --list-layers\)"),
-    "inputs-names-do-not-fit": Case("cka-extract", onnx_input_names,
-                                    r".*two\.onnx.* inputs x, y .*in\.npz has x, z \(missing: y\); name the arrays after the model's inputs"),
-    "inputs-shape-onnx": Case("cka-extract", onnx_input_shape,
-                              r".*cnn_b\.onnx: input 'pixels' expects shape \[batch, 1, 8, 8\] \(rank 4\), got \(40, 64\) \(rank 2\); reshape the input array"),
-    "inputs-shape-torch": Case("cka-extract", torch_input_shape,
-                               r"the forward pass of '.*digits_cnn\.py:make_model' failed on a batch of 40 \(pixels: \(40, 64\) float32\): RuntimeError: .*; check that the inputs fit the model"),
-    "nan-activations-extract": Case("cka-extract", nan_inputs,
-                                    r"layer 'relu1' has NaN activations for example id 5 \(1 example\(s\) in this batch\); check the inputs of that example and the model's weights\. No complete file was written"),
-    "inf-activations-extract": Case("cka-extract", inf_activations,
-                                    r"layer '/relu1/Relu_output_0' has Inf activations for example id 3 .*No complete file was written"),
+    "factory-import-fails": Case(
+        "cka-extract",
+        factory(FACTORY_IMPORT_FAILS),
+        r"factory file '.*/model_def\.py' failed to run: ModuleNotFoundError: No module named 'package_that_is_not_installed'; fix the file or its imports",
+    ),
+    "factory-module-not-found": Case(
+        "cka-extract",
+        lambda t: ["no_such_pkg_xyz.models:make", "-i", digits(t / "in.npz")],
+        r"cannot import module 'no_such_pkg_xyz\.models' .*install the package or add its folder to PYTHONPATH.*",
+    ),
+    "factory-returns-non-module": Case(
+        "cka-extract",
+        factory(FACTORY_NOT_MODULE),
+        r"factory '.*/model_def\.py:make' returned a builtins\.dict, not a torch\.nn\.Module; make it return the model itself",
+    ),
+    "factory-name-typo": Case(
+        "cka-extract",
+        lambda t: [f"{SAMPLE}/digits_cnn.py:make_modle", "-i", digits(t / "in.npz")],
+        r"'.*digits_cnn\.py' has no attribute 'make_modle' .*did you mean make_model\?",
+    ),
+    "weights-do-not-fit": Case(
+        "cka-extract",
+        weights_of_other_width,
+        r"weights '.*cnn_a\.safetensors' do not fit the model .*13 shape mismatch\(es\): bn1\.bias \(file \(16,\), model \(8,\)\).*check that -X model_args build the same architecture.*",
+    ),
+    "weights-corrupt": Case(
+        "cka-extract",
+        corrupt_weights,
+        r"weights file '.*/w\.safetensors' is not a readable safetensors file: .*; check that the file is complete.*",
+    ),
+    "onnx-corrupt": Case(
+        "cka-extract",
+        corrupt_onnx,
+        r".*/m\.onnx is not a readable ONNX model \(.*\); check that the file is complete and was written by an ONNX exporter",
+    ),
+    "onnx-unknown-tensor": Case(
+        "cka-extract",
+        onnx_unknown_tensor,
+        r"no layer matches '/conv9/Conv_output_0' in model .*cnn_b\.onnx; close matches: /conv3/Conv_output_0, .*\(list them with cka-extract --list-layers\)",
+    ),
+    "inputs-names-do-not-fit": Case(
+        "cka-extract",
+        onnx_input_names,
+        r".*two\.onnx.* inputs x, y .*in\.npz has x, z \(missing: y\); name the arrays after the model's inputs",
+    ),
+    "inputs-shape-onnx": Case(
+        "cka-extract",
+        onnx_input_shape,
+        r".*cnn_b\.onnx: input 'pixels' expects shape \[batch, 1, 8, 8\] \(rank 4\), got \(40, 64\) \(rank 2\); reshape the input array",
+    ),
+    "inputs-shape-torch": Case(
+        "cka-extract",
+        torch_input_shape,
+        r"the forward pass of '.*digits_cnn\.py:make_model' failed on a batch of 40 \(pixels: \(40, 64\) float32\): RuntimeError: .*; check that the inputs fit the model",
+    ),
+    "nan-activations-extract": Case(
+        "cka-extract",
+        nan_inputs,
+        r"layer 'relu1' has NaN activations for example id 5 \(1 example\(s\) in this batch\); check the inputs of that example and the model's weights\. No complete file was written",
+    ),
+    "inf-activations-extract": Case(
+        "cka-extract",
+        inf_activations,
+        r"layer '/relu1/Relu_output_0' has Inf activations for example id 3 .*No complete file was written",
+    ),
     # --- inputs and outputs --------------------------------------------------------------------------
-    "input-ids-duplicate": Case("cka-extract", duplicate_input_ids,
-                                r".*/in\.npz: example ids must be unique; 1 id\(s\) occur more than once, e\.g\. 3; give every example its own id"),
-    "input-ids-count": Case("cka-extract", too_few_input_ids,
-                            r"'ids' in .*/in\.npz has 8 entries but the inputs have 10 examples; give exactly one id per example"),
-    "inputs-pickled-objects": Case("cka-extract", pickled_inputs,
-                                   r"array 'pixels' in .*/in\.npz holds Python objects \(dtype object\); object arrays need pickle, which is never loaded; save it as a numeric or string array"),
+    "input-ids-duplicate": Case(
+        "cka-extract",
+        duplicate_input_ids,
+        r".*/in\.npz: example ids must be unique; 1 id\(s\) occur more than once, e\.g\. 3; give every example its own id",
+    ),
+    "input-ids-count": Case(
+        "cka-extract",
+        too_few_input_ids,
+        r"'ids' in .*/in\.npz has 8 entries but the inputs have 10 examples; give exactly one id per example",
+    ),
+    "inputs-pickled-objects": Case(
+        "cka-extract",
+        pickled_inputs,
+        r"array 'pixels' in .*/in\.npz holds Python objects \(dtype object\); object arrays need pickle, which is never loaded; save it as a numeric or string array",
+    ),
     "inputs-missing": Case("cka-extract", missing_inputs, r"inputs .*/nope\.npz not found; check the path"),
-    "output-exists": Case("cka-extract", output_exists,
-                          r".*/out\.h5 already exists; pass --overwrite to replace it or choose another -o"),
-    "model-kind-unknown": Case("cka-extract", unknown_model,
-                               r"no extractor can open '.*/model\.xyz'; installed: torch .*onnx .*arrays .*"),
-    "arrays-row-counts-differ": Case("cka-extract", arrays_rows_differ,
-                                     r".*l1\.npy has 29 rows but .*l0\.npy has 30; every array must hold one row per example on axis 0"),
-    "arrays-ids-file-short": Case("cka-extract", arrays_ids_short,
-                                  r"ids from .*/ids\.txt: 28 ids for 30 rows; give exactly one id per example"),
-    "resume-with-other-options": Case("cka-extract", resume_other_options,
-                                      r".*/out\.h5\.partial was written with a different model, inputs or options; rerun with the same ones to resume, or pass --overwrite to start over"),
+    "output-exists": Case(
+        "cka-extract", output_exists, r".*/out\.h5 already exists; pass --overwrite to replace it or choose another -o"
+    ),
+    "model-kind-unknown": Case(
+        "cka-extract", unknown_model, r"no extractor can open '.*/model\.xyz'; installed: torch .*onnx .*arrays .*"
+    ),
+    "arrays-row-counts-differ": Case(
+        "cka-extract",
+        arrays_rows_differ,
+        r".*l1\.npy has 29 rows but .*l0\.npy has 30; every array must hold one row per example on axis 0",
+    ),
+    "arrays-ids-file-short": Case(
+        "cka-extract", arrays_ids_short, r"ids from .*/ids\.txt: 28 ids for 30 rows; give exactly one id per example"
+    ),
+    "resume-with-other-options": Case(
+        "cka-extract",
+        resume_other_options,
+        r".*/out\.h5\.partial was written with a different model, inputs or options; rerun with the same ones to resume, or pass --overwrite to start over",
+    ),
 }
 
 
@@ -378,7 +492,7 @@ def test_installed_scripts_exit_codes(name, tmp_path):
     assert r.stdout == ""
     prefix = f"{case.prog}: error: "
     assert r.stderr.count("\n") == 1 and r.stderr.startswith(prefix), r.stderr
-    assert re.fullmatch(case.match, r.stderr[len(prefix):].rstrip("\n"))
+    assert re.fullmatch(case.match, r.stderr[len(prefix) :].rstrip("\n"))
     assert not (tmp_path / "out.h5").exists()
 
 
@@ -387,8 +501,13 @@ def test_constant_layer_is_nan_with_a_warning_not_an_error(tmp_path):
     values are valid, so the run succeeds, that layer's row and column are NaN, and a warning names it."""
     import json
 
-    a = acts(tmp_path / "a.h5", layers={"conv1": np.ones((40, 6), np.float32),
-                                        "fc": np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)})
+    a = acts(
+        tmp_path / "a.h5",
+        layers={
+            "conv1": np.ones((40, 6), np.float32),
+            "fc": np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32),
+        },
+    )
     b = acts(tmp_path / "b.h5", seed=1)
     r = invoke("cka-analyze", [a, b, "-m", "8", "-o", tmp_path / "r.json", "--device", "cpu", "-q"])
     assert r.exit_code == 0, r.stderr

@@ -48,7 +48,9 @@ def test_file_size_limit_mid_write_then_resume(job, tmp_path, limit):
     r = subprocess.run(EXTRACT, cwd=run, preexec_fn=_limited(limit), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
-    assert r.stderr.startswith(f"cka-extract: error: out.h5: the file would grow past this process's file size limit ({limit} bytes, ulimit -f")
+    assert r.stderr.startswith(
+        f"cka-extract: error: out.h5: the file would grow past this process's file size limit ({limit} bytes, ulimit -f"
+    )
     assert "raise the limit and rerun" in r.stderr
     assert not (run / "out.h5").exists()
     if limit > 100_000:  # the first batches fit: the partial file is kept, and names itself
@@ -68,15 +70,18 @@ def test_disk_full_reported_before_hdf5_writes(tmp_path, monkeypatch):
 
     def nearly_full(path):
         st = real(path)
-        return os.statvfs_result((st.f_bsize, 4096, st.f_blocks, 10, 10, st.f_files, st.f_ffree, st.f_favail,
-                                  st.f_flag, st.f_namemax))
+        return os.statvfs_result(
+            (st.f_bsize, 4096, st.f_blocks, 10, 10, st.f_files, st.f_ffree, st.f_favail, st.f_flag, st.f_namemax)
+        )
 
     folder = npy_folder(tmp_path / "acts", n=2000, widths=(256,))
     monkeypatch.setattr(writer.os, "statvfs", nearly_full)
     r = invoke("cka-extract", [folder, "-o", tmp_path / "out.h5", "-b", "500", "-q"])
     assert r.exit_code == 2
     line = error_line(r, "cka-extract")
-    assert line.startswith(f"{tmp_path / 'out.h5'}: the disk is full (0.0 MiB free in {tmp_path}") and line.endswith("free space and rerun")
+    assert line.startswith(f"{tmp_path / 'out.h5'}: the disk is full (0.0 MiB free in {tmp_path}") and line.endswith(
+        "free space and rerun"
+    )
     assert not (tmp_path / "out.h5").exists() and not (tmp_path / "out.h5.partial").exists()
 
 
@@ -94,8 +99,12 @@ def test_output_folder_without_write_permission(tmp_path):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        r = subprocess.run([*prefix, str(BIN / "cka-extract"), folder, "-o", str(ro / "out.h5"), "-q"],
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [*prefix, str(BIN / "cka-extract"), folder, "-o", str(ro / "out.h5"), "-q"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 2, r.stderr
         assert r.stderr == f"cka-extract: error: {ro / 'out.h5'}: folder {ro} is not writable; choose another -o\n"
         assert os.listdir(ro) == []
@@ -126,8 +135,10 @@ def test_ctrl_c_during_extraction_then_resume(job, tmp_path, monkeypatch):
     with mock.patch.object(cli_extract, "ProgressBar", _InterruptAfter):
         r = invoke("cka-extract", EXTRACT[1:])
     assert r.exit_code == 130
-    assert r.stderr == ("cka-extract: interrupted; the partial file out.h5.partial was kept: run the same command "
-                        "with --resume to continue\n")
+    assert r.stderr == (
+        "cka-extract: interrupted; the partial file out.h5.partial was kept: run the same command "
+        "with --resume to continue\n"
+    )
     assert not Path("out.h5").exists() and Path("out.h5.partial").exists()
     r = invoke("cka-extract", [*EXTRACT[1:], "--resume"])
     assert r.exit_code == 0, r.stderr
@@ -138,7 +149,10 @@ def test_ctrl_c_during_analysis_leaves_nothing(tmp_path):
     a, b = acts(tmp_path / "a.h5", n=200), acts(tmp_path / "b.h5", n=200, seed=1)
     before = snapshot(tmp_path)
     with mock.patch.object(cli_analyze, "ProgressBar", _InterruptAfter):
-        r = invoke("cka-analyze", [a, b, "-m", "16", "-o", tmp_path / "res.h5", "--plot", tmp_path / "p.png", "--device", "cpu"])
+        r = invoke(
+            "cka-analyze",
+            [a, b, "-m", "16", "-o", tmp_path / "res.h5", "--plot", tmp_path / "p.png", "--device", "cpu"],
+        )
     assert r.exit_code == 130
     assert r.stdout == "" and r.stderr == "cka-analyze: interrupted\n"
     assert snapshot(tmp_path) == before  # no result, no plot, no temporary file
@@ -148,7 +162,9 @@ def test_real_sigint_during_extraction(tmp_path):
     """SIGINT to the installed script: a Ctrl-C that lands in one of h5py's finalizers must not be lost."""
     acts_dir = npy_folder(tmp_path / "acts", n=20_000, widths=(32,))
     out = tmp_path / "out.h5"
-    proc = subprocess.Popen([str(BIN / "cka-extract"), acts_dir, "-o", str(out), "-b", "5"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(BIN / "cka-extract"), acts_dir, "-o", str(out), "-b", "5"], stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 60
     while not Path(str(out) + ".partial").exists() and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -156,7 +172,9 @@ def test_real_sigint_during_extraction(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert err.splitlines()[-1] == (f"cka-extract: interrupted; the partial file {out}.partial was kept: run the same "
-                                    "command with --resume to continue")
+    assert err.splitlines()[-1] == (
+        f"cka-extract: interrupted; the partial file {out}.partial was kept: run the same "
+        "command with --resume to continue"
+    )
     assert "Exception ignored" not in err and "Traceback" not in err
     assert not out.exists()

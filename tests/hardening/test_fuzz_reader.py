@@ -67,10 +67,23 @@ values = st.one_of(
     st.just(np.asarray([b"a", b"bc"])),
 )
 
-replacement_data = st.sampled_from([
-    "float64", "int32", "int64-2d", "complex", "compound", "bytes", "vlen-str", "empty", "scalar", "3d", "group",
-    "one-more-row", "huge-declared",
-])
+replacement_data = st.sampled_from(
+    [
+        "float64",
+        "int32",
+        "int64-2d",
+        "complex",
+        "compound",
+        "bytes",
+        "vlen-str",
+        "empty",
+        "scalar",
+        "3d",
+        "group",
+        "one-more-row",
+        "huge-declared",
+    ]
+)
 
 
 def _replacement(kind: str, shape: tuple[int, ...]):
@@ -103,8 +116,13 @@ def _replace(h: h5py.File, name: str, kind: str) -> None:
         obj = h.create_group(name)
     elif make == "huge":  # a dataset that claims 2**40 rows but stores none (chunked, unallocated)
         tail = tuple(shape[1:]) if shape else ()
-        obj = h.create_dataset(name, shape=(2**40, *tail), maxshape=(None, *tail), chunks=(8, *tail),
-                               dtype=old.dtype if isinstance(old, h5py.Dataset) else np.float32)
+        obj = h.create_dataset(
+            name,
+            shape=(2**40, *tail),
+            maxshape=(None, *tail),
+            chunks=(8, *tail),
+            dtype=old.dtype if isinstance(old, h5py.Dataset) else np.float32,
+        )
         h.attrs[schema.ATTR_N_EXAMPLES] = 2**40
     else:
         data = make()
@@ -118,12 +136,17 @@ mutation = st.one_of(
     st.tuples(st.just("set-layer"), st.sampled_from(["L0000", "L0001"]), st.sampled_from(LAYER_KEYS), values),
     st.tuples(st.just("del-layer-attr"), st.sampled_from(["L0000", "L0001"]), st.sampled_from(LAYER_KEYS)),
     st.tuples(st.just("replace"), st.sampled_from(["ids", "layers/L0000", "layers/L0001", "layers"]), replacement_data),
-    st.tuples(st.just("link"), st.sampled_from(["external", "soft", "dangling-soft"]), st.sampled_from(["x", "layers/L0002"])),
+    st.tuples(
+        st.just("link"), st.sampled_from(["external", "soft", "dangling-soft"]), st.sampled_from(["x", "layers/L0002"])
+    ),
     st.tuples(st.just("extra-layer"), st.sampled_from(["copy", "huge"])),
 )
 corruption = st.one_of(
     st.none(),
-    st.tuples(st.just("bytes"), st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=8)),
+    st.tuples(
+        st.just("bytes"),
+        st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=8),
+    ),
     st.tuples(st.just("truncate"), st.floats(0, 1, exclude_max=True)),
 )
 
@@ -142,8 +165,11 @@ def _apply(h: h5py.File, m: tuple) -> None:
     elif kind == "replace" and m[1] in h:
         _replace(h, m[1], m[2])
     elif kind == "link" and "layers" in h and (m[2] not in h):
-        target = {"external": h5py.ExternalLink("/etc/hostname", "/x"), "soft": h5py.SoftLink("/ids"),
-                  "dangling-soft": h5py.SoftLink("/nowhere")}[m[1]]
+        target = {
+            "external": h5py.ExternalLink("/etc/hostname", "/x"),
+            "soft": h5py.SoftLink("/ids"),
+            "dangling-soft": h5py.SoftLink("/nowhere"),
+        }[m[1]]
         h[m[2]] = target
     elif kind == "extra-layer" and "layers/L0000" in h and "layers/L0002" not in h:
         if m[1] == "copy":
@@ -151,8 +177,16 @@ def _apply(h: h5py.File, m: tuple) -> None:
             h["layers/L0002"].attrs["name"] = "extra"
         else:
             ds = h.create_dataset("layers/L0002", shape=(N, 2**40), chunks=(8, 64), dtype=np.float32)
-            ds.attrs.update({"name": "wide", "order": 2, "original_shape": np.asarray([2**40]), "reduction": "none",
-                             "dtype": "float32", "features": 2**40})
+            ds.attrs.update(
+                {
+                    "name": "wide",
+                    "order": 2,
+                    "original_shape": np.asarray([2**40]),
+                    "reduction": "none",
+                    "dtype": "float32",
+                    "features": 2**40,
+                }
+            )
 
 
 def _read_everything(path: str) -> None:
@@ -164,8 +198,13 @@ def _read_everything(path: str) -> None:
         f.provenance  # noqa: B018
 
 
-@settings(max_examples=150, derandomize=True, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=150,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(mutations=st.lists(mutation, min_size=1, max_size=3), damage=corruption)
 def test_reader_raises_only_its_own_errors(valid_file, tmp_path, mutations, damage):
     path = tmp_path / "f.h5"

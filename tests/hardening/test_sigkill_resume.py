@@ -72,7 +72,9 @@ def test_sigkill_at_random_moments_then_resume(job):
             assert full_content(str(final)) == reference
             continue
         outcomes["partial" if partial.exists() else "nothing"] += 1
-        resumes.append((folder, subprocess.Popen([*COMMAND, "--resume"], cwd=folder, stderr=subprocess.PIPE, text=True)))
+        resumes.append(
+            (folder, subprocess.Popen([*COMMAND, "--resume"], cwd=folder, stderr=subprocess.PIPE, text=True))
+        )
         if len(resumes) >= PARALLEL:
             _finish(resumes.pop(0), reference)
     for item in resumes:
@@ -102,8 +104,9 @@ def _finish(item, reference) -> None:
 def writer_running(tmp_path):
     """A cka-extract process in the middle of writing ``out.h5.partial`` (one flush per 5 rows)."""
     acts = npy_folder(tmp_path / "acts", n=40_000, widths=(32,))
-    proc = subprocess.Popen([str(BIN / "cka-extract"), acts, "-o", str(tmp_path / "out.h5"), "-b", "5", "-q"],
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [str(BIN / "cka-extract"), acts, "-o", str(tmp_path / "out.h5"), "-b", "5", "-q"], stderr=subprocess.PIPE
+    )
     partial = tmp_path / "out.h5.partial"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -140,8 +143,13 @@ def test_a_file_another_process_holds_open_for_writing_is_incomplete(tmp_path):
 
     path = acts(tmp_path / "a.h5")
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import h5py, sys, time; f = h5py.File({path!r}, 'r+'); print('open', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            f"import h5py, sys, time; f = h5py.File({path!r}, 'r+'); print('open', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "open"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import pickle
 from pathlib import Path
 
@@ -49,21 +48,33 @@ def _keyword(node: ast.Call, key: str):
 
 def test_no_loader_unpickles_by_default():
     loads = list(_calls("load"))
-    np_loads = [(p, n) for p, n in loads if isinstance(n.func, ast.Attribute) and getattr(n.func.value, "id", "") == "np"]
+    np_loads = [
+        (p, n) for p, n in loads if isinstance(n.func, ast.Attribute) and getattr(n.func.value, "id", "") == "np"
+    ]
     assert np_loads and all(_keyword(n, "allow_pickle") is False for _, n in np_loads), np_loads
-    torch_loads = [(p, n) for p, n in loads if isinstance(n.func, ast.Attribute) and getattr(n.func.value, "id", "") == "torch"]
+    torch_loads = [
+        (p, n) for p, n in loads if isinstance(n.func, ast.Attribute) and getattr(n.func.value, "id", "") == "torch"
+    ]
     assert torch_loads
     unsafe = [(p, n.lineno) for p, n in torch_loads if _keyword(n, "weights_only") is not True]
     # the one weights_only=False load is the opt-in pickled model, reached only past the allow_pickle check
-    assert [(p.name, _keyword(n, "weights_only")) for p, n in torch_loads if _keyword(n, "weights_only") is not True] == [
-        ("sources.py", False)]
+    assert [
+        (p.name, _keyword(n, "weights_only")) for p, n in torch_loads if _keyword(n, "weights_only") is not True
+    ] == [("sources.py", False)]
     text = unsafe[0][0].read_text()
     func = text[: text.index("weights_only=False")].rsplit("\ndef ", 1)[1]
     assert func.startswith("load_pickle(") and "if not allow_pickle:\n        refs" in func
     for banned in ("pickle.load", "pickle.loads", "eval", "exec", "yaml.load", "marshal.loads"):
         module, _, name = banned.rpartition(".")
-        found = [(p.name, n.lineno) for p, n in _calls(name)
-                 if (isinstance(n.func, ast.Name) if not module else getattr(getattr(n.func, "value", None), "id", "") == module)]
+        found = [
+            (p.name, n.lineno)
+            for p, n in _calls(name)
+            if (
+                isinstance(n.func, ast.Name)
+                if not module
+                else getattr(getattr(n.func, "value", None), "id", "") == module
+            )
+        ]
         assert found == [], (banned, found)
 
 
@@ -94,7 +105,10 @@ def test_malicious_pickle_weights_refused_without_running(tmp_path, layout):
         torch.save({"conv1.weight": _Marker(marker)}, weights)
     assert not marker.exists()
     inputs = digits(tmp_path / "in.npz")
-    r = invoke("cka-extract", [f"{SAMPLE}/digits_cnn.py:make_model", "--weights", weights, "-i", inputs, "-o", tmp_path / "o.h5"])
+    r = invoke(
+        "cka-extract",
+        [f"{SAMPLE}/digits_cnn.py:make_model", "--weights", weights, "-i", inputs, "-o", tmp_path / "o.h5"],
+    )
     assert r.exit_code == 2
     assert "holds more than tensors" in error_line(r, "cka-extract") and "would execute code" in r.stderr
     r = invoke("cka-extract", [weights, "-i", inputs, "-o", tmp_path / "o.h5"])  # as a pickled model
@@ -196,4 +210,6 @@ def test_onnx_external_data_outside_the_model_folder_refused(tmp_path):
     np.savez(tmp_path / "in.npz", x=np.ones((4, 3), np.float32))
     r = invoke("cka-extract", [tmp_path / "model" / "m.onnx", "-i", tmp_path / "in.npz", "-o", tmp_path / "o.h5"])
     assert r.exit_code == 2
-    assert "points to external data '../elsewhere/secret.bin', outside the model's folder" in error_line(r, "cka-extract")
+    assert "points to external data '../elsewhere/secret.bin', outside the model's folder" in error_line(
+        r, "cka-extract"
+    )

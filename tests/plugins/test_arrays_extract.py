@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 
-import cka_offline.extraction as extract_mod  # noqa: E402
-from cka_offline.store.reader import open_activations  # noqa: E402
+import cka_offline.extraction as extract_mod
+from cka_offline.store.reader import open_activations
 
 
 def test_extract_folder_of_npy_and_read_back(tmp_path):

@@ -110,6 +110,7 @@ def test_registered_through_the_entry_point(tmp_path):
 
 # --- memory maps -------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fmt", ["folder", "npz"])
 def test_npy_and_stored_npz_members_are_memory_mapped(tmp_path, fmt):
     arrays = open_set(write_source(tmp_path, fmt))
@@ -152,6 +153,7 @@ def open_set(source: str) -> sources.ArraySet:
 
 # --- ids and layer names -------------------------------------------------------------------------------------
 
+
 def test_ids_from_the_source(tmp_path):
     ids = np.arange(N) * 10 + 7
     folder = write_source(tmp_path, "folder")
@@ -173,13 +175,19 @@ def test_ids_option_txt_and_npy(tmp_path):
     strings.write_text("\n".join(f"{i:03d}" for i in range(N)))  # "007" must stay a string
     npy = tmp_path / "names.npy"
     np.save(npy, np.array([f"img_{i}" for i in range(N)]))
-    for path, want in ((ints, np.arange(100, 100 + N)), (strings, [f"{i:03d}" for i in range(N)]),
-                       (npy, [f"img_{i}" for i in range(N)])):
+    for path, want in (
+        (ints, np.arange(100, 100 + N)),
+        (strings, [f"{i:03d}" for i in range(N)]),
+        (npy, [f"img_{i}" for i in range(N)]),
+    ):
         with ArraysExtractor(source, options={"ids": str(path)}) as ext:
             got = ext.default_inputs().ids()
             assert got.dtype.kind == ("i" if path == ints else "U")
             np.testing.assert_array_equal(got, want)
-            assert ext.default_inputs().fingerprint()["sha256"] != ArraysExtractor(source).default_inputs().fingerprint()["sha256"]
+            assert (
+                ext.default_inputs().fingerprint()["sha256"]
+                != ArraysExtractor(source).default_inputs().fingerprint()["sha256"]
+            )
 
 
 def test_layers_json_names_orders_and_aliases(tmp_path):
@@ -211,6 +219,7 @@ def test_layers_json_errors(tmp_path, mapping, match):
 
 # --- errors ----------------------------------------------------------------------------------------------
 
+
 def test_arrays_with_different_numbers_of_rows(tmp_path):
     folder = write_source(tmp_path, "folder", {"a": np.zeros((5, 2)), "b": np.zeros((4, 2))})
     with pytest.raises(FormatError, match=r"b\.npy has 4 rows but .*a\.npy has 5"):
@@ -218,8 +227,9 @@ def test_arrays_with_different_numbers_of_rows(tmp_path):
 
 
 def test_safetensors_weights_given_as_source(tmp_path):
-    source = write_source(tmp_path, "safetensors", {"fc.weight": np.zeros((3, 4)), "fc.bias": np.zeros(3),
-                                                    "out.weight": np.zeros((2, 3))})
+    source = write_source(
+        tmp_path, "safetensors", {"fc.weight": np.zeros((3, 4)), "fc.bias": np.zeros(3), "out.weight": np.zeros((2, 3))}
+    )
     with pytest.raises(FormatError, match=r"out.weight has 2 rows but .*fc.bias has 3.*torch extractor as --weights"):
         ArraysExtractor(source)
 

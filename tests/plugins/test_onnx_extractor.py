@@ -37,28 +37,42 @@ def mlp_model(batch: int | str = "N") -> onnx.ModelProto:
         helper.make_node("ReduceSum", ["y"], ["ysum"], keepdims=0),
         helper.make_node("Greater", ["ysum", "zero"], ["cond"]),
         helper.make_node(
-            "If", ["cond"], ["branch_out"],
+            "If",
+            ["cond"],
+            ["branch_out"],
             then_branch=helper.make_graph(
-                [helper.make_node("Mul", ["act", "two"], ["then_inner"])], "then", [],
+                [helper.make_node("Mul", ["act", "two"], ["then_inner"])],
+                "then",
+                [],
                 [helper.make_tensor_value_info("then_inner", TensorProto.FLOAT, [batch, 5])],
             ),
             else_branch=helper.make_graph(
-                [helper.make_node("Add", ["act", "two"], ["else_inner"])], "else", [],
+                [helper.make_node("Add", ["act", "two"], ["else_inner"])],
+                "else",
+                [],
                 [helper.make_tensor_value_info("else_inner", TensorProto.FLOAT, [batch, 5])],
             ),
         ),
     ]
     graph = helper.make_graph(
-        nodes, "mlp",
+        nodes,
+        "mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3]),
-         helper.make_tensor_value_info("branch_out", TensorProto.FLOAT, [batch, 5]),
-         helper.make_tensor_value_info("act_shape", TensorProto.INT64, [2])],
-        initializer=[numpy_helper.from_array(W1, "W1"), numpy_helper.from_array(B1, "B1"),
-                     numpy_helper.from_array(W2, "W2"), numpy_helper.from_array(np.array(0.0, np.float32), "zero")],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3]),
+            helper.make_tensor_value_info("branch_out", TensorProto.FLOAT, [batch, 5]),
+            helper.make_tensor_value_info("act_shape", TensorProto.INT64, [2]),
+        ],
+        initializer=[
+            numpy_helper.from_array(W1, "W1"),
+            numpy_helper.from_array(B1, "B1"),
+            numpy_helper.from_array(W2, "W2"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="unit-test",
-                              producer_version="1.2")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="unit-test", producer_version="1.2"
+    )
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
@@ -83,7 +97,11 @@ def test_plugin_registration_and_class_attributes():
 
     assert get_extractor("onnx", get_plugin_manager()) is OnnxExtractor
     assert OnnxExtractor.name == "onnx" and OnnxExtractor.framework == "onnxruntime"
-    assert OnnxExtractor.description and {o.name for o in OnnxExtractor.declared_options} == {"optimization_level", "batch_axis", "threads"}
+    assert OnnxExtractor.description and {o.name for o in OnnxExtractor.declared_options} == {
+        "optimization_level",
+        "batch_axis",
+        "threads",
+    }
     assert cka_offline_onnx.__version__ == "0.1.0"
 
 
@@ -172,8 +190,14 @@ def test_external_data_model(tmp_path):
     folder = tmp_path / "ext"
     folder.mkdir()
     path = folder / "model.onnx"
-    onnx.save_model(mlp_model(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="weights.bin", size_threshold=0)
+    onnx.save_model(
+        mlp_model(),
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     assert os.path.getsize(folder / "weights.bin") >= W1.nbytes + W2.nbytes
     x = RNG.normal(size=(4, 4)).astype(np.float32)
     ex = OnnxExtractor(str(path))
@@ -214,7 +238,8 @@ def transpose_model() -> onnx.ModelProto:
     """x[N,4] -> Relu -> Transpose -> t[4,N]: the batch sits on axis 1 of t."""
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Transpose", ["r"], ["t"], perm=[1, 0])],
-        "transpose", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        "transpose",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("t", TensorProto.FLOAT, [4, "N"])],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -234,9 +259,13 @@ def test_batch_axis_option(tmp_path):
 def test_fixed_batch_of_one_runs_example_by_example(tmp_path):
     # Reshape to a constant [1, 5] is what tracing at batch 1 bakes in: feeding a batch of 3 would break it
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Reshape", ["h", "shape"], ["flat"]),
-         helper.make_node("Tanh", ["flat"], ["out"])],
-        "b1", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [
+            helper.make_node("MatMul", ["x", "W1"], ["h"]),
+            helper.make_node("Reshape", ["h", "shape"], ["flat"]),
+            helper.make_node("Tanh", ["flat"], ["out"]),
+        ],
+        "b1",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 5])],
         initializer=[numpy_helper.from_array(W1, "W1"), numpy_helper.from_array(np.array([1, 5], np.int64), "shape")],
     )
@@ -280,10 +309,17 @@ def conv_bn_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         helper.make_node("Relu", ["bn"], ["relu"]),
         helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
     ]
-    inits = [numpy_helper.from_array(a, n) for a, n in
-             ((w, "w"), (b, "b"), (scale, "scale"), (bias, "bias"), (mean, "mean"), (var, "var"))]
-    graph = helper.make_graph(nodes, "convbn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 5])],
-                              [helper.make_tensor_value_info("pool", TensorProto.FLOAT, ["N", 3, 1, 1])], initializer=inits)
+    inits = [
+        numpy_helper.from_array(a, n)
+        for a, n in ((w, "w"), (b, "b"), (scale, "scale"), (bias, "bias"), (mean, "mean"), (var, "var"))
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "convbn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 5])],
+        [helper.make_tensor_value_info("pool", TensorProto.FLOAT, ["N", 3, 1, 1])],
+        initializer=inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model, {"w": w, "b": b, "scale": scale, "bias": bias, "mean": mean, "var": var}
@@ -299,8 +335,15 @@ def test_optimization_levels_keep_the_meaning_of_folded_tensors(tmp_path):
     windows = np.lib.stride_tricks.sliding_window_view(xp, (3, 3), axis=(2, 3))  # N, C, 5, 5, 3, 3
     conv = np.einsum("ncijkl,ockl->noij", windows, p["w"].astype(np.float64)) + p["b"][None, :, None, None]
     shape = (1, 3, 1, 1)
-    bn = (conv - p["mean"].reshape(shape)) / np.sqrt(p["var"].reshape(shape) + 1e-5) * p["scale"].reshape(shape) + p["bias"].reshape(shape)
-    expected = {"conv": conv, "bn": bn, "relu": np.maximum(bn, 0), "pool": np.maximum(bn, 0).mean(axis=(2, 3), keepdims=True)}
+    bn = (conv - p["mean"].reshape(shape)) / np.sqrt(p["var"].reshape(shape) + 1e-5) * p["scale"].reshape(shape) + p[
+        "bias"
+    ].reshape(shape)
+    expected = {
+        "conv": conv,
+        "bn": bn,
+        "relu": np.maximum(bn, 0),
+        "pool": np.maximum(bn, 0).mean(axis=(2, 3), keepdims=True),
+    }
     for level in ("disable", "basic", "extended", "all"):
         together = OnnxExtractor(path, options={"optimization_level": level}).run({"x": x}, list(expected))
         for name, want in expected.items():
@@ -356,9 +399,15 @@ def test_input_errors(mlp_path, inputs, message):
 
 def two_input_model(batch: int | str = "N") -> onnx.ModelProto:
     graph = helper.make_graph(
-        [helper.make_node("Cast", ["ids"], ["ids_f"], to=TensorProto.FLOAT), helper.make_node("Add", ["ids_f", "x"], ["s"])],
-        "two", [helper.make_tensor_value_info("ids", TensorProto.INT32, [batch, 3]),
-                helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3])],
+        [
+            helper.make_node("Cast", ["ids"], ["ids_f"], to=TensorProto.FLOAT),
+            helper.make_node("Add", ["ids_f", "x"], ["s"]),
+        ],
+        "two",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT32, [batch, 3]),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3]),
+        ],
         [helper.make_tensor_value_info("s", TensorProto.FLOAT, [batch, 3])],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -446,8 +495,9 @@ def test_conformance_external_data_and_batch_axis(tmp_path):
 
     path = str(tmp_path / "t.onnx")
     onnx.save_model(transpose_model(), path, save_as_external_data=True, location="t.bin", size_threshold=0)
-    check_extractor(OnnxExtractor, path, {"x": RNG.normal(size=(3, 4)).astype(np.float32)},
-                    layers=["t"], options={"batch_axis": 1})
+    check_extractor(
+        OnnxExtractor, path, {"x": RNG.normal(size=(3, 4)).astype(np.float32)}, layers=["t"], options={"batch_axis": 1}
+    )
 
 
 def test_end_to_end_through_the_core(mlp_path, tmp_path):
@@ -456,8 +506,9 @@ def test_end_to_end_through_the_core(mlp_path, tmp_path):
 
     x = RNG.normal(size=(7, 4)).astype(np.float32)
     np.savez(tmp_path / "inputs.npz", x=x)
-    out = extract(mlp_path, str(tmp_path / "inputs.npz"), str(tmp_path / "acts.h5"), layers=["kind:Relu", "y"],
-                  batch_size=3)
+    out = extract(
+        mlp_path, str(tmp_path / "inputs.npz"), str(tmp_path / "acts.h5"), layers=["kind:Relu", "y"], batch_size=3
+    )
     with open_activations(out) as f:
         assert f.layer_names == ["act", "y"] and f.provenance["framework"] == "onnxruntime"
         np.testing.assert_allclose(f.read("y", 0, 7), reference(x)["y"], atol=1e-5)
@@ -484,8 +535,13 @@ def test_mean_taken_in_the_graph_matches_the_core_s_reduction(tmp_path, opset):
         reduced = ex.run({"x": x}, names + ["pool"])
         for name in names:
             assert reduced[name].shape == (4, 3)
-            np.testing.assert_allclose(reduced[name], reduce(name, "mean", full[name].astype(np.float64)),
-                                       rtol=1e-5, atol=1e-6, err_msg=f"{level} {name}")
+            np.testing.assert_allclose(
+                reduced[name],
+                reduce(name, "mean", full[name].astype(np.float64)),
+                rtol=1e-5,
+                atol=1e-6,
+                err_msg=f"{level} {name}",
+            )
         np.testing.assert_array_equal(reduced["pool"], full["pool"])  # not asked: unchanged
         alone = ex.run({"x": x}, ["bn"])["bn"]
         np.testing.assert_allclose(alone, reduced["bn"], rtol=1e-6, atol=1e-6)
@@ -502,11 +558,11 @@ def test_mean_in_the_graph_through_extract_and_check_extractor(tmp_path):
     x = RNG.normal(size=(11, 2, 5, 5)).astype(np.float32)
     np.savez(tmp_path / "in.npz", x=x)
     check_extractor(OnnxExtractor, path, {"x": x[:5]}, layers=["conv", "relu"])  # checks the early mean too
-    out = extract(path, tmp_path / "in.npz", tmp_path / "a.h5", batch_size=4, reduction="mean",
-                  layers=["conv", "relu"])
+    out = extract(path, tmp_path / "in.npz", tmp_path / "a.h5", batch_size=4, reduction="mean", layers=["conv", "relu"])
     full = OnnxExtractor(path).run({"x": x}, ["conv", "relu"])
     with open_activations(out) as f:
         for name in ("conv", "relu"):
             assert f.layer(name).original_shape == (3, 5, 5)
-            np.testing.assert_allclose(f.read(name, 0, 11), full[name].astype(np.float64).mean(axis=(2, 3)),
-                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                f.read(name, 0, 11), full[name].astype(np.float64).mean(axis=(2, 3)), rtol=1e-5, atol=1e-6
+            )

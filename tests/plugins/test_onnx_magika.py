@@ -18,8 +18,13 @@ from cka_offline_onnx.extractor import OnnxExtractor  # noqa: E402
 MODEL_DIR = os.path.join(os.path.dirname(magika.__file__), "models", "standard_v3_3")
 MODEL = os.path.join(MODEL_DIR, "model.onnx")
 PREFIX = "jax2tf_get_logits_/pjit_get_logits_/MagikaV2/"
-LAYERS = [PREFIX + "Dense_0/AddV2:0", PREFIX + "Conv_0/Conv2D:0", PREFIX + "Max_Squeeze__213:0",
-          PREFIX + "Dense_1/AddV2:0", "target_label"]
+LAYERS = [
+    PREFIX + "Dense_0/AddV2:0",
+    PREFIX + "Conv_0/Conv2D:0",
+    PREFIX + "Max_Squeeze__213:0",
+    PREFIX + "Dense_1/AddV2:0",
+    "target_label",
+]
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(MODEL), reason="magika's standard_v3_3 model is not installed")
 
@@ -44,7 +49,7 @@ def magika_features(path: str, cfg: dict) -> np.ndarray:
         end = fh.read(n)
     beg = beg.lstrip()[:beg_size]
     end = end.rstrip()
-    end = end[len(end) - min(len(end), end_size):]
+    end = end[len(end) - min(len(end), end_size) :]
     return np.array(list(beg) + [pad] * (beg_size - len(beg)) + [pad] * (end_size - len(end)) + list(end))
 
 
@@ -71,8 +76,15 @@ def test_features_match_magikas_own_extraction():
         pytest.skip("magika no longer has _extract_features_from_seekable")
     for path in real_files():
         with open(path, "rb") as fh:
-            fs = extract(seekable.Seekable(fh), cfg["beg_size"], cfg["mid_size"], cfg["end_size"],
-                         cfg["padding_token"], cfg["block_size"], False)
+            fs = extract(
+                seekable.Seekable(fh),
+                cfg["beg_size"],
+                cfg["mid_size"],
+                cfg["end_size"],
+                cfg["padding_token"],
+                cfg["block_size"],
+                False,
+            )
         np.testing.assert_array_equal(magika_features(path, cfg), np.array(fs.beg + fs.end), err_msg=path)
 
 

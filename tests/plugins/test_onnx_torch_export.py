@@ -22,8 +22,12 @@ class SmallCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-            nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU(),
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 6, 3),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(6, 5)
@@ -67,7 +71,8 @@ def hooked(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, np.
     found: dict[str, np.ndarray] = {}
     handles = [
         module.register_forward_hook(lambda _m, _i, out, name=name: found.__setitem__(name, out.detach().numpy()))
-        for name, module in model.named_modules() if name in names
+        for name, module in model.named_modules()
+        if name in names
     ]
     with torch.no_grad():
         model(x)
@@ -129,7 +134,9 @@ def test_model_exported_with_fixed_batch_of_one(tmp_path):
     ref = hooked(model, x, ["features.2", "fc"])
     np.testing.assert_allclose(out[by_alias["fc"]], ref["fc"], atol=1e-4)
     np.testing.assert_allclose(out[by_alias["features.2"]], ref["features.2"], atol=1e-4)
-    with pytest.raises(InputError, match=r"input 'x' expects shape \[1, 3, 8, 8\], got \(4, 3, 9, 8\): needs 8 on axis 2"):
+    with pytest.raises(
+        InputError, match=r"input 'x' expects shape \[1, 3, 8, 8\], got \(4, 3, 9, 8\): needs 8 on axis 2"
+    ):
         ex.run({"x": np.zeros((4, 3, 9, 8), np.float32)}, [by_alias["fc"]])
 
 

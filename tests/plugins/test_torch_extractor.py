@@ -22,7 +22,7 @@ from cka_offline.registry import find_extractor, get_extractor  # noqa: E402
 from cka_offline_torch.extractor import TorchExtractor  # noqa: E402
 from cka_offline_torch.sources import parse_literal, parse_model_args  # noqa: E402
 
-FACTORY_SOURCE = '''
+FACTORY_SOURCE = """
 import torch
 from torch import nn
 
@@ -64,12 +64,19 @@ def not_a_model():
 
 
 NUMBER = 3
-'''
+"""
 
 CNN_LAYERS = [
-    ("features", "Sequential"), ("features.0", "Conv2d"), ("features.1", "BatchNorm2d"), ("features.2", "ReLU"),
-    ("features.3", "Conv2d"), ("features.4", "BatchNorm2d"), ("features.5", "ReLU"),
-    ("pool", "AdaptiveAvgPool2d"), ("drop", "Dropout"), ("head", "Linear"),
+    ("features", "Sequential"),
+    ("features.0", "Conv2d"),
+    ("features.1", "BatchNorm2d"),
+    ("features.2", "ReLU"),
+    ("features.3", "Conv2d"),
+    ("features.4", "BatchNorm2d"),
+    ("features.5", "ReLU"),
+    ("pool", "AdaptiveAvgPool2d"),
+    ("drop", "Dropout"),
+    ("head", "Linear"),
 ]
 
 
@@ -102,8 +109,17 @@ def cnn_reference(model: nn.Module, x: np.ndarray) -> dict[str, np.ndarray]:
         r5 = b4.clamp_min(0)
         pool = r5.mean(dim=(2, 3), keepdim=True)
         head = pool.flatten(1) @ model.head.weight.T + model.head.bias
-        for name, value in [("features.0", c0), ("features.1", b1), ("features.2", r2), ("features.3", c3),
-                            ("features.4", b4), ("features.5", r5), ("features", r5), ("pool", pool), ("head", head)]:
+        for name, value in [
+            ("features.0", c0),
+            ("features.1", b1),
+            ("features.2", r2),
+            ("features.3", c3),
+            ("features.4", b4),
+            ("features.5", r5),
+            ("features", r5),
+            ("pool", pool),
+            ("head", head),
+        ]:
             out[name] = value.numpy()
     return out
 
@@ -142,9 +158,18 @@ def test_registered_through_the_entry_point():
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
-        ("model.pt2", True), ("net.PT", True), ("net.pth", True), ("dir/file.py:make", True),
-        ("my_pkg.models:resnet18", True), ("pkg.mod:Class.build", True), ("w.safetensors", True),
-        ("model.onnx", False), ("inputs.npz", False), ("acts.h5", False), ("file.py", False), ("pkg.mod", False),
+        ("model.pt2", True),
+        ("net.PT", True),
+        ("net.pth", True),
+        ("dir/file.py:make", True),
+        ("my_pkg.models:resnet18", True),
+        ("pkg.mod:Class.build", True),
+        ("w.safetensors", True),
+        ("model.onnx", False),
+        ("inputs.npz", False),
+        ("acts.h5", False),
+        ("file.py", False),
+        ("pkg.mod", False),
     ],
 )
 def test_can_open_judges_by_spelling(source, expected):
@@ -216,8 +241,9 @@ def test_mean_taken_in_the_hook_matches_the_functional_reference(torch_factory_f
     for name, want in reference.items():
         if name in maps:
             assert got[name].shape == want.shape[:2] and got[name].dtype == np.float32
-            np.testing.assert_allclose(got[name], want.astype(np.float64).mean(axis=(2, 3)), rtol=1e-5, atol=1e-6,
-                                       err_msg=name)
+            np.testing.assert_allclose(
+                got[name], want.astype(np.float64).mean(axis=(2, 3)), rtol=1e-5, atol=1e-6, err_msg=name
+            )
         else:
             assert_close(got[name], want)
     # the BatchNorm's mean was taken before the in-place ReLU: it differs from the ReLU's mean
@@ -233,14 +259,25 @@ def test_cka_extract_takes_torch_means_in_the_hooks_with_the_core_s_numbers(torc
 
     x = images(23, seed=4)
     np.savez(tmp_path / "in.npz", images=x)
-    out = extract(f"{torch_factory_file}:make", tmp_path / "in.npz", tmp_path / "a.h5", batch_size=4,
-                  reduction="mean", layers=["features.0", "features.1", "features.2"])
+    out = extract(
+        f"{torch_factory_file}:make",
+        tmp_path / "in.npz",
+        tmp_path / "a.h5",
+        batch_size=4,
+        reduction="mean",
+        layers=["features.0", "features.1", "features.2"],
+    )
     reference = cnn_reference(load_reference_module(torch_factory_file).make(), x)
     with open_activations(out) as f:
         for name in f.layer_names:
             assert f.layer(name).original_shape == reference[name].shape[1:]
-            np.testing.assert_allclose(f.read(name, 0, 23), reference[name].astype(np.float64).mean(axis=(2, 3)),
-                                       rtol=1e-5, atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(
+                f.read(name, 0, 23),
+                reference[name].astype(np.float64).mean(axis=(2, 3)),
+                rtol=1e-5,
+                atol=1e-6,
+                err_msg=name,
+            )
 
 
 class InPlaceAfterwards(nn.Module):
@@ -319,8 +356,22 @@ def test_dropout_is_off_in_eval_mode(torch_factory_file):
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("3", 3), ("-2", -2), ("0.5", 0.5), ("1e-3", 1e-3), ("True", True), ("false", False), ("None", None),
-     ("null", None), ("(1, 2)", (1, 2)), ("[3]", [3]), ("'q'", "q"), ("relu", "relu"), ("a b", "a b"), ("", "")],
+    [
+        ("3", 3),
+        ("-2", -2),
+        ("0.5", 0.5),
+        ("1e-3", 1e-3),
+        ("True", True),
+        ("false", False),
+        ("None", None),
+        ("null", None),
+        ("(1, 2)", (1, 2)),
+        ("[3]", [3]),
+        ("'q'", "q"),
+        ("relu", "relu"),
+        ("a b", "a b"),
+        ("", ""),
+    ],
 )
 def test_model_args_literal_parser(text, value):
     assert parse_literal(text) == value and type(parse_literal(text)) is type(value)
@@ -477,7 +528,9 @@ def test_hooks_removed_after_success_and_failure(torch_factory_file):
         model = ex._load()
         ex.run({"x": images(2)}, ["features.0", "head"])
         assert all(not m._forward_hooks for m in model.modules())
-        with pytest.raises(ModelError, match=r"forward pass of .* failed on a batch of 2 \(x: \(2, 5, 6, 6\) float64\)"):
+        with pytest.raises(
+            ModelError, match=r"forward pass of .* failed on a batch of 2 \(x: \(2, 5, 6, 6\) float64\)"
+        ):
             ex.run({"x": np.zeros((2, 5, 6, 6))}, ["features.0", "head"])
         assert all(not m._forward_hooks for m in model.modules())
 
@@ -514,8 +567,14 @@ def test_named_inputs_go_by_keyword_and_ids_is_dropped(monkeypatch):
 @pytest.mark.parametrize(
     ("inputs", "match"),
     [
-        ({"input_ids": 1, "mask": 1}, r"input\(s\) 'mask' are not accepted by forward\(input_ids, attention_mask, scale=\.\.\.\)"),
-        ({"input_ids": 1}, r"forward\(input_ids, attention_mask, scale=\.\.\.\) of .* requires 'attention_mask' but the inputs are 'input_ids'"),
+        (
+            {"input_ids": 1, "mask": 1},
+            r"input\(s\) 'mask' are not accepted by forward\(input_ids, attention_mask, scale=\.\.\.\)",
+        ),
+        (
+            {"input_ids": 1},
+            r"forward\(input_ids, attention_mask, scale=\.\.\.\) of .* requires 'attention_mask' but the inputs are 'input_ids'",
+        ),
         ({"tokens": 1}, r"requires 'attention_mask'"),
         ({"ids": 1}, r"holds no model input \(only 'ids'\)"),
     ],
@@ -622,7 +681,11 @@ def test_cuda_matches_cpu(torch_factory_file):
         ("{file}:mak", {}, r"has no attribute 'mak' .*did you mean make"),
         ("{file}:NUMBER", {}, r"'NUMBER' in .* is a int, not a callable factory"),
         ("{file}:broken", {}, r"factory '.*:broken' raised ValueError: no weights for this width"),
-        ("{file}:make", {"model_args": {"depth": "3"}}, r"raised TypeError: .*'depth'.*called with model_args: depth=3"),
+        (
+            "{file}:make",
+            {"model_args": {"depth": "3"}},
+            r"raised TypeError: .*'depth'.*called with model_args: depth=3",
+        ),
         ("{file}:not_a_model", {}, r"returned a builtins.dict, not a torch.nn.Module"),
     ],
 )

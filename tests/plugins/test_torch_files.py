@@ -37,7 +37,9 @@ def eager_hooks(model: nn.Module, x: np.ndarray, names: list[str]) -> dict[str, 
     """Outputs of ``names`` captured with hand-written hooks on the eager model."""
     got = {}
     modules = dict(model.named_modules())
-    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: got.__setitem__(n, o.detach().clone())) for n in names]
+    handles = [
+        modules[n].register_forward_hook(lambda m, i, o, n=n: got.__setitem__(n, o.detach().clone())) for n in names
+    ]
     try:
         with torch.no_grad():
             model.eval()(torch.from_numpy(x.astype(np.float32)))
@@ -95,8 +97,10 @@ def test_tied_weights_saved_once_still_fit(tmp_path):
     [
         (lambda sd: sd.pop("head.bias"), r"1 missing key\(s\): head.bias; check that -X model_args"),
         (lambda sd: sd.update(extra=torch.zeros(1)), r"1 unexpected key\(s\): extra"),
-        (lambda sd: sd.update({"head.weight": torch.zeros(3, 5)}),
-         r"1 shape mismatch\(es\): head.weight \(file \(3, 5\), model \(3, 4\)\)"),
+        (
+            lambda sd: sd.update({"head.weight": torch.zeros(3, 5)}),
+            r"1 shape mismatch\(es\): head.weight \(file \(3, 5\), model \(3, 4\)\)",
+        ),
         (lambda sd: [sd.update({f"module.{k}": sd.pop(k)}) for k in list(sd)], r"DataParallel/DDP wrapper"),
     ],
 )
@@ -221,13 +225,18 @@ def test_export_archive_with_pickled_entries_needs_opt_in(torch_factory, tmp_pat
                 next(iter(config["config"].values()))["use_pickle"] = True
                 data = json.dumps(config).encode()
             dst.writestr(info, data)
-    with pytest.raises(ModelError, match=r"contains pickled entries \(features.0.weight \(weight_0\)\).*--allow-pickle"):
+    with pytest.raises(
+        ModelError, match=r"contains pickled entries \(features.0.weight \(weight_0\)\).*--allow-pickle"
+    ):
         TorchExtractor(str(tampered)).layers()
 
 
 @pytest.mark.parametrize(
     ("content", "match"),
-    [(b"plain text", r"is not a torch.export archive \(not a zip file\)"), (None, r"torch.export archive '.*' does not exist")],
+    [
+        (b"plain text", r"is not a torch.export archive \(not a zip file\)"),
+        (None, r"torch.export archive '.*' does not exist"),
+    ],
 )
 def test_export_archive_errors(tmp_path, content, match):
     path = tmp_path / "bad.pt2"
@@ -349,8 +358,11 @@ def test_torchscript_is_refused_with_alternatives(tmp_path, how):
         path = tmp_path / f"{how}.pt"
         torch.jit.save(scripted, str(path))
     assert is_torchscript(str(path))
-    with pytest.raises(ModelError, match=r"TorchScript archive; TorchScript modules do not support forward hooks.*"
-                                         r"torch.export.*factory plus weights.*onnx extractor"):
+    with pytest.raises(
+        ModelError,
+        match=r"TorchScript archive; TorchScript modules do not support forward hooks.*"
+        r"torch.export.*factory plus weights.*onnx extractor",
+    ):
         TorchExtractor(str(path)).layers()
     factory = tmp_path / "f.py"
     factory.write_text("from torch import nn\ndef make():\n    return nn.Linear(3, 2)\n")

@@ -47,7 +47,12 @@ def test_minilm_encoder_layers_match_hidden_states(torch_no_network):
     with torch.no_grad():
         out = model(**{k: torch.from_numpy(v) for k, v in tokens.items()}, output_hidden_states=True)
     hidden = out.hidden_states
-    want = {"embeddings": hidden[0], "encoder.layer.0": hidden[1], "encoder.layer.2": hidden[3], "encoder.layer.5": hidden[6]}
+    want = {
+        "embeddings": hidden[0],
+        "encoder.layer.0": hidden[1],
+        "encoder.layer.2": hidden[3],
+        "encoder.layer.5": hidden[6],
+    }
     for name in LAYERS:
         assert got[name].shape == (batch, length, 384) and got[name].dtype == np.float32
         np.testing.assert_allclose(got[name], want[name].numpy(), rtol=0, atol=1e-6, err_msg=name)

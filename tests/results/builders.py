@@ -18,15 +18,36 @@ def make_result(layers_a=("conv1", "layer/1.relu", "fc"), layers_b=("c1", "c2", 
     cka[1, :] = cka[:, 1] = np.nan  # a constant layer
     se[1, :] = se[:, 1] = np.nan
     files = [
-        FileInfo("a.h5", ["/data/a.h5"], list(layers_a), {"model": "/models/resnet_a.onnx", "framework": "onnx"},
-                 ["0" * 64], 100),
+        FileInfo(
+            "a.h5",
+            ["/data/a.h5"],
+            list(layers_a),
+            {"model": "/models/resnet_a.onnx", "framework": "onnx"},
+            ["0" * 64],
+            100,
+        ),
         FileInfo("b.h5", ["/data/b.h5"], list(layers_b), {"model": "resnet_b"}, ["1" * 64], 120),
     ]
     return CKAResult(
-        files=files, cka=cka, se=se, low=cka - 0.02, high=cka + 0.02, pairs=[(0, 1)],
-        params={"batch_size": 32, "epochs": 1, "seed": 0, "kernel": "linear", "estimator": "minibatch",
-                "bandwidths": None, "ratio": float("nan")},
-        n_examples=100, n_minibatches=4, timing={"total": 1.5}, warnings=["layer 'layer/1.relu' of a.h5 is constant"],
+        files=files,
+        cka=cka,
+        se=se,
+        low=cka - 0.02,
+        high=cka + 0.02,
+        pairs=[(0, 1)],
+        params={
+            "batch_size": 32,
+            "epochs": 1,
+            "seed": 0,
+            "kernel": "linear",
+            "estimator": "minibatch",
+            "bandwidths": None,
+            "ratio": float("nan"),
+        },
+        n_examples=100,
+        n_minibatches=4,
+        timing={"total": 1.5},
+        warnings=["layer 'layer/1.relu' of a.h5 is constant"],
         version="0.1.0",
     )
 

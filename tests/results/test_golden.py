@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from cka_offline.results import load_result, schema
+from cka_offline.results import load_result
 
 from ..data import make_result_golden
 
@@ -54,8 +54,11 @@ def test_golden_v1_0_full_formats_load_with_their_values(ext):
     for name in ("cka", "se", "low", "high"):
         np.testing.assert_array_equal(getattr(r, name), expected(name))
     assert r.files[1].paths == ["/data/b.0.h5", "/data/b.1.h5"] and r.files[1].sha256 == ["b" * 64, "c" * 64]
-    assert r.files[0].provenance == {"model": "/models/net_a.onnx", "extractor": "onnx",
-                                     "options": {"reduction": "mean"}}
+    assert r.files[0].provenance == {
+        "model": "/models/net_a.onnx",
+        "extractor": "onnx",
+        "options": {"reduction": "mean"},
+    }
     assert [f.n_examples for f in r.files] == [40, 36, 32] and r.files[2].sha256 == [""]
     assert (r.n_examples, r.n_minibatches, r.confidence, r.version) == (32, 8, 0.9, "0.1.0")
     assert r.timing == {"total": 1.5, "read_wait": 0.25, "compute": 1.0, "hash_wait": 0.125}
@@ -93,8 +96,16 @@ def test_golden_v1_0_reads_with_plain_libraries():
             np.testing.assert_array_equal(f[name][()], expected(name))
     rows = list(csv.DictReader(open(golden("csv"), newline="", encoding="utf-8")))
     assert len(rows) == 2 * 3 + 2 * 1 + 3 * 1
-    assert rows[1] == {"file_a": "a.h5", "layer_a": "/block/conv.0/Relu_output_0", "file_b": "b.h5",
-                       "layer_b": "b1, constant", "cka": "", "se": "", "low": "", "high": ""}
+    assert rows[1] == {
+        "file_a": "a.h5",
+        "layer_a": "/block/conv.0/Relu_output_0",
+        "file_b": "b.h5",
+        "layer_b": "b1, constant",
+        "cka": "",
+        "se": "",
+        "low": "",
+        "high": "",
+    }
     last = rows[-1]
     assert (last["file_a"], last["layer_a"], last["file_b"], last["layer_b"]) == ("b.h5", "b2", "c.h5", "c0")
     assert float(last["cka"]) == expected("cka")[4, 5] and not math.isnan(float(last["high"]))

@@ -51,8 +51,9 @@ def test_csv_long_format_and_round_trip(tmp_path):
 
 def test_self_comparison_csv_round_trip(tmp_path):
     r = make_result()
-    one = CKAResult(files=r.files[:1], cka=r.cka[:3, :3], se=r.se[:3, :3], low=r.low[:3, :3], high=r.high[:3, :3],
-                    pairs=[(0, 0)])
+    one = CKAResult(
+        files=r.files[:1], cka=r.cka[:3, :3], se=r.se[:3, :3], low=r.low[:3, :3], high=r.high[:3, :3], pairs=[(0, 0)]
+    )
     back = load_result(one.save(tmp_path / "self.csv"))
     assert_same(one, back, metadata=False)
 
@@ -71,7 +72,10 @@ def test_format_option_and_errors(tmp_path):
     path = r.save(tmp_path / "result.dat", format="json")
     assert load_result(path, format="json").n_examples == 100
     assert result_format("x.HDF5") == "h5" and result_format("x", "HDF5") == "h5"
-    with pytest.raises(OutputError, match="cannot tell the result format of '.*x.txt' from its extension '.txt'; use .h5, .json or .csv"):
+    with pytest.raises(
+        OutputError,
+        match="cannot tell the result format of '.*x.txt' from its extension '.txt'; use .h5, .json or .csv",
+    ):
         r.save(tmp_path / "x.txt")
     with pytest.raises(OutputError, match="unknown result format 'xml'"):
         r.save(tmp_path / "x.xml", format="xml")
@@ -130,8 +134,11 @@ def test_refuses_an_unknown_major_json(tmp_path, version):
     doc["format_version"] = version
     (tmp_path / "future.json").write_text(json.dumps(doc))
     major = version.split(".")[0]
-    with pytest.raises(FormatError, match=rf"format version {version}; this release reads 1\.x -- upgrade "
-                                          rf"cka-offline to a release that reads format {major}\.x"):
+    with pytest.raises(
+        FormatError,
+        match=rf"format version {version}; this release reads 1\.x -- upgrade "
+        rf"cka-offline to a release that reads format {major}\.x",
+    ):
         load_result(tmp_path / "future.json")
 
 

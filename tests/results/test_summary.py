@@ -12,19 +12,29 @@ from .builders import make_result
 def test_summary_best_match_and_layer_identification():
     names = ["l0", "l1", "l2", "l3"]
     block = np.array(
-        [[0.9, 0.2, 0.1, 0.0],
-         [0.3, 0.4, 0.8, 0.1],   # best at depth 2: within one, not same
-         [0.1, 0.2, 0.7, 0.3],
-         [0.9, 0.1, 0.2, 0.3]],  # best at depth 0: neither
+        [
+            [0.9, 0.2, 0.1, 0.0],
+            [0.3, 0.4, 0.8, 0.1],  # best at depth 2: within one, not same
+            [0.1, 0.2, 0.7, 0.3],
+            [0.9, 0.1, 0.2, 0.3],
+        ],  # best at depth 0: neither
     )
     size = 8
     cka = np.eye(size)
     cka[:4, 4:] = block
     cka[4:, :4] = block.T
     files = [FileInfo("a.h5", layers=names, provenance={"model": "net_a"}), FileInfo("b.h5", layers=list(names))]
-    r = CKAResult(files=files, cka=cka, se=np.zeros((size, size)), low=cka - 0.05, high=cka + 0.05, pairs=[(0, 1)],
-                  params={"kernel": "linear", "estimator": "minibatch", "batch_size": 8, "epochs": 1, "seed": 0},
-                  n_examples=40, n_minibatches=5)
+    r = CKAResult(
+        files=files,
+        cka=cka,
+        se=np.zeros((size, size)),
+        low=cka - 0.05,
+        high=cka + 0.05,
+        pairs=[(0, 1)],
+        params={"kernel": "linear", "estimator": "minibatch", "batch_size": 8, "epochs": 1, "seed": 0},
+        n_examples=40,
+        n_minibatches=5,
+    )
     assert layer_identification(r.pair(0, 1)) == (2, 3, 4)
     text = r.summary()
     assert "A = a.h5 (net_a)" in text and "B = b.h5" in text
@@ -42,8 +52,14 @@ def test_summary_many_pairs_and_nan_rows():
     assert "1/2 layers of A" not in text  # the NaN row is left out: 2 defined layers
     files = [FileInfo(f"c{k}.h5", layers=["x", "y"]) for k in range(4)]
     size = 8
-    many = CKAResult(files=files, cka=np.eye(size), se=np.zeros((size, size)), low=np.eye(size), high=np.eye(size),
-                     pairs=[(i, j) for i in range(4) for j in range(i + 1, 4)])
+    many = CKAResult(
+        files=files,
+        cka=np.eye(size),
+        se=np.zeros((size, size)),
+        low=np.eye(size),
+        high=np.eye(size),
+        pairs=[(i, j) for i in range(4) for j in range(i + 1, 4)],
+    )
     text = many.summary(max_detailed_pairs=2)
     assert text.count("A = ") == 2
     assert "c1.h5 vs c3.h5: 0.000; 1/2 same depth, 2/2 within one" in text

@@ -16,8 +16,13 @@ def _check_all_orders(f, name):
     rng = np.random.default_rng(0)
     n = f.n_examples
     width = f.layer(name).features
-    for rows in (np.arange(n), np.sort(rng.choice(n, 13, replace=False)), rng.permutation(n)[:17],
-                 np.array([n - 1, 0, n - 1]), np.array([], dtype=np.int64)):
+    for rows in (
+        np.arange(n),
+        np.sort(rng.choice(n, 13, replace=False)),
+        rng.permutation(n)[:17],
+        np.array([n - 1, 0, n - 1]),
+        np.array([], dtype=np.int64),
+    ):
         out = np.full((len(rows), width), np.nan, dtype=f.layer(name).dtype)
         assert mapped.gather(rows.astype(np.int64), out) is out
         np.testing.assert_array_equal(out, f.read_rows(name, rows))

@@ -6,7 +6,7 @@ import pytest
 
 from cka_offline.store import schema
 from cka_offline.store.reader import open_activations
-from cka_offline.store.writer import ActivationWriter, LayerSpec
+from cka_offline.store.writer import ActivationWriter
 
 from .conftest import make_layers, specs_for, write_file
 
@@ -92,8 +92,12 @@ def test_writer_does_not_replace_existing_until_complete(tmp_path):
 def test_read_into_a_reused_buffer(tmp_path):
     arrays = make_layers(30, seed=4)
     bounds = [(0, 12, 0), (12, 30, 12)]
-    paths = [write_file(tmp_path / f"s{i}.h5", {k: v[a:b] for k, v in arrays.items()}, ids=np.arange(a, b),
-                        shard=(i, 2, off)) for i, (a, b, off) in enumerate(bounds)]
+    paths = [
+        write_file(
+            tmp_path / f"s{i}.h5", {k: v[a:b] for k, v in arrays.items()}, ids=np.arange(a, b), shard=(i, 2, off)
+        )
+        for i, (a, b, off) in enumerate(bounds)
+    ]
     with open_activations(paths) as f:
         out = np.full((15, 5), np.nan, np.float32)
         assert f.read("fc", 5, 20, out=out) is out  # across the shard boundary

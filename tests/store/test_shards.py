@@ -17,7 +17,13 @@ def _shards(tmp_path, n=30, k=3, prov=None):
         part = {name: a[lo:hi] for name, a in arrays.items()}
         provenance = {"model": "m", "model_sha256": "abc", "options": "{}", **prov.get(i, {})}
         paths.append(
-            write_file(tmp_path / f"part-{i}.h5", part, ids=np.arange(lo, hi) + 100, shard=(i, k, int(lo)), provenance=provenance)
+            write_file(
+                tmp_path / f"part-{i}.h5",
+                part,
+                ids=np.arange(lo, hi) + 100,
+                shard=(i, k, int(lo)),
+                provenance=provenance,
+            )
         )
     return arrays, paths
 

@@ -77,7 +77,9 @@ def test_malformed_version(small_file):
         open_activations(path)
 
 
-@pytest.mark.parametrize("attr", [a for a in schema.REQUIRED_ROOT_ATTRS if a not in (schema.ATTR_FORMAT, schema.ATTR_VERSION)])
+@pytest.mark.parametrize(
+    "attr", [a for a in schema.REQUIRED_ROOT_ATTRS if a not in (schema.ATTR_FORMAT, schema.ATTR_VERSION)]
+)
 def test_missing_root_attribute(small_file, attr):
     path, _ = small_file
     _mutate(path, lambda h: h.attrs.__delitem__(attr))

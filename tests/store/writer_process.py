@@ -17,7 +17,13 @@ def rows(start: int, stop: int) -> dict[str, np.ndarray]:
 def main(path: str, resume: bool) -> None:
     specs = [LayerSpec("a/x", (32,), "none", 32), LayerSpec("b.y", (8,), "none", 8)]
     with ActivationWriter(
-        path, ids=np.arange(N) * 3, layers=specs, provenance={"model": "sin"}, resume=resume, resume_key="k1", chunk_rows=16
+        path,
+        ids=np.arange(N) * 3,
+        layers=specs,
+        provenance={"model": "sin"},
+        resume=resume,
+        resume_key="k1",
+        chunk_rows=16,
     ) as w:
         for start in range(w.rows_done, N, BATCH):
             w.write(rows(start, start + BATCH))

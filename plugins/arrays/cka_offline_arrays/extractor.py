@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping, Sequence
 from functools import cached_property
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -39,8 +40,13 @@ class ArraysExtractor(Extractor):
     framework = "numpy"
     description = "precomputed activations: a folder of .npy files (one per layer), an .npz or a .safetensors file"
     declared_options = (
-        Option("ids", object, None, "example ids: a .npy (1-D ints or strings) or .txt (one id per line) file; "
-               f"default: an array named {IDS_NAME!r} in the source, else the row numbers"),
+        Option(
+            "ids",
+            object,
+            None,
+            "example ids: a .npy (1-D ints or strings) or .txt (one id per line) file; "
+            f"default: an array named {IDS_NAME!r} in the source, else the row numbers",
+        ),
     )
 
     @classmethod
@@ -56,8 +62,10 @@ class ArraysExtractor(Extractor):
         self._arrays: ArraySet = open_arrays(source, ids=None if ids is None else os.fspath(ids))
 
     def layers(self) -> list[LayerInfo]:
-        return [LayerInfo(name=name, kind="array", shape=entry.example_shape, aliases=entry.aliases)
-                for name, entry in self._arrays.layers.items()]
+        return [
+            LayerInfo(name=name, kind="array", shape=entry.example_shape, aliases=entry.aliases)
+            for name, entry in self._arrays.layers.items()
+        ]
 
     def input_names(self) -> list[str]:
         return [INDEX_INPUT]
@@ -67,20 +75,26 @@ class ArraysExtractor(Extractor):
 
     def run(self, inputs: Mapping[str, np.ndarray], layers: Sequence[str]) -> dict[str, np.ndarray]:
         if INDEX_INPUT not in inputs:
-            raise InputError(f"arrays extractor ({self.source}): expected input {INDEX_INPUT!r} (row numbers), got "
-                             f"{', '.join(inputs) or 'none'}; leave out --inputs to pack every row")
+            raise InputError(
+                f"arrays extractor ({self.source}): expected input {INDEX_INPUT!r} (row numbers), got "
+                f"{', '.join(inputs) or 'none'}; leave out --inputs to pack every row"
+            )
         index = np.asarray(inputs[INDEX_INPUT])
         n = self._arrays.n_rows
         if index.ndim != 1 or index.dtype.kind not in "iu":
-            raise InputError(f"arrays extractor ({self.source}): {INDEX_INPUT!r} must be 1-D integer row numbers, "
-                             f"got dtype {index.dtype} shape {index.shape}")
+            raise InputError(
+                f"arrays extractor ({self.source}): {INDEX_INPUT!r} must be 1-D integer row numbers, "
+                f"got dtype {index.dtype} shape {index.shape}"
+            )
         if len(index) and (index.min() < 0 or index.max() >= n):
             bad = index[(index < 0) | (index >= n)][0]
             raise InputError(f"arrays extractor ({self.source}): row {bad} is out of range; the arrays have {n} rows")
         missing = [name for name in layers if name not in self._arrays.layers]
         if missing:
-            raise InputError(f"arrays extractor ({self.source}): no array named {missing[0]!r}; arrays: "
-                             f"{', '.join(self._arrays.layers)}")
+            raise InputError(
+                f"arrays extractor ({self.source}): no array named {missing[0]!r}; arrays: "
+                f"{', '.join(self._arrays.layers)}"
+            )
         return {name: self._arrays.rows(name, index) for name in layers}
 
     @cached_property

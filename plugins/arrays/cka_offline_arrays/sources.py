@@ -24,8 +24,9 @@ import struct
 import tempfile
 import weakref
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -37,8 +38,18 @@ IDS_NAME = "ids"
 LAYER_NAMES_FILE = "layers.json"
 _NUMERIC_KINDS = "biuf"  # bool, signed and unsigned integers, floats
 _SAFETENSORS_DTYPES = {
-    "F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
-    "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U64": "<u8",
+    "U32": "<u4",
+    "U16": "<u2",
+    "U8": "u1",
+    "BOOL": "?",
 }
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # zip local file header, 30 bytes
 
@@ -80,8 +91,15 @@ class ArrayEntry:
 class ArraySet:
     """The validated arrays of one source: ``layers`` in order, ``ids`` (one per row), ``n_rows``."""
 
-    def __init__(self, source: str, kind: str, layers: list[ArrayEntry], ids: np.ndarray, ids_from: str,
-                 closers: list[Callable[[], None]]) -> None:
+    def __init__(
+        self,
+        source: str,
+        kind: str,
+        layers: list[ArrayEntry],
+        ids: np.ndarray,
+        ids_from: str,
+        closers: list[Callable[[], None]],
+    ) -> None:
         self.source = source
         self.kind = kind  #: one line: what was imported, for provenance
         self.layers = {entry.name: entry for entry in layers}
@@ -135,8 +153,10 @@ def open_arrays(source: str, *, ids: str | None = None) -> ArraySet:
             if entry.n_rows != first.n_rows:
                 hint = ""
                 if kind.startswith(".safetensors"):
-                    hint = ("; if this is a model's weights rather than activations, give it to the torch "
-                            "extractor as --weights")
+                    hint = (
+                        "; if this is a model's weights rather than activations, give it to the torch "
+                        "extractor as --weights"
+                    )
                 raise FormatError(
                     f"{entry.where} has {entry.n_rows} rows but {first.where} has {first.n_rows}; every array "
                     f"must hold one row per example on axis 0{hint}"
@@ -145,8 +165,10 @@ def open_arrays(source: str, *, ids: str | None = None) -> ArraySet:
             id_values, ids_from = _load_ids_file(ids), ids
         elif ids_entry is not None:
             if ids_entry.dtype.hasobject:
-                raise InputError(f"{ids_entry.where}: ids stored as Python objects are never unpickled; save "
-                                 "them as integers or fixed-width strings (np.array(ids, dtype=str))")
+                raise InputError(
+                    f"{ids_entry.where}: ids stored as Python objects are never unpickled; save "
+                    "them as integers or fixed-width strings (np.array(ids, dtype=str))"
+                )
             id_values, ids_from = ids_entry.read_range(0, ids_entry.n_rows), ids_entry.where
         else:
             id_values, ids_from = np.arange(first.n_rows, dtype=np.int64), "row numbers"
@@ -160,12 +182,14 @@ def open_arrays(source: str, *, ids: str | None = None) -> ArraySet:
 
 # --- .npy folders ----------------------------------------------------------------------------------------
 
+
 def _open_folder(folder: str) -> tuple[str, list[ArrayEntry]]:
-    files = sorted((e.name for e in os.scandir(folder) if e.name.endswith(".npy") and e.is_file()),
-                   key=_natural_key)
+    files = sorted((e.name for e in os.scandir(folder) if e.name.endswith(".npy") and e.is_file()), key=_natural_key)
     if not files:
-        raise FormatError(f"{folder}: no .npy files in this folder; expected one .npy file per layer "
-                          "(layer name = file name without .npy)")
+        raise FormatError(
+            f"{folder}: no .npy files in this folder; expected one .npy file per layer "
+            "(layer name = file name without .npy)"
+        )
     names = {f: f[: -len(".npy")] for f in files}
     order = files
     mapping_path = os.path.join(folder, LAYER_NAMES_FILE)
@@ -173,12 +197,14 @@ def _open_folder(folder: str) -> tuple[str, list[ArrayEntry]]:
         mapping = _read_layer_names(mapping_path, files)
         names.update(mapping)
         order = list(mapping) + [f for f in files if f not in mapping]
-    entries, seen = [], {}
+    entries: list[ArrayEntry] = []
+    seen: dict[str, str] = {}
     for fname in order:
         name = names[fname]
         if name in seen:
-            raise FormatError(f"{mapping_path}: {seen[name]} and {fname} are both named {name!r}; "
-                              "give every file its own layer name")
+            raise FormatError(
+                f"{mapping_path}: {seen[name]} and {fname} are both named {name!r}; give every file its own layer name"
+            )
         seen[name] = fname
         entry = _map_npy(os.path.join(folder, fname), name)
         if name != fname[: -len(".npy")]:
@@ -202,8 +228,9 @@ def _read_layer_names(path: str, files: list[str]) -> dict[str, str]:
         if fname not in files:
             raise FormatError(f"{path}: {key!r} is not a .npy file of the folder; files: {', '.join(files)}")
         if IDS_NAME in (fname[: -len(".npy")], name):
-            raise FormatError(f"{path}: {key!r}: the name {IDS_NAME!r} is kept for the example ids; "
-                              "remove it from the mapping")
+            raise FormatError(
+                f"{path}: {key!r}: the name {IDS_NAME!r} is kept for the example ids; remove it from the mapping"
+            )
         mapping[fname] = name
     return mapping
 
@@ -215,14 +242,16 @@ def _map_npy(path: str, name: str) -> ArrayEntry:
     return _mapped_entry(name, path, path, offset, shape, fortran, dtype)
 
 
-def _mapped_entry(name: str, where: str, path: str, offset: int, shape: tuple[int, ...], fortran: bool,
-                  dtype: np.dtype) -> ArrayEntry:
+def _mapped_entry(
+    name: str, where: str, path: str, offset: int, shape: tuple[int, ...], fortran: bool, dtype: np.dtype
+) -> ArrayEntry:
     state: dict[str, Any] = {}
 
     def read_range(start: int, stop: int) -> np.ndarray:
         if "map" not in state:  # opened on first read: validation reads headers only
-            state["map"] = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
-                                     order="F" if fortran else "C")
+            state["map"] = np.memmap(
+                path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C"
+            )
         return state["map"][start:stop]
 
     return ArrayEntry(name, where, shape, dtype, read_range)
@@ -241,6 +270,7 @@ def _read_npy_header(fh: Any, where: str) -> tuple[tuple[int, ...], bool, np.dty
 
 
 # --- .npz --------------------------------------------------------------------------------------------
+
 
 def _open_npz(path: str, closers: list[Callable[[], None]]) -> tuple[str, list[ArrayEntry]]:
     try:
@@ -272,12 +302,17 @@ def _open_npz(path: str, closers: list[Callable[[], None]]) -> tuple[str, list[A
                 with zf.open(info) as member:
                     shape, fortran, dtype = _read_npy_header(member, where)
                 compressed.append(info.filename)
-                entries.append(ArrayEntry(name, where, shape, dtype,
-                                          _spilled_reader(zf, info, where, tmp, closers)))
+                entries.append(ArrayEntry(name, where, shape, dtype, _spilled_reader(zf, info, where, tmp, closers)))
     if compressed:
-        log.info("%s: %d of %d members are compressed (np.savez_compressed) and cannot be memory-mapped; "
-                 "each is decompressed once, when first read, to a temporary file under %s. Save with np.savez "
-                 "to read them in place.", path, len(compressed), len(entries), tempfile.gettempdir())
+        log.info(
+            "%s: %d of %d members are compressed (np.savez_compressed) and cannot be memory-mapped; "
+            "each is decompressed once, when first read, to a temporary file under %s. Save with np.savez "
+            "to read them in place.",
+            path,
+            len(compressed),
+            len(entries),
+            tempfile.gettempdir(),
+        )
     return f".npz file with {len(entries)} arrays ({len(compressed)} compressed)", entries
 
 
@@ -285,8 +320,9 @@ class _TempDir:
     path: str | None = None
 
 
-def _spilled_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, tmp: _TempDir,
-                    closers: list[Callable[[], None]]) -> Callable[[int, int], np.ndarray]:
+def _spilled_reader(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, tmp: _TempDir, closers: list[Callable[[], None]]
+) -> Callable[[int, int], np.ndarray]:
     state: dict[str, ArrayEntry] = {}
 
     def read_range(start: int, stop: int) -> np.ndarray:
@@ -301,8 +337,10 @@ def _spilled_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, tmp:
                 with zf.open(info) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 22)
             except OSError as exc:
-                raise InputError(f"{where}: cannot decompress it to {target} ({exc}); free space there, point "
-                                 "TMPDIR elsewhere, or save the arrays with np.savez (uncompressed)") from exc
+                raise InputError(
+                    f"{where}: cannot decompress it to {target} ({exc}); free space there, point "
+                    "TMPDIR elsewhere, or save the arrays with np.savez (uncompressed)"
+                ) from exc
             state["entry"] = _map_npy(target, info.filename)
         return state["entry"].read_range(start, stop)
 
@@ -310,6 +348,7 @@ def _spilled_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, tmp:
 
 
 # --- .safetensors ----------------------------------------------------------------------------------------
+
 
 def _open_safetensors(path: str, closers: list[Callable[[], None]]) -> tuple[str, list[ArrayEntry]]:
     from safetensors import safe_open
@@ -325,22 +364,34 @@ def _open_safetensors(path: str, closers: list[Callable[[], None]]) -> tuple[str
         where = f"{path}:{name}"
         code = tensor.get_dtype()
         if code not in _SAFETENSORS_DTYPES:
-            raise FormatError(f"{where}: dtype {code} has no numpy equivalent; save it as float32 "
-                              "(e.g. tensor.float()) or float16")
-        entries.append(ArrayEntry(name, where, tuple(tensor.get_shape()), np.dtype(_SAFETENSORS_DTYPES[code]),
-                                  lambda start, stop, t=tensor: t[start:stop]))
+            raise FormatError(
+                f"{where}: dtype {code} has no numpy equivalent; save it as float32 (e.g. tensor.float()) or float16"
+            )
+        entries.append(
+            ArrayEntry(
+                name,
+                where,
+                tuple(tensor.get_shape()),
+                np.dtype(_SAFETENSORS_DTYPES[code]),
+                _slicer(tensor),
+            )
+        )
     return f".safetensors file with {len(entries)} tensors", entries
 
 
 # --- validation ------------------------------------------------------------------------------------------
 
+
 def _check_entry(entry: ArrayEntry) -> None:
     if entry.dtype.hasobject:
-        raise FormatError(f"{entry.where}: holds Python objects (dtype {entry.dtype}), which are never unpickled; "
-                          "save numeric arrays, e.g. np.save(path, x.astype(np.float32))")
+        raise FormatError(
+            f"{entry.where}: holds Python objects (dtype {entry.dtype}), which are never unpickled; "
+            "save numeric arrays, e.g. np.save(path, x.astype(np.float32))"
+        )
     if entry.dtype.kind not in _NUMERIC_KINDS or entry.dtype.fields is not None:
-        raise FormatError(f"{entry.where}: dtype {entry.dtype} is not numeric; expected bool, integer or float "
-                          "activations")
+        raise FormatError(
+            f"{entry.where}: dtype {entry.dtype} is not numeric; expected bool, integer or float activations"
+        )
     if len(entry.shape) == 0:
         raise FormatError(f"{entry.where}: is a single number (0-d); expected one row per example on axis 0")
     if entry.shape[0] == 0:
@@ -356,8 +407,10 @@ def _load_ids_file(path: str) -> np.ndarray:
         try:
             return np.load(path, allow_pickle=False)
         except ValueError as exc:  # object arrays need pickles
-            raise InputError(f"ids file {path}: cannot read it without unpickling ({exc}); save the ids as "
-                             "integers or fixed-width strings (np.array(ids, dtype=str))") from exc
+            raise InputError(
+                f"ids file {path}: cannot read it without unpickling ({exc}); save the ids as "
+                "integers or fixed-width strings (np.array(ids, dtype=str))"
+            ) from exc
     if path.endswith(".txt"):
         with open(path, encoding="utf-8") as fh:
             lines = fh.read().splitlines()
@@ -383,11 +436,18 @@ def _check_ids(ids: np.ndarray, where: str, n_rows: int) -> np.ndarray:
     if len(uniq) != len(ids):
         dup = int(np.flatnonzero(counts > 1)[0])
         rows = np.flatnonzero(ids == uniq[dup])
-        raise InputError(f"ids from {where}: id {uniq[dup].item()!r} occurs {counts[dup]} times (rows "
-                         f"{', '.join(map(str, rows[:5]))}); every example needs its own id")
+        raise InputError(
+            f"ids from {where}: id {uniq[dup].item()!r} occurs {counts[dup]} times (rows "
+            f"{', '.join(map(str, rows[:5]))}); every example needs its own id"
+        )
     return ids
 
 
 def _natural_key(name: str) -> list[Any]:
     """``layer2`` before ``layer10``."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _slicer(tensor: Any) -> Any:
+    """Rows ``start:stop`` of a safetensors slice, read when asked for."""
+    return lambda start, stop: tensor[start:stop]

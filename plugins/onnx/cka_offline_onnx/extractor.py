@@ -23,7 +23,8 @@ import logging
 import os
 import tempfile
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -54,16 +55,22 @@ class OnnxExtractor(Extractor):
 
     name = "onnx"
     framework = "onnxruntime"
-    description = "ONNX models (.onnx file, or a folder holding model.onnx; external data and >2 GB ok), run with onnxruntime"
+    description = (
+        "ONNX models (.onnx file, or a folder holding model.onnx; external data and >2 GB ok), run with onnxruntime"
+    )
     declared_options = (
         Option(
-            "optimization_level", str, DEFAULT_OPTIMIZATION_LEVEL,
+            "optimization_level",
+            str,
+            DEFAULT_OPTIMIZATION_LEVEL,
             "onnxruntime graph optimisation (default all, as onnxruntime's own); chosen tensors are graph outputs, "
             "which onnxruntime keeps, so every level gives the same tensors (values equal to float32 rounding); "
             "disable runs the graph exactly as written, about 2x slower",
             choices=OPTIMIZATION_LEVELS,
         ),
-        Option("batch_axis", int, 0, "axis of the chosen tensors that holds the batch (default 0); it is moved to axis 0"),
+        Option(
+            "batch_axis", int, 0, "axis of the chosen tensors that holds the batch (default 0); it is moved to axis 0"
+        ),
         Option("threads", int, 0, "onnxruntime intra-op threads (default 0: onnxruntime decides)", minimum=0),
     )
 
@@ -179,7 +186,9 @@ class OnnxExtractor(Extractor):
                     f"{self.path}: no tensor named {name!r}{hint}; list the layers with cka-extract --list-layers"
                 )
             if not info.exposable:
-                raise ModelError(f"{self.path}: layer {name!r} cannot be extracted: {info.reason}; choose another layer")
+                raise ModelError(
+                    f"{self.path}: layer {name!r} cannot be extracted: {info.reason}; choose another layer"
+                )
             resolved[name] = info.name
         if not resolved:
             raise LayerSelectionError(f"{self.path}: no layers requested; name at least one tensor")
@@ -226,14 +235,18 @@ class OnnxExtractor(Extractor):
         for axis, (want, got) in enumerate(zip(dims, arr.shape)):
             if not isinstance(want, int) or want == got or (axis == 0 and want == 1):
                 continue  # batch 1 fixed in the graph: run() feeds one example at a time
-            what = f"a batch of {want} (the graph fixes it; use --batch-size {want})" if axis == 0 else f"{want} on axis {axis}"
+            what = (
+                f"a batch of {want} (the graph fixes it; use --batch-size {want})"
+                if axis == 0
+                else f"{want} on axis {axis}"
+            )
             raise InputError(
                 f"{self.path}: input {name!r} expects shape {expected}, got {tuple(arr.shape)}: needs {what}"
             )
 
     # --- sessions --------------------------------------------------------------------------------------
 
-    def _session(self, tensors: tuple[str, ...]) -> "onnxruntime.InferenceSession":
+    def _session(self, tensors: tuple[str, ...]) -> onnxruntime.InferenceSession:
         key = tuple(sorted(tensors))
         if key in self._sessions:
             self._sessions.move_to_end(key)
@@ -244,7 +257,7 @@ class OnnxExtractor(Extractor):
             self._sessions.popitem(last=False)
         return session
 
-    def _build_session(self, tensors: tuple[str, ...]) -> "onnxruntime.InferenceSession":
+    def _build_session(self, tensors: tuple[str, ...]) -> onnxruntime.InferenceSession:
         import onnx
         import onnxruntime as ort
 
@@ -302,15 +315,23 @@ class OnnxExtractor(Extractor):
             cast, axes = f"{tensor}::cka_cast", list(range(2, rank))
             graph.node.append(helper.make_node("Cast", [tensor], [cast], to=work, name=f"cka_cast_{i}"))
             if opset >= 18:  # axes became an input in opset 18
-                graph.initializer.append(onnx.numpy_helper.from_array(np.array(axes, dtype=np.int64), f"{tensor}::cka_axes"))
-                node = helper.make_node("ReduceMean", [cast, f"{tensor}::cka_axes"], [tensor + _MEAN_SUFFIX], keepdims=0,
-                                        name=f"cka_mean_{i}")
+                graph.initializer.append(
+                    onnx.numpy_helper.from_array(np.array(axes, dtype=np.int64), f"{tensor}::cka_axes")
+                )
+                node = helper.make_node(
+                    "ReduceMean",
+                    [cast, f"{tensor}::cka_axes"],
+                    [tensor + _MEAN_SUFFIX],
+                    keepdims=0,
+                    name=f"cka_mean_{i}",
+                )
             else:
-                node = helper.make_node("ReduceMean", [cast], [tensor + _MEAN_SUFFIX], axes=axes, keepdims=0,
-                                        name=f"cka_mean_{i}")
+                node = helper.make_node(
+                    "ReduceMean", [cast], [tensor + _MEAN_SUFFIX], axes=axes, keepdims=0, name=f"cka_mean_{i}"
+                )
             graph.node.append(node)
 
-    def _session_via_file(self, model_bytes: bytes, opts: Any, folder: str) -> "onnxruntime.InferenceSession":
+    def _session_via_file(self, model_bytes: bytes, opts: Any, folder: str) -> onnxruntime.InferenceSession:
         try:
             fd, tmp = tempfile.mkstemp(prefix=".cka-offline-", suffix=".onnx", dir=folder)
         except OSError as exc:
@@ -327,7 +348,7 @@ class OnnxExtractor(Extractor):
         finally:
             os.unlink(tmp)
 
-    def _check_session(self, session: "onnxruntime.InferenceSession", tensors: tuple[str, ...]) -> None:
+    def _check_session(self, session: onnxruntime.InferenceSession, tensors: tuple[str, ...]) -> None:
         outputs = {o.name for o in session.get_outputs()}
         missing = [t for t in tensors if t not in outputs]
         if missing:
@@ -397,7 +418,7 @@ def _providers(device: str) -> list[Any]:
     return [("CUDAExecutionProvider", {"device_id": dev.index or 0}), "CPUExecutionProvider"]
 
 
-def _load(path: str) -> "onnx.ModelProto":
+def _load(path: str) -> onnx.ModelProto:
     import onnx
 
     if not os.path.isfile(path):
@@ -417,7 +438,7 @@ def _load(path: str) -> "onnx.ModelProto":
     return model
 
 
-def _external_files(model: "onnx.ModelProto", path: str) -> list[str]:
+def _external_files(model: onnx.ModelProto, path: str) -> list[str]:
     """Absolute paths of the external data files the graph refers to; a missing one is an error now."""
     from onnx import TensorProto
 
@@ -444,7 +465,7 @@ def _external_files(model: "onnx.ModelProto", path: str) -> list[str]:
     return sorted(files)
 
 
-def _input_specs(model: "onnx.ModelProto") -> list[tuple[str, Any, tuple[int | str | None, ...] | None]]:
+def _input_specs(model: onnx.ModelProto) -> list[tuple[str, Any, tuple[int | str | None, ...] | None]]:
     """``(name, numpy dtype or None, dims or None)`` of each input the caller feeds."""
     from onnx import helper
 
@@ -483,7 +504,7 @@ def _fmt_dims(dims: tuple[int | str | None, ...] | None) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
-def _new_session(model: bytes | str, opts: Any, providers: list[Any]) -> "onnxruntime.InferenceSession":
+def _new_session(model: bytes | str, opts: Any, providers: list[Any]) -> onnxruntime.InferenceSession:
     import onnxruntime as ort
 
     return ort.InferenceSession(model, opts, providers=providers)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import ast
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import onnx
 from onnx import TensorProto
@@ -206,8 +206,15 @@ def list_layers(model: onnx.ModelProto, batch_axis: int = 0) -> list[LayerInfo]:
                 sub_layers(sub, outer_op)
             for out in node.output:
                 if out and out not in sub_const and is_float(out):
-                    infos.append(LayerInfo(out, node.op_type, per_example_shape(types.get(out), batch_axis),
-                                           exposable=False, reason=SUBGRAPH_REASON.format(op=outer_op)))
+                    infos.append(
+                        LayerInfo(
+                            out,
+                            node.op_type,
+                            per_example_shape(types.get(out), batch_axis),
+                            exposable=False,
+                            reason=SUBGRAPH_REASON.format(op=outer_op),
+                        )
+                    )
 
     for node in model.graph.node:
         for sub in _subgraphs(node):
@@ -217,8 +224,15 @@ def list_layers(model: onnx.ModelProto, batch_axis: int = 0) -> list[LayerInfo]:
                 continue
             t = types.get(out)
             if t is not None and t.dims == ():
-                infos.append(LayerInfo(out, node.op_type, (), exposable=False,
-                                       reason="a scalar: it has no batch axis, so it is not a per-example activation"))
+                infos.append(
+                    LayerInfo(
+                        out,
+                        node.op_type,
+                        (),
+                        exposable=False,
+                        reason="a scalar: it has no batch axis, so it is not a per-example activation",
+                    )
+                )
                 continue
             infos.append(LayerInfo(out, node.op_type, per_example_shape(t, batch_axis)))
 

@@ -12,8 +12,9 @@ Rules (documented in the extractor's docstring):
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -104,7 +105,9 @@ def bind(signature: ForwardSignature | None, names: list[str], where: str) -> tu
     """
     names = [n for n in names if n != IDS_KEY]
     if not names:
-        raise InputError(f"the batch for {where} holds no model input (only {IDS_KEY!r}); give at least one input array")
+        raise InputError(
+            f"the batch for {where} holds no model input (only {IDS_KEY!r}); give at least one input array"
+        )
     if signature is None:
         if len(names) == 1:
             return list(names), {}
@@ -148,7 +151,9 @@ def bind(signature: ForwardSignature | None, names: list[str], where: str) -> tu
             if slot not in bound:
                 gap = gap or slot
             elif gap:
-                raise InputError(f"input {slot!r} of {described} is positional and comes after {gap!r}; give {gap!r} too")
+                raise InputError(
+                    f"input {slot!r} of {described} is positional and comes after {gap!r}; give {gap!r} too"
+                )
             else:
                 positional.append(slot)
     missing = [p.name for p in signature.params if p.required and p.name not in bound]
@@ -160,7 +165,7 @@ def bind(signature: ForwardSignature | None, names: list[str], where: str) -> tu
     return positional, keywords
 
 
-def to_tensor(name: str, array: np.ndarray, device: "torch.device", float_dtype: "torch.dtype | None") -> "torch.Tensor":
+def to_tensor(name: str, array: np.ndarray, device: torch.device, float_dtype: torch.dtype | None) -> torch.Tensor:
     """A copy of ``array`` on ``device``; floating arrays become ``float_dtype`` unless it is ``None``."""
     import torch
 
@@ -182,8 +187,8 @@ def to_tensor(name: str, array: np.ndarray, device: "torch.device", float_dtype:
 def tensors_for(
     inputs: Mapping[str, np.ndarray],
     plan: tuple[list[str], dict[str, str]],
-    device: "torch.device",
-    float_dtype: "torch.dtype | None",
+    device: torch.device,
+    float_dtype: torch.dtype | None,
 ) -> tuple[list[Any], dict[str, Any]]:
     positional, keywords = plan
     args = [to_tensor(n, inputs[n], device, float_dtype) for n in positional]

@@ -43,7 +43,7 @@ def parse_output_index(value: Any) -> int | str | None:
         return text
 
 
-def _first_tensor(output: Any) -> "torch.Tensor | None":
+def _first_tensor(output: Any) -> torch.Tensor | None:
     import torch
 
     if isinstance(output, torch.Tensor):
@@ -68,7 +68,7 @@ def _describe(output: Any) -> str:
     return type(output).__name__
 
 
-def select_output(output: Any, index: int | str | None, layer: str) -> "torch.Tensor":
+def select_output(output: Any, index: int | str | None, layer: str) -> torch.Tensor:
     """The tensor of ``output`` to keep for ``layer`` (see the module docstring)."""
     import torch
 
@@ -83,7 +83,12 @@ def select_output(output: Any, index: int | str | None, layer: str) -> "torch.Te
         if isinstance(output, Mapping):  # dicts and transformers ModelOutput
             chosen = output[index] if isinstance(index, str) else list(output.values())[index]
         elif isinstance(output, (tuple, list)):
-            chosen = getattr(output, index) if isinstance(index, str) and hasattr(output, "_fields") else output[index]
+            if not isinstance(index, str):
+                chosen = output[index]
+            elif hasattr(output, "_fields"):  # a named tuple's field
+                chosen = getattr(output, index)
+            else:
+                raise TypeError(f"a {type(output).__name__} has no keys")
         else:
             raise TypeError(f"cannot index a {type(output).__name__}")
     except (KeyError, IndexError, TypeError, AttributeError) as exc:
@@ -99,7 +104,7 @@ def select_output(output: Any, index: int | str | None, layer: str) -> "torch.Te
     return chosen
 
 
-def to_numpy(tensor: "torch.Tensor") -> np.ndarray:
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     import torch
 
     tensor = tensor.detach()
@@ -108,7 +113,7 @@ def to_numpy(tensor: "torch.Tensor") -> np.ndarray:
     return tensor.cpu().numpy()
 
 
-def spatial_mean(tensor: "torch.Tensor") -> "torch.Tensor":
+def spatial_mean(tensor: torch.Tensor) -> torch.Tensor:
     """The core's ``mean`` reduction in torch: ``(B, C, *spatial)`` -> ``(B, C)``, accumulated in float32
     (float64 for float64 tensors), on the tensor's device with torch's threads."""
     import torch
@@ -129,7 +134,7 @@ class Capture:
 
     def __init__(
         self,
-        modules: Mapping[str, "torch.nn.Module"],
+        modules: Mapping[str, torch.nn.Module],
         output_index: int | str | None,
         copy: bool | Collection[str] = False,
         reduce: Mapping[str, str] | None = None,
@@ -165,7 +170,7 @@ class Capture:
         """Layers whose uncopied output an in-place op changed after it was captured."""
         return [name for name, version in self.versions.items() if self.outputs[name]._version != version]
 
-    def __enter__(self) -> "Capture":
+    def __enter__(self) -> Capture:
         try:
             for name, module in self.modules.items():
                 self._handles.append(module.register_forward_hook(self._hook(name)))

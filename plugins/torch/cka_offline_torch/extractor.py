@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 _CONTAINERS = ("ModuleList", "ModuleDict", "ParameterList", "ParameterDict")
 
 
-def resolve_device(spec: str | None) -> "torch.device":
+def resolve_device(spec: str | None) -> torch.device:
     """``cpu`` (the default), ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (cuda if available) as a torch device,
     parsed and checked by :func:`cka_offline.devices.resolve_torch_device`."""
     import torch
@@ -78,19 +79,49 @@ class TorchExtractor(Extractor):
     #: the spatial mean is taken in the forward hook, with torch's threads, while the output is in cache
     early_reductions = frozenset({"mean"})
     declared_options = (
-        Option("model_args", object, None, "keyword arguments for a factory, key=value pairs (values parsed as "
-               "Python literals: ints, floats, true/false, none; otherwise strings)"),
-        Option("weights", str, "", "state dict loaded into the factory's model: .safetensors, or .pt/.pth/.bin "
-               "read with torch.load(weights_only=True); every key must fit"),
-        Option("output_index", object, None, "which element of a tuple/list/dict/ModelOutput module output to "
-               "keep: a position (0, 1, ...) or a key (default: the first tensor)"),
-        Option("allow_pickle_code_execution", bool, False, "true to load a fully pickled nn.Module (.pt/.pth) or "
-               "a .pt2 with pickled entries; unpickling runs code from the file, so only for files you trust"),
-        Option("keep_dtype", bool, False, "true to pass floating inputs in their stored dtype (default: cast to "
-               "the model's floating dtype, so float64 arrays become float32)"),
-        Option("copy_outputs", bool, False, "true to copy every captured output as its module returns it (default: "
-               "copy only the outputs that a later in-place op changes, as torch's version counter shows; a model "
-               "that writes into tensors through .data or numpy bypasses that counter and needs this)"),
+        Option(
+            "model_args",
+            object,
+            None,
+            "keyword arguments for a factory, key=value pairs (values parsed as "
+            "Python literals: ints, floats, true/false, none; otherwise strings)",
+        ),
+        Option(
+            "weights",
+            str,
+            "",
+            "state dict loaded into the factory's model: .safetensors, or .pt/.pth/.bin "
+            "read with torch.load(weights_only=True); every key must fit",
+        ),
+        Option(
+            "output_index",
+            object,
+            None,
+            "which element of a tuple/list/dict/ModelOutput module output to "
+            "keep: a position (0, 1, ...) or a key (default: the first tensor)",
+        ),
+        Option(
+            "allow_pickle_code_execution",
+            bool,
+            False,
+            "true to load a fully pickled nn.Module (.pt/.pth) or "
+            "a .pt2 with pickled entries; unpickling runs code from the file, so only for files you trust",
+        ),
+        Option(
+            "keep_dtype",
+            bool,
+            False,
+            "true to pass floating inputs in their stored dtype (default: cast to "
+            "the model's floating dtype, so float64 arrays become float32)",
+        ),
+        Option(
+            "copy_outputs",
+            bool,
+            False,
+            "true to copy every captured output as its module returns it (default: "
+            "copy only the outputs that a later in-place op changes, as torch's version counter shows; a model "
+            "that writes into tensors through .data or numpy bypasses that counter and needs this)",
+        ),
     )
 
     @classmethod
@@ -126,10 +157,9 @@ class TorchExtractor(Extractor):
 
     # ----------------------------------------------------------------------------------- loading
 
-    def _load(self) -> "torch.nn.Module":
+    def _load(self) -> torch.nn.Module:
         if self._model is not None:
             return self._model
-        import torch
 
         spec = self.spec
         if spec.kind == "weights":
@@ -155,13 +185,15 @@ class TorchExtractor(Extractor):
         try:
             model = model.to(self._device)
         except Exception as exc:
-            raise ModelError(f"cannot move the model of {self.source!r} to {self._device}: {type(exc).__name__}: {exc}") from exc
+            raise ModelError(
+                f"cannot move the model of {self.source!r} to {self._device}: {type(exc).__name__}: {exc}"
+            ) from exc
         model.eval()
         self._model = model
         log.debug("loaded %s (%s) on %s", self.source, type(model).__name__, self._device)
         return model
 
-    def _float_dtype(self) -> "torch.dtype | None":
+    def _float_dtype(self) -> torch.dtype | None:
         import torch
 
         if self.keep_dtype:
@@ -198,7 +230,9 @@ class TorchExtractor(Extractor):
                     shape=None,
                     aliases=tuple(aliases[key]),
                     exposable=not container,
-                    reason=f"{name!r} is a {kind}, a container that is never called; select its elements" if container else "",
+                    reason=f"{name!r} is a {kind}, a container that is never called; select its elements"
+                    if container
+                    else "",
                 )
             )
         return infos
@@ -220,7 +254,6 @@ class TorchExtractor(Extractor):
         return list(self._early)
 
     def run(self, inputs: Mapping[str, np.ndarray], layers: Sequence[str]) -> dict[str, np.ndarray]:
-        import torch
 
         model = self._load()
         available = dict(model.named_modules())
@@ -248,11 +281,16 @@ class TorchExtractor(Extractor):
             if not modified:
                 return capture.results(batch, repr(self.source))
             # an in-place op overwrote these outputs after their hooks ran: copy them from now on
-            log.debug("layer(s) %s of %s are changed in place later in the forward pass; copying them",
-                      ", ".join(modified), self.source)
+            log.debug(
+                "layer(s) %s of %s are changed in place later in the forward pass; copying them",
+                ", ".join(modified),
+                self.source,
+            )
             self._copied.update(modified)
 
-    def _forward(self, model: "torch.nn.Module", args: Any, kwargs: Any, inputs: Mapping[str, np.ndarray], batch: int) -> None:
+    def _forward(
+        self, model: torch.nn.Module, args: Any, kwargs: Any, inputs: Mapping[str, np.ndarray], batch: int
+    ) -> None:
         import torch
 
         try:
@@ -266,8 +304,12 @@ class TorchExtractor(Extractor):
             raise ModelError(
                 f"the forward pass of {self.source!r} failed on a batch of {batch} ({shapes}): "
                 f"{type(exc).__name__}: {exc}; check that the inputs fit the model"
-                + (" (a .pt2 accepts only the shapes it was exported with: export with dynamic_shapes for "
-                   "a variable batch)" if self.spec.kind == "export" else "")
+                + (
+                    " (a .pt2 accepts only the shapes it was exported with: export with dynamic_shapes for "
+                    "a variable batch)"
+                    if self.spec.kind == "export"
+                    else ""
+                )
             ) from exc
 
     def provenance(self) -> dict[str, str]:

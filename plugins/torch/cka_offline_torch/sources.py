@@ -26,8 +26,9 @@ import os
 import re
 import sys
 import zipfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from cka_offline.errors import ModelError
 
@@ -181,12 +182,16 @@ def _resolve_attr(module: Any, spec: SourceSpec, source: str) -> Any:
         if not hasattr(obj, part):
             names = [n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None))]
             close = difflib.get_close_matches(part, names, n=3)
-            hint = f"did you mean {', '.join(close)}?" if close else f"callables there: {', '.join(names[:10]) or 'none'}"
+            hint = (
+                f"did you mean {', '.join(close)}?" if close else f"callables there: {', '.join(names[:10]) or 'none'}"
+            )
             where = spec.path or spec.module
             raise ModelError(f"{where!r} has no attribute {spec.attr!r} (from factory {source!r}); {hint}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ModelError(f"{spec.attr!r} in {(spec.path or spec.module)!r} is a {type(obj).__name__}, not a callable factory")
+        raise ModelError(
+            f"{spec.attr!r} in {(spec.path or spec.module)!r} is a {type(obj).__name__}, not a callable factory"
+        )
     return obj
 
 
@@ -195,10 +200,14 @@ def factory_file(spec: SourceSpec) -> str:
     if spec.path:
         return os.path.abspath(spec.path)
     module = sys.modules.get(spec.module)
-    return os.path.abspath(getattr(module, "__file__", "") or "") if module is not None and getattr(module, "__file__", None) else ""
+    return (
+        os.path.abspath(getattr(module, "__file__", "") or "")
+        if module is not None and getattr(module, "__file__", None)
+        else ""
+    )
 
 
-def load_factory(spec: SourceSpec, source: str, model_args: Mapping[str, Any]) -> "torch.nn.Module":
+def load_factory(spec: SourceSpec, source: str, model_args: Mapping[str, Any]) -> torch.nn.Module:
     """Import the factory and call it with ``model_args``; the result must be an ``nn.Module``."""
     import torch
 
@@ -231,7 +240,7 @@ def _is_tensor_mapping(obj: Any) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def read_state_dict(path: str) -> "dict[str, torch.Tensor]":
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file or a ``torch.save``d state dict (loaded with weights_only=True)."""
     import pickle
 
@@ -251,7 +260,9 @@ def read_state_dict(path: str) -> "dict[str, torch.Tensor]":
                 "check that the file is complete (download or copy it again)"
             ) from exc
     if is_torchscript(path):
-        raise ModelError(f"weights file {path!r} is a TorchScript archive, not a state dict; save model.state_dict() instead")
+        raise ModelError(
+            f"weights file {path!r} is a TorchScript archive, not a state dict; save model.state_dict() instead"
+        )
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -281,7 +292,7 @@ def _few(keys: list[str], n: int = 5) -> str:
     return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
-def load_weights(model: "torch.nn.Module", path: str, source: str) -> None:
+def load_weights(model: torch.nn.Module, path: str, source: str) -> None:
     """Load a state dict into ``model``; any missing, unexpected or mis-shaped key is a ModelError."""
     state = read_state_dict(path)
     expected = model.state_dict()
@@ -339,7 +350,9 @@ def _unsafe_globals(data: bytes | str) -> list[str] | None:
     import torch
 
     try:
-        found = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data) if isinstance(data, bytes) else data)
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(
+            io.BytesIO(data) if isinstance(data, bytes) else data
+        )
     except Exception:
         return None
     return sorted(found, key=lambda name: (name.startswith("torch."), name))  # the model's own classes first
@@ -371,7 +384,7 @@ def _require_file(path: str, what: str) -> None:
         raise ModelError(f"{what} {path!r} does not exist; check the path")
 
 
-def load_export(path: str, allow_pickle: bool, device: "torch.device | None" = None) -> "tuple[Any, torch.nn.Module]":
+def load_export(path: str, allow_pickle: bool, device: torch.device | None = None) -> tuple[Any, torch.nn.Module]:
     """``(ExportedProgram, unflattened module)`` of a ``.pt2`` archive, its tensors on ``device``."""
     import warnings
 
@@ -410,7 +423,7 @@ def load_export(path: str, allow_pickle: bool, device: "torch.device | None" = N
     return program, module
 
 
-def load_pickle(path: str, allow_pickle: bool) -> "torch.nn.Module":
+def load_pickle(path: str, allow_pickle: bool) -> torch.nn.Module:
     """A fully pickled ``nn.Module``; refuses TorchScript, bare state dicts and (without opt-in) pickles."""
     import pickle
 

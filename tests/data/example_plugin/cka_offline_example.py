@@ -60,8 +60,12 @@ class MLPExtractor(Extractor):
         return out
 
     def provenance(self):
-        return {"framework": "numpy", "framework_version": np.__version__,
-                "model": self.source, "model_sha256": sha256_path(self.source)}
+        return {
+            "framework": "numpy",
+            "framework_version": np.__version__,
+            "model": self.source,
+            "model_sha256": sha256_path(self.source),
+        }
 
 
 @hookimpl
