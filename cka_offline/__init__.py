@@ -5,6 +5,8 @@ nouns, ``extraction`` and ``analysis``, so that importing them never shadows the
 
 - :func:`extract` -- run an extractor plugin over inputs and write an activation file;
 - :func:`analyze` -- stream activation files into the minibatch CKA accumulator, return a :class:`CKAResult`;
+- :class:`AnalysisOptions`, :class:`ExtractOptions` -- every choice of an analysis / extraction as one
+  frozen, validated object (the functions also take the same choices as keyword arguments);
 - :func:`open_activations` -- read an activation file (or shards of one);
 - :class:`MinibatchCKA` -- the streaming accumulator itself.
 """
@@ -18,6 +20,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "extract": ("cka_offline.extraction", "extract"),
     "analyze": ("cka_offline.analysis", "analyze"),
+    "AnalysisOptions": ("cka_offline.analysis.options", "AnalysisOptions"),
+    "ExtractOptions": ("cka_offline.extraction", "ExtractOptions"),
     "CKAResult": ("cka_offline.results", "CKAResult"),
     "load_result": ("cka_offline.results", "load_result"),
     "open_activations": ("cka_offline.store.reader", "open_activations"),

@@ -7,14 +7,14 @@ The reference math is tests/cka/reference.py (plain numpy float64 from the formu
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import numpy as np
 
-from cka_offline.store.writer import ActivationWriter, LayerSpec
-
+from .activation_files import write_acts
 from .cka import reference
+
+__all__ = ["chain_activations", "ref_full_linear", "ref_hsic1", "ref_minibatch", "write_acts"]
 
 
 def chain_activations(
@@ -30,36 +30,6 @@ def chain_activations(
         h = np.maximum(h @ w + 0.1 * rng.normal(size=width), 0.0)
         out[f"layer{k}"] = h.astype(np.float32)
     return out
-
-
-def write_acts(
-    path: str | os.PathLike[str],
-    arrays: dict[str, np.ndarray],
-    ids: np.ndarray | None = None,
-    *,
-    chunk_rows: int = 16,
-    model: str = "chain",
-    dtype: str = "float32",
-    shard: tuple[int, int, int] | None = None,
-    compression: str | None = None,
-    rows_per_write: int = 10,
-) -> str:
-    n = len(next(iter(arrays.values())))
-    ids = np.arange(n) if ids is None else np.asarray(ids)
-    specs = [LayerSpec(name, (a.shape[1],), "none", a.shape[1]) for name, a in arrays.items()]
-    with ActivationWriter(
-        path,
-        ids=ids,
-        layers=specs,
-        provenance={"model": model, "extractor": "test"},
-        dtype=dtype,
-        chunk_rows=chunk_rows,
-        shard=shard,
-        compression=compression,
-    ) as w:
-        for s in range(0, n, rows_per_write):
-            w.write({k: v[s : s + rows_per_write] for k, v in arrays.items()})
-    return os.fspath(path)
 
 
 # ---------------------------------------------------------------- reference math

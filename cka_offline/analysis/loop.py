@@ -29,6 +29,8 @@ ProgressCallback = Callable[[int, int], None]
 BANDWIDTH_SAMPLE = 1000
 #: examples sampled (at most) to find each layer's scale (linear kernel; RBF uses the bandwidth sample)
 SCALE_SAMPLE = 256
+#: layers whose root mean square is within 2^-20..2^20 are not rescaled
+SCALE_FREE_EXPONENT = 20
 #: memory the full-data estimators may use by default (their n x n Grams and scratch; ``--max-memory``)
 FULL_DATA_BYTES = 8 * 2**30
 
@@ -59,18 +61,29 @@ def layer_statistics(
     ``rbf_fraction`` is given, its RBF bandwidth (NaN for a constant layer: its CKA is undefined).
 
     The scale is the power of two that brings the root mean square of the layer's centred sample into
-    ``[1, 2)`` (1 for a constant layer): CKA does not depend on it (multiplying by a power of two is exact),
-    but float32 Grams of a layer of scale 1e-25 would underflow to zero, and of 1e25 overflow, without it.
+    ``[1, 2)``, or 1 when that power is within ``2^-20..2^20`` (or the layer is constant): CKA does not
+    depend on it (multiplying by a power of two is exact), but float32 Grams of a layer of scale 1e-25 would
+    underflow to zero, and of 1e25 overflow, without it. The sample is gathered from the memory-mapped rows
+    when the layers have them (HDF5 reads of scattered rows are slow).
     """
     from ..cka.hsic import rbf_bandwidth
 
     scales: list[float] = []
     bandwidths: list[float] = []
+    mapped = stack.mapped()
     for i in range(len(stack)):
-        x = stack.read_checked(i, positions)
+        if mapped is not None:
+            layer = stack.layers[i]
+            x = stack.gather(i, mapped[i], positions, np.empty((len(positions), layer.features), layer.dtype))
+            stack.check_finite(i, x, positions)
+        else:
+            x = stack.read_checked(i, positions)
         centred = x.astype(np.float64) - x.astype(np.float64).mean(axis=0)
         rms = math.sqrt(float(np.mean(centred * centred))) if centred.size else 0.0
-        scales.append(math.ldexp(1.0, 1 - math.frexp(rms)[1]) if rms > 0 and math.isfinite(rms) else 1.0)
+        exponent = 1 - math.frexp(rms)[1] if rms > 0 and math.isfinite(rms) else 0
+        # ordinary scales need no rescaling (and so cost no pass over the rows): float32 Grams of values of
+        # root mean square 2^-20..2^20 are far from float32's limits
+        scales.append(math.ldexp(1.0, exponent) if abs(exponent) > SCALE_FREE_EXPONENT else 1.0)
         if rbf_fraction is not None:
             constant = bool(np.all(x == x[:1]))  # CKA undefined; reported with the other constant layers
             bandwidths.append(math.nan if constant else rbf_bandwidth(x, rbf_fraction))

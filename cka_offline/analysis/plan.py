@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InsufficientDataError
-from .options import BUFFER_BYTES, MIN_BATCH, SHUFFLES
+from .options import BUFFER_BYTES, MAPPED_BYTES, MIN_BATCH, SHUFFLES
 
 #: preferred number of chunk-aligned blocks in one shuffle buffer
 BUFFER_BLOCKS = 8
@@ -138,18 +138,22 @@ class MinibatchPlan:
         epochs: int,
         chunk_rows: int,
         row_bytes: int,
-        buffer_bytes: int,
+        buffer_bytes: int | None,
         n_groups: int = 16,
         shuffle: str = "uniform",
         canonical: np.ndarray | None = None,
     ) -> MinibatchPlan:
         """The plan :func:`cka_offline.analyze` forms. ``blocks``: blocks from the first file's chunk rows,
         buffers as large as ``buffer_bytes`` allows for rows of ``row_bytes`` (all selected layers of all
-        files). ``uniform``: the mapped pages are released after every ``buffer_bytes`` of minibatches."""
+        files; default 256 MiB). ``uniform``: the mapped pages are released after every ``buffer_bytes`` of
+        minibatches (default: once an epoch when all the data is at most ``MAPPED_BYTES``, else 256 MiB)."""
         if shuffle == "blocks":
-            block_rows, buffer_blocks = buffer_shape(chunk_rows, row_bytes, batch_size, buffer_bytes)
+            budget = BUFFER_BYTES if buffer_bytes is None else buffer_bytes
+            block_rows, buffer_blocks = buffer_shape(chunk_rows, row_bytes, batch_size, budget)
         else:
             block_rows = 1
+            if buffer_bytes is None:
+                buffer_bytes = n * row_bytes if n * row_bytes <= MAPPED_BYTES else BUFFER_BYTES
             largest = max(batch_sizes(n, batch_size))
             buffer_blocks = max(1, buffer_bytes // max(1, largest * row_bytes))
         return cls(

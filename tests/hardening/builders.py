@@ -13,7 +13,8 @@ from click.testing import CliRunner, Result
 from cka_offline.cli import analyze as cli_analyze
 from cka_offline.cli import extract as cli_extract
 from cka_offline.cli import inspect as cli_inspect
-from cka_offline.store.writer import ActivationWriter, LayerSpec
+
+from ..activation_files import write_acts
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "sample_data"
@@ -51,12 +52,8 @@ def acts(
     rng = np.random.default_rng(seed)
     if layers is None:
         layers = {"conv1": rng.normal(size=(n, 6)).astype(np.float32), "fc": rng.normal(size=(n, 3)).astype(np.float32)}
-    specs = [LayerSpec(name, (a.shape[1],), "none", a.shape[1]) for name, a in layers.items()]
-    with ActivationWriter(
-        path, ids=np.arange(n) if ids is None else ids, layers=specs, provenance={"model": "m"}, chunk_rows=chunk_rows
-    ) as w:
-        w.write(layers)
-    return str(path)
+    rows = len(next(iter(layers.values())))
+    return write_acts(path, layers, ids, chunk_rows=chunk_rows, provenance={"model": "m"}, rows_per_write=rows)
 
 
 def mutate(path: str, fn: Callable[[h5py.File], Any]) -> str:

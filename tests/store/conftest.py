@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cka_offline.store.writer import ActivationWriter, LayerSpec
+from ..activation_files import layer_specs, write_acts
 
 
 def make_layers(n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -16,19 +16,20 @@ def make_layers(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def specs_for(arrays: dict[str, np.ndarray]) -> list[LayerSpec]:
-    return [LayerSpec(name, (a.shape[1],), "none", a.shape[1]) for name, a in arrays.items()]
+specs_for = layer_specs
 
 
-def write_file(path, arrays, ids=None, batch=7, provenance=None, **kwargs) -> str:
-    n = len(next(iter(arrays.values())))
-    ids = np.arange(n) if ids is None else ids
-    with ActivationWriter(
-        path, ids=ids, layers=specs_for(arrays), provenance=provenance or {"model": "m"}, **kwargs
-    ) as w:
-        for s in range(0, n, batch):
-            w.write({k: v[s : s + batch] for k, v in arrays.items()})
-    return str(path)
+def write_file(path, arrays, ids=None, batch=7, provenance=None, chunk_rows=None, **kwargs) -> str:
+    """The store tests' defaults (7 rows per write, the writer's own chunk size) for :func:`write_acts`."""
+    return write_acts(
+        path,
+        arrays,
+        ids,
+        chunk_rows=chunk_rows,
+        provenance=provenance or {"model": "m"},
+        rows_per_write=batch,
+        **kwargs,
+    )
 
 
 @pytest.fixture
