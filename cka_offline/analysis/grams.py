@@ -12,6 +12,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -90,6 +91,25 @@ def _scaled(x: Any, scale: float) -> Any:
     return x.float().mul_(scale)
 
 
+@dataclass(frozen=True)
+class GramJob:
+    """What both engines need: the layers, the Gram dtype, the per-layer RBF bandwidths (None: linear) and
+    scales (None: 1), the layers' memory-mapped rows (None: the HDF5 reader fills each batch) and the
+    largest minibatch (the size of the reused buffers)."""
+
+    stack: LayerStack
+    gram_dtype: str
+    bandwidths: Sequence[float] | None
+    scales: Sequence[float] | None
+    mapped: list[MappedRows] | None
+    largest: int
+
+    def gram(self, grams: Any, i: int, x: Any) -> None:
+        """Layer ``i``'s Gram of the rows ``x`` into ``grams[i]`` (:func:`gram_into`)."""
+        scale = 1.0 if self.scales is None else self.scales[i]
+        gram_into(grams, i, x, self.gram_dtype, self.bandwidths, scale)
+
+
 class NumpyGrams:
     """CPU Grams of one minibatch: one task per layer (gather, centre, syrk) on a pool of one thread per
     core, each with single-threaded BLAS (``threadpoolctl``); the largest layers go first. With fewer
@@ -100,18 +120,9 @@ class NumpyGrams:
     #: minibatches in flight: the next one's tasks run while the caller sums the previous one's HSIC terms
     depth = 2
 
-    def __init__(
-        self,
-        stack: LayerStack,
-        gram_dtype: str,
-        bandwidths: Sequence[float] | None,
-        mapped: list[MappedRows] | None,
-        largest: int,
-        scales: Sequence[float] | None = None,
-    ) -> None:
-        self.stack, self.gram_dtype, self.bandwidths = stack, gram_dtype, bandwidths
-        self.scales = list(scales) if scales is not None else [1.0] * len(stack)
-        self.mapped, self.largest = mapped, largest
+    def __init__(self, job: GramJob) -> None:
+        self.job, self.stack, self.mapped, self.largest = job, job.stack, job.mapped, job.largest
+        stack = job.stack
         cores = blas_threads()
         self.workers = max(1, min(cores, len(stack)))
         self.blas_threads = max(1, cores // self.workers)
@@ -158,7 +169,7 @@ class NumpyGrams:
             # NaN/Inf and overflow are reported by the accumulator, naming the layer and example: numpy's
             # RuntimeWarnings from this thread (np.errstate is per thread) would only be noise before it
             with np.errstate(all="ignore"):
-                gram_into(grams, i, x, self.gram_dtype, self.bandwidths, self.scales[i])
+                self.job.gram(grams, i, x)
 
         futures = [self._pool.submit(task, i) for i in self.order]
 
@@ -179,19 +190,9 @@ class TorchGrams:
     #: the slot of a minibatch is reused two minibatches later, after the caller has synchronized on it
     depth = 2
 
-    def __init__(
-        self,
-        stack: LayerStack,
-        device: str,
-        gram_dtype: str,
-        bandwidths: Sequence[float] | None,
-        mapped: list[MappedRows] | None,
-        largest: int,
-        scales: Sequence[float] | None = None,
-    ) -> None:
-        self.stack, self.device, self.gram_dtype, self.bandwidths = stack, device, gram_dtype, bandwidths
-        self.scales = list(scales) if scales is not None else [1.0] * len(stack)
-        self.mapped, self.largest = mapped, largest
+    def __init__(self, job: GramJob, device: str) -> None:
+        self.job, self.stack, self.mapped, self.largest = job, job.stack, job.mapped, job.largest
+        self.device, self.gram_dtype = device, job.gram_dtype
         self.pin = device.startswith("cuda")
         self.slots: dict[int, list[Any]] = {}
         self.submitted = 0
@@ -249,7 +250,7 @@ class TorchGrams:
         m = len(batch.positions)
         grams = torch.empty((len(self.stack), m, m), dtype=getattr(torch, self.gram_dtype), device=self.device)
         for i, x in enumerate(self._arrays(batch)):
-            gram_into(grams, i, x.to(self.device, non_blocking=True), self.gram_dtype, self.bandwidths, self.scales[i])
+            self.job.gram(grams, i, x.to(self.device, non_blocking=True))
         return grams
 
 
@@ -270,6 +271,7 @@ def torch_compute() -> Iterator[None]:
 
 
 __all__ = [
+    "GramJob",
     "ENGINES",
     "NumpyGrams",
     "THREAD_VARIABLES",

@@ -16,7 +16,7 @@ import numpy as np
 from ..distributed import Distributed
 from ..errors import ActivationValueError, ResourceError
 from .batches import Batch, HDF5BatchReader, mapped_batches
-from .grams import NumpyGrams, TorchGrams, blas_threads, engine_for, torch_compute
+from .grams import GramJob, NumpyGrams, TorchGrams, blas_threads, engine_for, torch_compute
 from .plan import MinibatchPlan
 from .stack import LayerStack
 
@@ -28,7 +28,7 @@ ProgressCallback = Callable[[int, int], None]
 #: examples sampled (at most) to estimate each layer's RBF bandwidth
 BANDWIDTH_SAMPLE = 1000
 #: examples sampled (at most) to find each layer's scale (linear kernel; RBF uses the bandwidth sample)
-SCALE_SAMPLE = 256
+SCALE_SAMPLE = 64
 #: layers whose root mean square is within 2^-20..2^20 are not rescaled
 SCALE_FREE_EXPONENT = 20
 #: memory the full-data estimators may use by default (their n x n Grams and scratch; ``--max-memory``)
@@ -78,8 +78,9 @@ def layer_statistics(
             stack.check_finite(i, x, positions)
         else:
             x = stack.read_checked(i, positions)
-        centred = x.astype(np.float64) - x.astype(np.float64).mean(axis=0)
-        rms = math.sqrt(float(np.mean(centred * centred))) if centred.size else 0.0
+        centred = x.astype(np.float64)
+        centred -= centred.mean(axis=0)
+        rms = math.sqrt(float(np.vdot(centred, centred)) / centred.size) if centred.size else 0.0
         exponent = 1 - math.frexp(rms)[1] if rms > 0 and math.isfinite(rms) else 0
         # ordinary scales need no rescaling (and so cost no pass over the rows): float32 Grams of values of
         # root mean square 2^-20..2^20 are far from float32's limits
@@ -189,13 +190,8 @@ def _pipeline(
             stack, plan, share, prefetch=settings.prefetch, torch_device=settings.device if engine == "torch" else None
         )
     source: Any = reader if reader is not None else contextlib.nullcontext(mapped_batches(plan, share))
-    compute: Any = (
-        TorchGrams(
-            stack, settings.device, settings.gram_dtype, settings.bandwidths, mapped, plan.largest, settings.scales
-        )
-        if engine == "torch"
-        else NumpyGrams(stack, settings.gram_dtype, settings.bandwidths, mapped, plan.largest, settings.scales)
-    )
+    job = GramJob(stack, settings.gram_dtype, settings.bandwidths, settings.scales, mapped, plan.largest)
+    compute: Any = TorchGrams(job, settings.device) if engine == "torch" else NumpyGrams(job)
     return reader, source, compute
 
 

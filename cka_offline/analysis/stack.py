@@ -62,6 +62,7 @@ class LayerStack:
     alignment: Alignment
     _scratch: str | None = field(default=None, repr=False)  # folder of decompressed layers (see mapped)
     _maps: list[mmap.mmap] = field(default_factory=list, repr=False)
+    _mapped_rows: dict[int, MappedRows | None] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, files: Sequence[ActivationFile], labels: Sequence[str], options: AnalysisOptions) -> LayerStack:
@@ -153,7 +154,9 @@ class LayerStack:
         out = []
         for i, layer in enumerate(self.layers):
             f = self.files[layer.file]
-            rows = f.mapped_rows(layer.name)
+            if i not in self._mapped_rows:  # finding the chunks costs two HDF5 reads per layer: once is enough
+                self._mapped_rows[i] = f.mapped_rows(layer.name)
+            rows = self._mapped_rows[i]
             if rows is None and not decompress:
                 log.info("layer %r of %s is stored compressed or unusually: reading through HDF5", layer.name, f.path)
                 return None

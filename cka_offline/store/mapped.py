@@ -103,21 +103,14 @@ class MappedRows:
     :meth:`ActivationFile.mapped_rows`.
     """
 
-    def __init__(
-        self, starts: np.ndarray, views: list[np.ndarray], n_rows: int, spans: list[tuple[mmap.mmap, int]] | None = None
-    ) -> None:
+    def __init__(self, starts: np.ndarray, views: list[np.ndarray], n_rows: int) -> None:
         self.starts, self.views, self.n_rows = starts, views, n_rows
-        self.spans = spans or []
 
-    def gather(self, rows: np.ndarray, out: np.ndarray, *, release: bool = False) -> np.ndarray:
+    def gather(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Copy rows ``rows`` (int64, any order, each in ``0..n_rows-1``) into ``out`` (``len(rows)`` rows of
         the stored dtype and width) in that order; returns ``out``. Runs of rows in ascending order are
-        copied block by block with ``np.take``; other orders by fancy indexing.
-
-        ``release``: afterwards, unmap the blocks read from this process (the page cache keeps them; a
-        later read maps them again). The kernel maps pages around every page read, several times what a
-        random subset of rows needs, and file pages count in resident memory as long as they are mapped:
-        releasing them keeps a streaming analysis's memory flat however large the files are."""
+        copied block by block with ``np.take``; other orders by fancy indexing. The pages read stay mapped
+        until :meth:`FileMap.release` (``ActivationFile.release_mapped``) unmaps the file's."""
         if len(rows) == 0:
             return out
         if rows.min() < 0 or rows.max() >= self.n_rows:
@@ -129,7 +122,6 @@ class MappedRows:
             for a, b in zip(cuts[:-1], cuts[1:]):
                 # mode="clip" keeps np.take from buffering the output (the rows were checked above)
                 np.take(self.views[block[a]], local[a:b], axis=0, out=out[a:b], mode="clip")
-            touched = block[cuts[:-1]]
         else:
             order = np.argsort(block, kind="stable")
             sorted_block = block[order]
@@ -137,12 +129,6 @@ class MappedRows:
             for a, b in zip(cuts[:-1], cuts[1:]):
                 where = order[a:b]
                 out[where] = self.views[sorted_block[a]][local[where]]
-            touched = sorted_block[cuts[:-1]]
-        if release and self.spans and hasattr(mmap, "MADV_DONTNEED"):
-            for index in touched.tolist():
-                mapping, offset = self.spans[index]
-                start = offset - offset % mmap.PAGESIZE  # madvise wants a page-aligned start
-                mapping.madvise(mmap.MADV_DONTNEED, start, offset + self.views[index].nbytes - start)
         return out
 
 

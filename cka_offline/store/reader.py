@@ -342,16 +342,14 @@ class ActivationFile:
         meta = self.layer(layer)
         starts: list[int] = []
         views: list[np.ndarray] = []
-        spans: list[tuple[mmap.mmap, int]] = []
         for i, shard in enumerate(self._shards):
             blocks = shard.mapped_blocks(shard.layer_meta(meta.name))
             if blocks is None:
                 return None
-            for start, view, mapping, offset in blocks:
+            for start, view, _, _ in blocks:
                 starts.append(int(self._starts[i]) + start)
                 views.append(view)
-                spans.append((mapping, offset))
-        return MappedRows(np.asarray(starts, dtype=np.int64), views, self.n_examples, spans)
+        return MappedRows(np.asarray(starts, dtype=np.int64), views, self.n_examples)
 
     def release_mapped(self) -> None:
         """Unmap every page of the file's memory maps read so far (see :meth:`MappedRows.gather`)."""
