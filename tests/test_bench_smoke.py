@@ -20,7 +20,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 PEERS = REPO / ".bench-venv" / "bin" / "python"
-SCRIPTS = ("bench_speed", "bench_floor", "bench_accuracy", "bench_memory", "bench_extract", "bench_gpu")
+SCRIPTS = (
+    "bench_speed",
+    "bench_floor",
+    "bench_accuracy",
+    "bench_memory",
+    "bench_extract",
+    "bench_gpu",
+    "bench_full",
+    "bench_coverage",
+)
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +120,38 @@ def test_gpu(smoke: dict[str, object]) -> None:
         assert all(r["max_err"] < 1e-5 for r in d["rows"])
 
 
+def test_full(smoke: dict[str, object]) -> None:
+    d = _load(smoke, "full")
+    assert d["workload"]["m"] == d["workload"]["n"]  # the baseline is one minibatch of every example
+    assert [(r["kernel"], r["estimator"]) for r in d["rows"]] == [
+        (k, e) for k in ("linear", "rbf") for e in ("full", "full-debiased")
+    ]
+    for r in d["rows"]:
+        assert r["seconds"] > 0 and r["minibatch_seconds"] > 0
+        assert math.isfinite(r["ratio"]) and r["ratio"] > 0 and math.isfinite(r["ratio_analysis"])
+        assert math.isclose(r["ratio"], r["seconds"] / r["minibatch_seconds"])
+        assert r["target_met"] == (r["ratio"] <= 2.0)
+    assert d["max_ratio"] == max(r["ratio"] for r in d["rows"])
+    # full-debiased is HSIC_1 of one Gram of all examples: the one-minibatch estimate to float64 rounding
+    checks = [r["max_abs_vs_one_minibatch"] for r in d["rows"] if "max_abs_vs_one_minibatch" in r]
+    assert len(checks) == 2 and all(c < 1e-10 for c in checks)
+
+
+def test_coverage(smoke: dict[str, object]) -> None:
+    d = _load(smoke, "coverage")
+    assert [(r["kernel"], r["epochs"]) for r in d["rows"]] == [(k, e) for k in ("linear", "rbf") for e in (1, 2, 4)]
+    for kernel in ("linear", "rbf"):
+        assert 0 < d["truth"][kernel]["cka"] < 1
+    for r in d["rows"]:
+        assert (r["replicates"], r["n"], r["m"]) == (24, 128, 16)
+        assert 0 <= r["coverage"] <= 1 and 0 <= r["below"] <= 1 and 0 <= r["above"] <= 1
+        assert math.isclose(r["coverage"] + r["below"] + r["above"], 1.0)
+        assert math.isfinite(r["se_over_sd"]) and r["se_over_sd"] > 0
+        assert r["n_groups"] >= 2 and r["minibatches"] == r["epochs"] * r["n"] // r["m"]
+        assert r["true"] == d["truth"][r["kernel"]]["cka"] and abs(r["bias"]) < 0.2
+    assert all(len(r["bandwidth_ratio"]["mean"]) == 2 for r in d["rows"] if r["kernel"] == "rbf")
+
+
 def test_report(smoke: dict[str, object], tmp_path: Path) -> None:
     for name in SCRIPTS:
         _load(smoke, name.removeprefix("bench_"))
@@ -121,6 +162,18 @@ def test_report(smoke: dict[str, object], tmp_path: Path) -> None:
         cwd=REPO,
     )
     text = out.read_text()
-    for title in ("1. Analysis speed", "2. The hardware floor", "3. Accuracy", "4. Memory", "5. Extraction", "6. GPU"):
+    titles = ("1. Analysis speed", "2. The hardware floor", "3. Accuracy", "4. Memory", "5. Extraction", "6. GPU")
+    for title in (*titles, "7. Exact full-data estimators", "8. Coverage of the intervals"):
         assert f"## {title}" in text
     assert "could not be rendered" not in text and "No result yet" not in text
+    assert "miss the bandwidth's own sampling variation" in text
+
+
+def test_report_single_section_and_missing(smoke: dict[str, object], tmp_path: Path) -> None:
+    def section(results: object, key: str) -> str:
+        cmd = [sys.executable, str(BENCH / "report.py"), "--results-dir", str(results), "--section", key]
+        return subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, text=True).stdout
+
+    assert section(smoke["results"], "coverage").startswith("## 8. Coverage of the intervals\n")
+    assert "| rbf | full-debiased |" in section(smoke["results"], "full")
+    assert "No result yet: run `python bench/bench_full.py`." in section(tmp_path, "full")
