@@ -177,6 +177,15 @@ def section_floor(d: dict[str, Any]) -> str:
             f"{fmt(t32['end_to_end_hashing_s'] / floor)}x the floor); with `--no-hash` it took "
             f"{fmt(t32['end_to_end_no_hash_s'])} s."
         )
+    if "end_to_end_blocks_s" in t32:
+        floor = d["floors"]["float32"]["floor_peak_s"]
+        first += (
+            f" Uniform minibatches (the default) against `--shuffle blocks` (the plan before them, whose numbers "
+            f"are those of that version bit for bit), best runs interleaved: {fmt(t32['end_to_end_s'])} s "
+            f"({fmt(t32['end_to_end_s'] / floor)}x the floor; loop {fmt(t32['compute_s'])} s) against "
+            f"{fmt(t32['end_to_end_blocks_s'])} s ({fmt(t32['end_to_end_blocks_s'] / floor)}x; loop "
+            f"{fmt(t32['compute_blocks_s'])} s)."
+        )
     return (
         f"Workload {workload_line(d['workload'])}, {d['minibatches']} minibatches: "
         f"{d['gram_flops'] / 1e9:.1f} GFLOP of Grams + {d['pair_flops'] / 1e9:.2f} GFLOP of pair terms; "
