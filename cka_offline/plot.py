@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import OutputError
 from .files import atomic_output
-from .results.summary import shorten_name
+from .results.summary import display_names
 
 if TYPE_CHECKING:
     from .results import CKAResult
@@ -156,14 +156,9 @@ def _ticks(
 
 
 def tick_labels(names: list[str], width: int = 32) -> list[str]:
-    """Layer names short enough for tick labels: a prefix all names share (up to a ``.``, ``/`` or ``_``)
-    becomes ``…`` when a name is longer than ``width``, then names are cut in the middle."""
-    if len(names) > 1 and max(len(n) for n in names) > width:
-        prefix = os.path.commonprefix(names)
-        cut = max(prefix.rfind(sep) for sep in "./_")
-        if cut > 0:
-            names = ["…" + n[cut + 1 :] for n in names]
-    return [shorten_name(n, width) for n in names]
+    """Layer names short enough for tick labels that still tell the layers apart
+    (:func:`~cka_offline.results.summary.display_names`: the shared beginning and end become ``…``)."""
+    return display_names(names, width)
 
 
 __all__ = ["plot_heatmap", "plot_format", "tick_labels"]

@@ -72,3 +72,7 @@ def test_tick_labels_keep_the_part_that_differs():
     assert tick_labels(names) == ["…0.attention.output.dense", "…11.attention.output.dense"]
     assert tick_labels(["conv1", "fc"]) == ["conv1", "fc"]
     assert len(tick_labels(["x" * 80])[0]) == 32
+    names = [f"transformer.encoder.layer_{k}.attention.output" for k in range(1, 13)]
+    assert (
+        tick_labels(names)[0] == "…layer_1.attention.output" and tick_labels(names)[-1] == "…layer_12.attention.output"
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -94,16 +95,17 @@ def _title(p: CKAPair, which: str) -> str:
 
 def _pair_detail(p: CKAPair, confidence: float) -> list[str]:
     lines = [f"A = {_title(p, 'A')}", f"B = {_title(p, 'B')}" + ("  (self-comparison)" if p.i == p.j else "")]
-    width_a = min(40, max([len("layer of A"), *(len(n) for n in p.layers_a)]))
-    width_b = min(40, max([len("best layer of B"), *(len(n) for n in p.layers_b)]))
+    shown_a, shown_b = display_names(p.layers_a, NAME_WIDTH), display_names(p.layers_b, NAME_WIDTH)
+    width_a = max([len("layer of A"), *(len(n) for n in shown_a)])
+    width_b = max([len("best layer of B"), *(len(n) for n in shown_b)])
     level = f"{round(confidence * 100)}% interval"
     lines.append(f"  {'layer of A':<{width_a}}  {'best layer of B':<{width_b}}     CKA  {level}")
     for a, b in enumerate(best_matches(p)):
-        name_a = shorten_name(p.layers_a[a], width_a)
+        name_a = shown_a[a]
         if b is None:
             lines.append(f"  {name_a:<{width_a}}  {'-':<{width_b}}     nan  (undefined: constant layer)")
             continue
-        name_b = shorten_name(p.layers_b[b], width_b)
+        name_b = shown_b[b]
         lines.append(f"  {name_a:<{width_a}}  {name_b:<{width_b}}  {p.cka[a, b]:6.3f}  {_interval(p, a, b)}")
     ident = layer_identification(p)
     if ident is not None:
@@ -123,6 +125,40 @@ def _pair_line(p: CKAPair) -> str:
     return f"{p.file_a.label} vs {p.file_b.label}: {mean}{ident_text}"
 
 
+#: the widest a layer name is shown in the summary's columns
+NAME_WIDTH = 40
+#: where a layer name may be cut when its shared beginning or end is dropped (between components)
+NAME_SEPARATORS = "./:"
+
+
+def display_names(names: list[str], width: int = 32) -> list[str]:
+    """Layer names at most ``width`` characters long that still tell the layers apart.
+
+    Names that all fit are kept. Otherwise the beginning all of them share, up to a component boundary
+    (``.``, ``/``, ``:``), becomes ``…`` (``transformer.encoder.layer_1.attention.output`` and
+    ``...layer_12.attention.output`` -> ``…layer_1.attention.output``, ``…layer_12.attention.output``);
+    if that is not enough, the end they share is cut off as far as needed (``…layer_1.attent…``), and
+    entirely when the part that differs is longer still; a name still too long is cut in the middle (:func:`shorten_name`). A single name is only cut in the middle.
+    """
+    names = list(names)
+    if len(names) < 2 or max(len(n) for n in names) <= width:
+        return [shorten_name(n, width) for n in names]
+    prefix = os.path.commonprefix(names)
+    start = max(prefix.rfind(sep) for sep in NAME_SEPARATORS) + 1
+    if start > 0 and all(len(n) > start for n in names):
+        names = ["…" + n[start:] for n in names]
+    if max(len(n) for n in names) > width:
+        suffix = os.path.commonprefix([n[::-1] for n in names])[::-1]
+        cuts = [suffix.find(sep) for sep in NAME_SEPARATORS if sep in suffix]
+        if cuts:
+            drop = len(suffix) - min(cuts)  # the shared end from its first component boundary on
+            if all(1 < len(n) - drop <= width - 1 for n in names):  # the part that differs fits: cut the end
+                names = [n if len(n) <= width else n[: width - 1] + "…" for n in names]
+            elif all(len(n) - drop > 1 for n in names):
+                names = [n[: len(n) - drop] + "…" for n in names]
+    return [shorten_name(n, width) for n in names]
+
+
 def shorten_name(name: str, width: int = 32) -> str:
     """``name`` cut to ``width`` characters with an ellipsis in the middle (layer names end informatively)."""
     if len(name) <= width:
@@ -131,4 +167,4 @@ def shorten_name(name: str, width: int = 32) -> str:
     return name[: keep // 2] + "…" + name[len(name) - (keep - keep // 2) :]
 
 
-__all__ = ["best_matches", "layer_identification", "shorten_name", "summarize"]
+__all__ = ["best_matches", "display_names", "layer_identification", "shorten_name", "summarize"]

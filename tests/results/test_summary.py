@@ -63,3 +63,32 @@ def test_summary_many_pairs_and_nan_rows():
     text = many.summary(max_detailed_pairs=2)
     assert text.count("A = ") == 2
     assert "c1.h5 vs c3.h5: 0.000; 1/2 same depth, 2/2 within one" in text
+
+
+def test_summary_keeps_the_part_of_long_names_that_differs():
+    names = [f"transformer.encoder.layer_{k}.attention.output" for k in range(1, 13)]
+    size = 24
+    cka = np.eye(size)
+    block = np.eye(12) * 0.5 + 0.25  # each layer of A matches the B layer at its depth
+    cka[:12, 12:] = block
+    cka[12:, :12] = block.T
+    files = [FileInfo("a.h5", layers=names), FileInfo("b.h5", layers=list(names))]
+    r = CKAResult(files=files, cka=cka, se=np.zeros((size, size)), low=cka, high=cka, pairs=[(0, 1)])
+    rows = [line.split() for line in r.summary().splitlines() if line.startswith("  …layer_")]
+    assert [row[:2] for row in rows] == [[f"…layer_{k}.attention.output"] * 2 for k in range(1, 13)]
+
+
+def test_display_names():
+    from cka_offline.results.summary import display_names
+
+    names = [f"transformer.encoder.layer_{k}.attention.output" for k in (1, 2, 12)]
+    assert display_names(names, 40) == [
+        "…layer_1.attention.output",
+        "…layer_2.attention.output",
+        "…layer_12.attention.output",
+    ]
+    assert display_names(names, 16) == ["…layer_1.attent…", "…layer_2.attent…", "…layer_12.atten…"]
+    onnx = [f"/encoder/layer.{k}/attention/output/MatMul_output_0" for k in (0, 1)]
+    assert display_names(onnx, 32) == ["…0/attention/output/MatMul_outp…", "…1/attention/output/MatMul_outp…"]
+    assert display_names(["conv1", "fc"]) == ["conv1", "fc"]  # short names stay as they are
+    assert display_names(["x" * 80]) == ["x" * 15 + "…" + "x" * 16]  # one name: cut in the middle
