@@ -21,6 +21,7 @@ _LAZY = {
     "extract": ("cka_offline.extraction", "extract"),
     "analyze": ("cka_offline.analysis", "analyze"),
     "AnalysisOptions": ("cka_offline.analysis.options", "AnalysisOptions"),
+    "Activations": ("cka_offline.analysis.memory", "Activations"),
     "ExtractOptions": ("cka_offline.extraction", "ExtractOptions"),
     "CKAResult": ("cka_offline.results", "CKAResult"),
     "load_result": ("cka_offline.results", "load_result"),

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from ..distributed import Distributed
     from ..results import CKAResult
     from .align import Alignment, align_ids
+    from .memory import Activations
     from .plan import MinibatchPlan, batch_sizes, own_minibatches, plan_minibatches
     from .runner import resolve_device
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 FileSpec = Union[str, "os.PathLike[str]", Sequence[str]]
 
 _LAZY = {
+    "Activations": "memory",
     "Alignment": "align",
     "align_ids": "align",
     "MinibatchPlan": "plan",
@@ -50,7 +52,7 @@ _LAZY = {
 
 
 def analyze(
-    files: FileSpec | Sequence[FileSpec],
+    files: Any,
     options: AnalysisOptions | None = None,
     *,
     progress: Callable[[int, int], None] | None = None,
@@ -64,8 +66,10 @@ def analyze(
     exactly what is random; :func:`plan_minibatches` reproduces the minibatches.
 
     Args:
-        files: activation files; each a path, a glob of shard files or a list of shard paths. A single
-            path may be given on its own.
+        files: the sources; each a path, a glob of shard files, a list of shard paths, an opened
+            :class:`~cka_offline.store.reader.ActivationFile` (left open), or activations in memory: a dict
+            ``{layer name: array}`` (numpy or torch, ``(n, ...)``; ids ``0..n-1``) or an :class:`Activations`
+            (with ids and a label). A single source may be given on its own.
         options: every choice as one :class:`AnalysisOptions`; or give its fields as keyword arguments
             (``batch_size=512, kernel="rbf"``...), not both.
         progress: called as ``progress(examples_done, examples_total)`` after each minibatch.
@@ -92,9 +96,15 @@ def analyze(
         options = AnalysisOptions(**choices)
     elif choices:
         raise TypeError(f"analyze() takes options or keyword choices, not both (got {', '.join(sorted(choices))})")
-    if isinstance(files, (str, os.PathLike)):
-        files = [files]
-    return run_analysis(list(files), options, progress=progress, distributed=distributed)
+    sources: list[Any] = [files] if _is_one_source(files) else list(files)
+    return run_analysis(sources, options, progress=progress, distributed=distributed)
+
+
+def _is_one_source(files: Any) -> bool:
+    """A single path, opened file or in-memory source given where a list of them is expected."""
+    from collections.abc import Mapping
+
+    return isinstance(files, (str, os.PathLike, Mapping)) or type(files).__name__ in ("Activations", "ActivationFile")
 
 
 def __getattr__(name: str) -> Any:
@@ -107,6 +117,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BUFFER_BYTES",
+    "Activations",
     "DEVICES",
     "ESTIMATORS",
     "KERNELS",

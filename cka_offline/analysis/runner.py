@@ -112,7 +112,8 @@ def _open(
 ) -> tuple[LayerStack, FileHasher | None, dict[str, Any]]:
     """Open the files (closed by ``cleanup``), start hashing them, select and align: the stack, the
     hasher and the parameters the result records."""
-    from ..store.reader import open_activations
+    from ..store.reader import ActivationFile, open_activations
+    from .memory import Activations, is_memory_source
 
     if ctx.enabled and options.estimator != "minibatch":
         raise DistributedError(
@@ -121,11 +122,16 @@ def _open(
         )
     device = resolve_device(options.device)
     labels = file_labels(files)
-    opened = []
+    opened: list[Any] = []
     for spec in files:
-        f = open_activations(as_paths(spec), allow_external=options.allow_external)
-        cleanup.callback(f.close)
-        opened.append(f)
+        if isinstance(spec, ActivationFile):  # opened by the caller, who closes it
+            opened.append(spec)
+        elif is_memory_source(spec):
+            opened.append(spec if isinstance(spec, Activations) else Activations(spec))
+        else:
+            f = open_activations(as_paths(spec), allow_external=options.allow_external)
+            cleanup.callback(f.close)
+            opened.append(f)
     hasher = None
     if options.hash_files:  # several ranks: each hashes its share of the files
         paths = list(dict.fromkeys(p for f in opened for p in f.paths))

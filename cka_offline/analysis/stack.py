@@ -272,11 +272,19 @@ def read_rows(
 
 
 def file_labels(files: Sequence[Any]) -> list[str]:
-    """One label per file spec (its path; a shard list: the first path and the number of others), unique."""
+    """One label per file spec, unique: its path; a shard list: the first path and the number of others; an
+    opened file: its path; in-memory activations: their label, else ``memory[k]``."""
+    from ..store.reader import ActivationFile
+    from .memory import Activations, is_memory_source
+
     labels: list[str] = []
-    for spec in files:
+    for k, spec in enumerate(files):
         if isinstance(spec, (str, os.PathLike)):
             label = os.fspath(spec)
+        elif isinstance(spec, ActivationFile):
+            label = spec.path
+        elif is_memory_source(spec):
+            label = (spec.label if isinstance(spec, Activations) else None) or f"memory[{k}]"
         else:
             items = [os.fspath(p) for p in spec]
             label = items[0] + (f" (+{len(items) - 1} shards)" if len(items) > 1 else "")
