@@ -5,7 +5,8 @@ layers first, then file 1's, ...); the matrix of a pair of files is a block of i
 It saves to and loads from ``.h5``, ``.json`` and ``.csv``, specified in ``docs/results.md``.
 
 Modules: :mod:`.model` (the classes), :mod:`.schema` (the format's names and version, the only mirror of
-``docs/results.md``), :mod:`.io` (save and load), :mod:`.summary` (the terminal text).
+``docs/results.md``), :mod:`.io` (save and load), :mod:`.summary` (the terminal text), :mod:`.frames`
+(pandas and xarray, optional).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from .model import CKAPair, CKAResult, FileInfo
 from .schema import CSV_COLUMNS, FORMATS
 from .schema import FORMAT_NAME as RESULT_FORMAT
 from .schema import FORMAT_VERSION as RESULT_FORMAT_VERSION
-from .summary import best_matches, layer_identification, shorten_name, summarize
+from .summary import best_matches, display_names, layer_identification, shorten_name, summarize
 
 __all__ = [
     "CKAPair",
@@ -28,6 +29,7 @@ __all__ = [
     "RESULT_FORMAT_VERSION",
     "atomic_output",
     "best_matches",
+    "display_names",
     "layer_identification",
     "load_result",
     "result_format",

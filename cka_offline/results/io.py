@@ -96,15 +96,29 @@ def write_json(result: CKAResult, path: str) -> None:
 
 
 def write_h5(result: CKAResult, path: str) -> None:
-    """Write the matrices as datasets and the rest as the JSON root attribute ``meta``."""
+    """Write the matrices as datasets and the rest as the JSON root attribute ``meta``; the stacked layer
+    names are the matrices' dimension scales ``layer_a`` (rows) and ``layer_b`` (columns), with each
+    layer's file label in ``file_a`` / ``file_b`` (1.2), so netCDF readers show names."""
     import h5py
 
     with h5py.File(path, "w") as h5:
         h5.attrs[schema.H5_ATTR_FORMAT] = schema.FORMAT_NAME
         h5.attrs[schema.H5_ATTR_VERSION] = schema.FORMAT_VERSION
         h5.attrs[schema.H5_ATTR_META] = json.dumps(result_meta(result), allow_nan=False)
+        names = [name for f in result.files for name in f.layers]
+        labels = [f.label for f in result.files for _ in f.layers]
+        text = h5py.string_dtype("utf-8")
+        scales = {}
+        for dim in (schema.H5_DIM_A, schema.H5_DIM_B):  # 1.2: netCDF readers name the axes after these
+            scales[dim] = h5.create_dataset(dim, data=np.array(names, dtype=object), dtype=text)
+            scales[dim].make_scale(dim)
+        for name, dim in ((schema.H5_FILE_A, schema.H5_DIM_A), (schema.H5_FILE_B, schema.H5_DIM_B)):
+            h5.create_dataset(name, data=np.array(labels, dtype=object), dtype=text).dims[0].attach_scale(scales[dim])
         for name in schema.H5_DATASETS:
-            h5.create_dataset(name, data=getattr(result, name))
+            data = h5.create_dataset(name, data=getattr(result, name))
+            data.dims[0].attach_scale(scales[schema.H5_DIM_A])
+            data.dims[1].attach_scale(scales[schema.H5_DIM_B])
+            data.attrs[schema.H5_ATTR_COORDINATES] = f"{schema.H5_FILE_A} {schema.H5_FILE_B}"
 
 
 def write_csv(result: CKAResult, path: str) -> None:

@@ -145,6 +145,29 @@ class CKAResult:
         """CKA matrix (La, Lb) of file ``i`` against file ``j`` (see :meth:`pair`)."""
         return self.pair(i, j).cka
 
+    def to_pandas(self, i: int = 0, j: int | None = None, *, long: bool = False, matrix: str = "cka") -> Any:
+        """Block ``(i, j)`` as a pandas DataFrame: rows the layers of file ``i`` in file order, columns those
+        of file ``j``; ``long=True``: one row per layer pair with cka/se/low/high and the file labels
+        (see :func:`cka_offline.results.frames.to_pandas`; needs pandas)."""
+        from .frames import to_pandas
+
+        return to_pandas(self, i, j, long=long, matrix=matrix)
+
+    def to_frame(self) -> Any:
+        """Every reported pair in long form, the rows of the CSV serialisation, as a pandas DataFrame
+        (see :func:`cka_offline.results.frames.to_frame`; needs pandas)."""
+        from .frames import to_frame
+
+        return to_frame(self)
+
+    def to_xarray(self, i: int = 0, j: int | None = None, *, stacked: bool = False) -> Any:
+        """Block ``(i, j)`` as an xarray Dataset of cka/se/low/high over the named dimensions ``layer_a`` and
+        ``layer_b``, parameters as attributes; ``stacked=True``: the whole matrices (see
+        :func:`cka_offline.results.frames.to_xarray`; needs xarray)."""
+        from .frames import to_xarray
+
+        return to_xarray(self, i, j, stacked=stacked)
+
     def summary(self, *, max_detailed_pairs: int = 3) -> str:
         """A terminal summary (see :func:`cka_offline.results.summary.summarize`)."""
         from .summary import summarize

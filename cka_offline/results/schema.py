@@ -12,7 +12,7 @@ from __future__ import annotations
 
 FORMAT_NAME = "cka-offline-result"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 1
+FORMAT_MINOR = 2
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 
 # --- the serialisations --------------------------------------------------------------------------------
@@ -100,6 +100,13 @@ H5_ATTR_VERSION = KEY_VERSION  # root attribute, str, "MAJOR.MINOR"
 H5_ATTR_META = "meta"  # root attribute, str: the result document without the matrices, as JSON
 H5_ROOT_ATTRS = (H5_ATTR_FORMAT, H5_ATTR_VERSION, H5_ATTR_META)
 H5_DATASETS = MATRICES  # root datasets, (L, L) float64 each
+# 1.2: HDF5 dimension scales, so netCDF readers (xarray with h5netcdf) show layer names
+H5_DIM_A = "layer_a"  # root dataset, str (L,): the stacked layer names; the rows' dimension scale
+H5_DIM_B = "layer_b"  # root dataset, str (L,): the same names; the columns' dimension scale
+H5_FILE_A = "file_a"  # root dataset, str (L,): the label of each stacked layer's file, along the rows
+H5_FILE_B = "file_b"  # root dataset, str (L,): the same, along the columns
+H5_COORDINATES = (H5_DIM_A, H5_DIM_B, H5_FILE_A, H5_FILE_B)
+H5_ATTR_COORDINATES = "coordinates"  # attribute of each matrix: "file_a file_b" (netCDF's CF convention)
 
 # --- CSV: long format, one row per (layer of A, layer of B) of each reported pair ----------------------
 CSV_FILE_A = "file_a"  # label of the pair's first file (rows of the block)

@@ -1,5 +1,6 @@
 """Writes tests/data/result_vMAJOR_MINOR.{json,h5,csv}, the frozen examples of the current result format
-(docs/results.md): result_v1_0.* for 1.0, result_v1_1.* for 1.1 (which adds ``params.shuffle``).
+(docs/results.md): result_v1_0.* for 1.0, result_v1_1.* for 1.1 (which adds ``params.shuffle``),
+result_v1_2.* for 1.2 (the same content; its ``.h5`` adds the layer-name dimension scales).
 
 Run once per released result format version; never regenerate an existing golden file (later releases
 must read the bytes as they were written):
@@ -29,7 +30,7 @@ CONSTANT = 3  # stacked index of "b1, constant"
 
 
 def golden_result(version: str = VERSION) -> CKAResult:
-    """The result the golden files of ``version`` (``1_0``, ``1_1``) hold."""
+    """The result the golden files of ``version`` (``1_0``, ``1_1``, ``1_2``) hold."""
     size = sum(len(names) for names in LAYERS)
     r, c = np.indices((size, size))
     cka = np.where(r == c, 1.0, (r + c + 1) / 16)

@@ -43,6 +43,18 @@ def golden(ext: str) -> str:
 def test_the_golden_files_are_small():
     for ext in ("json", "h5", "csv"):
         assert os.path.getsize(golden(ext)) < 10_000
+        assert os.path.getsize(make_result_golden.golden_path(ext)) < 16_000
+
+
+@pytest.mark.parametrize("version", ["1_0", "1_1", "1_2"])
+@pytest.mark.parametrize("ext", ["json", "h5", "csv"])
+def test_every_released_golden_loads_with_its_values(version, ext):
+    r = load_result(os.path.join(DATA, f"result_v{version}.{ext}"))
+    assert [f.layers for f in r.files] == LAYERS and r.pairs == [(0, 1), (0, 2), (1, 2)]
+    np.testing.assert_array_equal(r.pair(0, 1).cka, expected("cka")[0:2, 2:5])
+    np.testing.assert_array_equal(r.pair(1, 2).high, expected("high")[2:5, 5:6])
+    if ext != "csv":
+        assert r.params.get("shuffle") == (None if version == "1_0" else "blocks")
 
 
 @pytest.mark.parametrize("ext", ["json", "h5"])
@@ -134,3 +146,37 @@ def test_the_walk_through_in_docs_results_runs_on_the_golden_files(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "docs/results.md", "exec"), {})
     assert capsys.readouterr().out.splitlines() == ["a.h5 vs b.h5 (2, 3)", "a.h5 vs c.h5 (2, 1)", "b.h5 vs c.h5 (3, 1)"]
+
+
+def test_the_v1_2_h5_opens_in_xarray_with_layer_names():
+    """1.2: dimension scales, so a netCDF reader names the axes after the layers (no phony_dim_0)."""
+    xr = pytest.importorskip("xarray")
+    pytest.importorskip("h5netcdf")
+    names = [name for layers in LAYERS for name in layers]
+    with xr.open_dataset(os.path.join(DATA, "result_v1_2.h5"), engine="h5netcdf") as ds:
+        assert dict(ds.sizes) == {"layer_a": 6, "layer_b": 6}
+        assert list(ds.layer_a.values) == names and list(ds.layer_b.values) == names
+        assert list(ds.file_a.values) == ["a.h5"] * 2 + ["b.h5"] * 3 + ["c.h5"]
+        assert set(ds.data_vars) == {"cka", "se", "low", "high"}
+        for name in ("cka", "se", "low", "high"):
+            assert ds[name].dims == ("layer_a", "layer_b")
+            np.testing.assert_array_equal(ds[name].values, expected(name))
+        assert float(ds.cka.sel(layer_a="fc", layer_b="c0")) == expected("cka")[1, 5]
+        assert ds.attrs["format_version"] == "1.2"
+
+
+def test_the_pandas_walk_through_in_docs_results_runs_on_the_golden_files(tmp_path, monkeypatch):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("xarray")
+    pytest.importorskip("h5netcdf")
+    doc = open(os.path.join(DATA, "..", "..", "docs", "results.md"), encoding="utf-8").read()
+    code = doc.split("## Reading a result with pandas or xarray", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    for ext in ("json", "h5", "csv"):
+        (tmp_path / f"result.{ext}").write_bytes(open(make_result_golden.golden_path(ext), "rb").read())
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "docs/results.md", "exec"), scope)
+    np.testing.assert_array_equal(scope["block"].values, expected("cka")[0:2, 2:5])
+    np.testing.assert_array_equal(scope["cka"].loc[("a.h5", "fc"), ("b.h5", "b2")], expected("cka")[1, 4])
+    assert len(scope["frame"]) == 11 and pd.isna(scope["frame"].cka[1])
+    assert list(scope["frame"].layer_a[:3]) == ["/block/conv.0/Relu_output_0"] * 3

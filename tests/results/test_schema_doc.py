@@ -59,6 +59,9 @@ def test_params_timing_and_matrices_match():
 def test_hdf5_and_csv_match():
     assert _keys("## HDF5", 1, "root attribute") == set(schema.H5_ROOT_ATTRS)
     assert [row[0] for row in _rows("## HDF5") if row[1] == "dataset"] == list(schema.H5_DATASETS)
+    coordinates = [row[0] for row in _rows("## HDF5") if row[1] in ("dimension scale", "coordinate")]
+    assert coordinates == list(schema.H5_COORDINATES)
+    assert [row[0] for row in _rows("## HDF5") if row[1] == "matrix attribute"] == [schema.H5_ATTR_COORDINATES]
     assert tuple(row[0] for row in _rows("## CSV")) == schema.CSV_COLUMNS  # order matters: it is the header
 
 
@@ -84,7 +87,9 @@ def test_the_writers_write_the_schema_keys(tmp_path):
     assert set(doc[schema.KEY_TIMING]) == set(schema.TIMING_KEYS)
     with h5py.File(result.save(tmp_path / "r.h5"), "r") as h5:
         assert set(h5.attrs) == set(schema.H5_ROOT_ATTRS)
-        assert set(h5) == set(schema.H5_DATASETS)
+        assert set(h5) == set(schema.H5_DATASETS) | set(schema.H5_COORDINATES)
+        for name in schema.H5_DATASETS:
+            assert set(h5[name].attrs) == {schema.H5_ATTR_COORDINATES, "DIMENSION_LIST"}
 
 
 def test_an_analysis_records_only_documented_params_and_timings(tmp_path):
