@@ -1,4 +1,4 @@
-"""``cka-inspect``: print what an activation file holds."""
+"""``cka-inspect``: print what an activation file, or a saved result, holds."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ EPILOG = """\b
 Example:
   cka-inspect demo_output/cnn_a.h5
   cka-inspect "shards/acts-*.h5" --json
+  cka-inspect demo_output/cka.json
 """
 
 
@@ -79,6 +80,39 @@ def format_text(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def describe_result(path: str, result: Any) -> dict[str, Any]:
+    """A JSON-ready description of a saved result: its document without the four matrices."""
+    from ..results.io import result_meta, stored_version
+
+    info = result_meta(result)
+    info["path"] = path
+    info["format_version"] = stored_version(path) or "(csv: not recorded)"
+    return info
+
+
+def format_result_text(path: str, result: Any, info: dict[str, Any]) -> str:
+    """The saved result as text: format, files, parameters, timing, then the analysis summary."""
+    lines = [path, f"  {'format':<11} cka-offline-result {info['format_version']}"]
+    if result.version:
+        lines[-1] += f" (computed by cka-offline {result.version})"
+    lines.append(f"  files ({len(result.files)}):")
+    for k, f in enumerate(result.files):
+        model = f"  model {f.provenance['model']}" if f.provenance.get("model") else ""
+        stored = f", {f.n_examples} examples stored" if f.n_examples else ""
+        lines.append(f"    {k}  {f.label}: {len(f.layers)} layers{stored}{model}")
+    lines.append("  pairs:      " + ", ".join(f"{i}-{j}" for i, j in result.pairs))
+    if result.params:
+        lines.append("  parameters:")
+        for key, value in result.params.items():
+            text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+            lines.append(f"    {key:<14} {text if len(text) <= 100 else text[:99] + '…'}")
+    if result.timing:
+        lines.append("  timing:     " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timing.items() if v is not None))
+    lines.append("")
+    lines.append(result.summary())
+    return "\n".join(lines)
+
+
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("files", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file instead of text.")
@@ -92,10 +126,17 @@ def format_text(info: dict[str, Any]) -> str:
 def inspect(files: tuple[str, ...], as_json: bool, allow_external: bool, debug: bool) -> None:
     """Print what activation files hold: format version, provenance, number of examples, and each layer's
     name, stored shape, original shape, dtype and reduction. A glob or several shard files of one
-    extraction are shown as one logical file when given as one quoted pattern."""
+    extraction are shown as one logical file when given as one quoted pattern. A saved result
+    (cka-analyze -o: .h5, .json, .csv) is shown with its files, parameters and summary."""
+    from ..results.io import is_result_file, load_result
     from ..store.reader import open_activations
 
     for spec in files:
+        if is_result_file(spec):
+            result = load_result(spec, allow_external=allow_external)
+            info = describe_result(spec, result)
+            click.echo(json.dumps(info, default=str) if as_json else format_result_text(spec, result, info))
+            continue
         with open_activations(spec, allow_external=allow_external, allow_lone_shard=True) as f:
             info = describe(f)
         click.echo(json.dumps(info, default=str) if as_json else format_text(info))

@@ -187,6 +187,46 @@ def load_result(path: str | os.PathLike[str], *, format: str | None = None, allo
         raise FormatError(f"{path} is not a readable cka-offline result ({type(exc).__name__}: {exc})") from exc
 
 
+def is_result_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names a saved result rather than an activation file: a ``.json`` or ``.csv`` file,
+    or an HDF5 file whose root attribute ``format`` is ``cka-offline-result``. Never raises: a file that
+    cannot be opened is not a result (the activation reader then says what is wrong with it)."""
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if schema.EXTENSIONS.get(ext) in ("json", "csv"):
+        return True
+    if ext not in schema.EXTENSIONS or not os.path.isfile(path):
+        return False
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as h5:
+            return bool(h5.attrs.get(schema.H5_ATTR_FORMAT) == schema.FORMAT_NAME)
+    except (OSError, ValueError):
+        return False
+
+
+def stored_version(path: str | os.PathLike[str]) -> str | None:
+    """The ``format_version`` a saved ``.json`` or ``.h5`` result holds as written (None for a CSV, which
+    carries none, or a file that does not say)."""
+    path = os.fspath(path)
+    fmt = schema.EXTENSIONS.get(os.path.splitext(path)[1].lower())
+    try:
+        if fmt == "json":
+            with open(path, encoding="utf-8") as fh:
+                version = json.load(fh).get(schema.KEY_VERSION)
+        elif fmt == "h5":
+            import h5py
+
+            with h5py.File(path, "r") as h5:
+                version = h5.attrs.get(schema.H5_ATTR_VERSION)
+        else:
+            return None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None if version is None else str(version)
+
+
 def _read_json(path: str) -> CKAResult:
     with open(path, encoding="utf-8") as fh:
         doc = json.load(fh)
@@ -347,11 +387,13 @@ def _jsonable(value: Any) -> Any:
 __all__ = [
     "WRITERS",
     "check_version",
+    "is_result_file",
     "load_result",
     "result_document",
     "result_meta",
     "result_format",
     "save_result",
+    "stored_version",
     "write_csv",
     "write_h5",
     "write_json",

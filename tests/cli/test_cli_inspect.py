@@ -49,3 +49,36 @@ def test_inspect_bad_file_is_one_line_error(tmp_path):
 def test_help_does_not_import_heavy_modules():
     code = "import sys, cka_offline.cli.inspect as m; assert not {'torch','h5py','onnxruntime'} & set(sys.modules), sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _golden(ext: str) -> str:
+    from ..data import make_result_golden
+
+    return make_result_golden.golden_path(ext)
+
+
+def test_inspect_shows_a_saved_result():
+    for ext in ("h5", "json"):
+        result = CliRunner().invoke(inspect, [_golden(ext)])
+        assert result.exit_code == 0, result.output
+        out = result.output
+        assert "cka-offline-result 1.2 (computed by cka-offline 0.1.0)" in out
+        assert "0  a.h5: 2 layers, 40 examples stored  model /models/net_a.onnx" in out
+        assert "pairs:      0-1, 0-2, 1-2" in out
+        assert "    seed           7" in out and "    shuffle        blocks" in out
+        assert "CKA (linear kernel, minibatch estimator), 32 examples" in out  # the summary
+        assert "A = a.h5 (net_a.onnx)" in out
+    out = CliRunner().invoke(inspect, [_golden("csv")]).output
+    assert "cka-offline-result (csv: not recorded)" in out and "b1, constant" in out
+    info = json.loads(CliRunner().invoke(inspect, [_golden("json"), "--json"]).output)
+    assert info["format_version"] == "1.2" and info["params"]["batch_size"] == 8
+    assert [f["layers"] for f in info["files"]][1] == ["b0", "b1, constant", "b2"] and "cka" not in info
+
+
+def test_inspect_a_damaged_result_is_one_line_error(tmp_path):
+    bad = tmp_path / "r.json"
+    bad.write_text('{"format": "cka-offline-result", "format_version": "9.0"}')
+    result = CliRunner().invoke(inspect, [str(bad)])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cka-inspect: error: ") and "format version 9.0" in lines[0]
