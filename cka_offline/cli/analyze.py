@@ -13,7 +13,16 @@ from typing import Any
 import click
 
 from ..analysis.options import DEVICES, ESTIMATORS, KERNELS, PRECISIONS, SHUFFLES, AnalysisOptions
-from .common import DeviceType, ProgressBar, debug_option, handle_errors, quiet_option, setup_logging, split_list
+from .common import (
+    DeviceType,
+    ProgressBar,
+    debug_option,
+    handle_errors,
+    quiet_option,
+    setup_logging,
+    split_list,
+    version_option,
+)
 
 PROG = "cka-analyze"
 #: the defaults of the options, as the library has them
@@ -174,6 +183,7 @@ def _check_outputs(output: str | None, fmt: str | None, plot: str | None, n_file
 )
 @quiet_option
 @debug_option
+@version_option
 @handle_errors(PROG)
 def main(
     files: tuple[str, ...],

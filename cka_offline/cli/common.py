@@ -11,7 +11,6 @@ import logging
 import signal
 import sys
 import threading
-import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO, TypeVar, cast
@@ -21,6 +20,7 @@ import click
 from ..devices import DEVICE_KINDS, describe_kinds, parse_device
 from ..errors import CKAOfflineError, DeviceError
 from ..extractor import parse_value
+from ..progress import TqdmProgress
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -56,6 +56,27 @@ def debug_option(f: F) -> F:
 
 def quiet_option(f: F) -> F:
     return click.option("--quiet", "-q", is_flag=True, help="No progress bar and no informational messages.")(f)
+
+
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from .. import __version__
+
+    click.echo(f"{ctx.command_path} {__version__}")
+    ctx.exit()
+
+
+def version_option(f: F) -> F:
+    """``--version``: prints the command and the package's version (``cka-analyze 0.1.0``) and exits."""
+    return click.option(
+        "--version",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_print_version,
+        help="Show the version and exit.",
+    )(f)
 
 
 def setup_logging(debug: bool, quiet: bool) -> None:
@@ -161,65 +182,24 @@ def split_list(values: Iterable[str]) -> list[str]:
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 
-class ProgressBar:
-    """A progress callback ``(done, total)`` that draws ``label [####....] done/total  12.3 ex/s  ETA 0:42``.
+class ProgressBar(TqdmProgress):
+    """The commands' progress callback ``(done, total)``: a tqdm bar on stderr (see :mod:`cka_offline.progress`:
+    redrawn on a terminal, a line every 30 s in a log, ``TQDM_DISABLE=1`` turns it off) that also re-raises
+    a Ctrl-C a finalizer swallowed (see _on_sigint)."""
 
-    Draws on ``stream`` (stderr) only when it is a terminal and ``enabled``; at most 10 times a second.
-    """
-
-    def __init__(self, label: str, *, enabled: bool = True, stream: TextIO | None = None, width: int = 30) -> None:
-        self.stream = stream or sys.stderr
-        self.enabled = enabled and getattr(self.stream, "isatty", lambda: False)()
-        self.label = label
-        self.width = width
-        self._start: float | None = None
-        self._start_done = 0
-        self._last = 0.0
-        self._drawn = False
+    def __init__(self, label: str, *, enabled: bool = True, stream: TextIO | None = None) -> None:
+        super().__init__(label, enabled=enabled, stream=stream)
 
     def __call__(self, done: int, total: int) -> None:
         if _interrupted.is_set():  # a Ctrl-C that a finalizer swallowed (see _on_sigint)
             raise KeyboardInterrupt
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if self._start is None:  # rate counts only this run's examples, not resumed ones
-            self._start, self._start_done = now, done
-        if done < total and now - self._last < 0.1:
-            return
-        self._last = now
-        self.stream.write("\r" + self.render(done, total, now - self._start, done - self._start_done))
-        self._drawn = done < total
-        if not self._drawn:
-            self.stream.write("\n")
-        self.stream.flush()
-
-    def render(self, done: int, total: int, elapsed: float, new: int) -> str:
-        frac = done / total if total else 1.0
-        filled = int(round(frac * self.width))
-        bar = "#" * filled + "." * (self.width - filled)
-        rate = new / elapsed if elapsed > 0 else 0.0
-        eta = _clock((total - done) / rate) if rate > 0 else "?"
-        return f"{self.label} [{bar}] {done}/{total}  {rate:.1f} ex/s  ETA {eta} "
-
-    def finish(self) -> None:
-        """End the line if the bar was left unfinished (an error or Ctrl-C)."""
-        if self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._drawn = False
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+        super().__call__(done, total)
 
 
 __all__ = [
     "debug_option",
     "quiet_option",
+    "version_option",
     "setup_logging",
     "fail",
     "cli_errors",

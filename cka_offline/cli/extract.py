@@ -26,6 +26,7 @@ from .common import (
     quiet_option,
     setup_logging,
     split_list,
+    version_option,
 )
 
 if TYPE_CHECKING:
@@ -311,6 +312,7 @@ Example:
 )
 @quiet_option
 @debug_option
+@version_option
 @click.pass_context
 @handle_errors(PROG, interrupted=lambda **kw: _interrupted(**kw))
 def main(ctx: click.Context, **params: Any) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .common import debug_option, handle_errors
+from .common import debug_option, handle_errors, version_option
 
 EPILOG = """\b
 Example:
@@ -122,6 +122,7 @@ def format_result_text(path: str, result: Any, info: dict[str, Any]) -> str:
     help="Open files with HDF5 external links or virtual datasets (only files you trust).",
 )
 @debug_option
+@version_option
 @handle_errors("cka-inspect")
 def inspect(files: tuple[str, ...], as_json: bool, allow_external: bool, debug: bool) -> None:
     """Print what activation files hold: format version, provenance, number of examples, and each layer's
