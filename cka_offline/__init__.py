@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "extract": ("cka_offline.extraction", "extract"),
     "analyze": ("cka_offline.analysis", "analyze"),
+    "compare": ("cka_offline.comparison", "compare"),
     "AnalysisOptions": ("cka_offline.analysis.options", "AnalysisOptions"),
     "Activations": ("cka_offline.analysis.memory", "Activations"),
     "ExtractOptions": ("cka_offline.extraction", "ExtractOptions"),

@@ -22,6 +22,7 @@ from ..errors import InputError, ModelError, NoExtractorError, OutputError
 from ..extractor import Extractor, InputReader
 from ..files import refuse_existing
 from ..inputs import check_ids
+from ..memory_inputs import ArrayInputs, is_memory_inputs
 from ..reduce import resolve_reductions
 from ..registry import (
     PluginEntry,
@@ -115,8 +116,8 @@ class ExtractOptions:
 
 
 def extract(
-    source: str,
-    inputs: str | os.PathLike[str] | InputReader | None = None,
+    source: Any,
+    inputs: Any = None,
     output: str | os.PathLike[str] | None = None,
     *,
     layers: Sequence[str] | None = None,
@@ -143,8 +144,10 @@ def extract(
     A façade over :func:`extract_with`: the keyword arguments become one :class:`ExtractOptions`.
 
     Args:
-        source: the model (a path or a spec the extractor understands, such as ``pkg.mod:factory``).
-        inputs: an inputs path (``.npz``, ``.npy``, ``file.h5:/dataset``, image folder, or anything an
+        source: the model: a path or a spec the extractor understands, such as ``pkg.mod:factory``, or a
+            live ``torch.nn.Module`` (its weights as they are; the identity recorded is their SHA-256).
+        inputs: arrays in memory (a numpy array, a torch tensor, or ``{input name: array}``, examples on
+            axis 0; ids ``0..n-1``), an inputs path (``.npz``, ``.npy``, ``file.h5:/dataset``, image folder, or anything an
             input-reader plugin opens), an :class:`InputReader`, or ``None`` to use the extractor's
             :meth:`~cka_offline.extractor.Extractor.default_inputs` (importers of precomputed arrays).
         output: path of the activation file (HDF5). Written as ``<output>.partial`` and renamed when done.
@@ -199,8 +202,8 @@ def extract(
 
 def extract_with(
     opts: ExtractOptions,
-    source: str,
-    inputs: str | os.PathLike[str] | InputReader | None,
+    source: Any,
+    inputs: Any,
     output: str | os.PathLike[str] | None,
     *,
     progress: Progress | None = None,
@@ -213,7 +216,7 @@ def extract_with(
     refuse_existing(output, overwrite=opts.overwrite)
     pm = plugin_manager or get_plugin_manager()
     ext_cls, entry = _pick_extractor(source, opts.extractor, pm)
-    log.info("extracting %s with extractor %r on %s", source, ext_cls.name, opts.device)
+    log.info("extracting %s with extractor %r on %s", describe_source(source), ext_cls.name, opts.device)
 
     with contextlib.ExitStack() as stack:
         ext = ext_cls(source, device=opts.device, options=dict(opts.options))
@@ -227,7 +230,7 @@ def extract_with(
             ext.layers(),
             opts.layers,
             what="layer",
-            where=f"model {source}",
+            where=f"model {describe_source(source)}",
             hint="list them with cka-extract --list-layers",
         )
         reductions = resolve_reductions(opts.reduction, names)
@@ -349,8 +352,14 @@ def resume_key(
 # --------------------------------------------------------------------------------------------- helpers
 
 
+def describe_source(source: Any) -> str:
+    """How messages name a model source: its path or spec, or ``<live ClassName>`` for a model object (never
+    its repr, which for a network is many lines)."""
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"<live {type(source).__name__}>"
+
+
 def _pick_extractor(
-    source: str, extractor: str | type[Extractor] | None, pm: PluginsLike
+    source: Any, extractor: str | type[Extractor] | None, pm: PluginsLike
 ) -> tuple[type[Extractor], PluginEntry | None]:
     if isinstance(extractor, type):
         cls = extractor
@@ -360,7 +369,7 @@ def _pick_extractor(
         try:
             cls = find_extractor(source, pm)
         except NoExtractorError as exc:
-            if not os.path.exists(source):
+            if isinstance(source, (str, os.PathLike)) and not os.path.exists(source):
                 raise ModelError(f"model {source} not found: no such file, and {exc}") from None
             raise
     entry = next((e for e in list_extractors(pm) if e.cls is cls), None)
@@ -368,13 +377,15 @@ def _pick_extractor(
 
 
 def _open_inputs(
-    inputs: str | os.PathLike[str] | InputReader | None,
+    inputs: Any,
     input_options: Mapping[str, Any] | None,
     ext: Extractor,
     pm: PluginsLike,
 ) -> InputReader:
     if isinstance(inputs, InputReader):
         return inputs
+    if is_memory_inputs(inputs):
+        return ArrayInputs(inputs)
     if inputs is None:
         reader = ext.default_inputs()
         if reader is None:

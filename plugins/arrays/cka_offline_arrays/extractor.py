@@ -51,6 +51,8 @@ class ArraysExtractor(Extractor):
 
     @classmethod
     def can_open(cls, source: str) -> bool:
+        if not isinstance(source, (str, os.PathLike)):  # a live model object is another extractor's
+            return False
         if os.path.isdir(source):
             with os.scandir(source) as entries:
                 return any(e.name.endswith(".npy") and e.is_file() for e in entries)

@@ -79,6 +79,8 @@ class OnnxExtractor(Extractor):
 
     @classmethod
     def can_open(cls, source: str) -> bool:
+        if not isinstance(source, (str, os.PathLike)):  # a live model object is another extractor's
+            return False
         source = os.fspath(source)
         if source.lower().endswith(".onnx"):
             return True

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -126,11 +127,16 @@ class TorchExtractor(Extractor):
 
     @classmethod
     def can_open(cls, source: str) -> bool:
+        if not isinstance(source, str):
+            return _is_module(source)
         return parse_source(source) is not None
 
-    def __init__(self, source: str, *, device: str = "cpu", options: Mapping[str, Any] | None = None) -> None:
-        super().__init__(source, device=device, options=options)
-        spec = parse_source(source)
+    def __init__(self, source: Any, *, device: str = "cpu", options: Mapping[str, Any] | None = None) -> None:
+        live = _is_module(source)
+        super().__init__(f"<live {type(source).__name__}>" if live else source, device=device, options=options)
+        #: a model object given to the Python API (used as it is; its mode and device are restored on close)
+        self._live: Any = source if live else None
+        spec = SourceSpec("live") if live else parse_source(source)
         if spec is None:
             raise ModelError(
                 f"{source!r} is not a torch model source; give 'pkg.module:factory', 'file.py:factory' or a .pt2 file"
@@ -162,6 +168,8 @@ class TorchExtractor(Extractor):
             return self._model
 
         spec = self.spec
+        if spec.kind == "live":
+            return self._load_live()
         if spec.kind == "weights":
             raise ModelError(
                 f"{self.source!r} holds only weights; give the code that builds the model as a factory and load "
@@ -191,6 +199,24 @@ class TorchExtractor(Extractor):
         model.eval()
         self._model = model
         log.debug("loaded %s (%s) on %s", self.source, type(model).__name__, self._device)
+        return model
+
+    def _load_live(self) -> torch.nn.Module:
+        """The live model: moved to the device and put in eval mode for the extraction; :meth:`close` puts
+        back its training flag and device."""
+        model = self._live
+        self._was_training = bool(model.training)
+        first = next(iter(model.parameters()), None)
+        self._live_device = first.device if first is not None else None
+        self._signature = module_signature(model)
+        try:
+            model.to(self._device)
+        except Exception as exc:
+            raise ModelError(
+                f"cannot move the model {self.source} to {self._device}: {type(exc).__name__}: {exc}"
+            ) from exc
+        model.eval()
+        self._model = model
         return model
 
     def _float_dtype(self) -> torch.dtype | None:
@@ -320,7 +346,13 @@ class TorchExtractor(Extractor):
             "framework": self.framework,
             "framework_version": torch.__version__,
             "model": self.source,
-            "model_sha256": sha256_path(self._model_file) if self._model_file else "",
+            "model_sha256": (
+                module_sha256(self._live)
+                if self._live is not None
+                else sha256_path(self._model_file)
+                if self._model_file
+                else ""
+            ),
             "extractor_version": __version__,
             "device": str(self._device),
         }
@@ -337,9 +369,34 @@ class TorchExtractor(Extractor):
     def close(self) -> None:
         import torch
 
+        if self._live is not None and self._model is not None:  # give the caller's model back as it was
+            self._live.train(self._was_training)
+            if self._live_device is not None:
+                self._live.to(self._live_device)
         self._model = None
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _is_module(source: Any) -> bool:
+    """Whether ``source`` is a live ``torch.nn.Module`` (without importing torch for a string)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(source, torch.nn.Module)
+
+
+def module_sha256(model: Any) -> str:
+    """SHA-256 of a model's parameters and buffers (names, dtypes, shapes, values): its identity as it is."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256(type(model).__qualname__.encode())
+    for name, tensor in model.state_dict().items():
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"|{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        if value.numel():
+            digest.update(value.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _export_kinds(program: Any) -> dict[str, str]:
