@@ -15,6 +15,7 @@ import click
 from ..analysis.options import DEVICES, ESTIMATORS, KERNELS, PRECISIONS, SHUFFLES, AnalysisOptions
 from .common import (
     DeviceType,
+    HeldWarnings,
     ProgressBar,
     debug_option,
     handle_errors,
@@ -227,12 +228,18 @@ def main(
                 _check_outputs(output, fmt, plot, len(files), overwrite)
         bar = ProgressBar("analyzing", enabled=not quiet and ctx.is_main)
         try:
-            result = analyze(list(files), options, progress=bar, distributed=ctx)
+            with HeldWarnings() as held:  # the result's warnings are printed once, below
+                result = analyze(list(files), options, progress=bar, distributed=ctx)
         finally:
             bar.finish()
+        held.release(result.warnings)
         if not ctx.is_main:
             return
-    click.echo(result.summary())
+    if quiet:  # no summary; what the user must know still goes to stderr
+        for warning in result.warnings:
+            click.echo(f"{PROG}: warning: {warning}", err=True)
+    else:
+        click.echo(result.summary())
     written: list[str] = []
     if output:
         written.append(result.save(output, format=fmt, overwrite=overwrite))

@@ -55,7 +55,12 @@ def debug_option(f: F) -> F:
 
 
 def quiet_option(f: F) -> F:
-    return click.option("--quiet", "-q", is_flag=True, help="No progress bar and no informational messages.")(f)
+    return click.option(
+        "--quiet",
+        "-q",
+        is_flag=True,
+        help="No progress bar, summary or informational messages; warnings and errors still go to stderr.",
+    )(f)
 
 
 def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -85,6 +90,60 @@ def setup_logging(debug: bool, quiet: bool) -> None:
     if not debug:  # plugins' frameworks are chatty at INFO
         for name in ("h5py", "matplotlib", "PIL"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class HeldWarnings(logging.Filter):
+    """Holds back the analysis' log records while it is installed, so that a warning the library also
+    returns (``CKAResult.warnings``, printed in the summary) is printed once, not twice.
+
+    ``with HeldWarnings() as held: result = analyze(...)`` then ``held.release(result.warnings)``: the held
+    records whose message is not among those are emitted then, except the math's (``cka_offline.cka``:
+    "full CKA undefined ... (a constant layer?)"), which the result's warnings name layer by layer; after an
+    error, all of them are emitted.
+    """
+
+    #: loggers whose records are held; the second is summarized by the result's warnings when it has any
+    HELD = ("cka_offline.analysis", "cka_offline.cka")
+    SUMMARIZED = ("cka_offline.cka",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self._handlers: list[logging.Handler] = []
+
+    @staticmethod
+    def _under(name: str, loggers: tuple[str, ...]) -> bool:
+        return any(name == logger or name.startswith(logger + ".") for logger in loggers)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._under(record.name, self.HELD):
+            if record not in self.records:  # one record passes every handler's filter
+                self.records.append(record)
+            return False
+        return True
+
+    def __enter__(self) -> HeldWarnings:
+        self._handlers = list(logging.getLogger().handlers)
+        for handler in self._handlers:
+            handler.addFilter(self)
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        for handler in self._handlers:
+            handler.removeFilter(self)
+        if exc_type is not None:
+            self.release(())
+
+    def release(self, already_shown: Iterable[str]) -> None:
+        """Emit the held records, except those ``already_shown`` says (see the class docstring)."""
+        shown = set(already_shown)
+        records, self.records = self.records, []
+        for record in records:
+            if record.getMessage() in shown or (shown and self._under(record.name, self.SUMMARIZED)):
+                continue
+            for handler in self._handlers:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
 
 
 def fail(prog: str, message: str, code: int = 2) -> None:
@@ -202,6 +261,7 @@ __all__ = [
     "version_option",
     "setup_logging",
     "fail",
+    "HeldWarnings",
     "cli_errors",
     "handle_errors",
     "parse_value",

@@ -53,10 +53,10 @@ def test_hash_recorded_unless_no_hash(tmp_path, files):
 def test_three_files_csv_and_one_plot_per_pair(tmp_path, files):
     c = write_acts(tmp_path / "c.h5", chain_activations(64, seed=3))
     res = run(
-        [*files, c, "-m", "16", "-o", tmp_path / "r.out", "--format", "csv", "--plot", tmp_path / "p.svg", "--quiet"]
+        [*files, c, "-m", "8", "-o", tmp_path / "r.out", "--format", "csv", "--plot", tmp_path / "p.svg", "--quiet"]
     )
     assert res.exit_code == 0, res.output
-    assert res.stderr == ""
+    assert res.stdout == res.stderr == ""  # -m 8: enough jackknife groups, so no warning either
     assert sorted(p.name for p in tmp_path.glob("p_*.svg")) == ["p_0-1.svg", "p_0-2.svg", "p_1-2.svg"]
     assert open(tmp_path / "r.out").readline().startswith("file_a,layer_a,file_b,layer_b,cka")
 
@@ -68,6 +68,47 @@ def test_constant_layer_warning_is_printed(tmp_path):
     res = run([path, "-m", "8", "--estimator", "full-debiased"])
     assert res.exit_code == 0, res.output
     assert "warnings:" in res.stdout and "'layer2'" in res.stdout
+    assert (res.stdout + res.stderr).count("'layer2' of") == 1  # once: in the summary, not also logged
+
+
+def test_quiet_prints_no_summary_but_the_warnings_once_and_still_saves(tmp_path):
+    acts = chain_activations(40, seed=1)
+    acts["layer2"][:] = 1.0
+    path = write_acts(tmp_path / "k.h5", acts)
+    res = run([path, "-m", "8", "--estimator", "full-debiased", "-q", "-o", tmp_path / "r.json"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout == ""
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cka-analyze: warning: layer 'layer2' of "), res.stderr
+    assert load_result(tmp_path / "r.json").warnings == [lines[0][len("cka-analyze: warning: ") :]]
+
+
+def test_held_warnings_pass_other_loggers_and_come_back_after_an_error(caplog):
+    import logging
+
+    from cka_offline.cli.common import HeldWarnings
+
+    logging.basicConfig(force=True)
+    root = logging.getLogger()
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    root.addHandler(handler)
+    try:
+        with HeldWarnings() as held:
+            logging.getLogger("cka_offline.analysis.runner").warning("in the result")
+            logging.getLogger("cka_offline.analysis.grams").warning("not in the result")
+            logging.getLogger("cka_offline.cka.hsic").warning("full CKA undefined")
+            logging.getLogger("cka_offline.store").warning("elsewhere")
+        assert seen == ["elsewhere"]
+        held.release(["in the result"])
+        assert seen == ["elsewhere", "not in the result"]  # the math's: summarized by the result's warnings
+        with pytest.raises(RuntimeError), HeldWarnings():
+            logging.getLogger("cka_offline.analysis").warning("before the error")
+            raise RuntimeError
+        assert seen[-1] == "before the error"
+    finally:
+        root.removeHandler(handler)
 
 
 @pytest.mark.parametrize(
