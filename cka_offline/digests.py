@@ -7,8 +7,10 @@ so a digest is remembered, keyed by what the file system says about the file: it
 inode, size, modification time and status-change time (``st_ctime_ns``, which no user tool can set
 back). A file rewritten or replaced in any way changes at least one of them, and is hashed again.
 
-The cache is a small JSON file, ``$CKA_OFFLINE_CACHE_DIR/sha256.json`` (default
-``$XDG_CACHE_HOME/cka-offline`` or ``~/.cache/cka-offline``). ``CKA_OFFLINE_HASH_CACHE=0`` turns it off.
+The cache is a small JSON file, ``$CKA_OFFLINE_CACHE_DIR/sha256.json``; without that variable, in the
+platform's cache folder (platformdirs' ``user_cache_dir("cka-offline")``: ``$XDG_CACHE_HOME/cka-offline``
+or ``~/.cache/cka-offline`` on Linux, ``~/Library/Caches/cka-offline`` on macOS,
+``%LOCALAPPDATA%\\cka-offline\\Cache`` on Windows). ``CKA_OFFLINE_HASH_CACHE=0`` turns it off.
 A cache that cannot be read or written is ignored (the digest is computed instead): it only saves time.
 """
 
@@ -32,10 +34,17 @@ def cache_path() -> str | None:
     """Where remembered digests live, or None when the cache is turned off."""
     if os.environ.get("CKA_OFFLINE_HASH_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
-    base = os.environ.get("CKA_OFFLINE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cka-offline"
-    )
-    return os.path.join(base, "sha256.json")
+    return os.path.join(cache_dir(), "sha256.json")
+
+
+def cache_dir() -> str:
+    """``$CKA_OFFLINE_CACHE_DIR``, else the platform's user cache folder for cka-offline (module docstring)."""
+    override = os.environ.get("CKA_OFFLINE_CACHE_DIR")
+    if override:
+        return override
+    import platformdirs
+
+    return platformdirs.user_cache_dir("cka-offline", appauthor=False)
 
 
 def _key(path: str) -> str:
@@ -129,4 +138,4 @@ class FileHasher:
         self._cancel.set()
 
 
-__all__ = ["FileHasher", "MAX_ENTRIES", "cache_path", "file_sha256"]
+__all__ = ["FileHasher", "MAX_ENTRIES", "cache_dir", "cache_path", "file_sha256"]

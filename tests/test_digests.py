@@ -90,3 +90,16 @@ def test_old_entries_are_dropped(tmp_path, cache, monkeypatch):
     assert len(entries) == 3
     assert any(json.loads(k)[0] == os.path.realpath(paths[-1]) for k in entries)
     assert not any(json.loads(k)[0] == os.path.realpath(paths[0]) for k in entries)
+
+
+def test_cache_folder_is_the_platforms_unless_overridden(tmp_path, monkeypatch):
+    import platformdirs
+
+    monkeypatch.delenv("CKA_OFFLINE_HASH_CACHE", raising=False)
+    monkeypatch.setenv("CKA_OFFLINE_CACHE_DIR", str(tmp_path / "mine"))
+    assert digests.cache_path() == str(tmp_path / "mine" / "sha256.json")
+    monkeypatch.delenv("CKA_OFFLINE_CACHE_DIR")
+    assert digests.cache_dir() == platformdirs.user_cache_dir("cka-offline", appauthor=False)
+    if os.name == "posix" and not platformdirs.user_cache_dir().startswith(os.path.expanduser("~/Library")):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        assert digests.cache_path() == str(tmp_path / "xdg" / "cka-offline" / "sha256.json")
