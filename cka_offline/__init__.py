@@ -41,3 +41,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["__version__", *_LAZY]
+
+
+def __dir__() -> list[str]:
+    """The public API (the lazy names above are not module globals until first used)."""
+    return sorted(__all__)
