@@ -1,14 +1,16 @@
-"""Heatmap of a CKA matrix from a :class:`~cka_offline.results.CKAResult` (matplotlib, Agg backend).
+"""Heatmap of a CKA matrix from a :class:`~cka_offline.results.CKAResult` (matplotlib).
 
-matplotlib is imported inside :func:`plot_heatmap`, so importing this module is cheap.
+:func:`plot_heatmap` returns the matplotlib Figure, draws into a given Axes, and writes a file only when
+given a path. matplotlib is imported inside it, so importing this module is cheap; it never imports
+pyplot, so it neither opens a window nor changes a notebook's backend.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
@@ -17,7 +19,13 @@ from .files import atomic_output
 from .results.summary import display_names
 
 if TYPE_CHECKING:
-    from .results import CKAResult
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from .results import CKAPair, CKAResult
+
+#: display labels of :func:`plot_heatmap`: by layer name, one sequence for both axes, or (rows, columns)
+Labels = Mapping[str, str] | Sequence[str] | tuple[Sequence[str], Sequence[str]]
 
 PLOT_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
 #: above this many layers on an axis only every k-th tick label is drawn
@@ -40,62 +48,115 @@ def plot_format(path: str) -> str:
     return PLOT_FORMATS[ext]
 
 
+@overload
 def plot_heatmap(
     result: CKAResult,
     path: str | os.PathLike[str],
-    pair: tuple[int, int] | None = None,
+    pair: tuple[int, int],
     annotate: bool | None = None,
     *,
+    ax: Axes | None = None,
+    labels: Labels | None = None,
     title: str | None = None,
     cmap: str = "magma",
     dpi: int = 150,
-) -> str:
-    """Draw the CKA matrix of one file pair as a heatmap and write it to ``path`` (PNG, PDF or SVG).
+) -> str: ...
 
-    Rows are the layers of file ``pair[0]`` (A, y axis, first layer at the bottom), columns those of
-    file ``pair[1]`` (B, x axis); axis titles name the models from the files' provenance. The colour
-    scale is fixed to [0, 1]; undefined cells (NaN, constant layers) are grey. The figure and font sizes
-    scale with the layer counts, so 100 layers a side stay readable: beyond 50 layers on an axis only
-    every k-th tick label is drawn.
+
+@overload
+def plot_heatmap(
+    result: CKAResult,
+    path: str | os.PathLike[str] | None = None,
+    pair: None = None,
+    annotate: bool | None = None,
+    *,
+    i: int = 0,
+    j: int | None = None,
+    ax: Axes | None = None,
+    labels: Labels | None = None,
+    title: str | None = None,
+    cmap: str = "magma",
+    dpi: int = 150,
+) -> Figure: ...
+
+
+def plot_heatmap(
+    result: CKAResult,
+    path: str | os.PathLike[str] | None = None,
+    pair: tuple[int, int] | None = None,
+    annotate: bool | None = None,
+    *,
+    i: int = 0,
+    j: int | None = None,
+    ax: Axes | None = None,
+    labels: Labels | None = None,
+    title: str | None = None,
+    cmap: str = "magma",
+    dpi: int = 150,
+) -> Figure | str:
+    """Draw the CKA matrix of files ``i`` (rows) and ``j`` (columns) as a heatmap; return the Figure.
+
+    Rows are the layers of file ``i`` (A, y axis, first layer at the bottom), columns those of file ``j``
+    (B, x axis); ``j`` defaults to the other file of a two-file result, or ``i`` for a one-file result.
+    Axis titles name the models from the files' provenance, and the title says what was compared: the
+    models, the kernel and estimator, n (examples) and m (examples per minibatch, and how many). The colour
+    scale is fixed to [0, 1]; undefined cells (NaN, constant layers) are grey. Long layer names keep the
+    part that tells them apart (:func:`tick_labels`); beyond 50 layers on an axis only every k-th tick
+    label is drawn.
 
     Args:
         result: the analysis result.
-        path: output file; the format comes from the extension.
-        pair: ``(i, j)`` file indices; default ``(0, 1)``, or ``(0, 0)`` for a one-file result.
+        path: write the figure there (PNG, PDF or SVG, from the extension); nothing is written without it.
+        pair: ``(i, j)``, the older spelling: with it (and a ``path``) the function returns ``path``, as
+            ``cka-analyze`` expects, instead of the Figure.
         annotate: write each cell's value in it; default: only when the matrix has at most 144 cells.
-        title: figure title; default names the kernel, estimator and example count.
+        i, j: the files of the rows and the columns.
+        ax: a matplotlib Axes to draw into (e.g. one of ``plt.subplots``); its figure is returned and
+            keeps its size. Default: a new Figure sized to the layer counts (no pyplot, no GUI).
+        labels: shorter display names for the layers: a mapping ``{layer name: label}`` (both axes; names
+            it does not hold stay), a sequence for both axes when they have as many layers, or a pair
+            ``(row labels, column labels)``.
+        title: the figure title instead of the default.
         cmap: matplotlib colour map.
         dpi: resolution of raster output.
 
-    Returns:
-        ``path``.
+    Raises:
+        OutputError: ``path`` has an extension other than .png, .pdf or .svg.
+        ValueError: ``labels`` do not fit the layers.
+        IndexError: no such file.
     """
-    path = os.fspath(path)
-    fmt = plot_format(path)
-    if pair is None:
-        pair = (0, 0) if len(result.files) == 1 else (0, 1)
-    block = result.pair(*pair)
+    fspath = None if path is None else os.fspath(path)
+    fmt = None if fspath is None else plot_format(fspath)
+    if pair is not None:
+        i, j = pair
+    block = result.pair(i, j)
+    rows, cols = display_labels(block.layers_a, block.layers_b, labels)
     values = np.asarray(block.cka, dtype=np.float64)
     n_rows, n_cols = values.shape
     if annotate is None:
         annotate = n_rows * n_cols <= AUTO_ANNOTATE_CELLS
 
     import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend, a notebook's stays
 
     largest = max(n_rows, n_cols, 1)
     side = min(16.0, max(6.0, 3.0 + 0.2 * largest))
     # tick labels: at most MAX_TICK_LABELS per axis, sized to the space each one gets (points)
     shown = min(largest, MAX_TICK_LABELS)
     font = max(4.0, min(10.0, 0.45 * side * 72 * 0.75 / shown))
-    # square cells: the heatmap gets side x side inches for the larger axis; labels and colour bar get their
-    # own room (savefig's tight bounding box grows the canvas for long layer names instead of squeezing it)
-    cell = side / largest
-    fig = Figure(figsize=(n_cols * cell * 1.12, n_rows * cell), dpi=dpi)
-    ax = fig.add_axes((0.0, 0.0, 1 / 1.12, 1.0))  # the cells fill the figure; labels go outside it
     colours = matplotlib.colormaps[cmap].with_extremes(bad="#bbbbbb")
+    if ax is None:
+        # square cells: the heatmap gets side x side inches for the larger axis; labels and colour bar get
+        # their own room (savefig's tight bounding box grows the canvas for long layer names)
+        cell = side / largest
+        fig = Figure(figsize=(n_cols * cell * 1.12, n_rows * cell), dpi=dpi)
+        ax = fig.add_axes((0.0, 0.0, 1 / 1.12, 1.0))  # the cells fill the figure; labels go outside it
+        cax = fig.add_axes((1 / 1.12 + 0.02, 0.0, 0.03, 1.0))
+        parent: Any = fig
+    else:
+        parent = ax.figure  # a Figure or a SubFigure of one
+        fig = parent if isinstance(parent, Figure) else parent.figure
+        cax = None
     image = ax.imshow(
         np.ma.masked_invalid(values),
         origin="lower",
@@ -105,12 +166,12 @@ def plot_heatmap(
         aspect="equal",
         interpolation="nearest",
     )
-    colorbar = fig.colorbar(image, cax=fig.add_axes((1 / 1.12 + 0.02, 0.0, 0.03, 1.0)))
+    colorbar = parent.colorbar(image, cax=cax) if cax is not None else parent.colorbar(image, ax=ax, fraction=0.046)
     colorbar.set_label("CKA", fontsize=10)
     colorbar.ax.tick_params(labelsize=9)
 
-    _ticks(ax.set_xticks, ax.set_xticklabels, block.layers_b, font, rotation=90)
-    _ticks(ax.set_yticks, ax.set_yticklabels, block.layers_a, font, rotation=0)
+    _ticks(ax.set_xticks, ax.set_xticklabels, cols, font, rotation=90)
+    _ticks(ax.set_yticks, ax.set_yticklabels, rows, font, rotation=0)
     ax.set_xlabel(f"B: {_axis_title(block.file_b)}", fontsize=10)
     ax.set_ylabel(f"A: {_axis_title(block.file_a)}", fontsize=10)
 
@@ -129,15 +190,58 @@ def plot_heatmap(
                     fontsize=cell_font,
                     color="black" if (not math.isnan(v) and v > 0.6) else "white",
                 )
-    if title is None:
-        p = result.params
-        title = (
-            f"CKA ({p.get('kernel', 'linear')} kernel, {p.get('estimator', 'minibatch')}), {result.n_examples} examples"
+    ax.set_title(heatmap_title(result, block) if title is None else title, fontsize=11)
+    if fspath is not None:
+        with atomic_output(fspath) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.15)
+        if pair is not None:
+            return fspath
+    return fig
+
+
+def heatmap_title(result: CKAResult, block: CKAPair) -> str:
+    """What was compared: the models, then the kernel, estimator, n and m, e.g. ``net_a vs net_b`` /
+    ``linear CKA, minibatch estimator, n = 1000 examples, m = 256 (8 minibatches)``."""
+    p = result.params
+    a, b = block.file_a.model_name, block.file_b.model_name
+    models = f"{a} (layers against each other)" if block.i == block.j else f"{a} vs {b}"
+    estimator = p.get("estimator", "minibatch")
+    parts = [f"{p.get('kernel', 'linear')} CKA, {estimator} estimator", f"n = {result.n_examples} examples"]
+    if estimator == "minibatch" and p.get("batch_size"):
+        parts.append(
+            f"m = {p['batch_size']}" + (f" ({result.n_minibatches} minibatches)" if result.n_minibatches else "")
         )
-    ax.set_title(title, fontsize=12)
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.15)
-    return path
+    return f"{models}\n{', '.join(parts)}"
+
+
+def display_labels(
+    layers_a: list[str], layers_b: list[str], labels: Labels | None = None
+) -> tuple[list[str], list[str]]:
+    """The tick labels of the rows and the columns: ``labels`` (see :func:`plot_heatmap`) applied to the
+    layer names, then :func:`tick_labels`.
+
+    Raises:
+        ValueError: a sequence of labels whose length is not the layer count.
+    """
+    rows, cols = list(layers_a), list(layers_b)
+    if isinstance(labels, Mapping):
+        rows = [str(labels.get(n, n)) for n in rows]
+        cols = [str(labels.get(n, n)) for n in cols]
+    elif labels is not None:
+        given = list(labels)
+        if len(given) == 2 and all(not isinstance(x, str) and isinstance(x, Sequence) for x in given):
+            new_rows, new_cols = (list(map(str, x)) for x in given)
+        else:
+            new_rows = new_cols = [str(x) for x in given]
+        for which, new, old in (("rows", new_rows, rows), ("columns", new_cols, cols)):
+            if len(new) != len(old):
+                raise ValueError(
+                    f"labels: expected {len(old)} labels for the {which} (the layers "
+                    f"{', '.join(old[:3])}{', ...' if len(old) > 3 else ''}), got {len(new)}; "
+                    "give a mapping {layer name: label} or a pair (row labels, column labels)"
+                )
+        rows, cols = new_rows, new_cols
+    return tick_labels(rows), tick_labels(cols)
 
 
 def _axis_title(info: object) -> str:
@@ -161,4 +265,4 @@ def tick_labels(names: list[str], width: int = 32) -> list[str]:
     return display_names(names, width)
 
 
-__all__ = ["plot_heatmap", "plot_format", "tick_labels"]
+__all__ = ["Labels", "display_labels", "heatmap_title", "plot_format", "plot_heatmap", "tick_labels"]
