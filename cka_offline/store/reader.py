@@ -422,6 +422,13 @@ def _order_shards(shards: list[_Shard], allow_lone_shard: bool = False) -> list[
     shards = sorted(shards, key=lambda s: (s.offset, s.shard_index))
     first = shards[0]
     names = [p.path for p in shards]
+    if all(s.shard_count == 1 for s in shards):  # a quoted glob of whole files, meant to be compared
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise AlignmentError(
+            f"the glob or list matched {len(names)} files that are not shards of one file ({shown}): a quoted "
+            "glob is read as the shards of one extraction; to compare the files pairwise, pass them as separate "
+            "files (unquoted on the command line, e.g. cka-analyze r18_s*.h5; in Python, one list item per file)"
+        )
     counts = {s.shard_count for s in shards}
     if len(counts) != 1:
         raise AlignmentError(f"shards disagree on the number of shards ({sorted(counts)}): {names}")

@@ -163,3 +163,15 @@ def test_json_result_is_strict_json(tmp_path, files):
     assert run([files[0], "-m", "16", "-o", out]).exit_code == 0
     doc = json.loads(out.read_text())
     assert np.allclose(np.diag(np.array(doc["cka"], dtype=float)), 1.0, atol=1e-6)
+
+
+def test_a_quoted_glob_of_whole_files_says_how_to_compare_them(tmp_path):
+    for seed in (1, 2, 3):
+        write_acts(tmp_path / f"r18_s{seed}.h5", chain_activations(32, seed=seed))
+    res = run([str(tmp_path / "r18_s*.h5"), "-m", "8"])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code != 0 and len(lines) == 1, res.stderr
+    assert "matched 3 files that are not shards of one file" in lines[0] and "r18_s1.h5" in lines[0]
+    assert "pass them as separate files (unquoted on the command line, e.g. cka-analyze r18_s*.h5" in lines[0]
+    res = run([*sorted(tmp_path.glob("r18_s*.h5")), "-m", "8", "-q"])  # what the shell gives unquoted
+    assert res.exit_code == 0, res.output
