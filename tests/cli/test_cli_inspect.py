@@ -6,6 +6,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from cka_offline.cli.inspect import inspect
+from cka_offline.errors import FormatError
 
 from ..store.conftest import make_layers, write_file
 
@@ -41,7 +42,7 @@ def test_inspect_bad_file_is_one_line_error(tmp_path):
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"not hdf5")
     result = CliRunner().invoke(inspect, [str(bad)])
-    assert result.exit_code == 2
+    assert result.exit_code == FormatError.exit_code != 0
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cka-inspect: error: ") and "bad.h5" in lines[0]
 
@@ -79,6 +80,6 @@ def test_inspect_a_damaged_result_is_one_line_error(tmp_path):
     bad = tmp_path / "r.json"
     bad.write_text('{"format": "cka-offline-result", "format_version": "9.0"}')
     result = CliRunner().invoke(inspect, [str(bad)])
-    assert result.exit_code == 2
+    assert result.exit_code == FormatError.exit_code != 0  # a data error's exit code (docs/reliability.md)
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cka-inspect: error: ") and "format version 9.0" in lines[0]
