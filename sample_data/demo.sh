@@ -20,11 +20,11 @@ cka-inspect "$out/cnn_b.h5"
 
 echo
 echo "== 3/4  cka-analyze: A against B"
-cka-analyze "$out/cnn_a.h5" "$out/cnn_b.h5" -o "$out/a_vs_b.json" --plot "$out/a_vs_b.png" --overwrite --quiet
+cka-analyze "$out/cnn_a.h5" "$out/cnn_b.h5" -o "$out/a_vs_b.json" --plot "$out/a_vs_b.png" --overwrite
 
 echo
 echo "== 4/4  cka-analyze: A against itself"
-cka-analyze "$out/cnn_a.h5" -o "$out/a_vs_a.json" --plot "$out/a_vs_a.png" --overwrite --quiet
+cka-analyze "$out/cnn_a.h5" -o "$out/a_vs_a.json" --plot "$out/a_vs_a.png" --overwrite
 
 echo
 echo "Results and heatmaps are in $out/: a_vs_b.json, a_vs_b.png, a_vs_a.json, a_vs_a.png"
