@@ -1,17 +1,27 @@
 """Errors a user can cause. Every one is a :class:`CKAOfflineError`.
 
 The message of each says what went wrong, where (file, layer, example id) and how to fix it.
-The CLI prints it as one line on stderr and exits non-zero; ``--debug`` shows the traceback.
+The CLI prints it as one line on stderr and exits with its ``exit_code``; ``--debug`` shows the traceback.
 This module imports nothing from the package so that every layer can use it.
+
+Exit codes of the commands (docs/reliability.md, "What a person sees"): 0 success; 1 a bug (an unexpected
+exception, with its traceback); 2 a usage error (click's: an unknown option, a bad option value, a missing
+argument; also :class:`OptionError`); 3 a problem with the data, files, model or machine (every other
+:class:`CKAOfflineError`); 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
+
+#: click's exit code for a usage error; also that of :class:`OptionError`
+USAGE_EXIT_CODE = 2
+#: the exit code of a :class:`CKAOfflineError` about the data, files, model or machine
+DATA_EXIT_CODE = 3
 
 
 class CKAOfflineError(Exception):
     """Base class of every error a user can cause (bad input, bad file, bad option)."""
 
-    exit_code = 2
+    exit_code = DATA_EXIT_CODE
 
 
 class FormatError(CKAOfflineError):
@@ -87,3 +97,5 @@ class NoExtractorError(PluginError):
 
 class OptionError(CKAOfflineError):
     """An extractor or input-reader option is unknown or has a value of the wrong type (``-X``, ``-I``)."""
+
+    exit_code = USAGE_EXIT_CODE

@@ -130,7 +130,7 @@ def test_known_errors_are_one_line(tmp_path, files, args, message):
             pytest.skip("this machine has a cuda:7")
     values = {"a": files[0], "missing": tmp_path / "missing.h5", "tmp": tmp_path}
     res = run([arg.format(**values) for arg in args])
-    assert res.exit_code == 2
+    assert res.exit_code == 3  # a data error (docs/reliability.md)
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cka-analyze: error: ") and message in lines[0], res.stderr
     assert res.stdout == ""

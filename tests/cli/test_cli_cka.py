@@ -68,3 +68,22 @@ def test_completion_of_cka_subcommands_and_options():
     env = {"_CKA_ANALYZE_COMPLETE": "bash_complete", "COMP_WORDS": "cka-analyze --ker", "COMP_CWORD": "1"}
     r = CliRunner().invoke(analyze.main, [], prog_name="cka-analyze", env=env)
     assert "plain,--kernel" in r.stdout
+
+
+@pytest.mark.parametrize("prog", ["cka-analyze", "cka-inspect", "cka-extract"])
+def test_exit_codes_tell_usage_errors_from_data_errors(prog, tmp_path):
+    """2: the command line is wrong (click); 3: the data is (CKAOfflineError); docs/reliability.md."""
+    from cka_offline.errors import DATA_EXIT_CODE, USAGE_EXIT_CODE, CKAOfflineError, OptionError
+
+    assert (USAGE_EXIT_CODE, DATA_EXIT_CODE) == (2, 3)
+    assert CKAOfflineError.exit_code == DATA_EXIT_CODE and OptionError.exit_code == USAGE_EXIT_CODE
+    script = os.path.join(BIN, prog)
+    if not os.path.exists(script):
+        pytest.skip(f"{prog} is not installed in this environment")
+    usage = subprocess.run([script, "--no-such-option"], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "No such option" in usage.stderr
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not hdf5")
+    args = [str(bad), "-o", str(tmp_path / "out.h5")] if prog == "cka-extract" else [str(bad)]
+    data = subprocess.run([script, *args], capture_output=True, text=True, timeout=120)
+    assert data.returncode == 3 and data.stderr.startswith(f"{prog}: error: "), data.stderr

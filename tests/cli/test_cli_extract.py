@@ -107,7 +107,7 @@ def test_extraction(example, files):
             ]
         )
     r = invoke(pm, [files["model"], "-i", files["inputs"], "-o", files["out"]])
-    assert r.exit_code == 2
+    assert r.exit_code == 3
     assert (
         error_line(r)
         == f"cka-extract: error: {files['out']} already exists; pass --overwrite to replace it or choose another -o"
@@ -118,12 +118,12 @@ def test_bad_input_is_one_line_and_debug_shows_traceback(example, files, tmp_pat
     pm = get_plugin_manager(entry_points=False, plugins=[example])
     args = [files["model"], "-i", str(tmp_path / "missing.npz"), "-o", files["out"]]
     r = invoke(pm, args)
-    assert r.exit_code == 2
+    assert r.exit_code == 3
     assert error_line(r).startswith("cka-extract: error: inputs ") and "missing.npz not found" in r.stderr
     r = invoke(pm, [*args, "--debug"])
-    assert r.exit_code == 2 and "Traceback" in r.stderr
+    assert r.exit_code == 3 and "Traceback" in r.stderr
     r = invoke(pm, [files["model"], "-i", files["inputs"], "-o", files["out"], "--layers", "fc3"])
-    assert r.exit_code == 2 and "close matches: fc2, fc1 (list them with cka-extract --list-layers)" in error_line(r)
+    assert r.exit_code == 3 and "close matches: fc2, fc1 (list them with cka-extract --list-layers)" in error_line(r)
     r = invoke(pm, [files["model"], "-i", files["inputs"], "-o", files["out"], "--shard", "4/4"])
     assert r.exit_code == 2 and "I must be 0..K-1" in r.stderr
     r = invoke(pm, [files["model"], "-i", files["inputs"], "-o", files["out"], "--shard", "2of4"])
@@ -160,7 +160,7 @@ def test_list_extractors(example):
             return [Twin]
 
     r = invoke(get_plugin_manager(entry_points=False, plugins=[example, TwinPlugin()]), ["--list-extractors"])
-    assert r.exit_code == 2 and "named 'example-mlp'" in error_line(r)
+    assert r.exit_code == 3 and "named 'example-mlp'" in error_line(r)
 
 
 def test_list_layers(example, files, tmp_path):

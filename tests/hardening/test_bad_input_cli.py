@@ -1,6 +1,6 @@
 """Bad input through the real commands: one table, one case per row, each checked for its exact outcome.
 
-Every case asserts: a non-zero exit code (2 for a known error), exactly one line on stderr of the form
+Every case asserts: a non-zero exit code (3 for a known error), exactly one line on stderr of the form
 ``<prog>: error: <what, where (file / layer / example), how to fix it>``, nothing on stdout, and no output
 that looks complete (no activation file at the final path, no result or plot file). docs/reliability.md lists
 the same cases; store-level checks of the same files are in tests/store/test_validation.py.
@@ -40,7 +40,7 @@ class Case:
     prog: str  # cka-extract, cka-analyze or cka-inspect
     build: Callable[[Path], list[str]]  # makes the inputs in tmp_path, returns the arguments (outputs are added)
     match: str  # regex the error line (after "<prog>: error: ") must fully match: what, where and the fix
-    code: int = 2
+    code: int = 3  # a data error; usage errors are 2 (docs/reliability.md)
 
 
 def _ab(t: Path, **kw) -> list[str]:

@@ -46,7 +46,7 @@ def test_file_size_limit_mid_write_then_resume(job, tmp_path, limit):
     run = root / f"run{limit}"
     run.mkdir()
     r = subprocess.run(EXTRACT, cwd=run, preexec_fn=_limited(limit), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2, r.stderr
+    assert r.returncode == 3, r.stderr
     assert r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith(
         f"cka-extract: error: out.h5: the file would grow past this process's file size limit ({limit} bytes, ulimit -f"
@@ -77,7 +77,7 @@ def test_disk_full_reported_before_hdf5_writes(tmp_path, monkeypatch):
     folder = npy_folder(tmp_path / "acts", n=2000, widths=(256,))
     monkeypatch.setattr(writer.os, "statvfs", nearly_full)
     r = invoke("cka-extract", [folder, "-o", tmp_path / "out.h5", "-b", "500", "-q"])
-    assert r.exit_code == 2
+    assert r.exit_code == 3
     line = error_line(r, "cka-extract")
     assert line.startswith(f"{tmp_path / 'out.h5'}: the disk is full (0.0 MiB free in {tmp_path}") and line.endswith(
         "free space and rerun"
@@ -105,7 +105,7 @@ def test_output_folder_without_write_permission(tmp_path):
             text=True,
             timeout=120,
         )
-        assert r.returncode == 2, r.stderr
+        assert r.returncode == 3, r.stderr
         assert r.stderr == f"cka-extract: error: {ro / 'out.h5'}: folder {ro} is not writable; choose another -o\n"
         assert os.listdir(ro) == []
     finally:

@@ -130,10 +130,10 @@ def test_reading_a_file_being_written_says_incomplete(writer_running):
         with pytest.raises(IncompleteFileError, match="incomplete.*still being written.*wait for it to finish"):
             open_activations(str(path))
         r = invoke("cka-inspect", [path])
-        assert r.exit_code == 2
+        assert r.exit_code == 3
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("cka-inspect: error: ") and "incomplete" in r.stderr
     r = invoke("cka-analyze", [out, "--device", "cpu"])
-    assert r.exit_code == 2 and "incomplete" in r.stderr and r.stderr.count("\n") == 1
+    assert r.exit_code == 3 and "incomplete" in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_a_file_another_process_holds_open_for_writing_is_incomplete(tmp_path):
@@ -158,7 +158,7 @@ def test_a_file_another_process_holds_open_for_writing_is_incomplete(tmp_path):
         with pytest.raises(IncompleteFileError, match="a\\.h5 is incomplete: another process has it open for writing"):
             open_activations(path)
         r = CliRunner().invoke(__import__("cka_offline.cli.inspect", fromlist=["inspect"]).inspect, [path])
-        assert r.exit_code == 2 and "another process has it open for writing" in r.stderr
+        assert r.exit_code == 3 and "another process has it open for writing" in r.stderr
     finally:
         holder.kill()
         holder.communicate()

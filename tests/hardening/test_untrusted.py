@@ -82,13 +82,13 @@ def test_pickled_npy_inputs_and_ids_are_refused(tmp_path):
     marker = tmp_path / "ran"
     np.save(tmp_path / "in.npy", np.array([_Marker(marker)] * 4, dtype=object), allow_pickle=True)
     r = invoke("cka-extract", [SAMPLE / "cnn_b.onnx", "-i", tmp_path / "in.npy", "-o", tmp_path / "o.h5"])
-    assert r.exit_code == 2 and "in.npy" in error_line(r, "cka-extract")
+    assert r.exit_code == 3 and "in.npy" in error_line(r, "cka-extract")
     folder = tmp_path / "acts"
     folder.mkdir()
     np.save(folder / "l0.npy", np.ones((4, 3), np.float32))
     np.save(tmp_path / "ids.npy", np.array([_Marker(marker)] * 4, dtype=object), allow_pickle=True)
     r = invoke("cka-extract", [folder, "-X", f"ids={tmp_path / 'ids.npy'}", "-o", tmp_path / "o.h5"])
-    assert r.exit_code == 2
+    assert r.exit_code == 3
     assert "cannot read it without unpickling" in error_line(r, "cka-extract")
     assert not marker.exists() and not (tmp_path / "o.h5").exists()
 
@@ -109,10 +109,10 @@ def test_malicious_pickle_weights_refused_without_running(tmp_path, layout):
         "cka-extract",
         [f"{SAMPLE}/digits_cnn.py:make_model", "--weights", weights, "-i", inputs, "-o", tmp_path / "o.h5"],
     )
-    assert r.exit_code == 2
+    assert r.exit_code == 3
     assert "holds more than tensors" in error_line(r, "cka-extract") and "would execute code" in r.stderr
     r = invoke("cka-extract", [weights, "-i", inputs, "-o", tmp_path / "o.h5"])  # as a pickled model
-    assert r.exit_code == 2
+    assert r.exit_code == 3
     assert "--allow-pickle-code-execution" in error_line(r, "cka-extract")
     assert not marker.exists() and not (tmp_path / "o.h5").exists()
 
@@ -183,7 +183,7 @@ def test_cli_refuses_files_pointing_outside_unless_allowed(tmp_path, kind):
     b = acts(tmp_path / "b.h5", seed=1)
     for prog, args in (("cka-inspect", [a]), ("cka-analyze", [a, b, "--device", "cpu", "-q"])):
         r = invoke(prog, args)
-        assert r.exit_code == 2
+        assert r.exit_code == 3
         line = error_line(r, prog)
         assert "refused by default" in line and "--allow-external" in line
         r = invoke(prog, [*args, "--allow-external"])
@@ -209,7 +209,7 @@ def test_onnx_external_data_outside_the_model_folder_refused(tmp_path):
     onnx.save(model, tmp_path / "model" / "m.onnx")
     np.savez(tmp_path / "in.npz", x=np.ones((4, 3), np.float32))
     r = invoke("cka-extract", [tmp_path / "model" / "m.onnx", "-i", tmp_path / "in.npz", "-o", tmp_path / "o.h5"])
-    assert r.exit_code == 2
+    assert r.exit_code == 3
     assert "points to external data '../elsewhere/secret.bin', outside the model's folder" in error_line(
         r, "cka-extract"
     )
