@@ -64,3 +64,12 @@ def test_non_finite_values_in_memory_name_the_layer_and_example():
     a["layer1"][7, 0] = np.nan
     with pytest.raises(ActivationValueError, match="'layer1'.*example id 7"):
         ck.analyze(a, **OPTS)
+
+
+def test_progress_true_draws_a_bar_on_stderr(capsys):
+    a = chain_activations(64, seed=2)
+    ck.analyze(a, progress=True, **OPTS)
+    err = capsys.readouterr().err
+    assert "analyzing" in err and "64/64" in err
+    with pytest.raises(TypeError, match="progress must be True, False, None or a callable"):
+        ck.analyze(a, progress="yes", **OPTS)

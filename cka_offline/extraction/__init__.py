@@ -135,7 +135,7 @@ def extract(
     options: Mapping[str, Any] | None = None,
     input_options: Mapping[str, Any] | None = None,
     mask_input: str | None = "attention_mask",
-    progress: Progress | None = None,
+    progress: bool | Progress | None = None,
     command: str | None = None,
     plugin_manager: PluginsLike | None = None,
 ) -> str:
@@ -168,7 +168,8 @@ def extract(
         options: extractor-specific options (the extractor's ``declared_options``).
         input_options: options of the input reader (``resize="224x224"`` for image folders...).
         mask_input: the input holding the attention mask for token reductions; ``None``: every token counts.
-        progress: called as ``progress(done, total)`` with example counts after every batch.
+        progress: ``True`` for a tqdm progress bar, or a function called as ``progress(done, total)`` with
+            example counts after every batch.
         command: the command line, recorded as provenance.
         plugin_manager: the plugins to look extractors and readers up in (default: installed plugins).
 
@@ -197,7 +198,14 @@ def extract(
         mask_input=mask_input,
         command=command,
     )
-    return extract_with(opts, source, inputs, output, progress=progress, plugin_manager=plugin_manager)
+    from ..progress import TqdmProgress, progress_callback
+
+    callback = progress_callback(progress, "extracting")
+    try:
+        return extract_with(opts, source, inputs, output, progress=callback, plugin_manager=plugin_manager)
+    finally:
+        if isinstance(callback, TqdmProgress):
+            callback.finish()
 
 
 def extract_with(
