@@ -38,7 +38,7 @@ def check_ids(ids: np.ndarray, where: str) -> np.ndarray:
     return normalize_ids(ids, where=where)
 
 
-def _check_lengths(lengths: dict[str, int], where: str) -> int:
+def check_lengths(lengths: dict[str, int], where: str) -> int:
     if not lengths:
         raise InputError(f"{where} holds no input arrays")
     if len(set(lengths.values())) != 1:
@@ -190,7 +190,7 @@ class NpzInputs(_BuiltinInputs):
                 name = member[: -len(".npy")]
                 self._members[name] = _NpzMember(path, self._zip, member, name)
             ids_member = self._members.pop(IDS_NAME, None)
-            self._n = _check_lengths({k: len(m) for k, m in self._members.items()}, path)
+            self._n = check_lengths({k: len(m) for k, m in self._members.items()}, path)
             if ids_member is not None:
                 if len(ids_member) != self._n:
                     raise InputError(
@@ -319,7 +319,7 @@ class HDF5Inputs(_BuiltinInputs):
                 if ds.ndim == 0:
                     raise InputError(f"dataset {p} in {self.file} is a scalar; inputs need the examples on axis 0")
                 self._datasets[p.rstrip("/").rsplit("/", 1)[-1]] = ds
-            self._n = _check_lengths({k: d.shape[0] for k, d in self._datasets.items()}, self.file)
+            self._n = check_lengths({k: d.shape[0] for k, d in self._datasets.items()}, self.file)
             ids_path = self.option_values["ids"]
             if ids_path:
                 ids = self._dataset(ids_path)[()]

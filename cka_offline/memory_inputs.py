@@ -15,12 +15,15 @@ import numpy as np
 
 from .errors import InputError
 from .extractor import InputReader
+from .inputs import check_lengths
 
 #: the input name a single array is given as (the core hands a one-input model its one array whatever its name)
 DEFAULT_INPUT = "input"
 
 
-def _to_numpy(value: Any, what: str) -> np.ndarray:
+def to_numpy(value: Any, what: str) -> np.ndarray:
+    """``value`` (a numpy array, a torch tensor on any device, or a sequence) as a numpy array with at least
+    one example on axis 0; ``what`` names it in the error."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, on any device
         value = value.detach().cpu().numpy()
     array = np.asarray(value)
@@ -52,14 +55,9 @@ class ArrayInputs(InputReader):
     def __init__(self, arrays: Any, ids: Any = None) -> None:
         super().__init__("memory")
         given = arrays if isinstance(arrays, Mapping) else {DEFAULT_INPUT: arrays}
-        self.arrays = {str(k): _to_numpy(v, f"input {k!r}") for k, v in given.items()}
-        if not self.arrays:
-            raise InputError("no inputs given: the mapping of input arrays is empty")
-        counts = {k: len(v) for k, v in self.arrays.items()}
-        self.n = next(iter(counts.values()))
-        if len(set(counts.values())) > 1:
-            raise InputError(f"the input arrays hold different numbers of examples: {counts}")
-        self._ids = np.arange(self.n, dtype=np.int64) if ids is None else _to_numpy(ids, "ids")
+        self.arrays = {str(k): to_numpy(v, f"input {k!r}") for k, v in given.items()}
+        self.n = check_lengths({k: len(v) for k, v in self.arrays.items()}, "the inputs given in memory")
+        self._ids = np.arange(self.n, dtype=np.int64) if ids is None else to_numpy(ids, "ids")
         if len(self._ids) != self.n:
             raise InputError(f"{len(self._ids)} ids for {self.n} examples; give one id per example")
 
@@ -81,4 +79,4 @@ class ArrayInputs(InputReader):
         return {"description": f"memory: {shapes}", "sha256": digest.hexdigest()}
 
 
-__all__ = ["DEFAULT_INPUT", "ArrayInputs", "is_memory_inputs"]
+__all__ = ["DEFAULT_INPUT", "ArrayInputs", "is_memory_inputs", "to_numpy"]

@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 
 #: environment variables that set the number of compute threads, first found wins
 THREAD_VARIABLES = ("CKA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-#: the engines by name; :func:`engine_for` picks one for a device
-ENGINES = ("numpy", "torch")
 
 
 def blas_threads() -> int:
@@ -272,7 +270,6 @@ def torch_compute() -> Iterator[None]:
 
 __all__ = [
     "GramJob",
-    "ENGINES",
     "NumpyGrams",
     "THREAD_VARIABLES",
     "TorchGrams",

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..inputs import check_lengths
+from ..memory_inputs import to_numpy
 
 #: the provenance an in-memory source records in a result
 MEMORY_PROVENANCE = {"source": "memory"}
@@ -51,10 +53,7 @@ class Activations:
             raise InputError("in-memory activations hold no layers; give {layer name: array of shape (n, ...)}")
         self.label = label
         self._arrays = {str(name): _as_rows(name, value) for name, value in layers.items()}
-        counts = {name: len(a) for name, a in self._arrays.items()}
-        self.n_examples = next(iter(counts.values()))
-        if len(set(counts.values())) > 1:
-            raise InputError(f"in-memory layers hold different numbers of examples: {counts}; give every layer n rows")
+        self.n_examples = check_lengths({name: len(a) for name, a in self._arrays.items()}, "the in-memory layers")
         self.ids = _ids(ids, self.n_examples)
         self._meta = {name: MemoryLayer(name, a.shape[1], a.dtype.name) for name, a in self._arrays.items()}
         self.layer_names = list(self._arrays)
@@ -92,13 +91,7 @@ class Activations:
 
 
 def _as_rows(name: Any, value: Any) -> np.ndarray:
-    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, on any device
-        value = value.detach().cpu().numpy()
-    array = np.asarray(value)
-    if array.ndim < 1 or len(array) == 0:
-        raise InputError(
-            f"in-memory layer {name!r} has no examples (shape {array.shape}); give an array of shape (n, ...)"
-        )
+    array = to_numpy(value, f"in-memory layer {name!r}")
     if array.dtype.kind != "f":
         raise InputError(
             f"in-memory layer {name!r} has dtype {array.dtype}; CKA needs floating-point activations: convert it "
@@ -110,9 +103,7 @@ def _as_rows(name: Any, value: Any) -> np.ndarray:
 def _ids(ids: Any, n: int) -> np.ndarray:
     if ids is None:
         return np.arange(n, dtype=np.int64)
-    if hasattr(ids, "detach") and hasattr(ids, "cpu"):
-        ids = ids.detach().cpu().numpy()
-    values = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
+    values = to_numpy(ids if hasattr(ids, "shape") else list(ids), "the ids")
     if values.ndim != 1 or len(values) != n:
         raise InputError(f"in-memory activations: {len(values)} ids for {n} examples; give one id per example")
     if values.dtype.kind not in "iuUS":

@@ -11,7 +11,7 @@ import math
 import operator
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..devices import parse_device
@@ -146,9 +146,6 @@ class AnalysisOptions:
     def replace(self, **changes: Any) -> AnalysisOptions:
         """A copy with ``changes`` applied (validated again)."""
         return replace(self, **changes)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def patterns_for(self, file_index: int) -> list[str] | None:
         """The layer patterns of file ``file_index`` (``layers_a`` for the first, ``layers_b`` for the rest,
