@@ -3,12 +3,16 @@
 Public API (imported lazily so that ``import cka_offline`` and ``--help`` stay fast; the modules are
 nouns, ``extraction`` and ``analysis``, so that importing them never shadows the functions):
 
-- :func:`extract` -- run an extractor plugin over inputs and write an activation file;
+- :func:`extract` -- run an extractor plugin (or a live model) over inputs (paths, arrays, a DataLoader)
+  and write an activation file; :class:`BatchInputs` -- the reader over a DataLoader or batch iterable;
+- :func:`compare` -- extract two models and analyse them in one call;
 - :func:`analyze` -- stream activation files into the minibatch CKA accumulator, return a :class:`CKAResult`;
 - :class:`AnalysisOptions`, :class:`ExtractOptions` -- every choice of an analysis / extraction as one
   frozen, validated object (the functions also take the same choices as keyword arguments);
 - :func:`open_activations` -- read an activation file (or shards of one);
-- :class:`MinibatchCKA` -- the streaming accumulator itself.
+- :class:`MinibatchCKA` -- the streaming accumulator itself;
+- :func:`plot_heatmap` -- a result's CKA matrix as a matplotlib Figure; :func:`load_result` a saved result;
+  :class:`Activations` -- activations in memory for :func:`analyze`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ _LAZY = {
     "load_result": ("cka_offline.results", "load_result"),
     "open_activations": ("cka_offline.store.reader", "open_activations"),
     "MinibatchCKA": ("cka_offline.cka.accumulator", "MinibatchCKA"),
+    "plot_heatmap": ("cka_offline.plot", "plot_heatmap"),
+    "BatchInputs": ("cka_offline.batch_inputs", "BatchInputs"),
 }
 
 

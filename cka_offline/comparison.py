@@ -29,7 +29,7 @@ def compare(
     options_a: Mapping[str, Any] | None = None,
     options_b: Mapping[str, Any] | None = None,
     keep_dir: str | os.PathLike[str] | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: bool | Callable[[int, int], None] | None = True,
     **analysis: Any,
 ) -> CKAResult:
     """CKA between the layers of two models on the same inputs.
@@ -42,6 +42,8 @@ def compare(
         reduction, batch_size, device: as for ``extract`` (``device`` is used for the analysis too, unless
             ``analysis`` gives its own).
         options_a, options_b: each model's extractor options (``{"weights": ...}``).
+        progress: ``True`` (the default): tqdm bars for both extractions and the analysis; ``False``: none;
+            or a function ``progress(done, total)`` called by each of the three steps.
         keep_dir: keep the two activation files there (``a.h5``, ``b.h5``); default: a temporary folder.
         analysis: :class:`~cka_offline.analysis.AnalysisOptions` fields (``batch_size`` is the extraction's:
             give the analysis minibatch size as ``m``).
@@ -69,6 +71,7 @@ def compare(
                     device=device,
                     options=options,
                     overwrite=keep_dir is None,
+                    progress=progress,
                 )
             )
         result = analyze(paths, batch_size=m, progress=progress, **analysis)

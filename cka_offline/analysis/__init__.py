@@ -55,7 +55,7 @@ def analyze(
     files: Any,
     options: AnalysisOptions | None = None,
     *,
-    progress: bool | Callable[[int, int], None] | None = None,
+    progress: bool | Callable[[int, int], None] | None = True,
     distributed: Distributed | None = None,
     **choices: Any,
 ) -> CKAResult:
@@ -72,8 +72,8 @@ def analyze(
             (with ids and a label). A single source may be given on its own.
         options: every choice as one :class:`AnalysisOptions`; or give its fields as keyword arguments
             (``batch_size=512, kernel="rbf"``...), not both.
-        progress: ``True`` for a tqdm progress bar (a widget in Jupyter, lines in a log), or a function
-            called as ``progress(examples_done, examples_total)`` after each minibatch.
+        progress: ``True`` (the default) for a tqdm progress bar (a widget in Jupyter, lines in a log;
+            ``TQDM_DISABLE=1`` hides it), ``False`` for none, or a function called as ``progress(examples_done, examples_total)`` after each minibatch.
         distributed: this process's place in a torchrun run (:func:`cka_offline.distributed.init`): each
             rank processes a contiguous share of the minibatches and the sums are all-reduced, so every
             rank returns the single-process result (up to float64 summation order; ``progress`` is called

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from ..batch_inputs import BatchInputs, is_batch_iterable
 from ..errors import InputError, ModelError, NoExtractorError, OutputError
 from ..extractor import Extractor, InputReader
 from ..files import refuse_existing
@@ -135,7 +136,7 @@ def extract(
     options: Mapping[str, Any] | None = None,
     input_options: Mapping[str, Any] | None = None,
     mask_input: str | None = "attention_mask",
-    progress: bool | Progress | None = None,
+    progress: bool | Progress | None = True,
     command: str | None = None,
     plugin_manager: PluginsLike | None = None,
 ) -> str:
@@ -147,7 +148,9 @@ def extract(
         source: the model: a path or a spec the extractor understands, such as ``pkg.mod:factory``, or a
             live ``torch.nn.Module`` (its weights as they are; the identity recorded is their SHA-256).
         inputs: arrays in memory (a numpy array, a torch tensor, or ``{input name: array}``, examples on
-            axis 0; ids ``0..n-1``), an inputs path (``.npz``, ``.npy``, ``file.h5:/dataset``, image folder, or anything an
+            axis 0; ids ``0..n-1``), a ``DataLoader`` or any iterable of batches (tuple, list or dict batches;
+            ``input_options={"input": KEY_OR_INDEX, "ids": KEY_OR_INDEX}`` choose the parts, see
+            :class:`cka_offline.batch_inputs.BatchInputs`), an inputs path (``.npz``, ``.npy``, ``file.h5:/dataset``, image folder, or anything an
             input-reader plugin opens), an :class:`InputReader`, or ``None`` to use the extractor's
             :meth:`~cka_offline.extractor.Extractor.default_inputs` (importers of precomputed arrays).
         output: path of the activation file (HDF5). Written as ``<output>.partial`` and renamed when done.
@@ -168,7 +171,8 @@ def extract(
         options: extractor-specific options (the extractor's ``declared_options``).
         input_options: options of the input reader (``resize="224x224"`` for image folders...).
         mask_input: the input holding the attention mask for token reductions; ``None``: every token counts.
-        progress: ``True`` for a tqdm progress bar, or a function called as ``progress(done, total)`` with
+        progress: ``True`` (the default) for a tqdm progress bar (``TQDM_DISABLE=1`` hides it), ``False``
+            for none, or a function called as ``progress(done, total)`` with
             example counts after every batch.
         command: the command line, recorded as provenance.
         plugin_manager: the plugins to look extractors and readers up in (default: installed plugins).
@@ -231,6 +235,12 @@ def extract_with(
         stack.callback(ext.close)
         reader = _open_inputs(inputs, opts.input_options, ext, pm)
         stack.callback(reader.close)
+        if (opts.resume or opts.shard) and not getattr(reader, "replayable", True):
+            raise InputError(
+                f"cannot {'resume' if opts.resume else 'write shards'} from {reader.fingerprint()['description']}: it "
+                "does not give its batches in the same order each time it is read (shuffle=True, or a one-shot "
+                "iterator); use a DataLoader with shuffle=False"
+            )
         fingerprint = reader.fingerprint()
         ids, n_inputs, n_used, (lo, hi) = _rows(reader, fingerprint["description"], opts)
 
@@ -394,6 +404,15 @@ def _open_inputs(
         return inputs
     if is_memory_inputs(inputs):
         return ArrayInputs(inputs)
+    if is_batch_iterable(inputs):
+        options = dict(input_options or {})
+        unknown = sorted(set(options) - {"input", "ids"})
+        if unknown:
+            raise InputError(
+                f"input option(s) {', '.join(unknown)} do not apply to a DataLoader or iterable of batches; it takes "
+                "input= (which part of a batch is the model input) and ids= (which part holds the example ids)"
+            )
+        return BatchInputs(inputs, input=options.get("input"), ids=options.get("ids"))
     if inputs is None:
         reader = ext.default_inputs()
         if reader is None:

@@ -36,6 +36,9 @@ class FileInfo:
     sha256: list[str] = field(default_factory=list)
     n_examples: int = 0
 
+    def __repr__(self) -> str:  # a network's provenance is long: show what tells files apart
+        return f"FileInfo({self.label!r}, {len(self.layers)} layers, {self.n_examples} examples)"
+
     @property
     def model_name(self) -> str:
         """A short human name: the provenance ``model`` (its basename) or the label."""
@@ -119,6 +122,14 @@ class CKAResult:
         for i, j in self.pairs:
             if not (0 <= i < n and 0 <= j < n):
                 raise ValueError(f"pair ({i}, {j}) names a file the result does not have: it has {n} file(s)")
+
+    def __repr__(self) -> str:
+        """One line (notebooks echo results): files, layer counts, n and how it was computed; ``print(r.summary())``
+        shows the values."""
+        files = " vs ".join(f"{f.label!r} ({len(f.layers)} layers)" for f in self.files)
+        p = self.params
+        how = ", ".join(f"{k}={p[k]}" for k in ("kernel", "estimator", "batch_size") if k in p)
+        return f"CKAResult({files}; n={self.n_examples}; {how})"
 
     @property
     def offsets(self) -> list[int]:
