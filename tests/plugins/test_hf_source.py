@@ -24,6 +24,8 @@ from cka_offline_torch.text import TextInputs  # noqa: E402
 
 from . import minilm_factory  # noqa: E402  (sets HF_HUB_OFFLINE=1 before transformers loads anything)
 
+pytestmark = pytest.mark.slow
+
 FOLDER = minilm_factory.model_dir()
 SOURCE = f"hf:{FOLDER}"
 LAYERS = ["embeddings", "encoder.layer.2", "encoder.layer.5"]
@@ -34,7 +36,7 @@ WORDS = "the cat dog sat on a mat networks learn similar representations of text
 def sentences(n: int = 24, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
     texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 22)))) for _ in range(n)]
-    texts[3] = "Offline CKA, with commas, and \"quotes\"."
+    texts[3] = 'Offline CKA, with commas, and "quotes".'
     return texts
 
 
@@ -126,7 +128,12 @@ def test_jsonl_and_csv_with_an_id_column(tmp_path, reference, kind):
         reduction="token_mean",
         batch_size=8,
         # padded to max_length here: the mask keeps the padding out of the mean, so the values are the same
-        input_options={"text_column": "sentence", "id_column": "key", "max_length": MAX_LENGTH, "padding": "max_length"},
+        input_options={
+            "text_column": "sentence",
+            "id_column": "key",
+            "max_length": MAX_LENGTH,
+            "padding": "max_length",
+        },
     )
     ids, got, _ = read_rows(out, "encoder.layer.5")
     assert ids.tolist() == [f"s{i}" for i in order]
@@ -170,10 +177,20 @@ def test_text_reader_alone_tokenizes_like_transformers(tmp_path, minilm_tokenize
 @pytest.mark.parametrize(
     ("name", "content", "options", "match"),
     [
-        ("t.csv", "id,sentence\n1,a\n", {}, r"t\.csv has no column 'text' \(columns: id, sentence\); name it with -I text_column"),
+        (
+            "t.csv",
+            "id,sentence\n1,a\n",
+            {},
+            r"t\.csv has no column 'text' \(columns: id, sentence\); name it with -I text_column",
+        ),
         ("t.jsonl", '{"text": "a"}\n{oops\n', {}, r"line 1 of .*t\.jsonl is not valid JSON"),
         ("t.jsonl", '{"text": "a"}\n{"txt": "b"}\n', {}, r"line 1 of .*t\.jsonl has no 'text' \(keys: txt\)"),
-        ("t.jsonl", '{"text": "a", "k": 1}\n{"text": "b", "k": "x"}\n', {"id_column": "k"}, r"mix integers and strings"),
+        (
+            "t.jsonl",
+            '{"text": "a", "k": 1}\n{"text": "b", "k": "x"}\n',
+            {"id_column": "k"},
+            r"mix integers and strings",
+        ),
         ("t.csv", "k,text\n1,a\n1,b\n", {"id_column": "k"}, r"duplicate|unique"),
         ("t.txt", "a\nb\n", {"id_column": "k"}, r"id_column apply to \.jsonl/\.csv inputs"),
         ("t.txt", "a\n", {"max_length": 600}, r"max_length 600 .* exceeds the 512 positions .* -I max_length=512"),
@@ -208,10 +225,14 @@ def test_offline_name_not_in_cache_is_one_line(tmp_path, monkeypatch, no_network
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     (tmp_path / "t.txt").write_text("a\n", encoding="utf-8")
-    r = CliRunner().invoke(main, ["hf:nobody/no-such-model", "-i", str(tmp_path / "t.txt"), "-o", str(tmp_path / "o.h5")])
+    r = CliRunner().invoke(
+        main, ["hf:nobody/no-such-model", "-i", str(tmp_path / "t.txt"), "-o", str(tmp_path / "o.h5")]
+    )
     assert r.exit_code == 3, r.output
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cka-extract: error: hf:nobody/no-such-model is not a folder and not in")
+    assert len(lines) == 1 and lines[0].startswith(
+        "cka-extract: error: hf:nobody/no-such-model is not a folder and not in"
+    )
     assert "HF_HUB_OFFLINE=1" in lines[0] and "hf:path/to/folder" in lines[0]
     assert not (tmp_path / "o.h5").exists()
 
@@ -255,7 +276,9 @@ def _tiny_bert(folder, **config_extra):
 def test_pickle_checkpoint_needs_the_opt_in(tmp_path):
     model = _tiny_bert(tmp_path / "tiny")
     source = f"hf:{tmp_path / 'tiny'}"
-    with pytest.raises(ModelError, match=r"only a pickle checkpoint \(pytorch_model.bin\).*--allow-pickle-code-execution"):
+    with pytest.raises(
+        ModelError, match=r"only a pickle checkpoint \(pytorch_model.bin\).*--allow-pickle-code-execution"
+    ):
         HFExtractor(source).layers()
     with HFExtractor(source, options={"allow_pickle_code_execution": True}) as ext:
         ext.layers()
@@ -270,7 +293,9 @@ def test_custom_code_is_refused_and_never_run(tmp_path):
     _tiny_bert(folder, auto_map={"AutoModel": "modeling_evil.EvilModel"})
     marker = tmp_path / "ran"
     (folder / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
-    with pytest.raises(ModelError, match=r"brings its own Python code .*modeling_evil.EvilModel.*-X trust_remote_code=true"):
+    with pytest.raises(
+        ModelError, match=r"brings its own Python code .*modeling_evil.EvilModel.*-X trust_remote_code=true"
+    ):
         HFExtractor(f"hf:{folder}", options={"allow_pickle_code_execution": True}).layers()
     assert not marker.exists()
 

@@ -26,7 +26,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from cka_offline.errors import InputError, ModelError
 from cka_offline.extractor import InputReader, Option, sha256_path
@@ -282,7 +282,7 @@ class HFExtractor(TorchExtractor):
         "Hugging Face transformers models: hf:FOLDER or hf:ORG/NAME (AutoModel, safetensors; "
         "text inputs .txt/.jsonl/.csv tokenized with its tokenizer)"
     )
-    declared_options = (
+    declared_options: ClassVar[tuple[Option, ...]] = (  # type: ignore[assignment]  # one option more
         *TorchExtractor.declared_options,
         Option(
             "trust_remote_code",

@@ -158,7 +158,9 @@ class TextInputs(InputReader):
             try:
                 record = json.loads(line)
             except ValueError as exc:
-                raise InputError(f"line {n} of {path} is not valid JSON ({exc}); write one JSON object per line") from None
+                raise InputError(
+                    f"line {n} of {path} is not valid JSON ({exc}); write one JSON object per line"
+                ) from None
             if not isinstance(record, dict):
                 raise InputError(f"line {n} of {path} is a JSON {type(record).__name__}, not an object")
             texts.append(_text(record, text_column, f"line {n} of {path}", sorted(record)))
@@ -274,7 +276,9 @@ def _text(record: dict[str, Any], column: str, where: str, keys: list[str]) -> s
 
 def _id(record: dict[str, Any], column: str, where: str, keys: list[str]) -> Any:
     if column not in record or record[column] in (None, ""):
-        raise InputError(f"{where} has no id in {column!r} (keys: {', '.join(map(str, keys))}); every example needs one")
+        raise InputError(
+            f"{where} has no id in {column!r} (keys: {', '.join(map(str, keys))}); every example needs one"
+        )
     value = record[column]
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise InputError(f"{where}: id {value!r} in {column!r} must be an integer or a string")
