@@ -104,22 +104,13 @@ def test_cli_text_file_token_mean_matches_transformers(tmp_path, reference):
     assert len(prov["model_sha256"]) == 64 and "hf_tokenizer_sha256" in flat and "hf_weights_sha256" in flat
 
 
-@pytest.mark.parametrize("kind", ["jsonl", "csv"])
-def test_jsonl_and_csv_with_an_id_column(tmp_path, reference, kind):
-    """The Python API on .jsonl / .csv with a text and an id column: each row is its id's text."""
+def test_jsonl_with_an_id_column(tmp_path, reference, no_network):
+    """The Python API on a .jsonl with a text and an id column: each row is its id's text."""
     texts, want = reference
     order = np.random.default_rng(1).permutation(len(texts))  # rows shuffled: ids must follow the texts
-    path = tmp_path / f"texts.{kind}"
-    if kind == "jsonl":
-        rows = [json.dumps({"sentence": texts[i], "key": f"s{i}", "other": 1}) for i in order]
-        path.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    else:
-        import csv
-
-        with open(path, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["key", "sentence"])
-            writer.writerows([f"s{i}", texts[i]] for i in order)
+    path = tmp_path / "texts.jsonl"
+    rows = [json.dumps({"sentence": texts[i], "key": f"s{i}", "other": 1}) for i in order]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
     out = cka_offline.extract(
         SOURCE,
         str(path),
@@ -138,6 +129,29 @@ def test_jsonl_and_csv_with_an_id_column(tmp_path, reference, kind):
     ids, got, _ = read_rows(out, "encoder.layer.5")
     assert ids.tolist() == [f"s{i}" for i in order]
     np.testing.assert_allclose(got, want["encoder.layer.5"][order], rtol=0, atol=2e-5)
+
+
+def test_csv_with_an_id_column(tmp_path, minilm_tokenizer):
+    """A .csv (quoted commas, a text column that is not first): integer ids, the tokens of each row's text."""
+    import csv
+
+    texts = sentences()
+    order = np.random.default_rng(2).permutation(len(texts))
+    path = tmp_path / "texts.csv"
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["key", "sentence", "label"])
+        writer.writerows([100 + i, texts[i], "x"] for i in order)
+    reader = TextInputs(
+        str(path), tokenizer_object=minilm_tokenizer, text_column="sentence", id_column="key", max_length=MAX_LENGTH
+    )
+    assert reader.ids().dtype == np.int64 and reader.ids().tolist() == [100 + i for i in order]
+    want = minilm_tokenizer.tokenizer(
+        [texts[i] for i in order], padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="np"
+    )
+    got = reader.read(0, len(reader))
+    for key in ("input_ids", "attention_mask"):
+        np.testing.assert_array_equal(got[key], want[key])
 
 
 def test_fingerprint_sees_every_tokenization_setting(tmp_path, minilm_tokenizer):
