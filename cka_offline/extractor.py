@@ -315,6 +315,12 @@ class Extractor(ABC):
         """Inputs to use when the user gives none (an importer of precomputed arrays provides its rows)."""
         return None
 
+    def open_inputs(self, path: str, options: Mapping[str, Any]) -> InputReader | None:
+        """An input reader for ``path`` that needs this model (text tokenized with the model's own
+        tokenizer), or ``None`` (the default) to let the registered readers open it; ``options`` are the
+        input options (``-I``). Called before the registered readers are looked up."""
+        return None
+
     @abstractmethod
     def run(self, inputs: Mapping[str, np.ndarray], layers: Sequence[str]) -> dict[str, np.ndarray]:
         """Run one batch and return ``{layer name: array of shape (batch, *per-example shape)}``.

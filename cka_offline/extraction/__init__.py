@@ -423,6 +423,9 @@ def _open_inputs(
     path = os.fspath(inputs)
     if not os.path.exists(path) and not os.path.exists(path.rsplit(":", 1)[0]):
         raise InputError(f"inputs {path} not found; check the path")
+    own = ext.open_inputs(path, dict(input_options or {}))  # e.g. text with the model's tokenizer
+    if own is not None:
+        return own
     reader_cls = find_input_reader(path, pm)
     return reader_cls(path, **dict(input_options or {}))
 

@@ -129,7 +129,8 @@ class TorchExtractor(Extractor):
     def can_open(cls, source: str) -> bool:
         if not isinstance(source, str):
             return _is_module(source)
-        return parse_source(source) is not None
+        spec = parse_source(source)
+        return spec is not None and spec.kind != "hf"  # hf: sources are the hf extractor's (hf.py)
 
     def __init__(self, source: Any, *, device: str = "cpu", options: Mapping[str, Any] | None = None) -> None:
         live = _is_module(source)

@@ -8,5 +8,13 @@ from cka_offline.hookspecs import hookimpl
 @hookimpl
 def cka_extractors() -> list[type]:
     from .extractor import TorchExtractor  # cheap: torch itself is imported inside its methods
+    from .hf import HFExtractor
 
-    return [TorchExtractor]
+    return [TorchExtractor, HFExtractor]
+
+
+@hookimpl
+def cka_input_readers() -> list[type]:
+    from .text import TextInputs  # cheap: transformers is imported when a tokenizer is loaded
+
+    return [TextInputs]

@@ -54,7 +54,7 @@ ALTERNATIVES = (
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """A parsed source: ``kind`` is "factory", "export", "pickle" or "weights"."""
+    """A parsed source: ``kind`` is "factory", "export", "pickle", "weights" or "hf"."""
 
     kind: str
     path: str = ""  # the file (factory file, .pt2, .pt, .safetensors); "" for a module factory
@@ -65,6 +65,8 @@ class SourceSpec:
 def parse_source(source: str) -> SourceSpec | None:
     """The kind of ``source`` judged from its spelling only (nothing is opened or imported)."""
     text = source.strip()
+    if text.startswith("hf:"):  # a transformers model (hf.HFExtractor), before 'hf:name' reads as a factory
+        return SourceSpec("hf", path=text[3:])
     head, sep, attr = text.rpartition(":")
     if sep and head.lower().endswith(".py") and _ATTR.match(attr):
         return SourceSpec("factory", path=head, attr=attr)
