@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, overload
 import numpy as np
 
 from .errors import OutputError
-from .files import atomic_output
+from .files import write_bytes
 from .results.summary import display_names
 
 if TYPE_CHECKING:
@@ -121,7 +121,8 @@ def plot_heatmap(
         dpi: resolution of raster output.
 
     Raises:
-        OutputError: ``path`` has an extension other than .png, .pdf or .svg.
+        OutputError: ``path`` has an extension other than .png, .pdf or .svg, or cannot be written (its
+            folder is missing or not writable, the disk is full).
         ValueError: ``labels`` do not fit the layers.
         IndexError: no such file.
     """
@@ -191,9 +192,12 @@ def plot_heatmap(
                     color="black" if (not math.isnan(v) and v > 0.6) else "white",
                 )
     ax.set_title(heatmap_title(result, block) if title is None else title, fontsize=11)
-    if fspath is not None:
-        with atomic_output(fspath) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.15)
+    if fspath is not None:  # drawn in memory, then written atomically: a full disk is one clear error
+        import io
+
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.15)
+        write_bytes(fspath, buffer.getvalue())
         if pair is not None:
             return fspath
     return fig

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import signal
 import sys
 import threading
@@ -236,6 +237,36 @@ class DeviceType(click.ParamType):
         return describe_kinds(self.allowed)
 
 
+class FiniteFloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses ``nan`` and ``inf`` (click's range comparisons let NaN through)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = click.types.FloatParamType.convert(self, value, param, ctx)  # the float, before the range check
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+class SizeType(click.ParamType):
+    """A memory size: bytes or ``8G``, ``512M``, ``1.5GiB`` (binary units); at least 1 byte."""
+
+    name = "size"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from ..analysis.options import parse_size
+
+        try:
+            size = parse_size(value, "the size")
+        except ValueError:
+            self.fail(f"{value!r} must be a size such as 8G, 512M or 1000000 (bytes).", param, ctx)
+        if size is None or size < 1:
+            self.fail(f"{value!r} is below 1 byte; give a size such as 8G or 512M.", param, ctx)
+        return size
+
+
 def split_list(values: Iterable[str]) -> list[str]:
     """Repeated and comma-separated values -> one list (``--layers a,b --layers c``)."""
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
@@ -268,5 +299,7 @@ __all__ = [
     "parse_key_values",
     "split_list",
     "DeviceType",
+    "FiniteFloatRange",
     "ProgressBar",
+    "SizeType",
 ]
