@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO, TypeVar, cast
 
@@ -166,22 +167,47 @@ def cli_errors(prog: str, debug: bool = False, *, interrupted: str | Callable[[]
         previous = None
     unraisable_hook = sys.unraisablehook
     sys.unraisablehook = _quiet_unraisable(unraisable_hook)
+    # Python warnings of any thread (numpy, matplotlib, h5py, threadpoolctl, a plugin's framework) are held:
+    # printed as one line each after a success or a bug, dropped after a known error (its one line is what
+    # the person must read; --debug shows them) or Ctrl-C
+    caught = contextlib.ExitStack()
+    held = caught.enter_context(warnings.catch_warnings(record=True))
+    show_warnings = True
     try:
         yield
     except CKAOfflineError as exc:
+        show_warnings = False
         if debug:
+            _print_warnings(prog, held)
             traceback.print_exc(file=sys.stderr)
         fail(prog, str(exc), exc.exit_code)
     except KeyboardInterrupt:
+        show_warnings = False
         if debug:
             traceback.print_exc(file=sys.stderr)
         text = interrupted() if callable(interrupted) else interrupted or "interrupted"
         click.echo(f"{prog}: {text}", err=True)
         sys.exit(INTERRUPTED_EXIT_CODE)
     finally:
+        caught.close()
+        if show_warnings:
+            _print_warnings(prog, held)
         sys.unraisablehook = unraisable_hook
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def _print_warnings(prog: str, records: list[warnings.WarningMessage]) -> None:
+    """Each distinct Python warning once, as one line: ``prog: warning: message (Category)``."""
+    seen: set[tuple[type, str]] = set()
+    for record in records:
+        text = " ".join(str(record.message).split())
+        key = (record.category, text)
+        if key in seen:
+            continue
+        seen.add(key)
+        click.echo(f"{prog}: warning: {text} ({record.category.__name__})", err=True)
+    records.clear()
 
 
 def handle_errors(prog: str, *, interrupted: Callable[..., str] | None = None) -> Callable[[F], F]:
