@@ -235,6 +235,7 @@ def _non_finite_layers(grams: Any, n_layers: int) -> list[int]:
     told)."""
     if grams is None:
         return list(range(n_layers))
+    finite: Any
     if isinstance(grams, np.ndarray):
         with np.errstate(all="ignore"):
             finite = np.isfinite(grams).reshape(n_layers, -1).all(axis=1)

@@ -166,7 +166,9 @@ def test_an_output_folder_without_write_permission(tmp_path, pair):
                 timeout=120,
             )  # a million epochs: only a refusal before the analysis ends in time
             assert r.returncode == 3, r.stderr
-            assert r.stderr == f"cka-analyze: error: {ro / name}: folder {ro} is not writable; choose another {option}\n"
+            assert (
+                r.stderr == f"cka-analyze: error: {ro / name}: folder {ro} is not writable; choose another {option}\n"
+            )
             assert os.listdir(ro) == []
     finally:
         ro.chmod(0o755)
@@ -372,8 +374,11 @@ def test_non_finite_in_both_engines_warns_nothing(tmp_path, monkeypatch, engine,
     path = _with(tmp_path, "bad.h5", row, bad)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with pytest.raises(ActivationValueError, match=rf"bad\.h5: layer 'conv1' holds -?(nan|inf) for example id "
-                           rf"{1000 + row} \(row {row}; 1 of the \d+ example\(s\) read hold NaN or Inf\)"):
+        with pytest.raises(
+            ActivationValueError,
+            match=rf"bad\.h5: layer 'conv1' holds -?(nan|inf) for example id "
+            rf"{1000 + row} \(row {row}; 1 of the \d+ example\(s\) read hold NaN or Inf\)",
+        ):
             analyze(path, batch_size=16, kernel=kernel, device="cpu", hash_files=False)
     assert [str(w.message) for w in caught] == []
 
@@ -456,4 +461,3 @@ def test_a_plot_with_characters_the_font_lacks_warns_once(tmp_path):
         assert len(lines) == 1, r.stderr
         assert lines[0].startswith("cka-analyze: warning: the plot's font has no glyph for 3 character(s)"), lines
     assert (tmp_path / "p.png").stat().st_size > 1000
-
