@@ -9,6 +9,7 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -180,6 +181,13 @@ def cli_errors(prog: str, debug: bool = False, *, interrupted: str | Callable[[]
         if debug:
             _print_warnings(prog, held)
             traceback.print_exc(file=sys.stderr)
+        if getattr(exc, "abandon_process", False):
+            # an HDF5 file whose write failed cannot be closed: h5py's finalizers print tracebacks and HDF5
+            # crashes the process at exit, so after the one line the process ends without running them
+            click.echo(f"{prog}: error: {' '.join(str(exc).split())}", err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.exit_code)
         fail(prog, str(exc), exc.exit_code)
     except KeyboardInterrupt:
         show_warnings = False

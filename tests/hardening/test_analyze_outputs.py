@@ -461,3 +461,24 @@ def test_a_plot_with_characters_the_font_lacks_warns_once(tmp_path):
         assert len(lines) == 1, r.stderr
         assert lines[0].startswith("cka-analyze: warning: the plot's font has no glyph for 3 character(s)"), lines
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_an_error_that_abandons_the_process_is_one_line_and_its_exit_code():
+    """A writer whose HDF5 write failed marks its error ``abandon_process``: the command prints the one line
+    and ends without running h5py's finalizers (which print tracebacks) or HDF5's close at exit (which
+    crashes with SIGSEGV)."""
+    code = (
+        "from cka_offline.cli.common import cli_errors\n"
+        "from cka_offline.errors import OutputError\n"
+        "error = OutputError('x.h5: the disk is full; free space and rerun')\n"
+        "error.abandon_process = True\n"
+        "with cli_errors('cka-extract'):\n"
+        "    raise error\n"
+        "print('not reached')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (
+        3,
+        "",
+        "cka-extract: error: x.h5: the disk is full; free space and rerun\n",
+    )
