@@ -280,8 +280,10 @@ def main(
         try:
             with HeldWarnings() as held:  # the result's warnings are printed once, below
                 result = analyze(list(files), options, progress=bar, distributed=ctx)
-        finally:
-            bar.finish()
+        except BaseException:
+            bar.abandon()  # on a terminal the error line is then all that stays
+            raise
+        bar.finish()
         held.release(result.warnings)
         if not ctx.is_main:
             return

@@ -322,6 +322,17 @@ class ProgressBar(TqdmProgress):
             raise KeyboardInterrupt
         super().__call__(done, total)
 
+    def abandon(self) -> None:
+        """Close the bar after an error: on a terminal it is erased, so that the error's one line is all that
+        stays on screen (a log keeps the progress lines it was given)."""
+        bar = self._bar
+        if bar is not None and not self._closed and getattr(bar, "fp", None) is not None:
+            from ..progress import _is_tty
+
+            if _is_tty(self.stream if self.stream is not None else sys.stderr):
+                bar.leave = False
+        self.finish()
+
 
 __all__ = [
     "debug_option",

@@ -482,3 +482,25 @@ def test_an_error_that_abandons_the_process_is_one_line_and_its_exit_code():
         "",
         "cka-extract: error: x.h5: the disk is full; free space and rerun\n",
     )
+
+
+def test_the_progress_bar_is_erased_on_a_terminal_after_an_error():
+    """On a terminal an error leaves its one line only: the bar is cleared (``abandon``), not left drawn."""
+    import io
+
+    from cka_offline.cli.common import ProgressBar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for method, last in (("finish", "\n"), ("abandon", "\r")):
+        screen = Terminal()
+        bar = ProgressBar("analyzing", stream=screen)
+        bar(4, 200)
+        bar(8, 200)
+        getattr(bar, method)()
+        text = screen.getvalue()
+        assert text.endswith(last) and "8/200" in text, (method, text)
+        if method == "abandon":
+            assert text.rsplit("\r", 2)[-2].strip() == ""  # the bar's line overwritten with blanks
