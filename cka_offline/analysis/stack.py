@@ -202,7 +202,7 @@ class LayerStack:
         if need > free:
             raise ResourceError(
                 f"layer {layer.name!r} of {self.labels[layer.file]} is stored compressed; uniform minibatches "
-                f"need it decompressed ({need / 2**30:.2f} GiB) into {folder}, which has {free / 2**30:.2f} GiB "
+                f"need it decompressed ({_size_text(need)}) into {folder}, which has {_size_text(free)} "
                 "free; give a folder with room (--scratch-dir), or read whole chunks with --shuffle blocks "
                 "(biased when rows are stored in class order)"
             )
@@ -222,7 +222,7 @@ class LayerStack:
         except OSError as exc:
             raise ResourceError(
                 f"layer {layer.name!r} of {self.labels[layer.file]} is stored compressed; decompressing it "
-                f"({need / 2**30:.2f} GiB) into {folder} failed: {exc.strerror or exc}; give a folder with room "
+                f"({_size_text(need)}) into {folder} failed: {exc.strerror or exc}; give a folder with room "
                 "that you can write (--scratch-dir), or read whole chunks with --shuffle blocks"
             ) from exc
         log.info(
@@ -281,6 +281,14 @@ class LayerStack:
         versions = tuple((f.n_examples, str(f.provenance.get("created", ""))) for f in self.files)
         blocks = (params.get("block_rows"), params.get("buffer_blocks"))
         return digest.hexdigest(), layers, versions, blocks
+
+
+def _size_text(size: float) -> str:
+    """``1.5 GiB``, ``512.0 KiB``: a size for a message."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{int(size)} bytes"
 
 
 def read_rows(

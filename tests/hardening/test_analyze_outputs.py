@@ -504,3 +504,30 @@ def test_the_progress_bar_is_erased_on_a_terminal_after_an_error():
         assert text.endswith(last) and "4/200" in text, (method, text)
         if method == "abandon":
             assert text.rsplit("\r", 2)[-2].strip() == ""  # the bar's line overwritten with blanks
+
+
+def test_a_scratch_folder_that_fills_up_is_one_line_not_sigbus(tmp_path, monkeypatch):
+    """Compressed layers are decompressed into a memory-mapped scratch file for uniform minibatches. Its
+    blocks are reserved first: a write into a mapped page of a full disk kills the process with SIGBUS
+    (checked by hand on a full tmpfs). Here the reservation fails as on a full disk (ENOSPC) after the
+    free-space check passed: one line naming the layer and the folder, and the scratch folder is removed."""
+    import errno
+
+    rng = np.random.default_rng(0)
+    layers = {"l0": rng.normal(size=(64, 8)).astype(np.float32), "l1": rng.normal(size=(64, 4)).astype(np.float32)}
+    path = write_acts(tmp_path / "gz.h5", layers, compression="gzip")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    r = invoke("cka-analyze", [path, "-m", "8", "-q", "--scratch-dir", scratch])
+    assert r.exit_code == 3
+    assert error_line(r, "cka-analyze") == (
+        f"layer 'l0' of {path} is stored compressed; decompressing it (2.00 KiB) into {scratch} failed: No space "
+        "left on device; give a folder with room that you can write (--scratch-dir), or read whole chunks with "
+        "--shuffle blocks"
+    )
+    assert os.listdir(scratch) == []
