@@ -8,9 +8,11 @@ h5py and numpy free: the CLIs import this before anything heavy.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterable, Iterator
 
 from .errors import OutputError
 
@@ -71,4 +73,140 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[str]:
         raise
 
 
-__all__ = ["PARTIAL_SUFFIX", "atomic_output", "partial_path", "refuse_existing", "remove_quietly", "require_folder"]
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same inode (symlinks, hard links, ``./a.h5``), or, when one
+    does not exist, the same resolved path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output(
+    path: str | os.PathLike[str],
+    *,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    overwrite: bool = False,
+    option: str = "-o",
+    hint: str | None = None,
+) -> None:
+    """Refuse an output before any work is done: a folder, a folder that does not exist or is not
+    writable, one of the command's own ``inputs`` (even with ``overwrite``), or an existing file without
+    ``overwrite``. ``option`` names the command-line option in the fix; ``hint``: the alternative offered
+    after ``--overwrite`` (default ``choose another OPTION``).
+
+    Raises:
+        OutputError: saying which and the fix.
+    """
+    text = os.fspath(path)
+    for source in inputs:
+        if same_file(text, source):
+            raise OutputError(
+                f"{option} {text} is one of the inputs ({os.fspath(source)}); writing it would destroy that input "
+                f"(even with --overwrite): choose another {option}"
+            )
+    if os.path.isdir(text):
+        raise OutputError(f"{option} {text} is a folder; give a file name ({option} {os.path.join(text, 'NAME')})")
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.exists(folder):
+        raise OutputError(f"cannot write {text}: folder {folder} does not exist; create it first")
+    if not os.path.isdir(folder):
+        raise OutputError(f"cannot write {text}: {folder} is not a folder; choose another {option}")
+    if not writable_folder(folder):
+        raise OutputError(f"{text}: folder {folder} is not writable; choose another {option}")
+    refuse_existing(text, overwrite=overwrite, hint=hint or f"choose another {option}")
+
+
+def writable_folder(folder: str) -> bool:
+    """Create and remove an empty file in ``folder``: the only test that permission bits, ACLs, read-only
+    mounts and root's capabilities all answer truthfully."""
+    probe = os.path.join(folder, f".cka-probe.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:
+        return False
+    remove_quietly(probe)
+    return True
+
+
+#: free space kept in hand beyond a file's own bytes (file system metadata)
+WRITE_MARGIN = 64 * 1024
+
+
+def _size_text(size: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{int(size)} bytes"
+
+
+def room_error(path: str | os.PathLike[str], need: int, exc: BaseException | None = None) -> OutputError | None:
+    """The error for writing ``need`` bytes as ``path`` when the disk or the process's file size limit
+    cannot take them (``exc``: the write error, if there was one), else None."""
+    text = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(text))
+    code = getattr(exc, "errno", None)
+    if sys.platform != "win32":
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if (limit != resource.RLIM_INFINITY and need > limit) or code == errno.EFBIG:
+            shown = "unlimited" if limit == resource.RLIM_INFINITY else f"{limit} bytes"
+            return OutputError(
+                f"{text}: the file would grow past this process's file size limit ({shown}, ulimit -f; "
+                f"{need} bytes needed); raise the limit, or write it elsewhere"
+            )
+    try:
+        st = os.statvfs(folder)
+        root = hasattr(os, "geteuid") and os.geteuid() == 0
+        free: int | None = st.f_frsize * (st.f_bfree if root else st.f_bavail)
+    except (AttributeError, OSError):  # no statvfs (Windows): only the write error tells
+        free = None
+    if code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and need + WRITE_MARGIN > free):
+        have = "" if free is None else f"{_size_text(free)} free in {folder}, "
+        return OutputError(
+            f"{text}: the disk is full ({have}{_size_text(need + WRITE_MARGIN)} needed); free space, or write it "
+            "elsewhere"
+        )
+    return None
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> str:
+    """Write ``data`` as ``path`` atomically (:func:`atomic_output`), flushed to the disk, after checking that
+    the disk and the process's file size limit can take it; return the path.
+
+    Raises:
+        OutputError: the folder is missing or not writable, or the disk is full (naming the file, the free
+            space and the space needed); nothing is left at ``path`` or under a temporary name.
+    """
+    text = os.fspath(path)
+    refused = room_error(text, len(data))
+    if refused is not None:
+        raise refused
+    try:
+        with atomic_output(text) as tmp, open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OutputError as exc:
+        full = room_error(text, len(data), exc.__cause__) if isinstance(exc.__cause__, OSError) else None
+        if full is not None and getattr(exc.__cause__, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise full from exc.__cause__
+        raise
+    return text
+
+
+__all__ = [
+    "PARTIAL_SUFFIX",
+    "WRITE_MARGIN",
+    "atomic_output",
+    "check_output",
+    "partial_path",
+    "refuse_existing",
+    "remove_quietly",
+    "require_folder",
+    "room_error",
+    "same_file",
+    "writable_folder",
+    "write_bytes",
+]

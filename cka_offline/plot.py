@@ -7,15 +7,18 @@ pyplot, so it neither opens a window nor changes a notebook's backend.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+import re
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
 from .errors import OutputError
-from .files import atomic_output
+from .files import write_bytes
 from .results.summary import display_names
 
 if TYPE_CHECKING:
@@ -121,7 +124,8 @@ def plot_heatmap(
         dpi: resolution of raster output.
 
     Raises:
-        OutputError: ``path`` has an extension other than .png, .pdf or .svg.
+        OutputError: ``path`` has an extension other than .png, .pdf or .svg, or cannot be written (its
+            folder is missing or not writable, the disk is full).
         ValueError: ``labels`` do not fit the layers.
         IndexError: no such file.
     """
@@ -191,12 +195,46 @@ def plot_heatmap(
                     color="black" if (not math.isnan(v) and v > 0.6) else "white",
                 )
     ax.set_title(heatmap_title(result, block) if title is None else title, fontsize=11)
-    if fspath is not None:
-        with atomic_output(fspath) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.15)
+    if fspath is not None:  # drawn in memory, then written atomically: a full disk is one clear error
+        import io
+
+        buffer = io.BytesIO()
+        with _glyphs_summarized():
+            fig.savefig(buffer, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.15)
+        write_bytes(fspath, buffer.getvalue())
         if pair is not None:
             return fspath
     return fig
+
+
+@contextlib.contextmanager
+def _glyphs_summarized() -> Iterator[None]:
+    """matplotlib warns once per character its font lacks (CJK layer names: one warning per glyph); they
+    become one warning listing the characters. Other warnings pass through unchanged."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    missing: list[str] = []
+    for record in caught:
+        found = _GLYPH.match(str(record.message))
+        if found and issubclass(record.category, UserWarning):
+            char = chr(int(found.group(1)))
+            if char not in missing:
+                missing.append(char)
+            continue
+        warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
+    if missing:
+        warnings.warn(
+            f"the plot's font has no glyph for {len(missing)} character(s) of the labels ({''.join(missing[:20])}"
+            f"{'...' if len(missing) > 20 else ''}); they are drawn as boxes: install a font that has them "
+            "(or give plot_heatmap labels=)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+#: matplotlib's warning for a character missing from the font
+_GLYPH = re.compile(r"Glyph (\d+) .*missing from (current )?font")
 
 
 def heatmap_title(result: CKAResult, block: CKAPair) -> str:

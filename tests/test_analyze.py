@@ -511,7 +511,8 @@ def test_gram_overflow_from_a_rare_outlier_is_reported(tmp_path):
     pa = write_acts(tmp_path / "a.h5", a)
     with pytest.raises(
         ActivationValueError,
-        match="minibatch .*: the Grams overflow float32 although the activations are finite.*--precision float64",
+        match=rf"a\.h5: layer 'layer0': its float32 Gram matrix of minibatch \d+ overflows although the activations "
+        rf"are finite \(values up to 1e\+25, largest for example id {outside}, row {outside}\); use --precision float64$",
     ):
         analyze([pa], batch_size=16, device="cpu")
     r = analyze([pa], batch_size=16, precision="float64", device="cpu")  # the fix runs
@@ -564,7 +565,13 @@ def test_check_options():
         ({"full_max_bytes": "lots"}, r"full_max_bytes \(--max-memory\) must be a size such as 8G"),
         ({"rbf_fraction": 0.0}, "rbf fraction must be a number > 0"),
         ({"batch_size": 3}, "batch size must be at least 4"),
-        ({"epochs": 0}, "epochs must be at least 1"),
+        ({"epochs": 0}, "epochs must be 1 to 1000000, got 0"),
+        ({"epochs": 10**6 + 1}, "epochs must be 1 to 1000000"),
+        ({"seed": -1}, r"seed must be 0 to 9223372036854775807 \(2\*\*63 - 1\), got -1"),
+        ({"seed": 2**63}, "seed must be 0 to"),
+        ({"confidence": 1.0}, "confidence must be a level between 0 and 1"),
+        ({"confidence": float("nan")}, "confidence must be a level between 0 and 1"),
+        ({"confidence": 0}, "confidence must be a level between 0 and 1"),
         ({"n_groups": 1}, "n_groups must be at least 2"),
     ]:
         with pytest.raises(ValueError, match=message):

@@ -74,19 +74,38 @@ def gram_into(
         grams[i] = gram_rbf(x, bandwidths[i] * scale, dtype=gram_dtype)
 
 
+#: a layer's power of two is applied in factors of at most 2**64: every factor is a finite float32 (the scale
+#: of float32 subnormals, about 2**133, is not), and the products stay exact and in range
+_SCALE_STEP = 64
+
+
 def _scaled(x: Any, scale: float) -> Any:
-    """``x * scale``, in place when ``x`` is float32 or wider (the caller's scratch); float16 rows are
-    widened to float32 first (a power of two can leave float16's range)."""
+    """``x * scale`` (``scale`` a power of two), in place when ``x`` is float32 or wider (the caller's
+    scratch); float16 rows are widened to float32 first (a power of two can leave float16's range)."""
     if scale == 1.0:
         return x
     if isinstance(x, np.ndarray):
-        if x.dtype.itemsize >= 4:
-            x *= x.dtype.type(scale)
-            return x
-        return x.astype(np.float32) * np.float32(scale)
-    if x.element_size() >= 4:
-        return x.mul_(scale)
-    return x.float().mul_(scale)
+        if x.dtype.itemsize < 4:
+            x = x.astype(np.float32)
+        for factor in _factors(scale):
+            x *= x.dtype.type(factor)
+        return x
+    if x.element_size() < 4:
+        x = x.float()
+    for factor in _factors(scale):
+        x.mul_(factor)
+    return x
+
+
+def _factors(scale: float) -> list[float]:
+    """Powers of two of at most ``2**±64`` whose product is ``scale`` (itself a power of two)."""
+    exponent = math.frexp(scale)[1] - 1
+    factors = []
+    while exponent:
+        step = max(-_SCALE_STEP, min(_SCALE_STEP, exponent))
+        factors.append(math.ldexp(1.0, step))
+        exponent -= step
+    return factors
 
 
 @dataclass(frozen=True)

@@ -81,13 +81,18 @@ def layer_statistics(
         centred = x.astype(np.float64)
         centred -= centred.mean(axis=0)
         rms = math.sqrt(float(np.vdot(centred, centred)) / centred.size) if centred.size else 0.0
-        exponent = 1 - math.frexp(rms)[1] if rms > 0 and math.isfinite(rms) else 0
+        bandwidth = None
+        if rbf_fraction is not None:
+            constant = bool(np.all(x == x[:1]))  # CKA undefined; reported with the other constant layers
+            bandwidth = math.nan if constant else rbf_bandwidth(x, rbf_fraction)
+            bandwidths.append(bandwidth)
+        # RBF: the Gram depends on x / sigma only, so the scale brings sigma (not the root mean square, which
+        # a few outliers dominate) into [1, 2): -0.5 / (sigma * scale)^2 must be a float32 number too
+        size = bandwidth if bandwidth is not None and math.isfinite(bandwidth) else rms
+        exponent = 1 - math.frexp(size)[1] if size > 0 and math.isfinite(size) else 0
         # ordinary scales need no rescaling (and so cost no pass over the rows): float32 Grams of values of
         # root mean square 2^-20..2^20 are far from float32's limits
         scales.append(math.ldexp(1.0, exponent) if abs(exponent) > SCALE_FREE_EXPONENT else 1.0)
-        if rbf_fraction is not None:
-            constant = bool(np.all(x == x[:1]))  # CKA undefined; reported with the other constant layers
-            bandwidths.append(math.nan if constant else rbf_bandwidth(x, rbf_fraction))
     return scales, bandwidths if rbf_fraction is not None else None
 
 
@@ -139,7 +144,7 @@ def run_minibatch(
         try:  # synchronizes: the device is done with the batch; the Grams are scratch, overwritten next time
             acc.update(grams, batch_index=batch.index, group=batch.group, overwrite=True)
         except ActivationValueError:
-            raise_non_finite(stack, batch, settings.gram_dtype)
+            raise_non_finite(stack, batch, settings.gram_dtype, grams)
         if reader is not None:
             reader.release(batch)
         n_batches += 1
@@ -195,16 +200,51 @@ def _pipeline(
     return reader, source, compute
 
 
-def raise_non_finite(stack: LayerStack, batch: Batch, gram_dtype: str) -> None:
-    """The accumulator found a non-finite Gram: name the layer and example holding NaN/Inf, else say the
-    Grams overflowed ``gram_dtype``."""
+def raise_non_finite(stack: LayerStack, batch: Batch, gram_dtype: str, grams: Any = None) -> None:
+    """The accumulator found a non-finite HSIC term in ``batch``: raise ActivationValueError naming the file,
+    layer and example that caused it -- the first example holding NaN/Inf (file order), or, when the
+    activations are finite, the layer whose ``gram_dtype`` Grams overflowed and its largest example.
+
+    ``grams``: the minibatch's Grams (numpy or torch), to tell which layers are at fault; without them every
+    layer is read again."""
+    from ..store.writer import format_id
+
+    suspects = _non_finite_layers(grams, len(stack))
     # the batch's arrays were centred in place (a NaN spreads over its column), so read the rows again
-    for i in range(len(stack)):
+    for i in suspects:
         stack.read_checked(i, batch.positions)
-    raise ActivationValueError(
-        f"minibatch {batch.index}: the Grams overflow {gram_dtype} although the "
-        "activations are finite (very large values); use --precision float64"
+    for i in suspects:
+        x = np.abs(stack.read(i, batch.positions).astype(np.float64))
+        row = int(np.argmax(x.max(axis=1))) if x.size else 0
+        layer = stack.layers[i]
+        file_row = int(stack.alignment.rows_of(layer.file, np.asarray(batch.positions))[row])
+        raise ActivationValueError(
+            f"{stack.labels[layer.file]}: layer {layer.name!r}: its {gram_dtype} Gram matrix of minibatch "
+            f"{batch.index} overflows although the activations are finite (values up to {float(x.max()):.3g}, "
+            f"largest for example id {format_id(stack.alignment.ids[batch.positions[row]])}, row {file_row}); "
+            "use --precision float64"
+        )
+    raise ActivationValueError(  # pragma: no cover - the HSIC sums overflowed float64 from finite Grams
+        f"minibatch {batch.index}: the HSIC terms overflow float64 although the activations and Grams are finite; "
+        "rescale the activations"
     )
+
+
+def _non_finite_layers(grams: Any, n_layers: int) -> list[int]:
+    """The stacked layers whose Grams hold NaN or Inf off the diagonal (all layers when that cannot be
+    told)."""
+    if grams is None:
+        return list(range(n_layers))
+    finite: Any
+    if isinstance(grams, np.ndarray):
+        with np.errstate(all="ignore"):
+            finite = np.isfinite(grams).reshape(n_layers, -1).all(axis=1)
+    else:  # a torch tensor, on its device
+        import torch
+
+        finite = torch.isfinite(grams).reshape(n_layers, -1).all(dim=1).cpu().numpy()
+    bad = [i for i in range(n_layers) if not finite[i]]
+    return bad or list(range(n_layers))
 
 
 def run_full(

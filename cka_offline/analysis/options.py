@@ -28,6 +28,11 @@ DEVICES = ("auto", "cpu", "cuda")
 SHUFFLES = ("uniform", "blocks")
 #: the smallest minibatch the unbiased HSIC_1 is defined for
 MIN_BATCH = 4
+#: seeds are 0 .. 2**63 - 1 (numpy's generators take non-negative integers; 63 bits keep every reader of a
+#: result's ``params``, pandas and other languages, exact)
+MAX_SEED = 2**63 - 1
+#: passes over the data: beyond a million a run would not end, and the minibatch counts stay far from 2**63
+MAX_EPOCHS = 10**6
 #: memory the shuffle buffer may use for all layers of all files together
 BUFFER_BYTES = 256 * 2**20
 
@@ -116,7 +121,7 @@ class AnalysisOptions:
         for name in ("intersect", "allow_external", "hash_files"):
             object.__setattr__(self, name, bool(getattr(self, name)))
         object.__setattr__(self, "device", str(parse_device(self.device, allowed=DEVICES)))
-        object.__setattr__(self, "full_max_bytes", _size(self.full_max_bytes, "full_max_bytes (--max-memory)"))
+        object.__setattr__(self, "full_max_bytes", parse_size(self.full_max_bytes, "full_max_bytes (--max-memory)"))
         self._check()
 
     def _check(self) -> None:
@@ -134,8 +139,17 @@ class AnalysisOptions:
             raise ValueError(f"rbf fraction must be a number > 0, got {self.rbf_fraction}")
         if self.batch_size < MIN_BATCH:
             raise ValueError(f"batch size must be at least {MIN_BATCH} (unbiased HSIC_1), got {self.batch_size}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if not 1 <= self.epochs <= MAX_EPOCHS:
+            raise ValueError(f"epochs must be 1 to {MAX_EPOCHS}, got {self.epochs}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be 0 to {MAX_SEED} (2**63 - 1), got {self.seed}")
+        if not (
+            isinstance(self.confidence, (int, float))
+            and not isinstance(self.confidence, bool)
+            and math.isfinite(self.confidence)
+            and 0 < self.confidence < 1
+        ):
+            raise ValueError(f"confidence must be a level between 0 and 1 (e.g. 0.95), got {self.confidence!r}")
         if self.n_groups < 2:
             raise ValueError(f"n_groups must be at least 2 for a jackknife standard error, got {self.n_groups}")
         if (self.buffer_bytes is not None and self.buffer_bytes < 1) or self.prefetch < 1:
@@ -202,7 +216,7 @@ def _integer(value: Any, name: str) -> int:
 _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
-def _size(value: Any, name: str) -> int | None:
+def parse_size(value: Any, name: str) -> int | None:
     """Bytes from an integer or a size such as ``8G``, ``1.5GiB``, ``512M`` or ``1000000``; None stays None."""
     if value is None:
         return None
@@ -221,6 +235,8 @@ def _size(value: Any, name: str) -> int | None:
 
 __all__ = [
     "MAPPED_BYTES",
+    "MAX_EPOCHS",
+    "MAX_SEED",
     "AnalysisOptions",
     "BUFFER_BYTES",
     "DEVICES",
@@ -230,4 +246,5 @@ __all__ = [
     "PRECISIONS",
     "SHUFFLES",
     "check_options",
+    "parse_size",
 ]

@@ -92,7 +92,7 @@ def run_analysis(
                 device=params["device"],
                 gram_dtype=options.precision,
                 bandwidths=bandwidths,
-                n_groups=options.n_groups,
+                n_groups=plan.groups,  # the groups the plan forms: --n-groups beyond them would only allocate
                 confidence=options.confidence,
                 prefetch=options.prefetch,
                 scratch_dir=options.scratch_dir,

@@ -4,6 +4,7 @@ their labels and the id alignment -- the one object the loops, the batch sources
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import math
@@ -86,6 +87,13 @@ class LayerStack:
             )
             for k, f in enumerate(files)
         ]
+        empty = [label for f, label in zip(files, labels) if len(f.ids) == 0]
+        if empty:  # said before the alignment, which would only list the other files' ids as missing
+            raise InsufficientDataError(
+                f"{', '.join(empty)} hold{'s' if len(empty) == 1 else ''} no examples (0 rows); CKA needs at least "
+                f"{MIN_BATCH} examples in every file: extract {'it' if len(empty) == 1 else 'them'} again from "
+                "inputs that are not empty"
+            )
         alignment = align_ids([f.ids for f in files], labels, intersect=options.intersect)
         if alignment.n < MIN_BATCH:
             what = "common to all files" if options.intersect else "in"
@@ -119,19 +127,24 @@ class LayerStack:
         return read_rows(f, layer.name, rows[positions], layer.file == 0)
 
     def check_finite(self, i: int, x: np.ndarray, positions: np.ndarray) -> None:
-        """Raise ActivationValueError naming the file, layer and example id when ``x`` (the rows of
-        ``positions`` of stacked layer ``i``) holds NaN or Inf."""
-        bad = ~np.isfinite(x)
-        if bad.any():
+        """Raise ActivationValueError naming the file, layer, example id and row when ``x`` (the rows of
+        ``positions`` of stacked layer ``i``) holds NaN or Inf: the first such example in file order."""
+        with np.errstate(all="ignore"):
+            bad_rows = ~np.isfinite(x).all(axis=1)
+        if bad_rows.any():
             from ..store.writer import format_id
 
             layer = self.layers[i]
-            row = int(np.flatnonzero(bad.any(axis=1))[0])
-            value = x[row][bad[row]][0]
+            file_rows = self.alignment.rows_of(layer.file, np.asarray(positions))
+            candidates = np.flatnonzero(bad_rows)
+            row = int(candidates[np.argmin(file_rows[candidates])])  # the first in the file, not in the batch
+            values = x[row]
+            value = values[~np.isfinite(values)][0]
             raise ActivationValueError(
                 f"{self.labels[layer.file]}: layer {layer.name!r} holds {value} for example id "
-                f"{format_id(self.alignment.ids[positions[row]])} ({int(bad.any(axis=1).sum())} example(s) in this "
-                "minibatch affected); CKA needs finite activations -- fix the model or inputs and extract again"
+                f"{format_id(self.alignment.ids[positions[row]])} (row {int(file_rows[row])}; "
+                f"{len(candidates)} of the {len(x)} example(s) read hold NaN or Inf); CKA needs finite activations "
+                "-- fix the model or inputs and extract again"
             )
 
     def read_checked(self, i: int, positions: np.ndarray) -> np.ndarray:
@@ -168,7 +181,8 @@ class LayerStack:
         memory-mapped from there, so uniform minibatches can gather any rows.
 
         Raises:
-            ResourceError: the scratch folder has too little free space (names ``--scratch-dir``).
+            ResourceError: the scratch folder is missing, not writable or has too little free space (names
+                ``--scratch-dir``).
         """
         import tempfile
 
@@ -178,24 +192,45 @@ class LayerStack:
         shape = (int(f.n_examples), layer.features)
         need = shape[0] * shape[1] * layer.itemsize
         folder = scratch_dir or tempfile.gettempdir()
-        free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+        if not os.path.isdir(folder):
+            raise ResourceError(
+                f"layer {layer.name!r} of {self.labels[layer.file]} is stored compressed; uniform minibatches "
+                f"need it decompressed into a scratch folder, but {folder} is not a folder; give an existing one "
+                "(--scratch-dir)"
+            )
+        free = shutil.disk_usage(folder).free
         if need > free:
             raise ResourceError(
                 f"layer {layer.name!r} of {self.labels[layer.file]} is stored compressed; uniform minibatches "
-                f"need it decompressed ({need / 2**30:.2f} GiB) into {folder}, which has {free / 2**30:.2f} GiB "
+                f"need it decompressed ({_size_text(need)}) into {folder}, which has {_size_text(free)} "
                 "free; give a folder with room (--scratch-dir), or read whole chunks with --shuffle blocks "
                 "(biased when rows are stored in class order)"
             )
-        if self._scratch is None:
-            self._scratch = tempfile.mkdtemp(prefix="cka-scratch-", dir=folder)
-        path = os.path.join(self._scratch, f"layer{i}.raw")
+        try:
+            if self._scratch is None:
+                self._scratch = tempfile.mkdtemp(prefix="cka-scratch-", dir=folder)
+            path = os.path.join(self._scratch, f"layer{i}.raw")
+            target = np.lib.format.open_memmap(path, mode="w+", dtype=layer.dtype, shape=shape)
+            # reserve the blocks now: a write into a mapped page of a full disk kills the process (SIGBUS)
+            if hasattr(os, "posix_fallocate") and need:
+                with open(path, "r+b") as fh:
+                    try:
+                        os.posix_fallocate(fh.fileno(), 0, target.offset + need)
+                    except OSError as exc:
+                        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):  # no reservation there
+                            raise
+        except OSError as exc:
+            raise ResourceError(
+                f"layer {layer.name!r} of {self.labels[layer.file]} is stored compressed; decompressing it "
+                f"({_size_text(need)}) into {folder} failed: {exc.strerror or exc}; give a folder with room "
+                "that you can write (--scratch-dir), or read whole chunks with --shuffle blocks"
+            ) from exc
         log.info(
             "layer %r of %s is stored compressed or unusually: decompressing it into %s for uniform minibatches",
             layer.name,
             f.path,
             path,
         )
-        target = np.lib.format.open_memmap(path, mode="w+", dtype=layer.dtype, shape=shape)
         step = max(1, (64 << 20) // max(1, layer.features * layer.itemsize))
         for start in range(0, shape[0], step):
             stop = min(shape[0], start + step)
@@ -246,6 +281,14 @@ class LayerStack:
         versions = tuple((f.n_examples, str(f.provenance.get("created", ""))) for f in self.files)
         blocks = (params.get("block_rows"), params.get("buffer_blocks"))
         return digest.hexdigest(), layers, versions, blocks
+
+
+def _size_text(size: float) -> str:
+    """``1.5 GiB``, ``512.0 KiB``: a size for a message."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{int(size)} bytes"
 
 
 def read_rows(

@@ -12,11 +12,22 @@ from typing import Any
 
 import click
 
-from ..analysis.options import DEVICES, ESTIMATORS, KERNELS, PRECISIONS, SHUFFLES, AnalysisOptions
+from ..analysis.options import (
+    DEVICES,
+    ESTIMATORS,
+    KERNELS,
+    MAX_EPOCHS,
+    MAX_SEED,
+    PRECISIONS,
+    SHUFFLES,
+    AnalysisOptions,
+)
 from .common import (
     DeviceType,
+    FiniteFloatRange,
     HeldWarnings,
     ProgressBar,
+    SizeType,
     debug_option,
     handle_errors,
     quiet_option,
@@ -61,22 +72,61 @@ def _plot_paths(plot: str, pairs: list[tuple[int, int]]) -> list[tuple[tuple[int
     return [((i, j), f"{stem}_{i}-{j}{ext}") for i, j in pairs]
 
 
-def _check_outputs(output: str | None, fmt: str | None, plot: str | None, n_files: int, overwrite: bool) -> None:
-    """Refuse bad or existing outputs before hours of computing, not after."""
-    from ..files import refuse_existing, require_folder
+def _input_paths(files: tuple[str, ...]) -> list[str]:
+    """The files the command reads: each argument, a glob expanded as the reader expands it (an argument
+    that matches nothing is left to the reader, which says so)."""
+    from ..errors import FormatError
+    from ..store.reader import expand_paths
+
+    paths: list[str] = []
+    for spec in files:
+        try:
+            paths.extend(expand_paths(spec))
+        except FormatError:
+            continue
+    return paths
+
+
+def _check_outputs(
+    output: str | None,
+    fmt: str | None,
+    plot: str | None,
+    files: tuple[str, ...],
+    overwrite: bool,
+    scratch_dir: str | None = None,
+) -> None:
+    """Refuse bad or existing outputs before hours of computing, not after: an unknown format, a folder,
+    a missing or read-only folder, an output that is one of the inputs (even with --overwrite: compared by
+    inode, so symlinks, hard links and ``./a.h5`` are caught), two outputs that are one file, an existing
+    file without --overwrite; and a --scratch-dir that is not a writable folder."""
+    from ..errors import OutputError
+    from ..files import check_output, same_file, writable_folder
     from ..plot import plot_format
     from ..results import result_format
 
-    targets = []
+    targets: list[tuple[str, str]] = []
     if output:
         result_format(output, fmt)
-        targets.append(output)
+        targets.append(("-o", output))
     if plot:
         plot_format(plot)
-        targets.extend(path for _, path in _plot_paths(plot, _pairs(n_files)))
-    for path in targets:
-        require_folder(path)
-        refuse_existing(path, overwrite=overwrite, hint="choose another name")
+        targets.extend(("--plot", path) for _, path in _plot_paths(plot, _pairs(len(files))))
+    inputs = _input_paths(files)
+    for k, (option, path) in enumerate(targets):
+        for other_option, other in targets[:k]:
+            if same_file(path, other):
+                raise OutputError(
+                    f"{option} {path} and {other_option} {other} are the same file; give them different names"
+                )
+        check_output(path, inputs=inputs, overwrite=overwrite, option=option, hint="choose another name")
+    if scratch_dir is not None and not os.path.isdir(scratch_dir):
+        raise OutputError(
+            f"--scratch-dir {scratch_dir} is not a folder"
+            + ("" if os.path.exists(scratch_dir) else " (it does not exist)")
+            + "; create it or give another"
+        )
+    if scratch_dir is not None and not writable_folder(scratch_dir):
+        raise OutputError(f"--scratch-dir {scratch_dir} is not writable; give another folder")
 
 
 @click.command(name=PROG, help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -99,14 +149,14 @@ def _check_outputs(output: str | None, fmt: str | None, plot: str | None, n_file
     "--epochs",
     default=_DEFAULT.epochs,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_EPOCHS),
     help="Passes over the data, each reshuffled.",
 )
 @click.option(
     "--seed",
     default=_DEFAULT.seed,
     show_default=True,
-    type=int,
+    type=click.IntRange(min=0, max=MAX_SEED),
     help="Seed of the minibatches, the jackknife groups and the RBF bandwidth sample.",
 )
 @click.option(
@@ -123,7 +173,7 @@ def _check_outputs(output: str | None, fmt: str | None, plot: str | None, n_file
     "--rbf-fraction",
     default=_DEFAULT.rbf_fraction,
     show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True),
     help="RBF bandwidth as a fraction of the median pairwise distance (per layer, from up to 1000 examples).",
 )
 @click.option(
@@ -177,7 +227,7 @@ def _check_outputs(output: str | None, fmt: str | None, plot: str | None, n_file
 @click.option(
     "--max-memory",
     "full_max_bytes",
-    metavar="SIZE",
+    type=SizeType(),
     default=None,
     help="Memory the full estimators may use for their n x n float64 Gram matrices, e.g. 16G or 512M "
     "(default 8G); beyond it the layers go in blocks, each block's Grams rebuilt per block pair.",
@@ -225,13 +275,15 @@ def main(
         with ctx.checked("checking the outputs"):
             options = options.replace(device=ctx.device(options.device))
             if ctx.is_main:
-                _check_outputs(output, fmt, plot, len(files), overwrite)
+                _check_outputs(output, fmt, plot, files, overwrite, options.scratch_dir)
         bar = ProgressBar("analyzing", enabled=not quiet and ctx.is_main)
         try:
             with HeldWarnings() as held:  # the result's warnings are printed once, below
                 result = analyze(list(files), options, progress=bar, distributed=ctx)
-        finally:
-            bar.finish()
+        except BaseException:
+            bar.abandon()  # on a terminal the error line is then all that stays
+            raise
+        bar.finish()
         held.release(result.warnings)
         if not ctx.is_main:
             return

@@ -8,10 +8,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
+import os
 import signal
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO, TypeVar, cast
 
@@ -165,22 +168,54 @@ def cli_errors(prog: str, debug: bool = False, *, interrupted: str | Callable[[]
         previous = None
     unraisable_hook = sys.unraisablehook
     sys.unraisablehook = _quiet_unraisable(unraisable_hook)
+    # Python warnings of any thread (numpy, matplotlib, h5py, threadpoolctl, a plugin's framework) are held:
+    # printed as one line each after a success or a bug, dropped after a known error (its one line is what
+    # the person must read; --debug shows them) or Ctrl-C
+    caught = contextlib.ExitStack()
+    held = caught.enter_context(warnings.catch_warnings(record=True))
+    show_warnings = True
     try:
         yield
     except CKAOfflineError as exc:
+        show_warnings = False
         if debug:
+            _print_warnings(prog, held)
             traceback.print_exc(file=sys.stderr)
+        if getattr(exc, "abandon_process", False):
+            # an HDF5 file whose write failed cannot be closed: h5py's finalizers print tracebacks and HDF5
+            # crashes the process at exit, so after the one line the process ends without running them
+            click.echo(f"{prog}: error: {' '.join(str(exc).split())}", err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.exit_code)
         fail(prog, str(exc), exc.exit_code)
     except KeyboardInterrupt:
+        show_warnings = False
         if debug:
             traceback.print_exc(file=sys.stderr)
         text = interrupted() if callable(interrupted) else interrupted or "interrupted"
         click.echo(f"{prog}: {text}", err=True)
         sys.exit(INTERRUPTED_EXIT_CODE)
     finally:
+        caught.close()
+        if show_warnings:
+            _print_warnings(prog, held)
         sys.unraisablehook = unraisable_hook
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def _print_warnings(prog: str, records: list[warnings.WarningMessage]) -> None:
+    """Each distinct Python warning once, as one line: ``prog: warning: message (Category)``."""
+    seen: set[tuple[type, str]] = set()
+    for record in records:
+        text = " ".join(str(record.message).split())
+        key = (record.category, text)
+        if key in seen:
+            continue
+        seen.add(key)
+        click.echo(f"{prog}: warning: {text} ({record.category.__name__})", err=True)
+    records.clear()
 
 
 def handle_errors(prog: str, *, interrupted: Callable[..., str] | None = None) -> Callable[[F], F]:
@@ -236,6 +271,39 @@ class DeviceType(click.ParamType):
         return describe_kinds(self.allowed)
 
 
+class FiniteFloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses ``nan`` and ``inf`` (click's range comparisons let NaN through)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:  # the float, before the range check
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a valid float.", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+class SizeType(click.ParamType):
+    """A memory size: bytes or ``8G``, ``512M``, ``1.5GiB`` (binary units); at least 1 byte."""
+
+    name = "size"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from ..analysis.options import parse_size
+
+        try:
+            size = parse_size(value, "the size")
+        except ValueError:
+            self.fail(f"{value!r} must be a size such as 8G, 512M or 1000000 (bytes).", param, ctx)
+        if size is None or size < 1:
+            self.fail(f"{value!r} is below 1 byte; give a size such as 8G or 512M.", param, ctx)
+        return size
+
+
 def split_list(values: Iterable[str]) -> list[str]:
     """Repeated and comma-separated values -> one list (``--layers a,b --layers c``)."""
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
@@ -254,6 +322,17 @@ class ProgressBar(TqdmProgress):
             raise KeyboardInterrupt
         super().__call__(done, total)
 
+    def abandon(self) -> None:
+        """Close the bar after an error: on a terminal it is erased, so that the error's one line is all that
+        stays on screen (a log keeps the progress lines it was given)."""
+        bar = self._bar
+        if bar is not None and not self._closed and getattr(bar, "fp", None) is not None:
+            from ..progress import _is_tty
+
+            if _is_tty(self.stream if self.stream is not None else sys.stderr):
+                bar.leave = False
+        self.finish()
+
 
 __all__ = [
     "debug_option",
@@ -268,5 +347,7 @@ __all__ = [
     "parse_key_values",
     "split_list",
     "DeviceType",
+    "FiniteFloatRange",
     "ProgressBar",
+    "SizeType",
 ]

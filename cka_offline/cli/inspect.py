@@ -20,11 +20,13 @@ Example:
 def describe(f: Any) -> dict[str, Any]:
     """A JSON-ready description of an open ActivationFile."""
     ids = f.ids
+    # a valid file may hold 0 examples (an extraction over an empty input): no first or last id then
+    first, last = (ids[0].item(), ids[-1].item()) if len(ids) else (None, None)
     return {
         "paths": f.paths,
         "format_version": f"{f.version[0]}.{f.version[1]}",
         "n_examples": int(f.n_examples),
-        "ids": {"dtype": "str" if ids.dtype.kind == "U" else "int64", "first": ids[0].item(), "last": ids[-1].item()},
+        "ids": {"dtype": "str" if ids.dtype.kind == "U" else "int64", "first": first, "last": last},
         "chunk_rows": int(f.chunk_rows),
         "provenance": f.provenance,
         "layers": [
@@ -54,7 +56,10 @@ def format_text(info: dict[str, Any]) -> str:
         f"{prov.get('cka_offline_version', '?')} at {prov.get('created', '?')})",
     )
     ids = info["ids"]
-    row("examples", f"{info['n_examples']} (ids: {ids['dtype']}, {ids['first']!r} .. {ids['last']!r})")
+    if info["n_examples"]:
+        row("examples", f"{info['n_examples']} (ids: {ids['dtype']}, {ids['first']!r} .. {ids['last']!r})")
+    else:
+        row("examples", "0 (the file holds no examples: cka-analyze needs at least 4)")
     row("extractor", f"{prov.get('extractor', '')} {prov.get('extractor_version', '')}".strip())
     row("framework", f"{prov.get('framework', '')} {prov.get('framework_version', '')}".strip())
     sha = prov.get("model_sha256", "")
@@ -69,7 +74,7 @@ def format_text(info: dict[str, Any]) -> str:
         row("shards", str(len(prov["shards"])))
     layers = info["layers"]
     lines.append(f"  layers ({len(layers)}):")
-    width = max(len(layer["name"]) for layer in layers)
+    width = max([len("name"), *(len(layer["name"]) for layer in layers)])
     lines.append(f"    {'#':>3}  {'name':<{width}}  {'stored shape':<14} {'original shape':<16} {'dtype':<8} reduction")
     for i, layer in enumerate(layers):
         stored = "x".join(str(d) for d in layer["stored_shape"])

@@ -9,13 +9,17 @@ The formats are specified in ``docs/results.md``; every key comes from :mod:`.sc
   ``file_a, layer_a, file_b, layer_b, cka, se, low, high``; NaN is an empty field. It holds the numbers
   and names only (no provenance, hashes or parameters).
 
-Every save writes a temporary file next to the target and renames it (:func:`~cka_offline.files.atomic_output`),
-so a failed save never leaves a half-written file under the target name.
+Every save builds the whole file in memory first (results are small: four ``L x L`` matrices and the
+metadata), then writes those bytes to a temporary file next to the target and renames it
+(:func:`~cka_offline.files.write_bytes`): a failed save never leaves a half-written file under the target
+name, and HDF5 never writes to the disk itself, so a full disk is one clear ``OutputError`` (HDF5 cannot
+recover from a failed write: its handle is lost and closing it crashed the process).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -25,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError, OutputError
-from ..files import atomic_output, refuse_existing
+from ..files import refuse_existing, write_bytes
 from . import schema
 from .model import CKAResult, FileInfo
 
@@ -88,20 +92,19 @@ def result_document(result: CKAResult) -> dict[str, Any]:
     return doc
 
 
-def write_json(result: CKAResult, path: str) -> None:
-    """Write the result document to ``path`` as strict JSON (no bare NaN)."""
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(result_document(result), fh, allow_nan=False, indent=1)
-        fh.write("\n")
+def json_bytes(result: CKAResult) -> bytes:
+    """The ``.json`` file: the result document as strict JSON (no bare NaN)."""
+    return (json.dumps(result_document(result), allow_nan=False, indent=1) + "\n").encode("utf-8")
 
 
-def write_h5(result: CKAResult, path: str) -> None:
-    """Write the matrices as datasets and the rest as the JSON root attribute ``meta``; the stacked layer
-    names are the matrices' dimension scales ``layer_a`` (rows) and ``layer_b`` (columns), with each
-    layer's file label in ``file_a`` / ``file_b`` (1.2), so netCDF readers show names."""
+def h5_bytes(result: CKAResult) -> bytes:
+    """The ``.h5`` file, built in memory: the matrices as datasets and the rest as the JSON root attribute
+    ``meta``; the stacked layer names are the matrices' dimension scales ``layer_a`` (rows) and ``layer_b``
+    (columns), with each layer's file label in ``file_a`` / ``file_b`` (1.2), so netCDF readers show names."""
     import h5py
 
-    with h5py.File(path, "w") as h5:
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as h5:
         h5.attrs[schema.H5_ATTR_FORMAT] = schema.FORMAT_NAME
         h5.attrs[schema.H5_ATTR_VERSION] = schema.FORMAT_VERSION
         h5.attrs[schema.H5_ATTR_META] = json.dumps(result_meta(result), allow_nan=False)
@@ -119,22 +122,43 @@ def write_h5(result: CKAResult, path: str) -> None:
             data.dims[0].attach_scale(scales[schema.H5_DIM_A])
             data.dims[1].attach_scale(scales[schema.H5_DIM_B])
             data.attrs[schema.H5_ATTR_COORDINATES] = f"{schema.H5_FILE_A} {schema.H5_FILE_B}"
+    return buffer.getvalue()
+
+
+def csv_bytes(result: CKAResult) -> bytes:
+    """The ``.csv`` file: one row per (layer of A, layer of B) of each reported pair; NaN is an empty field."""
+    text = io.StringIO(newline="")
+    out = csv.writer(text)
+    out.writerow(schema.CSV_COLUMNS)
+    for i, j in result.pairs:
+        p = result.pair(i, j)
+        for a, name_a in enumerate(p.layers_a):
+            for b, name_b in enumerate(p.layers_b):
+                values = (_csv_float(getattr(p, m)[a, b]) for m in schema.MATRICES)
+                out.writerow((p.file_a.label, name_a, p.file_b.label, name_b, *values))
+    return text.getvalue().encode("utf-8")
+
+
+#: the bytes of each format's whole file
+ENCODERS: dict[str, Callable[[CKAResult], bytes]] = {"h5": h5_bytes, "json": json_bytes, "csv": csv_bytes}
+
+
+def write_json(result: CKAResult, path: str) -> None:
+    """Write the ``.json`` file to ``path`` (atomically, :func:`~cka_offline.files.write_bytes`)."""
+    write_bytes(path, json_bytes(result))
+
+
+def write_h5(result: CKAResult, path: str) -> None:
+    """Write the ``.h5`` file to ``path`` (built in memory, :func:`h5_bytes`, then written atomically)."""
+    write_bytes(path, h5_bytes(result))
 
 
 def write_csv(result: CKAResult, path: str) -> None:
-    """Write one row per (layer of A, layer of B) of each reported pair; NaN is an empty field."""
-    with open(path, "w", encoding="utf-8", newline="") as fh:
-        out = csv.writer(fh)
-        out.writerow(schema.CSV_COLUMNS)
-        for i, j in result.pairs:
-            p = result.pair(i, j)
-            for a, name_a in enumerate(p.layers_a):
-                for b, name_b in enumerate(p.layers_b):
-                    values = (_csv_float(getattr(p, m)[a, b]) for m in schema.MATRICES)
-                    out.writerow((p.file_a.label, name_a, p.file_b.label, name_b, *values))
+    """Write the ``.csv`` file to ``path`` (atomically)."""
+    write_bytes(path, csv_bytes(result))
 
 
-#: the writer of each format; each writes the whole file at the (temporary) path it is given
+#: the writer of each format (kept for callers of 1.x; each writes the whole file at ``path``)
 WRITERS: dict[str, Callable[[CKAResult, str], None]] = {"h5": write_h5, "json": write_json, "csv": write_csv}
 
 
@@ -143,15 +167,20 @@ def save_result(
 ) -> str:
     """Write ``result`` to ``path`` (format from the extension unless ``format`` is given); return the path.
 
+    The file is built in memory and written under a temporary name, then renamed
+    (:func:`~cka_offline.files.write_bytes`).
+
     Raises:
-        OutputError: unknown format, ``path`` exists and ``overwrite`` is false, or it cannot be written.
+        OutputError: unknown format, ``path`` exists and ``overwrite`` is false, ``path`` is a folder, or it
+            cannot be written (its folder is missing or not writable, the disk is full: naming the space
+            needed).
     """
     path = os.fspath(path)
     fmt = result_format(path, format)
     refuse_existing(path, overwrite=overwrite, hint="choose another name")
-    with atomic_output(path) as tmp:
-        WRITERS[fmt](result, tmp)
-    return path
+    if os.path.isdir(path):
+        raise OutputError(f"{path} is a folder; give a file name for the result")
+    return write_bytes(path, ENCODERS[fmt](result))
 
 
 # -------------------------------------------------------------------- loading
@@ -385,9 +414,13 @@ def _jsonable(value: Any) -> Any:
 
 
 __all__ = [
+    "ENCODERS",
     "WRITERS",
     "check_version",
+    "csv_bytes",
+    "h5_bytes",
     "is_result_file",
+    "json_bytes",
     "load_result",
     "result_document",
     "result_meta",

@@ -117,7 +117,8 @@ def test_held_warnings_pass_other_loggers_and_come_back_after_an_error(caplog):
         (["{a}", "{missing}"], "no such file"),
         (["{a}", "--layers", "nope"], "no layer matches 'nope'"),
         (["{a}", "--device", "cuda:7"], "cuda:7"),
-        (["{a}", "-o", "{a}"], "already exists; pass --overwrite"),
+        (["{a}", "-o", "{b}"], "already exists; pass --overwrite"),
+        (["{a}", "-o", "{a}", "--overwrite"], "is one of the inputs"),
         (["{a}", "-o", "{tmp}/r.xml"], "cannot tell the result format"),
         (["{a}", "--plot", "{tmp}/p.gif"], "cannot tell the plot format"),
     ],
@@ -128,7 +129,7 @@ def test_known_errors_are_one_line(tmp_path, files, args, message):
 
         if torch.cuda.device_count() > 7:
             pytest.skip("this machine has a cuda:7")
-    values = {"a": files[0], "missing": tmp_path / "missing.h5", "tmp": tmp_path}
+    values = {"a": files[0], "b": files[1], "missing": tmp_path / "missing.h5", "tmp": tmp_path}
     res = run([arg.format(**values) for arg in args])
     assert res.exit_code == 3  # a data error (docs/reliability.md)
     lines = res.stderr.strip().splitlines()
@@ -139,7 +140,7 @@ def test_known_errors_are_one_line(tmp_path, files, args, message):
 
 def test_bad_option_value_is_a_usage_error(files):
     res = run([files[0], "--estimator", "full", "--max-memory", "lots"])
-    assert res.exit_code == 2 and "full_max_bytes (--max-memory) must be a size such as 8G" in res.stderr
+    assert res.exit_code == 2 and "Invalid value for '--max-memory': 'lots' must be a size such as 8G" in res.stderr
 
 
 def test_help_has_description_and_example():

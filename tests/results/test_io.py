@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import h5py
 import numpy as np
@@ -159,12 +160,64 @@ def test_refuses_a_version_that_is_not_major_minor(tmp_path):
 
 
 def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
-    def broken(result, path):
-        with open(path, "w") as fh:
-            fh.write("half")
-        raise RuntimeError("disk died")
+    def broken(result):
+        raise RuntimeError("encoder died")
 
-    monkeypatch.setitem(result_io.WRITERS, "json", broken)
-    with pytest.raises(RuntimeError, match="disk died"):
+    monkeypatch.setitem(result_io.ENCODERS, "json", broken)
+    with pytest.raises(RuntimeError, match="encoder died"):
         make_result().save(tmp_path / "r.json")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["h5", "json", "csv"])
+def test_a_failing_write_leaves_nothing_and_says_the_disk_is_full(tmp_path, monkeypatch, fmt):
+    """The lowest layer of a save, the write of the file's bytes, fails as on a full disk (ENOSPC): one
+    OutputError naming the file and the space needed, and nothing under the target or a temporary name.
+    (A real full file system and a real file size limit: tests/hardening/test_analyze_outputs.py.)"""
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        fh = real_open(path, mode, *args, **kwargs)
+        return Full(fh) if "w" in mode and ".partial" in str(path) else fh
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    target = tmp_path / f"r.{fmt}"
+    with pytest.raises(OutputError, match=rf"^{re.escape(str(target))}: the disk is full \(.* free in .*, .* needed\)"):
+        make_result().save(target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_files_are_built_in_memory_and_read_back(tmp_path):
+    """Every format's bytes are the file: written as they are, they load back to the same result."""
+    r = make_result()
+    for fmt, encode in result_io.ENCODERS.items():
+        path = tmp_path / f"r.{fmt}"
+        path.write_bytes(encode(r))
+        back = load_result(path)
+        if fmt == "csv":  # numbers and names of the reported pairs only
+            for i, j in r.pairs:
+                np.testing.assert_array_equal(back.pair(i, j).cka, r.pair(i, j).cka)
+        else:
+            assert_same(r, back)
+
+
+def test_saving_onto_a_folder_is_refused(tmp_path):
+    (tmp_path / "r.json").mkdir()
+    with pytest.raises(OutputError, match="r.json is a folder; give a file name"):
+        make_result().save(tmp_path / "r.json")
