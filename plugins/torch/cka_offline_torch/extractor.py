@@ -21,9 +21,11 @@ from cka_offline.extractor import Extractor, LayerInfo, Option, sha256_path
 from . import __version__
 from .binding import ForwardSignature, bind, export_signature, module_signature, tensors_for
 from .capture import Capture, parse_output_index
+from .identity import ModelIdentity, identify
 from .sources import (
     SourceSpec,
     factory_file,
+    factory_module,
     load_export,
     load_factory,
     load_pickle,
@@ -31,6 +33,7 @@ from .sources import (
     parse_model_args,
     parse_source,
 )
+from .usercode import user_code
 
 if TYPE_CHECKING:
     import torch
@@ -160,6 +163,7 @@ class TorchExtractor(Extractor):
         self._signature: ForwardSignature | None = None
         self._kinds: dict[str, str] = {}
         self._model_file = ""
+        self._identity: ModelIdentity | None = None
 
     # ----------------------------------------------------------------------------------- loading
 
@@ -190,8 +194,12 @@ class TorchExtractor(Extractor):
                 model = load_pickle(spec.path, self.allow_pickle)
                 self._model_file = spec.path
             self._signature = module_signature(model)
+        # before any forward pass: the code and the parameters and buffers as loaded (see .identity)
+        roots = [m for m in (factory_module(spec),) if m is not None]
+        self._identity = identify(model, roots, archive=spec.path if spec.kind == "export" else "")
         try:
-            model = model.to(self._device)
+            with user_code(f"the model of {self.source!r}, when moved to {self._device},", self.source):
+                model = model.to(self._device)
         except Exception as exc:
             raise ModelError(
                 f"cannot move the model of {self.source!r} to {self._device}: {type(exc).__name__}: {exc}"
@@ -209,6 +217,7 @@ class TorchExtractor(Extractor):
         first = next(iter(model.parameters()), None)
         self._live_device = first.device if first is not None else None
         self._signature = module_signature(model)
+        self._identity = identify(model)
         try:
             model.to(self._device)
         except Exception as exc:
@@ -321,7 +330,7 @@ class TorchExtractor(Extractor):
 
         try:
             # no_grad rather than inference_mode: inference tensors have no version counter (see capture.py)
-            with torch.no_grad():
+            with torch.no_grad(), user_code(f"the forward pass of {self.source!r}", str(self.source)):
                 model(*args, **kwargs)
         except Exception as exc:
             if isinstance(exc, ModelError):
@@ -342,17 +351,14 @@ class TorchExtractor(Extractor):
         import torch
 
         self._load()
+        identity = self._identity if self._identity is not None else identify(self._load())
         record = {
             "framework": self.framework,
             "framework_version": torch.__version__,
             "model": self.source,
-            "model_sha256": (
-                module_sha256(self._live)
-                if self._live is not None
-                else sha256_path(self._model_file)
-                if self._model_file
-                else ""
-            ),
+            # code + parameters and buffers after loading: what --resume and the shard checks compare
+            "model_sha256": identity.sha256,
+            **identity.provenance(),
             "extractor_version": __version__,
             "device": str(self._device),
         }
@@ -382,21 +388,6 @@ def _is_module(source: Any) -> bool:
     """Whether ``source`` is a live ``torch.nn.Module`` (without importing torch for a string)."""
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(source, torch.nn.Module)
-
-
-def module_sha256(model: Any) -> str:
-    """SHA-256 of a model's parameters and buffers (names, dtypes, shapes, values): its identity as it is."""
-    import hashlib
-
-    import torch
-
-    digest = hashlib.sha256(type(model).__qualname__.encode())
-    for name, tensor in model.state_dict().items():
-        value = tensor.detach().cpu().contiguous()
-        digest.update(f"|{name}|{value.dtype}|{tuple(value.shape)}|".encode())
-        if value.numel():
-            digest.update(value.view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _export_kinds(program: Any) -> dict[str, str]:

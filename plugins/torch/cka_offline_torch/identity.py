@@ -1,0 +1,165 @@
+"""The identity of a loaded torch model: its code and its actual parameters and buffers.
+
+``cka-extract --resume`` and the shard checks compare models by ``model_sha256``; for the torch
+extractor that is the SHA-256 of two parts, both recorded in the file's provenance:
+
+- ``model_code_sha256``: the content of the model's source files (``model_code_files``): the factory's
+  module, every module of user code it reaches through its globals (sibling modules, helpers, classes it
+  imports), and the modules that define the classes of the model and of all its submodules. User code is
+  every file outside the Python installation (stdlib and site-packages) and outside cka-offline itself;
+  installed packages count by the framework versions already recorded. A ``.pt2`` archive holds its own
+  graph: the archive's bytes are its code.
+- ``model_state_sha256``: every parameter and buffer after loading (persistent or not, tied ones under
+  each of their names), by name in sorted order, with dtype, shape and bytes.
+
+So editing a factory, loading other weights, another seed, or weights loaded by ``from_pretrained`` all
+give another identity; moving the files does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import sysconfig
+import types
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cka_offline.digests import files_sha256
+
+log = logging.getLogger(__name__)
+
+#: at most this many source files are followed from a factory (a safeguard, logged when reached)
+MAX_CODE_FILES = 2000
+_OWN_PACKAGES = ("cka_offline",)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    code_sha256: str
+    state_sha256: str
+    code_files: tuple[str, ...] = field(default=())
+
+    @property
+    def sha256(self) -> str:
+        text = f"cka-offline torch model identity 1\ncode {self.code_sha256}\nstate {self.state_sha256}\n"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def provenance(self) -> dict[str, str]:
+        import json
+
+        return {
+            "model_code_sha256": self.code_sha256,
+            "model_state_sha256": self.state_sha256,
+            "model_code_files": json.dumps(list(self.code_files)),
+        }
+
+
+def _installed_roots() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    roots = {paths.get(k, "") for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    roots |= {os.path.join(p, "lib") for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    return tuple(sorted(os.path.realpath(r) + os.sep for r in roots if r))
+
+
+def _source_file(module: types.ModuleType) -> str:
+    path = getattr(module, "__file__", None)
+    if not isinstance(path, str) or not path:
+        return ""
+    if path.endswith((".pyc", ".pyo")):
+        import importlib.util
+
+        try:
+            path = importlib.util.source_from_cache(path)
+        except ValueError:
+            pass
+    return os.path.realpath(path) if os.path.isfile(path) else ""
+
+
+def _is_user(module: types.ModuleType, file: str, installed: tuple[str, ...]) -> bool:
+    top = module.__name__.split(".")[0]
+    if top.startswith(_OWN_PACKAGES):
+        return False
+    return bool(file) and not file.startswith(installed)
+
+
+def code_files(roots: Iterable[types.ModuleType], model: Any) -> list[str]:
+    """The source files of the model's code (module docstring): ``roots`` (the factory's module) always,
+    followed into user code through module globals; plus the user-code modules of the model's classes."""
+    installed = _installed_roots()
+    queue: list[types.ModuleType] = list(roots)
+    forced = {id(m) for m in queue}
+    for sub in model.modules() if model is not None else ():
+        for cls in type(sub).__mro__:
+            owner = sys.modules.get(cls.__module__)
+            if owner is not None:
+                queue.append(owner)
+    seen: set[int] = set()
+    files: list[str] = []
+    while queue:
+        module = queue.pop(0)
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        file = _source_file(module)
+        user = _is_user(module, file, installed)
+        if file and (user or id(module) in forced):
+            files.append(file)
+        if not user:
+            continue  # an installed package counts by its version, not by what it imports
+        if len(files) >= MAX_CODE_FILES:
+            log.warning("the model's code reaches more than %d source files; the identity covers the first ones", len(files))
+            break
+        for value in list(vars(module).values()):
+            if isinstance(value, types.ModuleType):
+                queue.append(value)
+            else:
+                name = getattr(value, "__module__", None)
+                owner = sys.modules.get(name) if isinstance(name, str) else None
+                if owner is not None:
+                    queue.append(owner)
+    return sorted(dict.fromkeys(files))
+
+
+def _tensor_bytes(tensor: Any) -> bytes:
+    import torch
+
+    value = tensor.detach()
+    if value.is_meta:
+        return b"meta"
+    if value.is_quantized:
+        value = value.int_repr()
+    if value.layout != torch.strided:
+        value = value.to_dense()
+    value = value.cpu().contiguous()
+    if not value.numel():
+        return b""
+    return value.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def state_sha256(model: Any) -> str:
+    """SHA-256 of every parameter and buffer of ``model`` (names sorted; dtype, shape and bytes)."""
+    named = list(model.named_parameters(remove_duplicate=False)) + [
+        (f"buffer:{name}", tensor) for name, tensor in model.named_buffers(remove_duplicate=False)
+    ]
+    digest = hashlib.sha256(type(model).__qualname__.encode())
+    for name, tensor in sorted(named, key=lambda item: item[0]):
+        digest.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(_tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+def identify(model: Any, roots: Iterable[types.ModuleType] = (), archive: str = "") -> ModelIdentity:
+    """The identity of ``model`` as loaded; ``roots``: the factory's module(s); ``archive``: a ``.pt2`` whose
+    bytes are its code."""
+    if archive:
+        files = [os.path.realpath(archive)]
+    else:
+        files = code_files(roots, model)
+    return ModelIdentity(files_sha256(files), state_sha256(model), tuple(files))
+
+
+__all__ = ["MAX_CODE_FILES", "ModelIdentity", "code_files", "identify", "state_sha256"]
