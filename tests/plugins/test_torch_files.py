@@ -20,6 +20,7 @@ from cka_offline.errors import InputError, ModelError  # noqa: E402
 from cka_offline_torch.extractor import TorchExtractor  # noqa: E402
 from cka_offline_torch.sources import is_torchscript  # noqa: E402
 
+from .identity_reference import files_sha, identity, state_sha  # noqa: E402
 from .test_torch_extractor import CNN_LAYERS, FACTORY_SOURCE, cnn_reference, images, load_reference_module  # noqa: E402
 
 LAYER_NAMES = [name for name, _ in CNN_LAYERS]
@@ -69,7 +70,11 @@ def test_weights_are_loaded_into_the_factory_model(torch_factory, tmp_path, kind
     want = cnn_reference(trained, x)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6)
-    assert prov["model_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    # the identity: the factory's code and the weights as loaded (the trained model's, not seed 0's)
+    assert json.loads(prov["model_code_files"]) == [str(path)]
+    assert prov["model_code_sha256"] == files_sha([path])
+    assert prov["model_state_sha256"] == state_sha(trained)
+    assert prov["model_sha256"] == identity(files_sha([path]), state_sha(trained))
     assert prov["weights"] == str(weights)
     assert prov["factory_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -169,7 +174,11 @@ def test_export_archive_hooks_fire_on_original_module_names(torch_factory, tmp_p
     want = eager_hooks(model, x, LAYER_NAMES)
     for name in LAYER_NAMES:
         np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, err_msg=name)
-    assert prov["model_sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+    # an archive holds its graph: its bytes are its code
+    assert prov["model_code_sha256"] == files_sha([archive])
+    assert prov["model_sha256"] == identity(files_sha([archive]), prov["model_state_sha256"])
+    with TorchExtractor(str(archive)) as again:
+        assert again.provenance()["model_sha256"] == prov["model_sha256"]
 
 
 @pytest.mark.cuda
@@ -295,7 +304,10 @@ def test_pickled_model_needs_the_opt_in(tmp_path, legacy):
     with TorchExtractor(str(path), options={"allow_pickle_code_execution": "true"}) as ex:
         assert [(i.name, i.kind) for i in ex.layers()] == [("fc", "Linear"), ("act", "Tanh")]
         got = ex.run({"x": x}, ["fc", "act"])
-        assert ex.provenance()["model_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        prov = ex.provenance()
+    # the class's own module (this test file) is its code; the state is the unpickled parameters
+    assert prov["model_state_sha256"] == state_sha(model)
+    assert __file__ in json.loads(prov["model_code_files"])
     with torch.no_grad():
         np.testing.assert_array_equal(got["fc"], model.fc(torch.from_numpy(x)).numpy())
         np.testing.assert_array_equal(got["act"], model(torch.from_numpy(x)).numpy())
