@@ -86,6 +86,36 @@ def _is_user(module: types.ModuleType, file: str, installed: tuple[str, ...]) ->
     return bool(file) and not file.startswith(installed)
 
 
+def _imported_names(file: str, module: types.ModuleType) -> list[str]:
+    """Modules that the source ``file`` of ``module`` imports (``import a.b``, ``from a import b``, relative
+    imports resolved against its package): names bound by ``from helpers import SCALE`` are plain values,
+    so the module globals alone would not lead to ``helpers``."""
+    import ast
+
+    if not file.endswith(".py"):
+        return []
+    try:
+        with open(file, "rb") as fh:
+            tree = ast.parse(fh.read())
+    except (OSError, SyntaxError, ValueError):
+        return []
+    package = module.__name__ if hasattr(module, "__path__") else module.__name__.rpartition(".")[0]
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".") if package else []
+                parts = parts[: len(parts) - (node.level - 1)] if node.level > 1 else parts
+                base = ".".join([*parts, base] if base else parts)
+            if base:
+                names.append(base)
+                names += [f"{base}.{alias.name}" for alias in node.names]
+    return names
+
+
 def code_files(roots: Iterable[types.ModuleType], model: Any) -> list[str]:
     """The source files of the model's code (module docstring): ``roots`` (the factory's module) always,
     followed into user code through module globals; plus the user-code modules of the model's classes."""
@@ -113,6 +143,10 @@ def code_files(roots: Iterable[types.ModuleType], model: Any) -> list[str]:
         if len(files) >= MAX_CODE_FILES:
             log.warning("the model's code reaches more than %d source files; the identity covers the first ones", len(files))
             break
+        for name in _imported_names(file, module):
+            owner = sys.modules.get(name)
+            if owner is not None:
+                queue.append(owner)
         for value in list(vars(module).values()):
             if isinstance(value, types.ModuleType):
                 queue.append(value)
