@@ -305,11 +305,11 @@ def test_hostile_legacy_pt2_through_the_installed_command(good_pt2, tmp_path):
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("cka-extract: error: torch.export archive"), r.stderr
     assert "serialized_state_dict.json" in r.stderr and "--allow-pickle-code-execution" in r.stderr
     assert not marker.exists() and not (tmp_path / "o.h5").exists()
-    # with the opt-in, a legitimate archive still loads (without it too: in-process, test_torch_files.py)
+    # with the opt-in, a legitimate archive still loads (without it too: test_torch_files.py)
     out = tmp_path / "good.h5"
-    cmd = [_cka_extract(), str(good_pt2), "-i", str(_xs(tmp_path)), "-o", str(out), "-b", "4", "-q"]
-    r = subprocess.run([*cmd, "--allow-pickle-code-execution"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and out.exists(), r.stderr
+    args = [good_pt2, "-i", _xs(tmp_path), "-o", out, "-b", "4", "-q", "--allow-pickle-code-execution"]
+    r = invoke("cka-extract", args)
+    assert r.exit_code == 0 and out.exists(), r.stderr
     with h5py.File(out) as f:
         assert f["ids"].shape == (8,)
 
@@ -325,6 +325,8 @@ def test_a_loader_the_scan_misses_still_cannot_unpickle(good_pt2, tmp_path, monk
     monkeypatch.setattr(sources, "pt2_pickled_entries", lambda path: [])
     for how in ("legacy-zip", "sample-inputs"):
         evil = _hostile_pt2(good_pt2, tmp_path, how, marker)
-        with pytest.raises(ModelError, match=r"holds data that torch would unpickle with code execution.*--allow-pickle"):
+        with pytest.raises(
+            ModelError, match=r"holds data that torch would unpickle with code execution.*--allow-pickle"
+        ):
             TorchExtractor(str(evil)).layers()
         assert not marker.exists()

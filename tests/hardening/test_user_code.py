@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from .builders import error_line, invoke  # noqa: E402
+from .builders import error_line, invoke
 
 MODEL = "from torch import nn\n"
 MAKE = "def make():\n    return nn.Sequential(nn.Linear(3, 2), nn.Tanh())\n"
@@ -51,7 +51,7 @@ def test_a_factory_that_exits_is_an_error(tmp_path, code, attr, match):
     line = error_line(r, "cka-extract")
     assert r.exit_code == 3 and not out.exists()
     assert re.match(match + r",? exited \(SystemExit\((0|None)\)", line), line
-    assert "if __name__ == \"__main__\":" in line
+    assert 'if __name__ == "__main__":' in line
 
 
 def test_a_factory_that_exits_through_the_installed_command(tmp_path):
@@ -85,7 +85,7 @@ def test_a_parser_at_import_that_exits_is_explained(tmp_path):
     assert r.exit_code == 3 and not out.exists()
     assert "while it was imported, ran its own command-line parser (argparse), which exited with status 2" in line
     assert "the following arguments are required: --data" in line
-    assert "guard the parsing in" in line and "if __name__ == \"__main__\":" in line
+    assert "guard the parsing in" in line and 'if __name__ == "__main__":' in line
 
 
 def test_ctrl_c_in_a_factory_stays_ctrl_c(tmp_path):

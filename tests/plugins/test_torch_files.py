@@ -380,3 +380,51 @@ def test_torchscript_is_refused_with_alternatives(tmp_path, how):
     factory.write_text("from torch import nn\ndef make():\n    return nn.Linear(3, 2)\n")
     with pytest.raises(ModelError, match=r"weights file .* is a TorchScript archive, not a state dict"):
         TorchExtractor(f"{factory}:make", options={"weights": str(path)}).layers()
+
+
+@pytest.mark.parametrize("name", ["model.jit", "model.ts", "model.bin", "model", "model.pt2"])
+def test_torchscript_is_explained_whatever_its_name(tmp_path, name):
+    """Recognised by content (a zip with constants.pkl / code/), not by its extension."""
+    from click.testing import CliRunner
+
+    from cka_offline.cli import extract as cli_extract
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = tmp_path / name
+        torch.jit.save(torch.jit.script(PickledNet().eval()), str(path))
+    np.savez(tmp_path / "x.npz", x=np.ones((2, 3), np.float32))
+    r = CliRunner().invoke(cli_extract.main, [str(path), "-i", str(tmp_path / "x.npz"), "-o", str(tmp_path / "o.h5")])
+    assert r.exit_code == 3, r.output
+    assert f"{name}' is a TorchScript archive; TorchScript modules do not support forward hooks" in r.stderr
+    assert "torch.export" in r.stderr and r.stderr.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------ archive scan
+
+
+def test_pickle_scan_finds_globals_in_every_protocol_and_not_in_weights():
+    import io
+    import pickle
+
+    from cka_offline_torch.archives import judge_bytes, pickle_globals
+
+    for protocol in range(6):
+        found, is_pickle = pickle_globals(io.BytesIO(pickle.dumps([SideEffect(Path("m"))], protocol=protocol)))
+        assert is_pickle and any(g.startswith("pathlib.") for g in found), (protocol, found)
+    # a global followed by garbage still counts (an unpickler has run it by then)
+    found, _ = pickle_globals(io.BytesIO(b"cos\nsystem\n(S'x'\ntR\xff\xff"))
+    assert found == ["os.system"]
+    # two pickles in a row, the second one hostile (torch's legacy format reads several)
+    found, _ = pickle_globals(io.BytesIO(pickle.dumps(1, protocol=2) + pickle.dumps(SideEffect(Path("m")), protocol=2)))
+    assert any(g.startswith("pathlib.") for g in found), found
+    # torch's own tensors pickle only allowlisted globals; raw weights, JSON and text are not pickles
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, buf)
+    buf.seek(0)
+    assert judge_bytes("w.pt", buf) == []
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        blob = rng.normal(size=int(rng.integers(1, 200))).astype(rng.choice(["f4", "f2", "f8"])).tobytes()
+        assert judge_bytes("weight", io.BytesIO(blob)) == []
+    assert judge_bytes("c.json", io.BytesIO(b'{"config": {}}')) == []

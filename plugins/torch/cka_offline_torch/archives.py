@@ -37,6 +37,7 @@ _STRING_OPS = frozenset(
 )
 _PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
 _GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_CODE2OP: dict[str, Any] = {op.code: op for op in pickletools.opcodes}
 #: strings longer than this are skipped, not read (a module or class name is never this long)
 _MAX_NAME = 512
 _MAX_DEPTH = 3
@@ -111,7 +112,7 @@ def pickle_globals(stream: IO[bytes]) -> tuple[list[str], bool]:
         code = stream.read(1)
         if not code:
             break
-        op = pickletools.code2op.get(code.decode("latin-1"))
+        op = _CODE2OP.get(code.decode("latin-1"))
         if op is None:
             break
         if first and op.name == "PROTO":
@@ -229,7 +230,7 @@ def judge_zip(source: str | IO[bytes], where: str = "", depth: int = 0) -> list[
                 if head.startswith(_ZIP_MAGIC):
                     stream: IO[bytes] = io.BytesIO(archive.read(info))  # a zip reader needs to seek
                 else:
-                    stream = _Rewindable(archive, info)
+                    stream = _Rewindable(archive, info)  # type: ignore[assignment]
                 reasons += judge_bytes(label + info.filename, stream, depth)
             except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
                 reasons.append(f"{label}{info.filename} (unreadable: {exc})")

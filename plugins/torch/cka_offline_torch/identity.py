@@ -141,18 +141,20 @@ def code_files(roots: Iterable[types.ModuleType], model: Any) -> list[str]:
         if not user:
             continue  # an installed package counts by its version, not by what it imports
         if len(files) >= MAX_CODE_FILES:
-            log.warning("the model's code reaches more than %d source files; the identity covers the first ones", len(files))
+            log.warning(
+                "the model's code reaches more than %d source files; the identity covers the first ones", len(files)
+            )
             break
-        for name in _imported_names(file, module):
-            owner = sys.modules.get(name)
+        for imported in _imported_names(file, module):
+            owner = sys.modules.get(imported)
             if owner is not None:
                 queue.append(owner)
         for value in list(vars(module).values()):
             if isinstance(value, types.ModuleType):
                 queue.append(value)
             else:
-                name = getattr(value, "__module__", None)
-                owner = sys.modules.get(name) if isinstance(name, str) else None
+                home = getattr(value, "__module__", None)
+                owner = sys.modules.get(home) if isinstance(home, str) else None
                 if owner is not None:
                     queue.append(owner)
     return sorted(dict.fromkeys(files))

@@ -475,7 +475,9 @@ def load_export(path: str, allow_pickle: bool, device: torch.device | None = Non
                 f"torch.export archive {path!r} contains pickled entries ({_few(pickled, 3)}) that would execute "
                 f"code when loaded; {advice}"
             )
-    guard = contextlib.nullcontext([]) if allow_pickle else no_unsafe_loads(path)
+    guard: contextlib.AbstractContextManager[list[str]] = (
+        contextlib.nullcontext([]) if allow_pickle else no_unsafe_loads(path)
+    )
     try:
         with _quiet_torch_loading(), guard as refused:
             if allow_pickle:
