@@ -194,9 +194,6 @@ class TorchExtractor(Extractor):
                 model = load_pickle(spec.path, self.allow_pickle)
                 self._model_file = spec.path
             self._signature = module_signature(model)
-        # before any forward pass: the code and the parameters and buffers as loaded (see .identity)
-        roots = [m for m in (factory_module(spec),) if m is not None]
-        self._identity = identify(model, roots, archive=spec.path if spec.kind == "export" else "")
         try:
             with user_code(f"the model of {self.source!r}, when moved to {self._device},", self.source):
                 model = model.to(self._device)
@@ -217,7 +214,6 @@ class TorchExtractor(Extractor):
         first = next(iter(model.parameters()), None)
         self._live_device = first.device if first is not None else None
         self._signature = module_signature(model)
-        self._identity = identify(model)
         try:
             model.to(self._device)
         except Exception as exc:
@@ -227,6 +223,15 @@ class TorchExtractor(Extractor):
         model.eval()
         self._model = model
         return model
+
+    def _model_identity(self) -> ModelIdentity:
+        """The code and the parameters and buffers as loaded (see :mod:`.identity`): taken before the first
+        forward pass (so a model that changes a buffer as it runs has one identity), not for --list-layers."""
+        if self._identity is None:
+            model = self._load()
+            roots = [m for m in (factory_module(self.spec),) if m is not None]
+            self._identity = identify(model, roots, archive=self.spec.path if self.spec.kind == "export" else "")
+        return self._identity
 
     def _float_dtype(self) -> torch.dtype | None:
         import torch
@@ -291,6 +296,7 @@ class TorchExtractor(Extractor):
     def run(self, inputs: Mapping[str, np.ndarray], layers: Sequence[str]) -> dict[str, np.ndarray]:
 
         model = self._load()
+        self._model_identity()
         available = dict(model.named_modules())
         unknown = [name for name in layers if name not in available or not name]
         if unknown:
@@ -350,8 +356,7 @@ class TorchExtractor(Extractor):
     def provenance(self) -> dict[str, str]:
         import torch
 
-        self._load()
-        identity = self._identity if self._identity is not None else identify(self._load())
+        identity = self._model_identity()
         record = {
             "framework": self.framework,
             "framework_version": torch.__version__,

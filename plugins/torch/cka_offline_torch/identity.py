@@ -160,7 +160,7 @@ def code_files(roots: Iterable[types.ModuleType], model: Any) -> list[str]:
     return sorted(dict.fromkeys(files))
 
 
-def _tensor_bytes(tensor: Any) -> bytes:
+def _tensor_bytes(tensor: Any) -> Any:
     import torch
 
     value = tensor.detach()
@@ -173,7 +173,7 @@ def _tensor_bytes(tensor: Any) -> bytes:
     value = value.cpu().contiguous()
     if not value.numel():
         return b""
-    return value.reshape(-1).view(torch.uint8).numpy().tobytes()
+    return value.reshape(-1).view(torch.uint8).numpy()  # hashed in place, not copied
 
 
 def state_sha256(model: Any) -> str:
