@@ -7,7 +7,8 @@ extractor that is the SHA-256 of two parts, both recorded in the file's provenan
   module, every module of user code it reaches through its globals (sibling modules, helpers, classes it
   imports), and the modules that define the classes of the model and of all its submodules. User code is
   every file outside the Python installation (stdlib and site-packages) and outside cka-offline itself;
-  installed packages count by the framework versions already recorded. A ``.pt2`` archive holds its own
+  an installed package that provides the factory or a model class counts by its version
+  (``model_code_packages``, e.g. ``torchvision==0.21.0``; torch itself is the recorded framework version). A ``.pt2`` archive holds its own
   graph: the archive's bytes are its code.
 - ``model_state_sha256``: every parameter and buffer after loading (persistent or not, tied ones under
   each of their names), by name in sorted order, with dtype, shape and bytes.
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 #: at most this many source files are followed from a factory (a safeguard, logged when reached)
 MAX_CODE_FILES = 2000
 _OWN_PACKAGES = ("cka_offline",)
+_FRAMEWORK = frozenset({"torch", "builtins"})
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class ModelIdentity:
     code_sha256: str
     state_sha256: str
     code_files: tuple[str, ...] = field(default=())
+    packages: tuple[str, ...] = field(default=())
 
     @property
     def sha256(self) -> str:
@@ -55,6 +58,7 @@ class ModelIdentity:
             "model_code_sha256": self.code_sha256,
             "model_state_sha256": self.state_sha256,
             "model_code_files": json.dumps(list(self.code_files)),
+            "model_code_packages": json.dumps(list(self.packages)),
         }
 
 
@@ -119,6 +123,12 @@ def _imported_names(file: str, module: types.ModuleType) -> list[str]:
 def code_files(roots: Iterable[types.ModuleType], model: Any) -> list[str]:
     """The source files of the model's code (module docstring): ``roots`` (the factory's module) always,
     followed into user code through module globals; plus the user-code modules of the model's classes."""
+    return _walk(roots, model)[0]
+
+
+def _walk(roots: Iterable[types.ModuleType], model: Any) -> tuple[list[str], list[str]]:
+    """``(source files, installed top-level packages)`` of the model's code: the packages are those of an
+    installed factory module or model class (counted by their version, see :func:`package_versions`)."""
     installed = _installed_roots()
     queue: list[types.ModuleType] = list(roots)
     forced = {id(m) for m in queue}
@@ -127,8 +137,11 @@ def code_files(roots: Iterable[types.ModuleType], model: Any) -> list[str]:
             owner = sys.modules.get(cls.__module__)
             if owner is not None:
                 queue.append(owner)
+                forced.add(id(owner))
+    roots_ids = {id(m) for m in roots}
     seen: set[int] = set()
     files: list[str] = []
+    packages: set[str] = set()
     while queue:
         module = queue.pop(0)
         if id(module) in seen:
@@ -136,9 +149,11 @@ def code_files(roots: Iterable[types.ModuleType], model: Any) -> list[str]:
         seen.add(id(module))
         file = _source_file(module)
         user = _is_user(module, file, installed)
-        if file and (user or id(module) in forced):
+        if file and (user or id(module) in roots_ids):
             files.append(file)
         if not user:
+            if id(module) in forced:
+                packages.add(module.__name__.split(".")[0])
             continue  # an installed package counts by its version, not by what it imports
         if len(files) >= MAX_CODE_FILES:
             log.warning(
@@ -153,11 +168,36 @@ def code_files(roots: Iterable[types.ModuleType], model: Any) -> list[str]:
             if isinstance(value, types.ModuleType):
                 queue.append(value)
             else:
-                home = getattr(value, "__module__", None)
+                try:
+                    home = getattr(value, "__module__", None)
+                except Exception:  # a proxy object whose attribute lookup fails
+                    continue
                 owner = sys.modules.get(home) if isinstance(home, str) else None
                 if owner is not None:
                     queue.append(owner)
-    return sorted(dict.fromkeys(files))
+    return sorted(dict.fromkeys(files)), sorted(packages)
+
+
+def package_versions(tops: Iterable[str]) -> list[str]:
+    """``name==version`` of the distributions providing the top-level packages ``tops``; the framework
+    itself (torch, recorded as ``framework_version``) and the standard library are left out."""
+    from importlib import metadata
+
+    wanted = [t for t in tops if t not in _FRAMEWORK]
+    if not wanted:
+        return []
+    try:
+        provides = metadata.packages_distributions()
+    except Exception:  # a broken installation's metadata: the files still count
+        return []
+    found = set()
+    for top in wanted:
+        for dist in provides.get(top, []):
+            try:
+                found.add(f"{dist}=={metadata.version(dist)}")
+            except metadata.PackageNotFoundError:
+                continue
+    return sorted(found)
 
 
 def _tensor_bytes(tensor: Any) -> Any:
@@ -191,11 +231,16 @@ def state_sha256(model: Any) -> str:
 def identify(model: Any, roots: Iterable[types.ModuleType] = (), archive: str = "") -> ModelIdentity:
     """The identity of ``model`` as loaded; ``roots``: the factory's module(s); ``archive``: a ``.pt2`` whose
     bytes are its code."""
+    packages: list[str] = []
     if archive:
         files = [os.path.realpath(archive)]
     else:
-        files = code_files(roots, model)
-    return ModelIdentity(files_sha256(files), state_sha256(model), tuple(files))
+        files, tops = _walk(roots, model)
+        packages = package_versions(tops)
+    code = files_sha256(files)
+    if packages:
+        code = hashlib.sha256("\n".join([code, *packages]).encode()).hexdigest()
+    return ModelIdentity(code, state_sha256(model), tuple(files), tuple(packages))
 
 
 __all__ = ["MAX_CODE_FILES", "ModelIdentity", "code_files", "identify", "state_sha256"]
