@@ -149,3 +149,11 @@ def test_non_persistent_buffers_count(tmp_path):
     )
     a, b = (_identity(f"{tmp_path}/buf.py:make", model_args=f"v={v}") for v in (0, 1))
     assert a["model_sha256"] != b["model_sha256"]
+
+
+def test_installed_packages_count_by_version_not_torch():
+    from importlib.metadata import version
+
+    from cka_offline_torch.identity import package_versions
+
+    assert package_versions(["numpy", "torch", "os"]) == [f"numpy=={version('numpy')}"]
