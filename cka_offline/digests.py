@@ -105,6 +105,23 @@ def file_sha256(path: str, *, cancelled: Callable[[], bool] | None = None, block
     return text
 
 
+def files_sha256(paths: Sequence[str], *, block: int = 1 << 20) -> str:
+    """SHA-256 (hex) of a set of files by content only: their order, names and folders do not count (moving
+    a project keeps its digest; editing any file changes it). A missing file counts as its path, marked
+    missing. Not cached: meant for small files such as a model's source code."""
+    parts = []
+    for path in dict.fromkeys(paths):
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as fh:
+                while chunk := fh.read(block):
+                    digest.update(chunk)
+        except OSError:
+            digest.update(f"missing:{os.path.abspath(path)}".encode())
+        parts.append(digest.hexdigest())
+    return hashlib.sha256("\n".join(sorted(parts)).encode()).hexdigest()
+
+
 class FileHasher:
     """SHA-256 of files on a background thread, overlapping the analysis; digests of unchanged files are
     remembered between runs (:func:`file_sha256`)."""
@@ -138,4 +155,4 @@ class FileHasher:
         self._cancel.set()
 
 
-__all__ = ["FileHasher", "MAX_ENTRIES", "cache_dir", "cache_path", "file_sha256"]
+__all__ = ["FileHasher", "MAX_ENTRIES", "cache_dir", "cache_path", "file_sha256", "files_sha256"]

@@ -103,3 +103,22 @@ def test_cache_folder_is_the_platforms_unless_overridden(tmp_path, monkeypatch):
     if os.name == "posix" and not platformdirs.user_cache_dir().startswith(os.path.expanduser("~/Library")):
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
         assert digests.cache_path() == str(tmp_path / "xdg" / "cka-offline" / "sha256.json")
+
+
+def test_files_sha256_counts_content_not_names_or_order(tmp_path):
+    import hashlib
+
+    from cka_offline.digests import files_sha256
+
+    a, b = tmp_path / "a.py", tmp_path / "sub" / "b.py"
+    b.parent.mkdir()
+    a.write_text("x = 1\n")
+    b.write_text("y = 2\n")
+    each = sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in (a, b))
+    assert files_sha256([str(a), str(b)]) == hashlib.sha256("\n".join(each).encode()).hexdigest()
+    assert files_sha256([str(b), str(a), str(a)]) == files_sha256([str(a), str(b)])  # order, repeats
+    moved = tmp_path / "elsewhere.py"
+    moved.write_text("x = 1\n")
+    assert files_sha256([str(moved), str(b)]) == files_sha256([str(a), str(b)])  # location
+    b.write_text("y = 3\n")
+    assert files_sha256([str(a), str(b)]) != files_sha256([str(moved), str(tmp_path / "missing.py")])

@@ -213,3 +213,120 @@ def test_onnx_external_data_outside_the_model_folder_refused(tmp_path):
     assert "points to external data '../elsewhere/secret.bin', outside the model's folder" in error_line(
         r, "cka-extract"
     )
+
+
+# ------------------------------------------------------------------------------------------ model archives
+
+
+def _cka_extract() -> str:
+    import shutil
+
+    from .builders import BIN
+
+    return str(BIN / "cka-extract") if (BIN / "cka-extract").exists() else str(shutil.which("cka-extract"))
+
+
+@pytest.fixture(scope="module")
+def good_pt2(tmp_path_factory) -> Path:
+    """A legitimate archive (exported once: torch.export is slow to start)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh()).eval()
+    path = tmp_path_factory.mktemp("pt2") / "good.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(4, 3),)), str(path))
+    return path
+
+
+def _hostile_pt2(good: Path, tmp_path: Path, how: str, marker: Path) -> Path:
+    """A ``.pt2`` whose bytes carry code, in the places torch's loaders read (or might read) without asking."""
+    import io
+    import zipfile
+
+    import torch
+    from torch._export.serde.schema import SCHEMA_VERSION
+
+    evil = tmp_path / f"{how}.pt2"
+    payload = io.BytesIO()
+    torch.save({"0.weight": _Marker(marker)}, payload)
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(evil, "w") as out:
+        entries = {info.filename: src.read(info) for info in src.infolist()}
+        if how.startswith("legacy"):  # the layout of torch <= 2.7: fixed names, state dict "json" unpickled
+            raw = pickle.dumps({"0.weight": _Marker(marker)}, protocol=2)
+            empty = io.BytesIO()
+            torch.save({}, empty)
+            out.writestr("version", ".".join(map(str, SCHEMA_VERSION)))
+            out.writestr("serialized_exported_program.json", entries["good/models/model.json"])
+            out.writestr("serialized_state_dict.json", payload.getvalue() if how == "legacy-zip" else raw)
+            out.writestr("serialized_constants.json", empty.getvalue())
+            out.writestr("serialized_example_inputs.pt", entries["good/data/sample_inputs/model.pt"])
+            return evil
+        for name, data in entries.items():
+            if how == "sample-inputs" and name.endswith("sample_inputs/model.pt"):
+                data = payload.getvalue()  # torch falls back to an unpickling load when the safe one fails
+            elif how == "protocol-0" and name.endswith("weights/weight_1"):
+                data = pickle.dumps(_Marker(marker), protocol=0)  # no protocol marker, any entry name
+            out.writestr(name, data)
+        if how == "native":
+            out.writestr("good/data/aotinductor/model/model.so", b"\x7fELF\x02\x01\x01" + bytes(64))
+    return evil
+
+
+HOSTILE = ["legacy-zip", "legacy-raw", "sample-inputs", "protocol-0", "native"]
+
+
+@pytest.mark.parametrize("how", HOSTILE)
+def test_hostile_pt2_archives_run_nothing(good_pt2, tmp_path, how):
+    marker = tmp_path / "ran"
+    evil = _hostile_pt2(good_pt2, tmp_path, how, marker)
+    r = invoke("cka-extract", [evil, "-i", _xs(tmp_path), "-o", tmp_path / "o.h5"])
+    line = error_line(r, "cka-extract")
+    assert r.exit_code == 3 and evil.name in line and "--allow-pickle-code-execution" in line
+    assert ("compiled" in line) if how == "native" else ("pickle" in line)
+    assert not marker.exists() and not (tmp_path / "o.h5").exists()
+
+
+def _xs(tmp_path: Path) -> Path:
+    path = tmp_path / "x.npz"
+    np.savez(path, x=np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32))
+    return path
+
+
+def test_hostile_legacy_pt2_through_the_installed_command(good_pt2, tmp_path):
+    """The reported attack, as a user meets it: the installed cka-extract on an older-layout .pt2."""
+    import subprocess
+
+    marker = tmp_path / "ran"
+    evil = _hostile_pt2(good_pt2, tmp_path, "legacy-zip", marker)
+    cmd = [_cka_extract(), str(evil), "-i", str(_xs(tmp_path)), "-o", str(tmp_path / "o.h5"), "-b", "4"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("cka-extract: error: torch.export archive"), r.stderr
+    assert "serialized_state_dict.json" in r.stderr and "--allow-pickle-code-execution" in r.stderr
+    assert not marker.exists() and not (tmp_path / "o.h5").exists()
+    # with the opt-in, a legitimate archive still loads (without it too: test_torch_files.py)
+    out = tmp_path / "good.h5"
+    args = [good_pt2, "-i", _xs(tmp_path), "-o", out, "-b", "4", "-q", "--allow-pickle-code-execution"]
+    r = invoke("cka-extract", args)
+    assert r.exit_code == 0 and out.exists(), r.stderr
+    with h5py.File(out) as f:
+        assert f["ids"].shape == (8,)
+
+
+def test_a_loader_the_scan_misses_still_cannot_unpickle(good_pt2, tmp_path, monkeypatch):
+    """The second line of defence: with the content scan switched off, torch's own fallback to an
+    unpickling load is refused while the archive loads."""
+    from cka_offline.errors import ModelError
+    from cka_offline_torch import sources
+    from cka_offline_torch.extractor import TorchExtractor
+
+    marker = tmp_path / "ran"
+    monkeypatch.setattr(sources, "pt2_pickled_entries", lambda path: [])
+    for how in ("legacy-zip", "sample-inputs"):
+        evil = _hostile_pt2(good_pt2, tmp_path, how, marker)
+        with pytest.raises(
+            ModelError, match=r"holds data that torch would unpickle with code execution.*--allow-pickle"
+        ):
+            TorchExtractor(str(evil)).layers()
+        assert not marker.exists()

@@ -402,7 +402,12 @@ def test_module_factory_and_provenance(torch_factory_file, monkeypatch):
         prov = ex.provenance()
     assert prov["framework"] == "torch" and prov["framework_version"] == torch.__version__
     assert prov["model"] == "tiny_factory:make"
-    assert prov["model_sha256"] == hashlib.sha256(torch_factory_file.read_bytes()).hexdigest()
+    # the identity covers the factory's code (docs: identity.py) and the model's parameters and buffers
+    assert (
+        prov["model_code_sha256"]
+        == hashlib.sha256(hashlib.sha256(torch_factory_file.read_bytes()).hexdigest().encode()).hexdigest()
+    )
+    assert len(prov["model_sha256"]) == 64 and len(prov["model_state_sha256"]) == 64
     assert prov["factory_file"] == str(torch_factory_file)
     assert all(isinstance(v, str) for v in prov.values())
 

@@ -20,6 +20,7 @@ from cka_offline.errors import InputError, ModelError  # noqa: E402
 from cka_offline_torch.extractor import TorchExtractor  # noqa: E402
 from cka_offline_torch.sources import is_torchscript  # noqa: E402
 
+from .identity_reference import files_sha, identity, state_sha  # noqa: E402
 from .test_torch_extractor import CNN_LAYERS, FACTORY_SOURCE, cnn_reference, images, load_reference_module  # noqa: E402
 
 LAYER_NAMES = [name for name, _ in CNN_LAYERS]
@@ -69,7 +70,11 @@ def test_weights_are_loaded_into_the_factory_model(torch_factory, tmp_path, kind
     want = cnn_reference(trained, x)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6)
-    assert prov["model_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    # the identity: the factory's code and the weights as loaded (the trained model's, not seed 0's)
+    assert json.loads(prov["model_code_files"]) == [str(path)]
+    assert prov["model_code_sha256"] == files_sha([path])
+    assert prov["model_state_sha256"] == state_sha(trained)
+    assert prov["model_sha256"] == identity(files_sha([path]), state_sha(trained))
     assert prov["weights"] == str(weights)
     assert prov["factory_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -169,7 +174,11 @@ def test_export_archive_hooks_fire_on_original_module_names(torch_factory, tmp_p
     want = eager_hooks(model, x, LAYER_NAMES)
     for name in LAYER_NAMES:
         np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, err_msg=name)
-    assert prov["model_sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+    # an archive holds its graph: its bytes are its code
+    assert prov["model_code_sha256"] == files_sha([archive])
+    assert prov["model_sha256"] == identity(files_sha([archive]), prov["model_state_sha256"])
+    with TorchExtractor(str(archive)) as again:
+        assert again.provenance()["model_sha256"] == prov["model_sha256"]
 
 
 @pytest.mark.cuda
@@ -295,7 +304,10 @@ def test_pickled_model_needs_the_opt_in(tmp_path, legacy):
     with TorchExtractor(str(path), options={"allow_pickle_code_execution": "true"}) as ex:
         assert [(i.name, i.kind) for i in ex.layers()] == [("fc", "Linear"), ("act", "Tanh")]
         got = ex.run({"x": x}, ["fc", "act"])
-        assert ex.provenance()["model_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        prov = ex.provenance()
+    # the class's own module (this test file) is its code; the state is the unpickled parameters
+    assert prov["model_state_sha256"] == state_sha(model)
+    assert __file__ in json.loads(prov["model_code_files"])
     with torch.no_grad():
         np.testing.assert_array_equal(got["fc"], model.fc(torch.from_numpy(x)).numpy())
         np.testing.assert_array_equal(got["act"], model(torch.from_numpy(x)).numpy())
@@ -368,3 +380,51 @@ def test_torchscript_is_refused_with_alternatives(tmp_path, how):
     factory.write_text("from torch import nn\ndef make():\n    return nn.Linear(3, 2)\n")
     with pytest.raises(ModelError, match=r"weights file .* is a TorchScript archive, not a state dict"):
         TorchExtractor(f"{factory}:make", options={"weights": str(path)}).layers()
+
+
+@pytest.mark.parametrize("name", ["model.jit", "model.ts", "model.bin", "model", "model.pt2"])
+def test_torchscript_is_explained_whatever_its_name(tmp_path, name):
+    """Recognised by content (a zip with constants.pkl / code/), not by its extension."""
+    from click.testing import CliRunner
+
+    from cka_offline.cli import extract as cli_extract
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = tmp_path / name
+        torch.jit.save(torch.jit.script(PickledNet().eval()), str(path))
+    np.savez(tmp_path / "x.npz", x=np.ones((2, 3), np.float32))
+    r = CliRunner().invoke(cli_extract.main, [str(path), "-i", str(tmp_path / "x.npz"), "-o", str(tmp_path / "o.h5")])
+    assert r.exit_code == 3, r.output
+    assert f"{name}' is a TorchScript archive; TorchScript modules do not support forward hooks" in r.stderr
+    assert "torch.export" in r.stderr and r.stderr.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------ archive scan
+
+
+def test_pickle_scan_finds_globals_in_every_protocol_and_not_in_weights():
+    import io
+    import pickle
+
+    from cka_offline_torch.archives import judge_bytes, pickle_globals
+
+    for protocol in range(6):
+        found, is_pickle = pickle_globals(io.BytesIO(pickle.dumps([SideEffect(Path("m"))], protocol=protocol)))
+        assert is_pickle and any(g.startswith("pathlib.") for g in found), (protocol, found)
+    # a global followed by garbage still counts (an unpickler has run it by then)
+    found, _ = pickle_globals(io.BytesIO(b"cos\nsystem\n(S'x'\ntR\xff\xff"))
+    assert found == ["os.system"]
+    # two pickles in a row, the second one hostile (torch's legacy format reads several)
+    found, _ = pickle_globals(io.BytesIO(pickle.dumps(1, protocol=2) + pickle.dumps(SideEffect(Path("m")), protocol=2)))
+    assert any(g.startswith("pathlib.") for g in found), found
+    # torch's own tensors pickle only allowlisted globals; raw weights, JSON and text are not pickles
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, buf)
+    buf.seek(0)
+    assert judge_bytes("w.pt", buf) == []
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        blob = rng.normal(size=int(rng.integers(1, 200))).astype(rng.choice(["f4", "f2", "f8"])).tobytes()
+        assert judge_bytes("weight", io.BytesIO(blob)) == []
+    assert judge_bytes("c.json", io.BytesIO(b'{"config": {}}')) == []

@@ -21,9 +21,11 @@ from cka_offline.extractor import Extractor, LayerInfo, Option, sha256_path
 from . import __version__
 from .binding import ForwardSignature, bind, export_signature, module_signature, tensors_for
 from .capture import Capture, parse_output_index
+from .identity import ModelIdentity, identify
 from .sources import (
     SourceSpec,
     factory_file,
+    factory_module,
     load_export,
     load_factory,
     load_pickle,
@@ -31,6 +33,7 @@ from .sources import (
     parse_model_args,
     parse_source,
 )
+from .usercode import user_code
 
 if TYPE_CHECKING:
     import torch
@@ -161,6 +164,7 @@ class TorchExtractor(Extractor):
         self._signature: ForwardSignature | None = None
         self._kinds: dict[str, str] = {}
         self._model_file = ""
+        self._identity: ModelIdentity | None = None
 
     # ----------------------------------------------------------------------------------- loading
 
@@ -192,7 +196,8 @@ class TorchExtractor(Extractor):
                 self._model_file = spec.path
             self._signature = module_signature(model)
         try:
-            model = model.to(self._device)
+            with user_code(f"the model of {self.source!r}, when moved to {self._device},", self.source):
+                model = model.to(self._device)
         except Exception as exc:
             raise ModelError(
                 f"cannot move the model of {self.source!r} to {self._device}: {type(exc).__name__}: {exc}"
@@ -219,6 +224,15 @@ class TorchExtractor(Extractor):
         model.eval()
         self._model = model
         return model
+
+    def _model_identity(self) -> ModelIdentity:
+        """The code and the parameters and buffers as loaded (see :mod:`.identity`): taken before the first
+        forward pass (so a model that changes a buffer as it runs has one identity), not for --list-layers."""
+        if self._identity is None:
+            model = self._load()
+            roots = [m for m in (factory_module(self.spec),) if m is not None]
+            self._identity = identify(model, roots, archive=self.spec.path if self.spec.kind == "export" else "")
+        return self._identity
 
     def _float_dtype(self) -> torch.dtype | None:
         import torch
@@ -283,6 +297,7 @@ class TorchExtractor(Extractor):
     def run(self, inputs: Mapping[str, np.ndarray], layers: Sequence[str]) -> dict[str, np.ndarray]:
 
         model = self._load()
+        self._model_identity()
         available = dict(model.named_modules())
         unknown = [name for name in layers if name not in available or not name]
         if unknown:
@@ -322,7 +337,7 @@ class TorchExtractor(Extractor):
 
         try:
             # no_grad rather than inference_mode: inference tensors have no version counter (see capture.py)
-            with torch.no_grad():
+            with torch.no_grad(), user_code(f"the forward pass of {self.source!r}", str(self.source)):
                 model(*args, **kwargs)
         except Exception as exc:
             if isinstance(exc, ModelError):
@@ -342,18 +357,14 @@ class TorchExtractor(Extractor):
     def provenance(self) -> dict[str, str]:
         import torch
 
-        self._load()
+        identity = self._model_identity()
         record = {
             "framework": self.framework,
             "framework_version": torch.__version__,
             "model": self.source,
-            "model_sha256": (
-                module_sha256(self._live)
-                if self._live is not None
-                else sha256_path(self._model_file)
-                if self._model_file
-                else ""
-            ),
+            # code + parameters and buffers after loading: what --resume and the shard checks compare
+            "model_sha256": identity.sha256,
+            **identity.provenance(),
             "extractor_version": __version__,
             "device": str(self._device),
         }
@@ -383,21 +394,6 @@ def _is_module(source: Any) -> bool:
     """Whether ``source`` is a live ``torch.nn.Module`` (without importing torch for a string)."""
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(source, torch.nn.Module)
-
-
-def module_sha256(model: Any) -> str:
-    """SHA-256 of a model's parameters and buffers (names, dtypes, shapes, values): its identity as it is."""
-    import hashlib
-
-    import torch
-
-    digest = hashlib.sha256(type(model).__qualname__.encode())
-    for name, tensor in model.state_dict().items():
-        value = tensor.detach().cpu().contiguous()
-        digest.update(f"|{name}|{value.dtype}|{tuple(value.shape)}|".encode())
-        if value.numel():
-            digest.update(value.view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _export_kinds(program: Any) -> dict[str, str]:

@@ -7,9 +7,11 @@ A source is one of:
 - a ``torch.export`` archive (``.pt2``), unflattened so that submodules keep their original names;
 - a fully pickled ``nn.Module`` (``.pt``/``.pth``), only with ``allow_pickle_code_execution``.
 
-TorchScript archives and bare state dicts are recognised (without executing them) and refused with a
-message that says what to use instead. :func:`parse_source` is cheap and imports nothing heavy; every
-other function imports torch lazily.
+TorchScript archives (by content, whatever their name) and bare state dicts are recognised (without
+executing them) and refused with a message that says what to use instead. :func:`parse_source` is cheap
+(at most it reads a zip's list of names) and imports nothing heavy; every other function imports torch
+lazily. User code (a factory's module, the factory, unpickled classes, the forward pass) runs inside
+:func:`user_code`, so that it sees no command-line arguments and cannot end the program in silence.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 from cka_offline.errors import ModelError
 
+from .archives import UnsafeLoadRefused, is_torchscript_zip, judge_zip, no_unsafe_loads
+from .usercode import user_code
+
 if TYPE_CHECKING:
     import torch
 
@@ -40,7 +45,9 @@ _MODULE_FACTORY = re.compile(rf"^(?P<module>{_DOTTED}):(?P<attr>{_DOTTED})$")
 _ATTR = re.compile(rf"^{_DOTTED}$")
 
 EXPORT_SUFFIXES = (".pt2",)
-PICKLE_SUFFIXES = (".pt", ".pth", ".ptl", ".torchscript")
+PICKLE_SUFFIXES = (".pt", ".pth")
+#: claimed so that a TorchScript file gets the explanation (any other name is recognised by its content)
+TORCHSCRIPT_SUFFIXES = (".jit", ".ts", ".ptl", ".torchscript")
 WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 #: suffixes this plugin claims although they hold only weights, so the user gets a useful message
 WEIGHTS_ONLY_SUFFIXES = (".safetensors",)
@@ -54,7 +61,8 @@ ALTERNATIVES = (
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """A parsed source: ``kind`` is "factory", "export", "pickle", "weights" or "hf"."""
+    """A parsed source: ``kind`` is "factory", "export", "pickle", "torchscript", "weights" or "hf" (a
+    torchscript source is refused with its explanation by :func:`load_pickle`)."""
 
     kind: str
     path: str = ""  # the file (factory file, .pt2, .pt, .safetensors); "" for a module factory
@@ -79,8 +87,18 @@ def parse_source(source: str) -> SourceSpec | None:
     if lower.endswith(PICKLE_SUFFIXES):
         return SourceSpec("pickle", path=text)
     if lower.endswith(WEIGHTS_ONLY_SUFFIXES):
-        return SourceSpec("weights", path=text)
+        return SourceSpec("torchscript" if _sniff_torchscript(text) else "weights", path=text)
+    if lower.endswith(TORCHSCRIPT_SUFFIXES) or _sniff_torchscript(text):
+        return SourceSpec("torchscript", path=text)
     return None
+
+
+def _sniff_torchscript(path: str) -> bool:
+    """Whether ``path`` is an existing TorchScript archive, whatever its name (reads the zip's names only)."""
+    try:
+        return os.path.isfile(path) and is_torchscript(path)
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
 
 
 def parse_literal(value: Any) -> Any:
@@ -146,31 +164,37 @@ def _import_factory_module(spec: SourceSpec, source: str) -> Any:
         path = os.path.abspath(spec.path)
         if not os.path.isfile(path):
             raise ModelError(f"factory file {spec.path!r} (from {source!r}) does not exist; check the path before ':'")
-        digest = hashlib.sha256(path.encode()).hexdigest()[:12]
-        stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
-        name = f"_cka_offline_factory_{stem}_{digest}"
+        name = factory_module_name(spec)
         module_spec = importlib.util.spec_from_file_location(name, path)
         if module_spec is None or module_spec.loader is None:
             raise ModelError(f"cannot load {spec.path!r} as a Python module (from {source!r})")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module  # pickling, dataclasses and typing need the module registered
+        what = f"factory file {spec.path!r} (of {source!r}), while it was imported,"
         try:
-            with _on_sys_path(os.path.dirname(path)):
+            with user_code(what, path, spec.path), _on_sys_path(os.path.dirname(path)):
                 module_spec.loader.exec_module(module)
+        except ModelError:
+            sys.modules.pop(name, None)
+            raise
         except Exception as exc:
             sys.modules.pop(name, None)
             raise ModelError(
                 f"factory file {spec.path!r} failed to run: {type(exc).__name__}: {exc}; fix the file or its imports"
             ) from exc
         return module
+    what = f"module {spec.module!r} (of factory {source!r}), while it was imported,"
     try:
-        try:
-            return importlib.import_module(spec.module)
-        except ModuleNotFoundError as exc:
-            if exc.name != spec.module.split(".")[0] or os.getcwd() in sys.path:
-                raise
-            with _on_sys_path(os.getcwd()):  # like `python -m`: a package in the current folder is found
+        with user_code(what, spec.module, f"module {spec.module!r}"):
+            try:
                 return importlib.import_module(spec.module)
+            except ModuleNotFoundError as exc:
+                if exc.name != spec.module.split(".")[0] or os.getcwd() in sys.path:
+                    raise
+                with _on_sys_path(os.getcwd()):  # like `python -m`: a package in the current folder is found
+                    return importlib.import_module(spec.module)
+    except ModelError:
+        raise
     except Exception as exc:
         raise ModelError(
             f"cannot import module {spec.module!r} of factory {source!r}: {type(exc).__name__}: {exc}; "
@@ -197,6 +221,21 @@ def _resolve_attr(module: Any, spec: SourceSpec, source: str) -> Any:
     return obj
 
 
+def factory_module_name(spec: SourceSpec) -> str:
+    """The name under which a factory's module is (or will be) in ``sys.modules``."""
+    if not spec.path:
+        return spec.module
+    path = os.path.abspath(spec.path)
+    digest = hashlib.sha256(path.encode()).hexdigest()[:12]
+    stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+    return f"_cka_offline_factory_{stem}_{digest}"
+
+
+def factory_module(spec: SourceSpec) -> Any:
+    """The imported module of a factory (after :func:`load_factory`), or None."""
+    return sys.modules.get(factory_module_name(spec)) if spec.kind == "factory" else None
+
+
 def factory_file(spec: SourceSpec) -> str:
     """The source file of a factory (for provenance), '' if there is none."""
     if spec.path:
@@ -216,9 +255,13 @@ def load_factory(spec: SourceSpec, source: str, model_args: Mapping[str, Any]) -
     module = _import_factory_module(spec, source)
     factory = _resolve_attr(module, spec, source)
     folder = os.path.dirname(os.path.abspath(spec.path)) if spec.path else None
+    where = spec.path or f"module {spec.module!r}"
     try:
-        with _on_sys_path(folder) if folder else contextlib.nullcontext():
-            model = factory(**model_args)
+        with user_code(f"factory {source!r}, when called,", spec.path or spec.module, where):
+            with _on_sys_path(folder) if folder else contextlib.nullcontext():
+                model = factory(**model_args)
+    except ModelError:
+        raise
     except Exception as exc:
         args = ", ".join(f"{k}={v!r}" for k, v in model_args.items())
         raise ModelError(
@@ -329,7 +372,8 @@ def load_weights(model: torch.nn.Module, path: str, source: str) -> None:
         if unexpected and all(k.startswith("module.") for k in unexpected):
             hint = "the file was saved from a DataParallel/DDP wrapper: save model.module.state_dict() instead"
         raise ModelError(f"weights {path!r} do not fit the model of {source!r}: {'; '.join(parts)}; {hint}")
-    model.load_state_dict(state, strict=True)
+    with user_code(f"the model of {source!r}, while loading {path!r},", path):
+        model.load_state_dict(state, strict=True)
 
 
 # --------------------------------------------------------------------------------------------- files
@@ -340,11 +384,14 @@ def is_torchscript(path: str) -> bool:
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
-        for name in archive.namelist():
-            inner = name.split("/", 1)[1] if "/" in name else name
-            if inner == "constants.pkl" or inner.startswith("code/"):
-                return True
-    return False
+        return is_torchscript_zip(archive)
+
+
+def _torchscript_error(path: str) -> ModelError:
+    return ModelError(
+        f"{path!r} is a TorchScript archive; TorchScript modules do not support forward hooks, so their layers "
+        f"cannot be captured. Use instead {ALTERNATIVES}"
+    )
 
 
 def _unsafe_globals(data: bytes | str) -> list[str] | None:
@@ -361,24 +408,27 @@ def _unsafe_globals(data: bytes | str) -> list[str] | None:
 
 
 def pt2_pickled_entries(path: str) -> list[str]:
-    """Entries of a ``.pt2`` archive that ``torch.export.load`` would unpickle with code execution."""
+    """Entries of a ``.pt2`` archive that loading it would unpickle with code execution, or load as compiled
+    code: those its configs mark as pickled or custom objects, and every entry whose bytes are such (see
+    :mod:`.archives`: judged by content, whatever the entry is called)."""
     entries: list[str] = []
     with zipfile.ZipFile(path) as archive:
         for name in archive.namelist():
             if name.endswith("_config.json") and "/data/" in name:
                 try:
                     config = json.loads(archive.read(name)).get("config", {})
+                    items = list(config.items())
                 except (ValueError, AttributeError):
                     entries.append(name)
                     continue
-                for fqn, meta in config.items():
+                for fqn, meta in items:
+                    meta = meta if isinstance(meta, dict) else {}
                     path_name = str(meta.get("path_name", ""))
                     if meta.get("use_pickle") or path_name.startswith(("custom_obj", "opaque_obj")):
                         entries.append(f"{fqn} ({path_name})")
-            elif name.endswith(".pt"):
-                if _unsafe_globals(archive.read(name)) != []:
-                    entries.append(name.split("/", 1)[-1])
-    return entries
+            elif "/data/aotinductor/" in f"/{name}":
+                entries.append(f"{name} (compiled AOTInductor code)")
+    return list(dict.fromkeys(entries + judge_zip(path)))
 
 
 def _require_file(path: str, what: str) -> None:
@@ -386,34 +436,76 @@ def _require_file(path: str, what: str) -> None:
         raise ModelError(f"{what} {path!r} does not exist; check the path")
 
 
-def load_export(path: str, allow_pickle: bool, device: torch.device | None = None) -> tuple[Any, torch.nn.Module]:
-    """``(ExportedProgram, unflattened module)`` of a ``.pt2`` archive, its tensors on ``device``."""
+def _quiet_torch_loading() -> contextlib.ExitStack:
+    """Silence torch's own warnings and log lines while an archive is read (deprecated layouts, pytree
+    notices): what matters reaches the user as one error line."""
+    import logging
     import warnings
 
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    for name in ("torch.export", "torch._export", "torch._export.serde.serialize", "torch.export.pt2_archive"):
+        logger = logging.getLogger(name)
+        level = logger.level
+        logger.setLevel(logging.CRITICAL)
+        stack.callback(logger.setLevel, level)
+    return stack
+
+
+def load_export(path: str, allow_pickle: bool, device: torch.device | None = None) -> tuple[Any, torch.nn.Module]:
+    """``(ExportedProgram, unflattened module)`` of a ``.pt2`` archive, its tensors on ``device``.
+
+    Without ``allow_pickle``, every entry is judged by content first (:func:`pt2_pickled_entries`), and
+    ``torch.export.load`` then runs under :func:`archives.no_unsafe_loads`, so that no loader of any
+    layout can fall back to unpickling code."""
     import torch
 
     _require_file(path, "torch.export archive")
     if not zipfile.is_zipfile(path):
         raise ModelError(f"{path!r} is not a torch.export archive (not a zip file); save it with torch.export.save")
-    pickled = pt2_pickled_entries(path)
-    if pickled and not allow_pickle:
-        raise ModelError(
-            f"torch.export archive {path!r} contains pickled entries ({_few(pickled, 3)}) that would execute code "
-            "when loaded; re-export without tensor subclasses or custom objects, or, only if you trust the file, "
-            "pass --allow-pickle-code-execution (-X allow_pickle_code_execution=true)"
-        )
+    if is_torchscript(path):
+        raise _torchscript_error(path)
+    advice = (
+        "re-export without tensor subclasses or custom objects, or, only if you trust the file, "
+        "pass --allow-pickle-code-execution (-X allow_pickle_code_execution=true)"
+    )
+    if not allow_pickle:
+        pickled = pt2_pickled_entries(path)
+        if pickled:
+            raise ModelError(
+                f"torch.export archive {path!r} contains pickled entries ({_few(pickled, 3)}) that would execute "
+                f"code when loaded; {advice}"
+            )
+    guard: contextlib.AbstractContextManager[list[str]] = (
+        contextlib.nullcontext([]) if allow_pickle else no_unsafe_loads(path)
+    )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch-internal pytree deprecation noise
-            program = torch.export.load(path)
+        with _quiet_torch_loading(), guard as refused:
+            if allow_pickle:
+                with user_code(f"code unpickled from {path!r}", path):
+                    program = torch.export.load(path)
+            else:
+                program = torch.export.load(path)
+    except ModelError:
+        raise
     except Exception as exc:
+        if isinstance(exc, UnsafeLoadRefused) or refused:
+            raise ModelError(
+                f"torch.export archive {path!r} holds data that torch would unpickle with code execution or load "
+                f"as compiled code ({(refused or [str(exc)])[0]}); {advice}"
+            ) from exc
         raise ModelError(
             f"torch.export.load could not read {path!r}: {type(exc).__name__}: {exc}; "
             f"re-export it with this torch version ({torch.__version__})"
         ) from exc
+    if refused:  # a loader that swallowed the refusal: the program may be incomplete, and was not trusted
+        raise ModelError(
+            f"torch.export archive {path!r} holds data that torch would unpickle with code execution "
+            f"({refused[0]}); {advice}"
+        )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
+        with _quiet_torch_loading():
             if device is not None and device.type != "cpu":
                 # constants baked into the graph (not only parameters) must move too
                 from torch.export.passes import move_to_device_pass
@@ -433,10 +525,7 @@ def load_pickle(path: str, allow_pickle: bool) -> torch.nn.Module:
 
     _require_file(path, "model file")
     if is_torchscript(path):
-        raise ModelError(
-            f"{path!r} is a TorchScript archive; TorchScript modules do not support forward hooks, so their layers "
-            f"cannot be captured. Use instead {ALTERNATIVES}"
-        )
+        raise _torchscript_error(path)
     if zipfile.is_zipfile(path):
         unsafe = _unsafe_globals(path)
         needs_code = unsafe != []
@@ -465,7 +554,10 @@ def load_pickle(path: str, allow_pickle: bool) -> torch.nn.Module:
             "(-X allow_pickle_code_execution=true)"
         )
     try:
-        model = torch.load(path, map_location="cpu", weights_only=False)
+        with user_code(f"code unpickled from {path!r}", path):
+            model = torch.load(path, map_location="cpu", weights_only=False)
+    except ModelError:
+        raise
     except Exception as exc:
         raise ModelError(
             f"unpickling {path!r} failed: {type(exc).__name__}: {exc}; the classes it was saved with must be "
