@@ -32,7 +32,8 @@ from cka_offline.errors import InputError, ModelError
 from cka_offline.extractor import InputReader, Option, sha256_path
 
 from .binding import module_signature
-from .extractor import TorchExtractor, module_sha256
+from .extractor import TorchExtractor
+from .identity import state_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -352,10 +353,12 @@ class HFExtractor(TorchExtractor):
         loaded = self._loaded
         assert loaded is not None  # super().provenance() loaded the model
         if not loaded.weights_sha256:  # the weights as loaded: every tensor, whatever the file layout
-            loaded.weights_sha256 = module_sha256(loaded.model)
+            loaded.weights_sha256 = record.get("model_state_sha256") or state_sha256(loaded.model)
         import transformers
 
-        combined = hashlib.sha256(f"config:{loaded.config_sha256}|weights:{loaded.weights_sha256}".encode())
+        # the base identity (code: transformers' version and any user modules; state: every tensor as
+        # loaded) plus the config, which decides what the code does with the weights
+        combined = hashlib.sha256(f"config:{loaded.config_sha256}|identity:{record['model_sha256']}".encode())
         record["model_sha256"] = combined.hexdigest()
         record.update(
             {
