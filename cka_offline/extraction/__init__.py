@@ -38,6 +38,7 @@ from ..store import schema
 from ..store.schema import DEFAULT_DTYPE, DEFAULT_REDUCTION, STORED_DTYPES, TOKEN_REDUCTIONS
 from ..store.writer import ActivationWriter
 from .batches import Batch, BatchRunner
+from .probe import probe_layers
 
 log = logging.getLogger(__name__)
 
@@ -234,22 +235,26 @@ def extract_with(
         fingerprint = reader.fingerprint()
         ids, n_inputs, n_used, (lo, hi) = _rows(reader, fingerprint["description"], opts)
 
+        first_stop = min(hi, lo + opts.batch_size)
+        # an extractor that probes learns its layers from the first batch (per-call layers, shapes)
+        infos = probe_layers(ext, reader, lo, first_stop) or ext.layers()
         names = select_layers(
-            ext.layers(),
+            infos,
             opts.layers,
             what="layer",
             where=f"model {describe_source(source)}",
             hint="list them with cka-extract --list-layers",
         )
-        reductions = resolve_reductions(opts.reduction, names)
-        run = BatchRunner(ext, reader, ids, names, reductions, opts.mask_input, opts.dtype)
+        by_name = {info.name: info for info in infos}
+        reductions = resolve_reductions(opts.reduction, [by_name[n] for n in names])
+        layouts = {n: by_name[n].layout for n in names}
+        run = BatchRunner(ext, reader, ids, names, reductions, opts.mask_input, opts.dtype, layouts)
 
-        first_stop = min(hi, lo + opts.batch_size)
         first = run.forward(lo, first_stop)  # learns every layer's per-example shape
         specs = run.layer_specs()
         if run.reduce_early():  # the extractor reduces some layers itself from now on: same path for every row
             first = run.forward(lo, first_stop)
-        settings = opts.recorded(reductions)
+        settings = opts.recorded(run.reductions)  # each layer's reduction as applied to its shape
         provenance = _provenance(ext, entry, fingerprint, settings, opts.command)
         # shards differ only in their rows (recorded by the writer): they share provenance["options"]
         key = resume_key(provenance, names, (lo, hi, n_inputs), settings)
