@@ -108,7 +108,9 @@ def concrete_reduction(layer: str, reduction: str, shape: tuple[int, ...], layou
     """
     check_reduction(reduction)
     if layout and layout not in LAYOUTS:
-        raise LayerSelectionError(f"layer {layer!r} reports layout {layout!r}; expected one of {', '.join(LAYOUTS)} or ''")
+        raise LayerSelectionError(
+            f"layer {layer!r} reports layout {layout!r}; expected one of {', '.join(LAYOUTS)} or ''"
+        )
     if reduction != "mean":
         return reduction
     if len(shape) == 0:

@@ -100,7 +100,9 @@ def as_layer_info(layer: LayerInfo | str) -> LayerInfo:
     return LayerInfo(name=layer, group=call[0] if call else "")
 
 
-def match_layers(pattern: str, available: Sequence[LayerInfo | str], *, what: str = "layer", where: str = "the model") -> list[str]:
+def match_layers(
+    pattern: str, available: Sequence[LayerInfo | str], *, what: str = "layer", where: str = "the model"
+) -> list[str]:
     """Names of the layers in ``available`` that ``pattern`` selects, in their order; ``[]`` if none.
 
     ``pattern`` is an exact layer name, a module name whose calls are layers (:attr:`LayerInfo.group`),
@@ -209,6 +211,4 @@ def _no_match_message(pattern: str, infos: list[LayerInfo], what: str, where: st
     return f"no {what} matches {pattern!r} in {where}; {found}{crossing}"
 
 
-__all__ = [
-    "as_layer_info",
-    "call_name", "glob_matches", "is_glob", "match_layers", "select_layers", "split_call"]
+__all__ = ["as_layer_info", "call_name", "glob_matches", "is_glob", "match_layers", "select_layers", "split_call"]

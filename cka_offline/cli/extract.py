@@ -162,16 +162,19 @@ def _list_layers(model: str, params: dict[str, Any], options: dict[str, Any], pm
         plugin_manager=pm,
     )
     default = set(listing.default)
-    head = ("LAYER", "KIND", "SHAPE") + (("RUNS", "DEFAULT") if listing.probed else ()) + ("ALIASES",)
+    head: tuple[str, ...] = ("LAYER", "KIND", "SHAPE") + (("RUNS", "DEFAULT") if listing.probed else ()) + ("ALIASES",)
     rows = [head]
     for info in listing.layers:
         aliases = ", ".join(info.aliases)
         if not info.exposable:
             aliases = (aliases + "  " if aliases else "") + f"[not extractable: {info.reason}]"
-        probed = ()
+        probed: tuple[str, ...] = ()
         if listing.probed:
             runs = "?" if info.runs is None else str(info.runs)
-            probed = (f"{info.name.rsplit(':', 1)[-1]} of {runs}" if info.group else runs, "*" if info.name in default else "")
+            probed = (
+                f"{info.name.rsplit(':', 1)[-1]} of {runs}" if info.group else runs,
+                "*" if info.name in default else "",
+            )
         rows.append((info.name, info.kind or "-", _shape(info.shape), *probed, aliases))
     click.echo(_table(rows))
     if listing.probed:
@@ -245,7 +248,12 @@ Example:
     is_flag=True,
     help="List the options (-X, -I) each installed extractor and input reader declares, and exit.",
 )
-@click.option("--list-layers", is_flag=True, help="List the layers MODEL offers (name, kind, shape, aliases) and exit.")
+@click.option(
+    "--list-layers",
+    is_flag=True,
+    help="List the layers MODEL offers (name, kind, shape, aliases) and exit; with --inputs (torch), each "
+    "layer's per-example shape, runs per forward pass and the default selection, from one probe batch.",
+)
 @click.option(
     "--reduction",
     "-r",

@@ -146,7 +146,9 @@ class BatchRunner:
         for name, arr in arrays.items():
             with np.errstate(over="ignore"):  # float16 overflow is reported below, with the example's id
                 reduced = (
-                    arr if name in self.early else reduce(name, self.reductions[name], arr, mask, batch_ids.tolist(), self.layouts.get(name, ""))
+                    arr
+                    if name in self.early
+                    else reduce(name, self.reductions[name], arr, mask, batch_ids.tolist(), self.layouts.get(name, ""))
                 )
                 rows = reduced.astype(self.dtype, copy=False)
             finite = np.isfinite(rows).all(axis=1)

@@ -58,8 +58,8 @@ def list_layers(
 ) -> LayerListing:
     """The layers ``source`` offers; with ``inputs``, as the first batch of them (``batch_size`` examples)
     shows them, for an extractor that probes (:meth:`Extractor.probe`)."""
-    from . import _open_inputs, _pick_extractor
     from ..registry import get_plugin_manager
+    from . import _open_inputs, _pick_extractor
 
     pm = plugin_manager or get_plugin_manager()
     cls, _ = _pick_extractor(source, extractor, pm)

@@ -150,7 +150,7 @@ def probe(
     finally:
         for handle in handles:
             handle.remove()
-    for name, calls in seen.items():  # the batch axis first: per-example shapes
+    for calls in seen.values():  # the batch axis first: per-example shapes
         for i, shape in enumerate(calls.shapes):
             if shape is not None and (not shape or shape[0] != batch[0]):
                 calls.shapes[i] = None
