@@ -180,8 +180,8 @@ def _list_layers(model: str, params: dict[str, Any], options: dict[str, Any], pm
     if listing.probed:
         click.echo(
             f"(shapes are per example, from one probe batch of {listing.examples} inputs; RUNS: times the module "
-            "runs per forward pass, a module run k times is the layers NAME:1 ... NAME:k; DEFAULT *: what no "
-            "--layers selects)",
+            "runs per forward pass, 'i of k' for call i of a module run k times, the layer NAME:i; DEFAULT *: what "
+            "no --layers selects)",
             err=True,
         )
     elif listing.can_probe:
@@ -259,7 +259,8 @@ Example:
     "-r",
     multiple=True,
     metavar="[PATTERN=]NAME",
-    help=f"{', '.join(schema.REDUCTIONS)}: flatten is the default, mean averages spatial positions; "
+    help=f"{', '.join(schema.REDUCTIONS)}: flatten is the default, mean averages positions (spatial, or the "
+    "tokens of a (tokens, features) output; a vector is kept); "
     "PATTERN=NAME for some layers only. Repeatable.",
 )
 @click.option(

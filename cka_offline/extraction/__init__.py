@@ -152,14 +152,19 @@ def extract(
             input-reader plugin opens), an :class:`InputReader`, or ``None`` to use the extractor's
             :meth:`~cka_offline.extractor.Extractor.default_inputs` (importers of precomputed arrays).
         output: path of the activation file (HDF5). Written as ``<output>.partial`` and renamed when done.
-        layers: names, globs, ``kind:K`` patterns or aliases (:func:`cka_offline.selection.select_layers`);
-            ``None`` for every layer.
+        layers: names, path globs (``*`` within a dotted component, ``**`` across), ``kind:K`` patterns,
+            aliases or module names of per-call layers (:mod:`cka_offline.selection`); ``None`` for every
+            layer. An extractor that probes (:meth:`~cka_offline.extractor.Extractor.probe`) shows its
+            layers on the first batch: for PyTorch, a module run k times is the layers ``NAME:1`` ... ``NAME:k``.
         extractor: an extractor name or class; ``None`` picks the one extractor that can open ``source``.
         batch_size: examples per forward pass. Not part of the resume fingerprint: a run may be resumed
             with another batch size (the stored values then agree to floating-point rounding).
         device: passed to the extractor (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"``).
         dtype: stored dtype, one of :data:`cka_offline.store.schema.STORED_DTYPES`.
-        reduction: one of :data:`cka_offline.store.schema.REDUCTIONS`, or ``{layer name or glob: reduction}``.
+        reduction: one of :data:`cka_offline.store.schema.REDUCTIONS`, or ``{pattern: reduction}`` with
+            patterns as ``layers`` takes them (:func:`cka_offline.reduce.resolve_reductions`); ``mean`` is
+            applied as it fits each layer (:func:`cka_offline.reduce.concrete_reduction`: a vector is kept,
+            a tokens-first output gets ``token_mean``), and the file records what was applied.
         max_examples: use only the first ``max_examples`` examples.
         shard: ``(index, count)``: write only the ``index``-th (0-based) of ``count`` disjoint contiguous
             ranges of the examples; the shard files together form one logical file.

@@ -193,6 +193,15 @@ def test_a_shared_activation_and_a_tied_block_give_each_call(tmp_path):
         np.testing.assert_allclose(f.read("act:3", 0, 9), ref["act:3"], rtol=1e-6, atol=1e-7)
 
 
+def test_conformance_with_per_call_layers():
+    """check_extractor runs the probed layers: every call of the shared GELU and of the tied block."""
+    from cka_offline.testing import check_extractor
+
+    x = {"x": np.random.default_rng(4).normal(size=(4, 5)).astype(np.float32)}
+    checked = check_extractor(TorchExtractor, f"{FACTORY}:shared", x)
+    assert {"act:1", "act:2", "act:3", "tied:2", "tied.0:1"} <= set(checked)
+
+
 class Looped(nn.Module):
     """Runs ``step`` once per nonzero in the first input's first value: calls that depend on the inputs."""
 
