@@ -205,6 +205,13 @@ class LayerInfo:
             the original module name), so two models of one architecture can be compared layer for layer.
         exposable: ``False`` for tensors that exist but cannot be extracted (inside ONNX If/Loop subgraphs);
             ``reason`` then says why. Selecting such a layer is an error that quotes ``reason``.
+        layout: ``"channels_first"`` (``(C, *spatial)``: convolutions, their norms and pools) or
+            ``"tokens_first"`` (``(T, D)``: Linear, LayerNorm, attention, embeddings) where the extractor
+            knows it, else ``""``; decides what ``mean`` averages on a 2-D output (:mod:`cka_offline.reduce`).
+        runs: how many times the module behind the layer runs in one forward pass, where known (from a
+            probe batch, :meth:`Extractor.probe`); ``None`` if not known.
+        group: for one call of a module that runs several times per forward pass (named ``NAME:N``), the
+            module's name ``NAME``: selecting it selects every call (:mod:`cka_offline.selection`).
     """
 
     name: str
@@ -213,6 +220,9 @@ class LayerInfo:
     aliases: tuple[str, ...] = ()
     exposable: bool = True
     reason: str = ""
+    layout: str = ""
+    runs: int | None = None
+    group: str = ""
 
 
 class InputReader(ABC):
@@ -309,6 +319,18 @@ class Extractor(ABC):
 
     def input_names(self) -> list[str] | None:
         """Names of the inputs the model takes, in order, or ``None`` if it takes any single array."""
+        return None
+
+    def probe(self, inputs: Mapping[str, np.ndarray]) -> list[LayerInfo] | None:
+        """The layers as one batch of ``inputs`` (as :meth:`run` gets them) shows them, or ``None``.
+
+        Optional, for extractors that learn from running what :meth:`layers` cannot say: per-example shapes,
+        how often each module runs (:attr:`LayerInfo.runs`), a module that runs several times listed once per
+        call (``NAME:1``, ``NAME:2``, ... with :attr:`LayerInfo.group` ``NAME``; :meth:`run` must accept those
+        names), modules that do not run marked not exposable. When overridden, the core calls it with the
+        first batch before selecting layers, and selects from what it returns; ``--list-layers`` with inputs
+        shows it. The default returns ``None``: the core uses :meth:`layers`.
+        """
         return None
 
     def default_inputs(self) -> InputReader | None:

@@ -4,23 +4,38 @@ The reduction of each layer is recorded in the file. All take an array with the 
 
 - ``flatten`` (default): every value is a feature, ``(B, *shape) -> (B, prod(shape))``, as in
   Kornblith et al. (2019), "Similarity of Neural Network Representations Revisited";
-- ``mean``: mean over spatial positions of a convolutional map, ``(B, C, *spatial) -> (B, C)``;
+- ``mean``: the mean over positions, keeping the features. What the positions are depends on the
+  output (:func:`concrete_reduction`): the spatial positions of a channels-first map
+  ``(B, C, *spatial) -> (B, C)`` (every output with two or more axes after the channels, and a 2-D
+  ``(C, L)`` one whose layer reports the ``channels_first`` layout: Conv1d, BatchNorm1d, 1-D pooling); the
+  tokens of a ``tokens_first`` ``(B, T, D)`` output (Linear, LayerNorm, attention, embeddings, transformer
+  blocks), which is ``token_mean``; nothing for a per-example vector ``(B, F)``, which is ``none``. A 2-D
+  per-example output whose layout is not known is an error naming ``token_mean`` and ``-r LAYER=...``;
 - ``token_mean``: mean over the non-padding tokens of a sequence output ``(B, T, F) -> (B, F)``, with
   the attention mask (``(B, T)``, nonzero = real token) taken from the inputs;
 - ``first_token`` / ``last_token``: the first / last non-padding token of ``(B, T, F)`` (without a mask:
   token 0 / token T-1);
 - ``none``: the output is already ``(B, F)``.
+
+The layout of a layer (:attr:`cka_offline.extractor.LayerInfo.layout`) is one of :data:`LAYOUTS` or ``""``
+(unknown).
 """
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from .errors import InputError, LayerSelectionError
+from .extractor import LayerInfo
 from .store.schema import DEFAULT_REDUCTION, REDUCTIONS, TOKEN_REDUCTIONS
+
+#: how a layer's per-example axes are ordered, where its extractor knows: ``channels_first`` ``(C, *spatial)``
+#: (convolutions, their norms and pools), ``tokens_first`` ``(T, D)`` (Linear, LayerNorm, attention, ...)
+CHANNELS_FIRST = "channels_first"
+TOKENS_FIRST = "tokens_first"
+LAYOUTS = (CHANNELS_FIRST, TOKENS_FIRST)
 
 _NEEDS = {
     "mean": "a (batch, channels, *spatial) output",
@@ -37,35 +52,87 @@ def check_reduction(reduction: str) -> str:
     return reduction
 
 
-def resolve_reductions(reduction: str | Mapping[str, str], layers: Sequence[str]) -> dict[str, str]:
-    """The reduction of each layer.
+def resolve_reductions(reduction: str | Mapping[str, str], layers: Sequence[str | LayerInfo]) -> dict[str, str]:
+    """The reduction each of ``layers`` (names or :class:`LayerInfo`) asks for, by name.
 
-    ``reduction`` is one name for every layer, or ``{layer name or glob: name}`` where the first
-    matching key wins and ``"*"`` (or no match) falls back to ``flatten``.
+    ``reduction`` is one name for every layer, or ``{pattern: name}``: a pattern is matched exactly as
+    ``--layers`` matches it (:func:`cka_offline.selection.match_layers`: names, module names of calls,
+    aliases, ``kind:K``, path globs). A pattern that names the layer exactly (its name, module or an alias)
+    wins over globs and kinds; among those the first matching key wins; the key ``"*"`` is the default for
+    every other layer, and without it they get ``flatten``.
+
+    The asked-for ``mean`` becomes what it means for the layer's output once its shape is known
+    (:func:`concrete_reduction`).
     """
+    from .selection import as_layer_info, match_layers
+
+    infos = [as_layer_info(layer) for layer in layers]
+    names = [i.name for i in infos]
     if isinstance(reduction, str):
         check_reduction(reduction)
-        return {name: reduction for name in layers}
+        return dict.fromkeys(names, reduction)
     for value in reduction.values():
         check_reduction(value)
+    exact: dict[str, str] = {}
+    matched: dict[str, list[str]] = {}
+    for pattern in reduction:
+        if pattern == "*":
+            continue
+        matched[pattern] = match_layers(pattern, infos, where="the selected layers")
+        for info in infos:
+            if info.name in matched[pattern] and pattern in (info.name, info.group, *info.aliases):
+                exact.setdefault(info.name, pattern)
+    default = reduction.get("*", DEFAULT_REDUCTION)
     out = {}
-    for name in layers:
-        out[name] = reduction.get(name) or next(
-            (value for pattern, value in reduction.items() if fnmatch.fnmatchcase(name, pattern)), DEFAULT_REDUCTION
-        )
-    used = {k for k in reduction if k == "*" or k in out or any(fnmatch.fnmatchcase(n, k) for n in layers)}
-    unused = [k for k in reduction if k not in used]
+    for name in names:
+        key = exact.get(name) or next((k for k, hits in matched.items() if name in hits), None)
+        out[name] = reduction[key] if key is not None else default
+    unused = [k for k, hits in matched.items() if not hits]
     if unused:
         raise LayerSelectionError(
             f"reduction given for {', '.join(map(repr, unused))}, which matches no selected layer; "
-            f"selected: {', '.join(layers)}"
+            f"selected: {', '.join(names)} ('*' matches within one dotted name component, '**' across them)"
         )
     return out
 
 
-def reduced_features(layer: str, reduction: str, shape: tuple[int, ...]) -> int:
-    """Stored width of a layer with per-example ``shape``; an error if the reduction does not fit it."""
+def concrete_reduction(layer: str, reduction: str, shape: tuple[int, ...], layout: str = "") -> str:
+    """The reduction ``reduction`` is for a layer with per-example ``shape`` and ``layout`` (one of
+    :data:`LAYOUTS`, ``""`` unknown): ``mean`` becomes ``none`` for a vector (it has no positions),
+    ``token_mean`` for a 2-D tokens-first output and stays ``mean`` for a channels-first one (or any with
+    two or more axes after the channels); the others stay as they are. What is stored and recorded.
+
+    Raises:
+        LayerSelectionError: ``mean`` on a 2-D output whose layout is not known (``(C, L)`` or ``(T, D)``?),
+            naming ``token_mean`` and ``-r LAYER=...``; an unknown reduction or layout.
+    """
     check_reduction(reduction)
+    if layout and layout not in LAYOUTS:
+        raise LayerSelectionError(
+            f"layer {layer!r} reports layout {layout!r}; expected one of {', '.join(LAYOUTS)} or ''"
+        )
+    if reduction != "mean":
+        return reduction
+    if len(shape) == 0:
+        return "flatten"
+    if len(shape) == 1:
+        return "none"
+    if len(shape) > 2 or layout == CHANNELS_FIRST:
+        return "mean"
+    if layout == TOKENS_FIRST:
+        return "token_mean"
+    raise LayerSelectionError(
+        f"reduction 'mean' is ambiguous for layer {layer!r}: its per-example shape {tuple(shape)} may be "
+        "(channels, length) or (tokens, features), and its module does not say which; give the layer its own "
+        f"reduction: --reduction '{layer}=token_mean' averages the tokens (first axis), "
+        f"--reduction '{layer}=flatten' keeps every value"
+    )
+
+
+def reduced_features(layer: str, reduction: str, shape: tuple[int, ...], layout: str = "") -> int:
+    """Stored width of a layer with per-example ``shape`` (and ``layout``, see :func:`concrete_reduction`);
+    an error if the reduction does not fit it."""
+    reduction = concrete_reduction(layer, reduction, tuple(shape), layout)
     ndim = len(shape)
     fits = {
         "flatten": True,
@@ -87,17 +154,23 @@ def reduced_features(layer: str, reduction: str, shape: tuple[int, ...]) -> int:
 
 
 def reduce(
-    layer: str, reduction: str, array: np.ndarray, mask: np.ndarray | None = None, ids: Sequence | None = None
+    layer: str,
+    reduction: str,
+    array: np.ndarray,
+    mask: np.ndarray | None = None,
+    ids: Sequence | None = None,
+    layout: str = "",
 ) -> np.ndarray:
     """Apply ``reduction`` to ``array`` (batch on axis 0); returns ``(B, features)``.
 
     ``mask`` is the attention mask ``(B, T)`` for the token reductions (nonzero = real token); ``None``
-    treats every token as real. Token means are computed in float64; spatial means in float32 (float64 for
-    float64 input), see :func:`_spatial_mean`. ``ids`` (the batch's example ids)
-    only make error messages name the example.
+    treats every token as real. ``layout`` decides what ``mean`` averages (:func:`concrete_reduction`).
+    Token means are computed in float64; spatial means in float32 (float64 for float64 input), see
+    :func:`_spatial_mean`. ``ids`` (the batch's example ids) only make error messages name the example.
     """
+    reduction = concrete_reduction(layer, reduction, array.shape[1:], layout)
     b = array.shape[0]
-    reduced_features(layer, reduction, array.shape[1:])
+    reduced_features(layer, reduction, array.shape[1:], layout)
     if reduction in ("flatten", "none"):
         return array.reshape(b, -1)
     if reduction == "mean":
@@ -146,7 +219,11 @@ def _check_mask(layer: str, mask: np.ndarray, b: int, t: int, ids: Sequence | No
 
 
 __all__ = [
+    "CHANNELS_FIRST",
     "DEFAULT_REDUCTION",
+    "LAYOUTS",
+    "TOKENS_FIRST",
+    "concrete_reduction",
     "REDUCTIONS",
     "TOKEN_REDUCTIONS",
     "check_reduction",

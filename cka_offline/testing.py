@@ -42,8 +42,8 @@ def check_extractor(
     """Check ``extractor_cls`` on ``source`` with ``inputs`` (at least 2 examples); returns the layers checked.
 
     Checks: class attributes are set; ``declared_options`` are valid :class:`Option` declarations with
-    unique names; ``can_open(source)`` is true; ``layers()`` returns uniquely named
-    :class:`LayerInfo`; ``run()`` returns every requested layer and no other, each with the batch on
+    unique names; ``can_open(source)`` is true; ``layers()`` (and ``probe(inputs)`` where it gives
+    layers, whose names are then the ones run) returns uniquely named :class:`LayerInfo`; ``run()`` returns every requested layer and no other, each with the batch on
     axis 0; per-example outputs agree (shape, and values within ``rtol``/``atol``) between a batch of all
     examples and smaller batches, including a batch of one; an unknown layer raises a
     :class:`~cka_offline.errors.CKAOfflineError`; reductions declared in ``early_reductions`` give the
@@ -74,6 +74,11 @@ def check_extractor(
         infos = ext.layers()
         if not isinstance(infos, list) or not infos or not all(isinstance(i, LayerInfo) for i in infos):
             raise _fail(cls, f"layers() must return a non-empty list of LayerInfo, got {infos!r:.200}")
+        probed = ext.probe({k: np.asarray(v) for k, v in inputs.items()})
+        if probed is not None:  # an extractor that probes: its per-call layers are what the core selects from
+            if not isinstance(probed, list) or not probed or not all(isinstance(i, LayerInfo) for i in probed):
+                raise _fail(cls, f"probe() must return None or a non-empty list of LayerInfo, got {probed!r:.200}")
+            infos = probed
         names = [i.name for i in infos]
         dup = sorted({x for x in names if names.count(x) > 1})
         if dup:
@@ -148,7 +153,7 @@ def _check_early(
         return
     got = _run(ext, {k: np.asarray(v) for k, v in inputs.items()}, names, n)
     for name in accepted:
-        want = reduce(name, early[name], full[name].astype(np.float64))
+        want = reduce(name, early[name], full[name].astype(np.float64), layout="channels_first")
         if got[name].shape != want.shape or not np.allclose(got[name], want, rtol=max(rtol, 1e-5), atol=atol):
             raise _fail(
                 cls,

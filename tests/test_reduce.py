@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from cka_offline.errors import InputError, LayerSelectionError
-from cka_offline.reduce import reduce, reduced_features, resolve_reductions
+from cka_offline.extractor import LayerInfo
+from cka_offline.reduce import concrete_reduction, reduce, reduced_features, resolve_reductions
 
 RNG = np.random.default_rng(2)
 
@@ -60,12 +61,37 @@ def test_token_reductions_without_mask():
     np.testing.assert_array_equal(reduce("h", "last_token", x), x[:, -1])
 
 
-def test_shape_errors_name_the_layer():
+def test_mean_of_a_vector_keeps_it_and_of_a_2d_output_follows_the_layout():
+    fc = RNG.normal(size=(4, 6)).astype(np.float32)
+    np.testing.assert_array_equal(reduce("fc", "mean", fc), fc)  # no positions: kept as it is
+    assert reduced_features("fc", "mean", (6,)) == 6 and concrete_reduction("fc", "mean", (6,)) == "none"
+    x = RNG.normal(size=(3, 5, 7))  # (B, 5, 7) read two ways, each against a float64 loop
+    conv1d = np.array([[x[b, c].sum() / 7 for c in range(5)] for b in range(3)])
+    tokens = np.array([[sum(x[b, t, d] for t in range(5)) / 5 for d in range(7)] for b in range(3)])
+    np.testing.assert_allclose(reduce("c", "mean", x, layout="channels_first"), conv1d, rtol=1e-12)
+    np.testing.assert_allclose(reduce("t", "mean", x, layout="tokens_first"), tokens, rtol=1e-12)
+    mask = np.array([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0]])  # tokens-first: padding is skipped
+    masked = np.stack([x[b][mask[b] == 1].sum(axis=0) / mask[b].sum() for b in range(3)])
+    np.testing.assert_allclose(reduce("t", "mean", x, mask, layout="tokens_first"), masked, rtol=1e-12)
+    assert [concrete_reduction("l", "mean", (5, 7), lay) for lay in ("channels_first", "tokens_first")] == [
+        "mean",
+        "token_mean",
+    ]
+    assert reduced_features("t", "mean", (5, 7), "tokens_first") == 7
+    assert reduced_features("c", "mean", (5, 7), "channels_first") == 5
+    assert concrete_reduction("l", "mean", (2, 3, 4), "tokens_first") == "mean"  # 3-D maps stay channels first
+    assert concrete_reduction("l", "flatten", (5, 7)) == "flatten"
     with pytest.raises(
         LayerSelectionError,
-        match="'mean' needs a \\(batch, channels, \\*spatial\\) output, but layer 'fc'.*--reduction 'fc=none'",
+        match=r"'mean' is ambiguous for layer 'blk': its per-example shape \(5, 7\) may be \(channels, length\) "
+        r"or \(tokens, features\).*--reduction 'blk=token_mean'.*--reduction 'blk=flatten'",
     ):
-        reduce("fc", "mean", np.zeros((2, 3)))
+        reduce("blk", "mean", x)
+    with pytest.raises(LayerSelectionError, match="layer 'l' reports layout 'NCHW'"):
+        concrete_reduction("l", "mean", (5, 7), "NCHW")
+
+
+def test_shape_errors_name_the_layer():
     with pytest.raises(
         LayerSelectionError, match="'token_mean' needs a \\(batch, tokens, features\\) output, but layer 'conv'"
     ):
@@ -104,3 +130,26 @@ def test_resolve_reductions():
         resolve_reductions({"dec.*": "mean"}, layers)
     with pytest.raises(LayerSelectionError, match="unknown reduction 'avg'"):
         resolve_reductions({"head": "avg"}, layers)
+
+
+def test_reduction_patterns_match_what_layers_matches():
+    infos = [
+        LayerInfo("/fc/Gemm_output_0", "Gemm", aliases=("fc",)),
+        LayerInfo("layer1", "Sequential"),
+        LayerInfo("layer1.0.relu:1", "ReLU", group="layer1.0.relu"),
+        LayerInfo("layer1.0.relu:2", "ReLU", group="layer1.0.relu"),
+        LayerInfo("layer1.0.conv1", "Conv2d"),
+    ]
+    got = resolve_reductions({"fc": "none", "layer*": "mean", "layer1.0.relu": "flatten", "*": "token_mean"}, infos)
+    assert got == {
+        "/fc/Gemm_output_0": "none",  # by its alias
+        "layer1": "mean",  # '*' stays within one component
+        "layer1.0.relu:1": "flatten",  # the module name selects each call
+        "layer1.0.relu:2": "flatten",
+        "layer1.0.conv1": "token_mean",
+    }
+    # an exact name wins over an earlier glob; kind: works as in --layers; '**' crosses components
+    assert resolve_reductions({"**": "mean", "layer1.0.relu:2": "none"}, infos)["layer1.0.relu:2"] == "none"
+    assert resolve_reductions({"kind:Conv*": "mean"}, infos)["layer1.0.conv1"] == "mean"
+    # plain names NAME:N of a file are calls of NAME
+    assert resolve_reductions({"b": "mean"}, ["a", "b:1", "b:2"]) == {"a": "flatten", "b:1": "mean", "b:2": "mean"}

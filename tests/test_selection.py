@@ -6,7 +6,7 @@ import pytest
 
 from cka_offline.errors import LayerSelectionError
 from cka_offline.extractor import LayerInfo
-from cka_offline.selection import select_layers
+from cka_offline.selection import call_name, glob_matches, match_layers, select_layers, split_call
 
 LAYERS = [
     LayerInfo("/conv1/Conv_output_0", "Conv", aliases=("conv1",)),
@@ -63,3 +63,52 @@ def test_ambiguous_alias():
     layers = [LayerInfo("a", aliases=("block",)), LayerInfo("b", aliases=("block",))]
     with pytest.raises(LayerSelectionError, match="alias 'block' names several layers in the model: a, b"):
         select_layers(layers, ["block"])
+
+
+RESNET = [  # a torchvision ResNet's names, each block's twice-called relu as one layer per call
+    LayerInfo("conv1", "Conv2d"),
+    LayerInfo("layer1", "Sequential"),
+    LayerInfo("layer1.0", "BasicBlock"),
+    LayerInfo("layer1.0.conv1", "Conv2d"),
+    LayerInfo("layer1.0.relu:1", "ReLU", group="layer1.0.relu", aliases=("layer1.0.act:1",)),
+    LayerInfo("layer1.0.relu:2", "ReLU", group="layer1.0.relu", aliases=("layer1.0.act:2",)),
+    LayerInfo("layer2", "Sequential"),
+    LayerInfo("layer2.0.downsample.0", "Conv2d"),
+    LayerInfo("fc", "Linear"),
+]
+
+
+def test_star_stays_within_one_component_and_double_star_crosses():
+    assert select_layers(RESNET, ["layer*"]) == ["layer1", "layer2"]
+    assert select_layers(RESNET, ["layer1.*"]) == ["layer1.0"]
+    assert select_layers(RESNET, ["layer1.**"]) == [
+        "layer1.0",
+        "layer1.0.conv1",
+        "layer1.0.relu:1",
+        "layer1.0.relu:2",
+    ]
+    assert select_layers(RESNET, ["**.conv1"]) == ["conv1", "layer1.0.conv1"]
+    assert select_layers(RESNET, ["layer?.*.downsample.*"]) == ["layer2.0.downsample.0"]
+    assert select_layers(RESNET, ["layer[!1]"]) == ["layer2"]
+    encoder = [f"encoder.layer.{i}{sub}" for i in range(2) for sub in ("", ".attention", ".attention.self.query")]
+    assert select_layers(encoder, ["encoder.layer.*"]) == ["encoder.layer.0", "encoder.layer.1"]
+
+
+def test_a_module_name_selects_each_of_its_calls():
+    assert select_layers(RESNET, ["layer1.0.relu"]) == ["layer1.0.relu:1", "layer1.0.relu:2"]
+    assert select_layers(RESNET, ["layer1.0.relu:2"]) == ["layer1.0.relu:2"]
+    assert select_layers(RESNET, ["layer1.*.relu"]) == ["layer1.0.relu:1", "layer1.0.relu:2"]
+    assert select_layers(RESNET, ["layer1.0.act:1"]) == ["layer1.0.relu:1"]  # a call's alias
+    assert select_layers(RESNET, ["kind:ReLU"]) == ["layer1.0.relu:1", "layer1.0.relu:2"]
+    assert match_layers("layer1.0.relu", RESNET) == ["layer1.0.relu:1", "layer1.0.relu:2"]
+    # plain names (an activation file's layers): NAME:N is call N of NAME
+    assert select_layers(["relu:1", "relu:2", "fc"], ["relu"]) == ["relu:1", "relu:2"]
+    assert select_layers(["x:0", "fc"], ["x:0"]) == ["x:0"]
+    assert split_call("layer1.0.relu:2") == ("layer1.0.relu", 2) and split_call("x:0") is None
+    assert split_call(call_name("a.b", 3)) == ("a.b", 3)
+
+
+def test_a_star_that_would_have_crossed_dots_says_how_to_cross():
+    with pytest.raises(LayerSelectionError, match=r"no layer matches '\*conv\*'.*use '\*\*' to cross dots"):
+        select_layers(["features.conv1", "features.conv2"], ["*conv*"])
+    assert glob_matches("features.conv1", "**conv*") and not glob_matches("features.conv1", "*conv*")

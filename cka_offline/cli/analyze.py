@@ -55,7 +55,7 @@ Under torchrun the processes share the minibatches and rank 0 writes the outputs
 \b
 Example:
   cka-analyze resnet_a.h5 resnet_b.h5 -o cka.json --plot cka.png
-  cka-analyze ckpt-*.h5 --layers 'layer*.relu' --device cuda -m 1024 --epochs 3
+  cka-analyze ckpt-*.h5 --layers 'layer*.*.relu' --device cuda -m 1024 --epochs 3
   torchrun --standalone --nproc-per-node 4 --no-python cka-analyze ckpt-*.h5 --device cuda -o cka.h5
 """
 

@@ -147,19 +147,45 @@ def _list_options(pm: Any) -> None:
     click.echo(_table(rows) if len(rows) > 1 else "no plugin declares options")
 
 
-def _list_layers(model: str, extractor: str | None, device: str, options: dict[str, Any], pm: Any) -> None:
-    from ..extraction import _pick_extractor
+def _list_layers(model: str, params: dict[str, Any], options: dict[str, Any], pm: Any) -> None:
+    """The layers MODEL offers; with --inputs, as one probe batch shows them (shape, runs, default)."""
+    from ..extraction.probe import list_layers
 
-    cls, _ = _pick_extractor(model, extractor, pm)
-    with cls(model, device=device, options=options) as ext:
-        infos = ext.layers()
-    rows = [("LAYER", "KIND", "SHAPE", "ALIASES")]
-    for info in infos:
+    listing = list_layers(
+        model,
+        params["inputs"],
+        extractor=params["extractor"],
+        device=params["device"],
+        options=options,
+        input_options=parse_key_values(params["input_option"], "-I/--input-option"),
+        batch_size=params["batch_size"],
+        plugin_manager=pm,
+    )
+    default = set(listing.default)
+    head: tuple[str, ...] = ("LAYER", "KIND", "SHAPE") + (("RUNS", "DEFAULT") if listing.probed else ()) + ("ALIASES",)
+    rows = [head]
+    for info in listing.layers:
         aliases = ", ".join(info.aliases)
         if not info.exposable:
             aliases = (aliases + "  " if aliases else "") + f"[not extractable: {info.reason}]"
-        rows.append((info.name, info.kind or "-", _shape(info.shape), aliases))
+        probed: tuple[str, ...] = ()
+        if listing.probed:
+            runs = "?" if info.runs is None else str(info.runs)
+            probed = (
+                f"{info.name.rsplit(':', 1)[-1]} of {runs}" if info.group else runs,
+                "*" if info.name in default else "",
+            )
+        rows.append((info.name, info.kind or "-", _shape(info.shape), *probed, aliases))
     click.echo(_table(rows))
+    if listing.probed:
+        click.echo(
+            f"(shapes are per example, from one probe batch of {listing.examples} inputs; RUNS: times the module "
+            "runs per forward pass, 'i of k' for call i of a module run k times, the layer NAME:i; DEFAULT *: what "
+            "no --layers selects)",
+            err=True,
+        )
+    elif listing.can_probe:
+        click.echo("(give --inputs to see each layer's shape and how often it runs, from one probe batch)", err=True)
 
 
 class _Command(click.Command):
@@ -205,7 +231,11 @@ Example:
     "-l",
     multiple=True,
     metavar="PATTERN",
-    help="Layers: names, globs ('layer*.conv1'), kind:Relu, aliases; repeatable and comma-separated. Default: all.",
+    help="Layers: names, globs, kind:Relu, aliases; repeatable and comma-separated. Default: all. Globs are "
+    "path globs over dotted names: '*' stays within one component ('layer*' is layer1..layer4, "
+    "'encoder.layer.*' the blocks), '**' crosses them ('layer1.**' is everything inside layer1). A module "
+    "run k times per forward pass is the layers NAME:1 ... NAME:k; NAME selects them all. -r PATTERN=... "
+    "matches the same way.",
 )
 @click.option(
     "--extractor", "-e", metavar="NAME", help="Extractor plugin to use (default: the one that can open MODEL)."
@@ -218,13 +248,19 @@ Example:
     is_flag=True,
     help="List the options (-X, -I) each installed extractor and input reader declares, and exit.",
 )
-@click.option("--list-layers", is_flag=True, help="List the layers MODEL offers (name, kind, shape, aliases) and exit.")
+@click.option(
+    "--list-layers",
+    is_flag=True,
+    help="List the layers MODEL offers (name, kind, shape, aliases) and exit; with --inputs (torch), each "
+    "layer's per-example shape, runs per forward pass and the default selection, from one probe batch.",
+)
 @click.option(
     "--reduction",
     "-r",
     multiple=True,
     metavar="[PATTERN=]NAME",
-    help=f"{', '.join(schema.REDUCTIONS)}: flatten is the default, mean averages spatial positions; "
+    help=f"{', '.join(schema.REDUCTIONS)}: flatten is the default, mean averages positions (spatial, or the "
+    "tokens of a (tokens, features) output; a vector is kept); "
     "PATTERN=NAME for some layers only. Repeatable.",
 )
 @click.option(
@@ -330,7 +366,7 @@ def main(ctx: click.Context, **params: Any) -> None:
         raise click.UsageError("give a MODEL (or --list-extractors)")
     options = _extractor_options(params)
     if params["list_layers"]:
-        _list_layers(model, params["extractor"], params["device"], options, pm)
+        _list_layers(model, params, options, pm)
         return
     if not output:
         raise click.UsageError("give the output file with -o OUT.h5")

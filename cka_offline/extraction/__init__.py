@@ -39,6 +39,7 @@ from ..store import schema
 from ..store.schema import DEFAULT_DTYPE, DEFAULT_REDUCTION, STORED_DTYPES, TOKEN_REDUCTIONS
 from ..store.writer import ActivationWriter
 from .batches import Batch, BatchRunner
+from .probe import probe_layers
 
 log = logging.getLogger(__name__)
 
@@ -154,14 +155,19 @@ def extract(
             input-reader plugin opens), an :class:`InputReader`, or ``None`` to use the extractor's
             :meth:`~cka_offline.extractor.Extractor.default_inputs` (importers of precomputed arrays).
         output: path of the activation file (HDF5). Written as ``<output>.partial`` and renamed when done.
-        layers: names, globs, ``kind:K`` patterns or aliases (:func:`cka_offline.selection.select_layers`);
-            ``None`` for every layer.
+        layers: names, path globs (``*`` within a dotted component, ``**`` across), ``kind:K`` patterns,
+            aliases or module names of per-call layers (:mod:`cka_offline.selection`); ``None`` for every
+            layer. An extractor that probes (:meth:`~cka_offline.extractor.Extractor.probe`) shows its
+            layers on the first batch: for PyTorch, a module run k times is the layers ``NAME:1`` ... ``NAME:k``.
         extractor: an extractor name or class; ``None`` picks the one extractor that can open ``source``.
         batch_size: examples per forward pass. Not part of the resume fingerprint: a run may be resumed
             with another batch size (the stored values then agree to floating-point rounding).
         device: passed to the extractor (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"``).
         dtype: stored dtype, one of :data:`cka_offline.store.schema.STORED_DTYPES`.
-        reduction: one of :data:`cka_offline.store.schema.REDUCTIONS`, or ``{layer name or glob: reduction}``.
+        reduction: one of :data:`cka_offline.store.schema.REDUCTIONS`, or ``{pattern: reduction}`` with
+            patterns as ``layers`` takes them (:func:`cka_offline.reduce.resolve_reductions`); ``mean`` is
+            applied as it fits each layer (:func:`cka_offline.reduce.concrete_reduction`: a vector is kept,
+            a tokens-first output gets ``token_mean``), and the file records what was applied.
         max_examples: use only the first ``max_examples`` examples.
         shard: ``(index, count)``: write only the ``index``-th (0-based) of ``count`` disjoint contiguous
             ranges of the examples; the shard files together form one logical file.
@@ -244,22 +250,26 @@ def extract_with(
         fingerprint = reader.fingerprint()
         ids, n_inputs, n_used, (lo, hi) = _rows(reader, fingerprint["description"], opts)
 
+        first_stop = min(hi, lo + opts.batch_size)
+        # an extractor that probes learns its layers from the first batch (per-call layers, shapes)
+        infos = probe_layers(ext, reader, lo, first_stop) or ext.layers()
         names = select_layers(
-            ext.layers(),
+            infos,
             opts.layers,
             what="layer",
             where=f"model {describe_source(source)}",
             hint="list them with cka-extract --list-layers",
         )
-        reductions = resolve_reductions(opts.reduction, names)
-        run = BatchRunner(ext, reader, ids, names, reductions, opts.mask_input, opts.dtype)
+        by_name = {info.name: info for info in infos}
+        reductions = resolve_reductions(opts.reduction, [by_name[n] for n in names])
+        layouts = {n: by_name[n].layout for n in names}
+        run = BatchRunner(ext, reader, ids, names, reductions, opts.mask_input, opts.dtype, layouts)
 
-        first_stop = min(hi, lo + opts.batch_size)
         first = run.forward(lo, first_stop)  # learns every layer's per-example shape
         specs = run.layer_specs()
         if run.reduce_early():  # the extractor reduces some layers itself from now on: same path for every row
             first = run.forward(lo, first_stop)
-        settings = opts.recorded(reductions)
+        settings = opts.recorded(run.reductions)  # each layer's reduction as applied to its shape
         provenance = _provenance(ext, entry, fingerprint, settings, opts.command)
         # shards differ only in their rows (recorded by the writer): they share provenance["options"]
         key = resume_key(provenance, names, (lo, hi, n_inputs), settings)

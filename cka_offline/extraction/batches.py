@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import ActivationValueError, InputError, ModelError
 from ..extractor import Extractor, InputReader
-from ..reduce import reduce, reduced_features
+from ..reduce import TOKENS_FIRST, concrete_reduction, reduce, reduced_features
 from ..store.schema import TOKEN_REDUCTIONS, StoredLayer
 from ..store.writer import format_id
 
@@ -33,14 +33,21 @@ class BatchRunner:
         reductions: dict[str, str],
         mask_input: str | None,
         dtype: str,
+        layouts: Mapping[str, str] | None = None,
     ) -> None:
         self.ext, self.reader, self.ids, self.names = ext, reader, ids, names
-        self.reductions = reductions
+        #: each layer's reduction: as asked for, then (once its shape is known) what it is for that shape
+        #: (reduce.concrete_reduction: 'mean' of a vector is 'none', of a tokens-first output 'token_mean')
+        self.reductions = dict(reductions)
+        self.layouts = dict(layouts or {})
         self.mask_input = mask_input
         self.dtype = np.dtype(dtype)
         self.model_inputs = ext.input_names()
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self.needs_mask = mask_input is not None and any(r in TOKEN_REDUCTIONS for r in reductions.values())
+        self.needs_mask = mask_input is not None and any(
+            r in TOKEN_REDUCTIONS or (r == "mean" and self.layouts.get(n) == TOKENS_FIRST)
+            for n, r in reductions.items()
+        )
         #: layers the extractor returns already reduced (Extractor.reduce_early), with their feature count
         self.early: dict[str, int] = {}
 
@@ -52,7 +59,7 @@ class BatchRunner:
         if not wanted:
             return False
         accepted = set(self.ext.reduce_early(wanted)) & set(wanted)
-        self.early = {n: reduced_features(n, wanted[n], self.shapes[n]) for n in accepted}
+        self.early = {n: reduced_features(n, wanted[n], self.shapes[n], self.layouts.get(n, "")) for n in accepted}
         if accepted:
             log.debug("extractor %r reduces %d layer(s) itself", self.ext.name, len(accepted))
         return bool(accepted)
@@ -89,6 +96,8 @@ class BatchRunner:
         return arrays, mask
 
     def _check_shape(self, name: str, shape: tuple[int, ...], start: int) -> None:
+        if name not in self.shapes:
+            self.reductions[name] = concrete_reduction(name, self.reductions[name], shape, self.layouts.get(name, ""))
         known = self.shapes.setdefault(name, shape)
         if self.reductions[name] in TOKEN_REDUCTIONS and len(shape) == len(known) == 2:
             same = shape[1] == known[1]  # the token count may change from batch to batch
@@ -115,18 +124,7 @@ class BatchRunner:
         return None
 
     def _feed(self, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        wanted = self.model_inputs
-        if wanted is None:
-            return data
-        if len(wanted) == 1 and len(data) == 1 and wanted[0] not in data:
-            return {wanted[0]: next(iter(data.values()))}  # one array for a one-input model, whatever its name
-        missing = [n for n in wanted if n not in data]
-        if missing:
-            raise InputError(
-                f"model {self.ext.source} takes inputs {', '.join(wanted)} but {self.reader.path} has "
-                f"{', '.join(sorted(data))} (missing: {', '.join(missing)}); name the arrays after the model's inputs"
-            )
-        return {n: data[n] for n in wanted}
+        return feed(self.ext, self.model_inputs, data, self.reader.path)
 
     def layer_specs(self) -> list[StoredLayer]:
         return [
@@ -134,7 +132,7 @@ class BatchRunner:
                 n,
                 tuple(int(d) for d in self.shapes[n]),
                 self.reductions[n],
-                reduced_features(n, self.reductions[n], self.shapes[n]),
+                reduced_features(n, self.reductions[n], self.shapes[n], self.layouts.get(n, "")),
             )
             for n in self.names
         ]
@@ -148,7 +146,9 @@ class BatchRunner:
         for name, arr in arrays.items():
             with np.errstate(over="ignore"):  # float16 overflow is reported below, with the example's id
                 reduced = (
-                    arr if name in self.early else reduce(name, self.reductions[name], arr, mask, batch_ids.tolist())
+                    arr
+                    if name in self.early
+                    else reduce(name, self.reductions[name], arr, mask, batch_ids.tolist(), self.layouts.get(name, ""))
                 )
                 rows = reduced.astype(self.dtype, copy=False)
             finite = np.isfinite(rows).all(axis=1)
@@ -158,6 +158,23 @@ class BatchRunner:
                 _check_float16_precision(name, reduced, rows)
             out[name] = rows
         return out
+
+
+def feed(ext: Extractor, wanted: list[str] | None, data: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+    """The arrays of ``data`` that go to ``ext.run``: all of them when the model names no inputs
+    (``wanted`` is ``ext.input_names()``), else those inputs by name (one array for a one-input model,
+    whatever its name)."""
+    if wanted is None:
+        return data
+    if len(wanted) == 1 and len(data) == 1 and wanted[0] not in data:
+        return {wanted[0]: next(iter(data.values()))}
+    missing = [n for n in wanted if n not in data]
+    if missing:
+        raise InputError(
+            f"model {ext.source} takes inputs {', '.join(wanted)} but {path} has "
+            f"{', '.join(sorted(data))} (missing: {', '.join(missing)}); name the arrays after the model's inputs"
+        )
+    return {n: data[n] for n in wanted}
 
 
 #: storing a layer as float16 may lose at most this relative error (float16 itself rounds to 2^-11 ~ 5e-4;
@@ -200,4 +217,4 @@ def _value_error(
     )
 
 
-__all__ = ["BatchRunner"]
+__all__ = ["BatchRunner", "feed"]

@@ -512,7 +512,9 @@ def test_aliases_and_containers_in_layers(monkeypatch):
 @pytest.mark.parametrize(
     ("layers", "match"),
     [
-        (["act"], r"layer 'act' .* ran 2 times in one forward pass.*select a child"),
+        (["act"], r"layer 'act' .* ran 2 times in one forward pass.*a layer of its own: 'act:1', 'act:2'"),
+        (["act:3"], r"layer 'act:3' .* is call 3 of module 'act', which ran 2 time\(s\)"),
+        (["blocks.0:1"], r"layer 'blocks.0:1' .* is call 1 of module 'blocks.0', which ran 1 time\(s\)"),
         (["blocks"], r"layer\(s\) 'blocks' .* produced no output"),
         (["unused", "blocks.0"], r"layer\(s\) 'unused' .* produced no output"),
         (["total"], r"layer 'total' .* returned shape \(4,\), whose first axis is not the batch \(3 examples\)"),

@@ -11,8 +11,10 @@ caller reruns the batch copying those (``copy``). Tensors without a version coun
 ``torch.inference_mode`` inside the model) are always copied. Writes that bypass the counter (through
 ``tensor.data`` or a numpy view) are not seen: ``copy=True`` for every layer covers such models.
 
-A module called more than once in one forward pass is an error: its outputs cannot be told apart per
-example, and silently keeping one of them would be a guess.
+A module called more than once in one forward pass gives one layer per call: ``NAME:1``, ``NAME:2``, ...
+(:func:`cka_offline.selection.call_name`). Its bare name then names no single output and is an error that
+lists the call names; a call layer of a module that ran a different number of times than in the probe
+batch (or fewer times than its call index) is an error too, never a silent guess.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cka_offline.errors import ModelError
+from cka_offline.selection import call_name
 
 if TYPE_CHECKING:
     import torch
@@ -127,6 +130,9 @@ def spatial_mean(tensor: torch.Tensor) -> torch.Tensor:
 class Capture:
     """Forward hooks on ``modules`` (``{layer name: module}``) for one forward pass; a context manager.
 
+    ``calls``: ``{layer name: (module name, call)}`` for the layers that are one call (counting from 1) of a
+    module that runs several times; any other layer is its module's only call, named by the module's name.
+    ``runs``: how many times each module ran in the probe batch, where known (checked by :meth:`results`).
     ``copy``: the layers whose output is copied at hook time (``True``: all); the others are checked
     with :meth:`modified` after the pass (see the module docstring). The hooks are removed on exit, also
     when the forward pass raises.
@@ -138,6 +144,8 @@ class Capture:
         output_index: int | str | None,
         copy: bool | Collection[str] = False,
         reduce: Mapping[str, str] | None = None,
+        calls: Mapping[str, tuple[str, int]] | None = None,
+        runs: Mapping[str, int] | None = None,
     ) -> None:
         self.modules = dict(modules)
         self.output_index = output_index
@@ -145,15 +153,24 @@ class Capture:
         #: layers reduced in the hook (``{layer: "mean"}``): the small result is computed before any later op
         #: runs, so it needs neither a copy nor a version check
         self.reduce = dict(reduce or {})
-        self.calls: dict[str, int] = {name: 0 for name in self.modules}
+        #: ``{layer: (module name, call)}``: bare layers are call 0 of the module of their own name
+        self.targets = {name: (calls or {}).get(name, (name, 0)) for name in self.modules}
+        self.runs = dict(runs or {})
+        #: calls of each module (by module name) during the pass
+        self.calls: dict[str, int] = {module: 0 for module, _ in self.targets.values()}
         self.outputs: dict[str, torch.Tensor] = {}
         #: version counter of each tensor kept without a copy, when it was captured
         self.versions: dict[str, int] = {}
         self._handles: list[Any] = []
 
-    def _hook(self, name: str) -> Any:
+    def _hook(self, module_name: str, layers: dict[int, str]) -> Any:
+        """The hook of one module; ``layers`` maps a call (0: every call, kept until a second one) to its layer."""
+
         def hook(module: Any, args: Any, output: Any) -> None:
-            self.calls[name] += 1
+            self.calls[module_name] += 1
+            name = layers.get(self.calls[module_name]) or (layers.get(0) if self.calls[module_name] == 1 else None)
+            if name is None:
+                return
             tensor = select_output(output, self.output_index, name).detach()  # detach shares the counter
             if name in self.reduce:
                 self.outputs[name] = spatial_mean(tensor)
@@ -171,9 +188,15 @@ class Capture:
         return [name for name, version in self.versions.items() if self.outputs[name]._version != version]
 
     def __enter__(self) -> Capture:
+        per_module: dict[str, dict[int, str]] = {}
+        module_of: dict[str, torch.nn.Module] = {}
+        for layer, (module_name, call) in self.targets.items():
+            per_module.setdefault(module_name, {})[call] = layer
+            module_of[module_name] = self.modules[layer]
         try:
-            for name, module in self.modules.items():
-                self._handles.append(module.register_forward_hook(self._hook(name)))
+            for module_name, layers in per_module.items():
+                hook = self._hook(module_name, layers)
+                self._handles.append(module_of[module_name].register_forward_hook(hook))
         except BaseException:
             self.remove()
             raise
@@ -188,22 +211,32 @@ class Capture:
         self._handles.clear()
 
     def results(self, batch: int, where: str) -> dict[str, np.ndarray]:
-        """The captured arrays; a layer that ran zero or several times or lost the batch axis is an error."""
-        silent = [name for name, count in self.calls.items() if count == 0]
+        """The captured arrays; a layer whose module ran too few, too many or other than the probe batch's
+        number of times, or whose output lost the batch axis, is an error."""
+        silent = [name for name, (module, _) in self.targets.items() if self.calls[module] == 0]
         if silent:
             raise ModelError(
                 f"layer(s) {', '.join(map(repr, silent))} of {where} produced no output during the forward pass "
                 "(a container such as ModuleList that is never called, a branch not taken, or a module whose "
                 ".forward() is called directly); select its child modules or another layer"
             )
-        repeated = {name: count for name, count in self.calls.items() if count > 1}
-        if repeated:
-            name, count = next(iter(repeated.items()))
-            raise ModelError(
-                f"layer {name!r} of {where} ran {count} times in one forward pass (a shared or looped module), so "
-                "its outputs cannot be told apart; select a child that runs once, or the parent module that "
-                "contains the repeated calls"
-            )
+        for name, (module, call) in self.targets.items():
+            count = self.calls[module]
+            if call == 0 and count > 1:
+                names = ", ".join(repr(call_name(module, i)) for i in range(1, count + 1))
+                raise ModelError(
+                    f"layer {name!r} of {where} ran {count} times in one forward pass (a shared or looped module); "
+                    f"each call is a layer of its own: {names} (select them, or the module's name with the inputs "
+                    "that show its calls: cka-extract --list-layers --inputs ...)"
+                )
+            expected = self.runs.get(module)
+            if call and (count < max(call, 2) or (expected is not None and count != expected)):
+                seen = f", but {expected} times in the first (probe) batch" if expected is not None else ""
+                raise ModelError(
+                    f"layer {name!r} of {where} is call {call} of module {module!r}, which ran {count} time(s) in "
+                    f"this forward pass{seen}; the calls of a module must not depend on the inputs (select "
+                    "another layer, or a parent module that contains the calls)"
+                )
         arrays = {}
         for name, tensor in self.outputs.items():
             if tensor.dim() == 0 or tensor.shape[0] != batch:

@@ -17,11 +17,13 @@ import numpy as np
 from cka_offline.devices import resolve_torch_device
 from cka_offline.errors import ModelError
 from cka_offline.extractor import Extractor, LayerInfo, Option, sha256_path
+from cka_offline.selection import split_call
 
 from . import __version__
 from .binding import ForwardSignature, bind, export_signature, module_signature, tensors_for
 from .capture import Capture, parse_output_index
 from .identity import ModelIdentity, identify
+from .layers import layouts, probe, probed_layers
 from .sources import (
     SourceSpec,
     factory_file,
@@ -62,11 +64,15 @@ class TorchExtractor(Extractor):
     are refused with what to use instead.
 
     Layers are the named submodules in ``named_modules()`` order (the root excluded); a module reachable
-    under several names is listed once, with the other names as aliases. ``run`` captures each requested
-    module's output in eval mode under ``torch.no_grad`` (copied only where a later in-place op would
-    change it, see :mod:`.capture`); a tuple/list/dict/``ModelOutput`` output
-    gives its first tensor unless ``output_index`` picks another. A requested module that does not run, or
-    runs more than once in one forward pass, is a :class:`~cka_offline.errors.ModelError`.
+    under several names is listed once, with the other names as aliases. :meth:`probe` runs one batch and
+    lists each module that runs ``k > 1`` times per forward pass as ``k`` layers ``NAME:1`` ... ``NAME:k``
+    (a ResNet block's twice-called ``relu``), with every layer's per-example shape and run count, and the
+    modules that did not run as not extractable (see :mod:`.layers`, which also gives each layer's layout).
+    ``run`` captures each requested module's (or call's) output in eval mode under ``torch.no_grad``
+    (copied only where a later in-place op would change it, see :mod:`.capture`); a
+    tuple/list/dict/``ModelOutput`` output gives its first tensor unless ``output_index`` picks another. A
+    requested module that does not run, a bare module name of a module that runs several times, or a call
+    that does not happen is a :class:`~cka_offline.errors.ModelError`.
 
     Inputs (see :meth:`input_names`): an ``ids`` array is never passed; arrays named like forward parameters are passed by name
     (``input_ids``, ``attention_mask``); a single array with another name is passed positionally.
@@ -163,6 +169,8 @@ class TorchExtractor(Extractor):
         self._model: torch.nn.Module | None = None
         self._signature: ForwardSignature | None = None
         self._kinds: dict[str, str] = {}
+        #: how many times each module ran in the probe batch (run checks every later batch against it)
+        self._runs: dict[str, int] = {}
         self._model_file = ""
         self._identity: ModelIdentity | None = None
 
@@ -260,9 +268,11 @@ class TorchExtractor(Extractor):
                 aliases[key].append(name)
             else:
                 primary[key], aliases[key], modules[key] = name, [], module
+        kinds = {name: self._kinds.get(name) or type(modules[key]).__name__ for key, name in primary.items()}
+        layout = layouts(kinds)
         infos = []
         for key, name in primary.items():
-            kind = self._kinds.get(name) or type(modules[key]).__name__
+            kind = kinds[name]
             container = kind in _CONTAINERS
             infos.append(
                 LayerInfo(
@@ -274,9 +284,28 @@ class TorchExtractor(Extractor):
                     reason=f"{name!r} is a {kind}, a container that is never called; select its elements"
                     if container
                     else "",
+                    layout=layout[name],
                 )
             )
         return infos
+
+    def probe(self, inputs: Mapping[str, np.ndarray]) -> list[LayerInfo]:
+        """:meth:`layers` as one forward pass over ``inputs`` shows them (see the class docstring)."""
+        model = self._load()
+        static = self.layers()
+        named = dict(model.named_modules())
+        modules = {info.name: named[info.name] for info in static if info.name in named}
+        plan = bind(self._signature, list(inputs), repr(self.source))
+        args, kwargs = tensors_for(inputs, plan, self._device, self._float_dtype())
+        batch = len(args[0]) if args else len(next(iter(kwargs.values())))
+
+        def forward() -> int:
+            self._forward(model, args, kwargs, inputs, batch)
+            return batch
+
+        seen = probe(modules, self.output_index, forward)
+        self._runs = {name: len(calls.shapes) for name, calls in seen.items()}
+        return probed_layers(static, seen, repr(self.source))
 
     def input_names(self) -> list[str] | None:
         """The forward's parameter names when exactly those inputs are needed (every parameter required,
@@ -299,7 +328,12 @@ class TorchExtractor(Extractor):
         model = self._load()
         self._model_identity()
         available = dict(model.named_modules())
-        unknown = [name for name in layers if name not in available or not name]
+        calls: dict[str, tuple[str, int]] = {}
+        for name in layers:
+            call = split_call(name) if name not in available else None
+            if call is not None and call[0] in available:
+                calls[name] = call
+        unknown = [name for name in layers if (name not in available or not name) and name not in calls]
         if unknown:
             import difflib
 
@@ -313,11 +347,11 @@ class TorchExtractor(Extractor):
         plan = bind(self._signature, list(inputs), repr(self.source))
         args, kwargs = tensors_for(inputs, plan, self._device, self._float_dtype())
         batch = len(args[0]) if args else len(next(iter(kwargs.values())))
-        modules = {name: available[name] for name in layers}
+        modules = {name: available[calls[name][0] if name in calls else name] for name in layers}
         while True:
             copy = True if self.copy_outputs else self._copied & set(layers)
             early = {name: r for name, r in self._early.items() if name in modules}
-            with Capture(modules, self.output_index, copy, reduce=early) as capture:
+            with Capture(modules, self.output_index, copy, reduce=early, calls=calls, runs=self._runs) as capture:
                 self._forward(model, args, kwargs, inputs, batch)
             modified = capture.modified()
             if not modified:
