@@ -32,6 +32,8 @@ from cka_offline.devices import parse_device
 from cka_offline.errors import DeviceError, InputError, LayerSelectionError, ModelError
 from cka_offline.extractor import Extractor, LayerInfo, Option, sha256_path
 
+from .feeds import FixedInputs, InputSpec, cast, fixed_hint, fmt_dims, input_specs
+
 if TYPE_CHECKING:
     import onnx
     import onnxruntime
@@ -72,6 +74,13 @@ class OnnxExtractor(Extractor):
             "batch_axis", int, 0, "axis of the chosen tensors that holds the batch (default 0); it is moved to axis 0"
         ),
         Option("threads", int, 0, "onnxruntime intra-op threads (default 0: onnxruntime decides)", minimum=0),
+        Option(
+            "fixed_inputs",
+            object,
+            None,
+            "inputs given once, not per example, as JSON {name: value}: a number or nested list (a size-1 batch "
+            'axis is broadcast to each batch), or "zeros" built per batch; e.g. \'{"sr": 16000, "state": "zeros"}\'',
+        ),
     )
 
     #: the spatial mean is taken inside the graph (ReduceMean), by onnxruntime's threads
@@ -98,12 +107,13 @@ class OnnxExtractor(Extractor):
         self._external_files = _external_files(self._model, self.path)
         self._layers: list[LayerInfo] | None = None
         self._sessions: OrderedDict[tuple[str, ...], onnxruntime.InferenceSession] = OrderedDict()
-        self._inputs = _input_specs(self._model)
+        self._inputs = input_specs(self._model)
+        self._fixed = FixedInputs(values["fixed_inputs"], self._inputs, self.path)
         #: rank and dtype of every tensor fetched so far, and the tensors whose spatial mean the graph takes
         self._seen: dict[str, tuple[int, np.dtype]] = {}
         self._early: set[str] = set()
         # a graph traced at batch 1 often bakes the 1 into Reshape constants: only example-by-example is safe
-        self.fixed_batch_one = any(spec[2] and spec[2][0] == 1 for spec in self._inputs)
+        self.fixed_batch_one = any(s.dims and s.dims[0] == 1 for s in self._per_example())
 
     # --- listing ---------------------------------------------------------------------------------------
 
@@ -115,7 +125,11 @@ class OnnxExtractor(Extractor):
         return list(self._layers)
 
     def input_names(self) -> list[str] | None:
-        return [name for name, _, _ in self._inputs]
+        """The per-example inputs (those given once, ``fixed_inputs`` or shared, are not read from the inputs)."""
+        return [s.name for s in self._per_example()]
+
+    def _per_example(self) -> list[InputSpec]:
+        return [s for s in self._inputs if s.name not in self._fixed and not s.shared]
 
     # --- running ---------------------------------------------------------------------------------------
 
@@ -137,11 +151,14 @@ class OnnxExtractor(Extractor):
         wanted = tuple(dict.fromkeys(t + _MEAN_SUFFIX if t in self._early else t for t in tensors.values()))
         session = self._session(wanted)
         if self.fixed_batch_one and batch != 1:
-            parts = [session.run(list(wanted), {k: v[i : i + 1] for k, v in feeds.items()}) for i in range(batch)]
+            once = self._fixed.feeds(1)
+            parts = [
+                self._run(session, wanted, {**{k: v[i : i + 1] for k, v in feeds.items()}, **once}) for i in range(batch)
+            ]
             fetched = [self._batch_first(parts_of_tensor, name) for name, parts_of_tensor in zip(wanted, zip(*parts))]
             arrays = {name: np.concatenate(a, axis=0) for name, a in zip(wanted, fetched)}
         else:
-            values = session.run(list(wanted), feeds)
+            values = self._run(session, wanted, {**feeds, **self._fixed.feeds(batch)})
             arrays = {name: self._batch_first([v], name)[0] for name, v in zip(wanted, values)}
         out: dict[str, np.ndarray] = {}
         for requested, tensor in tensors.items():
@@ -155,6 +172,23 @@ class OnnxExtractor(Extractor):
                 )
             out[requested] = arr
         return out
+
+    def _run(self, session: Any, wanted: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return list(session.run(list(wanted), feeds))
+        except Exception as exc:  # onnxruntime's kernel errors: shapes or values the graph cannot take
+            message = " ".join(str(exc).split())
+            raise InputError(
+                f"{self.path}: onnxruntime could not run the model on these inputs ({message}); the model takes: "
+                f"{self._describe_inputs()}"
+            ) from exc
+
+    def _describe_inputs(self) -> str:
+        return ", ".join(
+            f"{s.name} {fmt_dims(s.dims)} {np.dtype(s.dtype).name if s.dtype else '?'}"
+            + (" (given once)" if s.name in self._fixed else "")
+            for s in self._inputs
+        )
 
     def _batch_first(self, arrays: Sequence[np.ndarray], name: str) -> list[np.ndarray]:
         result = []
@@ -197,25 +231,34 @@ class OnnxExtractor(Extractor):
         return resolved
 
     def _feeds(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
-        """Check and cast the inputs: ``({model input name: array}, batch size)``."""
-        expected = {name: (dtype, dims) for name, dtype, dims in self._inputs}
+        """Check and cast the per-example inputs: ``({model input name: array}, batch size)``."""
+        specs = self._per_example()
+        expected = {s.name: s for s in specs}
         given = dict(inputs)
         if len(expected) == 1 and len(given) == 1 and not set(given) & set(expected):
             given = {next(iter(expected)): next(iter(given.values()))}  # one input: passed by position
-        described = ", ".join(f"{n} {_fmt_dims(d)} {np.dtype(t).name if t else '?'}" for n, (t, d) in expected.items())
+        described = self._describe_inputs()
+        shared = [s for s in self._inputs if s.name not in expected and s.name not in self._fixed]
+        if shared:
+            listed = ", ".join(f"{s.name!r} {fmt_dims(s.dims)}" for s in shared)
+            raise InputError(
+                f"{self.path}: input{'s' if len(shared) > 1 else ''} {listed} {'are' if len(shared) > 1 else 'is'} not per example (a scalar, or the "
+                f"batch on another axis than 0); {fixed_hint([s.name for s in shared])}"
+            )
         for name in given:
-            if name not in expected:
+            if name not in expected and name not in self._fixed:
                 raise InputError(f"{self.path}: the model has no input {name!r}; it takes: {described}")
         feeds: dict[str, np.ndarray] = {}
         batch: int | None = None
-        for name, (dtype, dims) in expected.items():
+        given = {k: v for k, v in given.items() if k in expected}  # a fixed input's own value wins
+        for name, spec in expected.items():
             if name not in given:
                 raise InputError(f"{self.path}: input {name!r} is missing; the model takes: {described}")
             arr = np.asarray(given[name])
-            if dims is not None:
-                self._check_shape(name, arr, dims)
-            if dtype is not None and arr.dtype != dtype:
-                arr = _cast(arr, dtype, name, self.path)
+            if spec.dims is not None:
+                self._check_shape(name, arr, spec.dims)
+            if spec.dtype is not None and arr.dtype != spec.dtype:
+                arr = cast(arr, spec.dtype, name, self.path)
             feeds[name] = arr
             if arr.ndim == 0:
                 continue
@@ -228,7 +271,7 @@ class OnnxExtractor(Extractor):
         return feeds, batch if batch is not None else 1
 
     def _check_shape(self, name: str, arr: np.ndarray, dims: tuple[int | str | None, ...]) -> None:
-        expected = _fmt_dims(dims)
+        expected = fmt_dims(dims)
         if arr.ndim != len(dims):
             raise InputError(
                 f"{self.path}: input {name!r} expects shape {expected} (rank {len(dims)}), got {tuple(arr.shape)} "
@@ -288,7 +331,7 @@ class OnnxExtractor(Extractor):
         # The CPU arena (onnxruntime's default) keeps one batch's peak reserved for the session's life: memory
         # stays bounded by the batch size, and runs are ~2x faster than allocating every tensor afresh
         # (each fresh allocation of a large tensor is new pages from the system). Outputs are copied out of it.
-        opts.log_severity_level = 3  # warnings about unused initializers of the pruned graph are noise
+        opts.log_severity_level = ort_log_severity()
         if self.threads:
             opts.intra_op_num_threads = self.threads
         folder = os.path.dirname(self.path)
@@ -467,46 +510,17 @@ def _external_files(model: onnx.ModelProto, path: str) -> list[str]:
     return sorted(files)
 
 
-def _input_specs(model: onnx.ModelProto) -> list[tuple[str, Any, tuple[int | str | None, ...] | None]]:
-    """``(name, numpy dtype or None, dims or None)`` of each input the caller feeds."""
-    from onnx import helper
-
-    from .graph import model_inputs, tensor_type
-
-    specs = []
-    for vi in model_inputs(model):
-        t = tensor_type(vi)
-        try:
-            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)) if t.elem_type else None
-        except (KeyError, TypeError, ValueError):
-            dtype = None
-        specs.append((vi.name, dtype, t.dims))
-    return specs
-
-
-def _cast(arr: np.ndarray, dtype: np.dtype, name: str, path: str) -> np.ndarray:
-    """Cast to the model's element type; refuse casts that would change values (3.5 -> int, 300 -> uint8)."""
-    if dtype.kind in "iub" and arr.dtype.kind in "iufb":
-        cast = arr.astype(dtype)
-        if arr.size and not np.array_equal(cast.astype(arr.dtype), arr):
-            raise InputError(
-                f"input {name!r} of {path} is {dtype.name} in the model, but the given {arr.dtype.name} values do "
-                f"not fit it (fractions or out of range); give {dtype.name}-valued data"
-            )
-        return cast
-    try:
-        return arr.astype(dtype)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"input {name!r} of {path} expects {dtype.name}, got {arr.dtype.name} ({exc})") from exc
-
-
-def _fmt_dims(dims: tuple[int | str | None, ...] | None) -> str:
-    if dims is None:
-        return "[?]"
-    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+def ort_log_severity() -> int:
+    """onnxruntime's own log level: fatal only (4) unless this plugin logs at DEBUG (``cka-extract --debug``),
+    then info (1). Its warnings (unused initializers of the pruned graph, nodes placed on the CPU) and error
+    lines would otherwise reach the terminal beside ours; every failure that matters is raised, and becomes
+    one line of ours."""
+    return 1 if log.isEnabledFor(logging.DEBUG) else 4
 
 
 def _new_session(model: bytes | str, opts: Any, providers: list[Any]) -> onnxruntime.InferenceSession:
     import onnxruntime as ort
 
+    # the process-wide default logger (the C++ environment's) prints what happens before a session has its own
+    ort.set_default_logger_severity(ort_log_severity())
     return ort.InferenceSession(model, opts, providers=providers)
