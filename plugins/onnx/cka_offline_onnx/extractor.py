@@ -33,6 +33,7 @@ from cka_offline.errors import DeviceError, InputError, LayerSelectionError, Mod
 from cka_offline.extractor import Extractor, LayerInfo, Option, sha256_path
 
 from .feeds import FixedInputs, InputSpec, cast, fixed_hint, fmt_dims, input_specs
+from .session import SessionModel, is_session, session_inputs, session_model, session_outputs
 
 if TYPE_CHECKING:
     import onnx
@@ -75,6 +76,15 @@ class OnnxExtractor(Extractor):
         ),
         Option("threads", int, 0, "onnxruntime intra-op threads (default 0: onnxruntime decides)", minimum=0),
         Option(
+            "mean_layout",
+            str,
+            "auto",
+            "how --reduction mean reads a per-example (a, b) tensor: auto (channels first after Conv and pooling; "
+            "(tokens, features) after MatMul, attention, LayerNormalization is refused, naming token_mean; other "
+            "ops are refused) or channels_first (every such tensor is (C, L): mean over L)",
+            choices=("auto", "channels_first"),
+        ),
+        Option(
             "fixed_inputs",
             object,
             None,
@@ -87,7 +97,9 @@ class OnnxExtractor(Extractor):
     early_reductions = frozenset({"mean"})
 
     @classmethod
-    def can_open(cls, source: str) -> bool:
+    def can_open(cls, source: Any) -> bool:
+        if is_session(source):
+            return True
         if not isinstance(source, (str, os.PathLike)):  # a live model object is another extractor's
             return False
         source = os.fspath(source)
@@ -95,19 +107,33 @@ class OnnxExtractor(Extractor):
             return True
         return os.path.isdir(source) and os.path.isfile(os.path.join(source, "model.onnx"))
 
-    def __init__(self, source: str, *, device: str = "cpu", options: Mapping[str, Any] | None = None) -> None:
-        super().__init__(source, device=device, options=options)
+    def __init__(self, source: Any, *, device: str = "cpu", options: Mapping[str, Any] | None = None) -> None:
+        """``source``: an ``.onnx`` path, a folder holding ``model.onnx``, or an ``onnxruntime.InferenceSession``
+        (its model is re-read from the path or bytes it was built from; see :mod:`cka_offline_onnx.session`)."""
+        origin = session_model(source) if is_session(source) else None
+        super().__init__(origin.label if origin else source, device=device, options=options)
+        #: the caller's session (Python API), which runs its own outputs; None for a path
+        self._given: Any = source if origin else None
         values = self.option_values
         self.optimization_level: str = values["optimization_level"]
         self.batch_axis: int = values["batch_axis"]
         self.threads: int = values["threads"]
-        self.path = os.path.abspath(os.path.join(source, "model.onnx") if os.path.isdir(source) else source)
+        self.mean_layout: str = values["mean_layout"]
         self._providers = _providers(device)
-        self._model = _load(self.path)
-        self._external_files = _external_files(self._model, self.path)
+        self._model_bytes: bytes | None = None
+        if origin is None:
+            self.path = os.path.abspath(os.path.join(source, "model.onnx") if os.path.isdir(source) else source)
+            self._model: onnx.ModelProto | None = _load(self.path)
+        else:
+            self.path = origin.path or origin.label
+            self._model = self._session_graph(origin)
+        on_disk = self._model is not None and (origin is None or origin.path is not None)
+        self._external_files = _external_files(self._model, self.path) if on_disk else []
         self._layers: list[LayerInfo] | None = None
+        self._types: dict[str, Any] | None = None
+        self._layouts: dict[str, str] | None = None
         self._sessions: OrderedDict[tuple[str, ...], onnxruntime.InferenceSession] = OrderedDict()
-        self._inputs = input_specs(self._model)
+        self._inputs = input_specs(self._model) if self._model is not None else session_inputs(self._given)
         self._fixed = FixedInputs(values["fixed_inputs"], self._inputs, self.path)
         #: rank and dtype of every tensor fetched so far, and the tensors whose spatial mean the graph takes
         self._seen: dict[str, tuple[int, np.dtype]] = {}
@@ -115,14 +141,66 @@ class OnnxExtractor(Extractor):
         # a graph traced at batch 1 often bakes the 1 into Reshape constants: only example-by-example is safe
         self.fixed_batch_one = any(s.dims and s.dims[0] == 1 for s in self._per_example())
 
+    def _session_graph(self, origin: SessionModel) -> onnx.ModelProto | None:
+        """The graph a given session was built from, or None (then only its outputs are offered)."""
+        import onnx
+
+        why = origin.missing
+        if origin.path:
+            try:
+                return _load(origin.path)
+            except ModelError as exc:
+                why = str(exc)
+        elif origin.data is not None:
+            try:
+                model = onnx.load_model_from_string(origin.data)
+            except Exception as exc:
+                why = f"its model bytes are not an ONNX graph ({type(exc).__name__})"
+            else:
+                external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+                if model.graph.node and not external:
+                    self._model_bytes = origin.data
+                    return model
+                why = "its model bytes refer to external data files, whose folder a session does not record"
+        names = ", ".join(o.name for o in self._given.get_outputs())
+        log.warning(
+            "%s: only the session's own outputs (%s) can be extracted: %s; build the session from the .onnx "
+            "path (or its bytes) to reach intermediate tensors",
+            origin.label,
+            names,
+            why,
+        )
+        return None
+
     # --- listing ---------------------------------------------------------------------------------------
 
     def layers(self) -> list[LayerInfo]:
         if self._layers is None:
             from .graph import list_layers
 
-            self._layers = list_layers(self._model, self.batch_axis)
+            if self._model is None:
+                self._layers = session_outputs(self._given, self.batch_axis)
+            else:
+                self._layers = list_layers(self._model, self.batch_axis, self._tensor_types())
         return list(self._layers)
+
+    def _tensor_types(self) -> dict[str, Any]:
+        if self._model is None:
+            return {}
+        if self._types is None:
+            from .graph import infer_types
+
+            self._types = infer_types(self._model)
+        return self._types
+
+    def mean_layout_of(self, tensor: str) -> str | None:
+        """``"channels"`` or ``"tokens"``: what the op producing ``tensor`` says its first per-example axis
+        holds (see :func:`cka_offline_onnx.graph.mean_layouts`); None where it does not say."""
+        if self._layouts is None:
+            from .graph import mean_layouts
+
+            self._layouts = mean_layouts(self._model, self._tensor_types()) if self._model is not None else {}
+        return self._layouts.get(tensor)
 
     def input_names(self) -> list[str] | None:
         """The per-example inputs (those given once, ``fixed_inputs`` or shared, are not read from the inputs)."""
@@ -137,13 +215,42 @@ class OnnxExtractor(Extractor):
         """Take ``mean`` in the graph: a ReduceMean node per tensor (after a Cast to float32, or float64 for
         float64 tensors), so onnxruntime returns ``(batch, channels)``. Only with the batch on axis 0 and a
         batch dimension that is not fixed at 1, for tensors already fetched once (their rank is known)."""
-        if self.batch_axis != 0 or self.fixed_batch_one:
-            return []
         tensors = self._resolve([name for name, r in reductions.items() if r == "mean"])
+        self._check_mean_layouts(tensors)
+        if self.batch_axis != 0 or self.fixed_batch_one or self._model is None:
+            return []
         accepted = [name for name, t in tensors.items() if t in self._seen and self._seen[t][0] >= 3]
         self._early.update(tensors[name] for name in accepted)
         self._sessions.clear()
         return accepted
+
+    def _check_mean_layouts(self, tensors: Mapping[str, str]) -> None:
+        """``mean`` on a per-example ``(a, b)`` tensor averages ``b``: right for a Conv1d's ``(C, L)``, wrong for a
+        transformer's ``(tokens, features)``. Refuse it unless the producing op says channels first."""
+        if self.mean_layout == "channels_first":
+            return
+        kinds = {i.name: i.kind for i in self.layers()}
+        for requested, tensor in tensors.items():
+            seen = self._seen.get(tensor)
+            if seen is None or seen[0] != 3:
+                continue  # a vector, or channels with spatial axes (C, H, W...): mean is unambiguous
+            layout = self.mean_layout_of(tensor)
+            if layout == "channels":
+                continue
+            what = f"tensor {tensor!r} ({kinds.get(tensor) or 'unknown op'}, per-example {self._shape_text(tensor)})"
+            if layout == "tokens":
+                raise LayerSelectionError(
+                    f"{self.path}: {what} is (tokens, features): --reduction mean would average its features, one "
+                    f"value per token; for the mean over tokens use -r '{requested}=token_mean' (or flatten)"
+                )
+            raise LayerSelectionError(
+                f"{self.path}: --reduction mean on {what} is ambiguous, (tokens, features) or (channels, length); "
+                f"use -r '{requested}=token_mean' for tokens, or -X mean_layout=channels_first for channels"
+            )
+
+    def _shape_text(self, tensor: str) -> str:
+        shape = next((i.shape for i in self.layers() if i.name == tensor), None)
+        return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")" if shape else "(a, b)"
 
     def run(self, inputs: Mapping[str, np.ndarray], layers: Sequence[str]) -> dict[str, np.ndarray]:
         tensors = self._resolve(layers)
@@ -153,7 +260,8 @@ class OnnxExtractor(Extractor):
         if self.fixed_batch_one and batch != 1:
             once = self._fixed.feeds(1)
             parts = [
-                self._run(session, wanted, {**{k: v[i : i + 1] for k, v in feeds.items()}, **once}) for i in range(batch)
+                self._run(session, wanted, {**{k: v[i : i + 1] for k, v in feeds.items()}, **once})
+                for i in range(batch)
             ]
             fetched = [self._batch_first(parts_of_tensor, name) for name, parts_of_tensor in zip(wanted, zip(*parts))]
             arrays = {name: np.concatenate(a, axis=0) for name, a in zip(wanted, fetched)}
@@ -292,6 +400,8 @@ class OnnxExtractor(Extractor):
     # --- sessions --------------------------------------------------------------------------------------
 
     def _session(self, tensors: tuple[str, ...]) -> onnxruntime.InferenceSession:
+        if self._given is not None and set(tensors) <= {o.name for o in self._given.get_outputs()}:
+            return self._given  # its own outputs: the caller's session, with its own options and providers
         key = tuple(sorted(tensors))
         if key in self._sessions:
             self._sessions.move_to_end(key)
@@ -306,6 +416,7 @@ class OnnxExtractor(Extractor):
         import onnx
         import onnxruntime as ort
 
+        assert self._model is not None  # without a graph only the given session's outputs are listed
         graph = self._model.graph
         kept = list(graph.output)
         nodes, inits = len(graph.node), len(graph.initializer)
@@ -415,17 +526,26 @@ class OnnxExtractor(Extractor):
         import onnxruntime as ort
 
         model = self._model
+        if self._model_bytes is not None:  # a session built from bytes: they are its identity
+            identity = hashlib.sha256(self._model_bytes).hexdigest()
+        else:
+            identity = sha256_path(self.path) if model is not None else ""
         prov = {
             "framework": self.framework,
             "framework_version": ort.__version__,
             "model": self.path,
-            "model_sha256": sha256_path(self.path),
-            "opset": ",".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in model.opset_import),
-            "producer": " ".join(p for p in (model.producer_name, model.producer_version) if p),
-            "ir_version": str(model.ir_version),
+            "model_sha256": identity,
             "optimization_level": self.optimization_level,
             "execution_provider": self._providers[0] if isinstance(self._providers[0], str) else self._providers[0][0],
         }
+        if model is not None:
+            prov["opset"] = ",".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in model.opset_import)
+            prov["producer"] = " ".join(p for p in (model.producer_name, model.producer_version) if p)
+            prov["ir_version"] = str(model.ir_version)
+        else:
+            meta = self._given.get_modelmeta()
+            prov["producer"] = str(meta.producer_name or "")
+            prov["model_identity"] = "unknown: the session's model bytes were not found (only its outputs were run)"
         if self._external_files:
             # model_sha256 covers the graph only; the weights live in these files
             digest = hashlib.sha256()

@@ -79,7 +79,7 @@ class FixedInputs:
         if not isinstance(given, Mapping):
             raise OptionError(
                 f"option fixed_inputs={given!r:.80} is not a mapping; give JSON such as "
-                "fixed_inputs='{\"sr\": 16000, \"state\": \"zeros\"}'"
+                'fixed_inputs=\'{"sr": 16000, "state": "zeros"}\''
             )
         by_name = self._specs
         for name, value in given.items():
@@ -106,7 +106,7 @@ class FixedInputs:
             unknown = [i for i, d in enumerate(dims or ()) if not isinstance(d, int) and i != bd]
             if dims is None or unknown:
                 raise OptionError(
-                    f"fixed input {spec.name!r} of {self.path} has declared shape {fmt_dims(dims)}: \"zeros\" needs "
+                    f'fixed input {spec.name!r} of {self.path} has declared shape {fmt_dims(dims)}: "zeros" needs '
                     "every dimension but the batch known; give the value as a nested list instead"
                 )
             return ZEROS
@@ -141,7 +141,7 @@ class FixedInputs:
             else:
                 raise InputError(
                     f"fixed input {name!r} of {self.path} has {value.shape[bd]} on its batch axis {bd}, but the batch "
-                    f"has {batch} examples; give it size 1 there (broadcast to every batch) or use \"zeros\""
+                    f'has {batch} examples; give it size 1 there (broadcast to every batch) or use "zeros"'
                 )
         return out
 

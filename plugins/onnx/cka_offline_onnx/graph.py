@@ -241,17 +241,85 @@ def module_aliases(model: onnx.ModelProto, listed: set[str], const: set[str]) ->
     return {t: tuple(sorted(names, key=lambda p: (p.count("."), p))) for t, names in aliases.items()}
 
 
+# --- what --reduction mean averages ------------------------------------------------------------------------
+
+#: ops whose output is channels first, (C, *spatial) per example: ``mean`` averages the spatial positions
+CHANNELS_FIRST_OPS = frozenset(
+    {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "LpPool", "BatchNormalization",
+     "InstanceNormalization", "LRN", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
+)  # fmt: skip
+#: ops whose output has its features on the last axis, (tokens, features) per example
+TOKENS_FIRST_OPS = frozenset(
+    {"MatMul", "Gemm", "FusedMatMul", "MatMulInteger", "QLinearMatMul", "Attention", "MultiHeadAttention",
+     "GroupQueryAttention", "EmbedLayerNormalization"}
+)  # fmt: skip
+#: tokens first when their ``axis`` attribute is the last axis
+LAST_AXIS_OPS = {"Softmax": -1, "LogSoftmax": -1, "LayerNormalization": -1, "SkipLayerNormalization": -1,
+                 "SimplifiedLayerNormalization": -1, "RMSNormalization": -1}  # fmt: skip
+#: ops that keep the layout of their (non-constant) inputs: element-wise maps and arithmetic
+LAYOUT_KEEPING_OPS = frozenset(
+    {"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "FastGelu", "BiasGelu", "QuickGelu", "Sigmoid",
+     "HardSigmoid", "HardSwish", "Swish", "Mish", "Tanh", "Erf", "Softplus", "Softsign", "Abs", "Neg", "Exp", "Log",
+     "Sqrt", "Reciprocal", "Pow", "Add", "Sub", "Mul", "Div", "Clip", "Dropout", "Identity", "Cast", "Min", "Max",
+     "Sum", "Mean", "ThresholdedRelu", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign"}
+)  # fmt: skip
+
+
+def mean_layouts(model: onnx.ModelProto, types: dict[str, TensorType]) -> dict[str, str]:
+    """``{tensor: "channels" | "tokens"}`` for the tensors whose layout the producing op tells: Conv and
+    pooling give channels first; MatMul, Gemm, attention, and Softmax / LayerNormalization over the last
+    axis give (tokens, features); element-wise ops keep the layout their inputs agree on (constants, such as
+    a bias, do not count). Tensors of any other op (Reshape, Transpose, Concat...) are not in the result."""
+    graph = model.graph
+    const = constant_tensors(graph)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    layout: dict[str, str] = {}
+    for node in graph.node:
+        op = node.op_type
+        kind: str | None = None
+        if op in CHANNELS_FIRST_OPS:
+            kind = "channels"
+        elif op in TOKENS_FIRST_OPS:
+            kind = "tokens"
+        elif op in LAST_AXIS_OPS:
+            default = 1 if op in ("Softmax", "LogSoftmax") and opset < 13 else LAST_AXIS_OPS[op]
+            axis = next((a.i for a in node.attribute if a.name == "axis"), default)
+            rank = _rank(types, node.output[0] if node.output else "")
+            if axis == -1 or (rank is not None and axis == rank - 1):
+                kind = "tokens"
+        elif op == "Gather" and node.input and node.input[0] in const:
+            kind = "tokens"  # an embedding lookup: (tokens, features)
+        elif op in LAYOUT_KEEPING_OPS:
+            found = {layout.get(i) for i in node.input if i and i not in const}
+            out_rank = _rank(types, node.output[0] if node.output else "")
+            ranks = {_rank(types, i) for i in node.input if i and i not in const}
+            if len(found) == 1 and None not in found and (out_rank is None or ranks <= {out_rank, None}):
+                kind = found.pop()
+        if kind is not None:
+            for out in node.output:
+                if out:
+                    layout[out] = kind
+    return layout
+
+
+def _rank(types: dict[str, TensorType], name: str) -> int | None:
+    t = types.get(name)
+    return None if t is None or t.dims is None else len(t.dims)
+
+
 # --- the listing -----------------------------------------------------------------------------------------
 
 
-def list_layers(model: onnx.ModelProto, batch_axis: int = 0) -> list[LayerInfo]:
+def list_layers(
+    model: onnx.ModelProto, batch_axis: int = 0, types: dict[str, TensorType] | None = None
+) -> list[LayerInfo]:
     """Every float tensor computed by a node, in graph order, with op type, shape and aliases.
 
     Skipped: initializers, Constant outputs and tensors computable from constants only, graph inputs, and
     tensors of a known non-float type. Tensors inside If/Loop/Scan bodies are listed with
     ``exposable=False``.
     """
-    types = infer_types(model)
+    types = infer_types(model) if types is None else types
     const = constant_tensors(model.graph)
     infos: list[LayerInfo] = []
 
