@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ..errors import InputError, ModelError, NoExtractorError, OutputError
+from ..errors import InputError, LayerSelectionError, ModelError, NoExtractorError, OutputError
 from ..extractor import Extractor, InputReader
 from ..files import refuse_existing
 from ..inputs import check_ids
@@ -241,7 +241,7 @@ def extract_with(
             where=f"model {describe_source(source)}",
             hint="list them with cka-extract --list-layers",
         )
-        reductions = resolve_reductions(opts.reduction, names)
+        reductions = resolve_reductions(reduction_by_name(opts.reduction, ext.layers(), names), names)
         run = BatchRunner(ext, reader, ids, names, reductions, opts.mask_input, opts.dtype)
 
         first_stop = min(hi, lo + opts.batch_size)
@@ -313,6 +313,39 @@ def _write_rows(
     except BaseException:
         writer.abort()
         raise
+
+
+def reduction_by_name(
+    reduction: str | Mapping[str, str], available: Sequence[Any], names: Sequence[str]
+) -> str | dict[str, str]:
+    """``-r PATTERN=REDUCTION`` keys as the selected layers' names: each pattern matches what ``--layers``
+    would match (names, aliases, globs, ``kind:K``; :func:`~cka_offline.selection.select_layers`), among the
+    selected layers. An exact name or alias wins over globs; among globs the first wins; ``"*"`` is every
+    other layer. A pattern that matches no selected layer is an error."""
+    if isinstance(reduction, str):
+        return reduction
+    selected = set(names)
+    infos = [i for i in available if getattr(i, "name", i) in selected]
+    exact = {p: v for p, v in reduction.items() if p != "*" and not p.startswith("kind:") and not set(p) & set("*?[")}
+    by_name: dict[str, str] = {}
+    unused = []
+    for pattern, value in list(exact.items()) + [(p, v) for p, v in reduction.items() if p != "*" and p not in exact]:
+        try:
+            matched = select_layers(infos, [pattern])
+        except LayerSelectionError:
+            matched = []
+        if not matched:
+            unused.append(pattern)
+        for name in matched:
+            by_name.setdefault(name, value)
+    if unused:
+        raise LayerSelectionError(
+            f"reduction given for {', '.join(map(repr, unused))}, which matches no selected layer; "
+            f"selected: {', '.join(names)}"
+        )
+    if "*" in reduction:
+        by_name["*"] = reduction["*"]
+    return by_name
 
 
 def shard_range(n: int, shard: tuple[int, int] | None) -> tuple[int, int]:

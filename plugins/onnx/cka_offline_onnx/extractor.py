@@ -127,8 +127,8 @@ class OnnxExtractor(Extractor):
         else:
             self.path = origin.path or origin.label
             self._model = self._session_graph(origin)
-        on_disk = self._model is not None and (origin is None or origin.path is not None)
-        self._external_files = _external_files(self._model, self.path) if on_disk else []
+        on_disk = origin is None or origin.path is not None
+        self._external_files = _external_files(self._model, self.path) if self._model is not None and on_disk else []
         self._layers: list[LayerInfo] | None = None
         self._types: dict[str, Any] | None = None
         self._layouts: dict[str, str] | None = None
@@ -464,6 +464,7 @@ class OnnxExtractor(Extractor):
         import onnx
         from onnx import TensorProto, helper
 
+        assert self._model is not None
         opset = next((o.version for o in self._model.opset_import if o.domain in ("", "ai.onnx")), 13)
         for i, tensor in enumerate(tensors):
             rank, dtype = self._seen[tensor]
