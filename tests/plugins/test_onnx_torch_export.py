@@ -255,3 +255,30 @@ def test_layers_and_reductions_by_alias_through_the_command(exported, tmp_path):
         np.testing.assert_allclose(f.read(by_alias["features.3"], 0, 6), conv, atol=1e-4)
     result = invoke("cka-extract", [path, *args[:-2], "-r", "fcc=none", "--overwrite"])
     assert result.exit_code == 3 and "reduction given for 'fcc', which matches no selected layer" in result.stderr
+
+
+class Blocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleDict({"a": nn.Linear(4, 4), "b": nn.Sequential(nn.Linear(4, 4), nn.ReLU())})
+
+    def forward(self, x):
+        return self.blocks["b"](self.blocks["a"](x))
+
+
+def test_torchscript_names_inside_a_module_dict_are_completed_from_the_weights(tmp_path):
+    """The TorchScript exporter names modules of an uncalled ModuleDict without it (/a/Gemm for blocks.a);
+    the weights' names (blocks.a.weight) complete the path."""
+    torch.manual_seed(2)
+    model = Blocks().eval()
+    path = str(tmp_path / "dict.onnx")
+    export(model, path, torch.randn(2, 4), dynamo=False)
+    aliases = {a: i.name for i in OnnxExtractor(path).layers() for a in i.aliases}
+    assert {"blocks.a", "blocks.b", "blocks.b.0", "blocks.b.1"} <= set(aliases)
+    assert not {"a", "b", "b.0"} & set(aliases)
+    x = torch.randn(3, 4)
+    names = ["blocks.a", "blocks.b.0", "blocks.b"]
+    out = OnnxExtractor(path).run({"x": x.numpy()}, [aliases[n] for n in names])
+    ref = hooked(model, x, names)
+    for n in names:
+        np.testing.assert_allclose(out[aliases[n]], ref[n], atol=1e-5, err_msg=n)
