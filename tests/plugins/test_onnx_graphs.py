@@ -105,7 +105,7 @@ VAD_W = RNG.normal(size=(16, 8)).astype(np.float32)
 VAD_W2 = RNG.normal(size=(8, 1)).astype(np.float32)
 
 
-def vad_model(path: os.PathLike) -> str:
+def vad_model(path: os.PathLike, batch: str | None = "batch") -> str:
     """Shaped like Silero VAD: ``input`` (batch, 16), ``state`` (2, batch, 8), ``sr`` int64 scalar;
     outputs ``output`` (batch, 1) and ``stateN`` (2, batch, 8)."""
     nodes = [
@@ -125,8 +125,8 @@ def vad_model(path: os.PathLike) -> str:
         nodes,
         "vad",
         [
-            helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 16]),
-            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 8]),
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 16]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, batch, 8]),
             helper.make_tensor_value_info("sr", TensorProto.INT64, []),
         ],
         [
@@ -195,6 +195,12 @@ def test_fixed_inputs_in_the_python_api(tmp_path):
     np.testing.assert_allclose(out["t"], vad_reference(x, np.ones((2, 3, 8)), 16000)["t"], rtol=1e-5, atol=1e-6)
     with pytest.raises(InputError, match=r"fixed input 'state' .* has 3 on its batch axis 1, but the batch has 2"):
         ex.run({"input": x[:2]}, ["t"])
+    # unnamed dynamic dims, and a session as the source: state [2, ?, 8] is still seen as shared
+    unnamed = vad_model(tmp_path / "unnamed.onnx", batch=None)
+    assert OnnxExtractor(unnamed).input_names() == ["input"]
+    session = ort.InferenceSession(unnamed)
+    out = OnnxExtractor(session, options={"fixed_inputs": {"sr": 16000, "state": "zeros"}}).run({"input": x}, ["t"])
+    np.testing.assert_allclose(out["t"], vad_reference(x, np.zeros((2, 3, 8)), 16000)["t"], rtol=1e-5, atol=1e-6)
     with pytest.raises(OptionError, match=r"fixed_inputs names 'rate', which is not an input .* input, state, sr"):
         OnnxExtractor(path, options={"fixed_inputs": {"rate": 1}})
     with pytest.raises(OptionError, match=r"fixed input 'sr' .* 'fast' is not a value"):

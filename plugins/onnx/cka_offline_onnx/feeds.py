@@ -57,13 +57,25 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         except (KeyError, TypeError, ValueError):
             dtype = None
         raw.append((vi.name, dtype, t.dims))
-    # the batch symbol: a dim_param that starts some input (an exporter's "batch_size", "N")
+    return [InputSpec(name, dtype, dims, batch) for (name, dtype, dims), batch in zip(raw, batch_dims(raw))]
+
+
+def batch_dims(raw: list[tuple[str, Any, Dims | None]]) -> list[int | None]:
+    """The axis holding the batch of each input: where the batch symbol is (a dim_param that starts some
+    input, an exporter's ``batch_size``), else, for an input whose axis 0 is fixed above 1 while another
+    input's is dynamic, its one dynamic axis (Silero VAD with unnamed dims: ``state`` ``[2, ?, 128]``)."""
     symbols = {dims[0] for _, _, dims in raw if dims and isinstance(dims[0], str)}
-    specs = []
-    for name, dtype, dims in raw:
+    dynamic_first = any(dims and not isinstance(dims[0], int) for _, _, dims in raw)
+    out: list[int | None] = []
+    for _, _, dims in raw:
         at = [i for i, d in enumerate(dims or ()) if isinstance(d, str) and d in symbols]
-        specs.append(InputSpec(name, dtype, dims, at[0] if len(at) == 1 else (0 if dims and 0 in at else None)))
-    return specs
+        if len(at) == 1 or (dims and 0 in at):
+            out.append(at[0] if len(at) == 1 else 0)
+            continue
+        free = [i for i, d in enumerate(dims or ()) if not isinstance(d, int)]
+        fixed_first = bool(dims) and isinstance(dims[0], int) and dims[0] > 1  # type: ignore[index]
+        out.append(free[0] if dynamic_first and fixed_first and len(free) == 1 else None)
+    return out
 
 
 class FixedInputs:

@@ -20,7 +20,7 @@ import numpy as np
 
 from cka_offline.extractor import LayerInfo
 
-from .feeds import InputSpec
+from .feeds import InputSpec, batch_dims
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +80,11 @@ def _dims(shape: Any) -> tuple[int | str | None, ...] | None:
 
 def session_inputs(session: Any) -> list[InputSpec]:
     """The session's inputs as :class:`InputSpec`, the batch axis read from the symbols as for a graph."""
-    raw = [(a.name, _ORT_TYPES.get(a.type), _dims(a.shape)) for a in session.get_inputs()]
-    symbols = {dims[0] for _, _, dims in raw if dims and isinstance(dims[0], str)}
-    specs = []
-    for name, dtype, dims in raw:
-        at = [i for i, d in enumerate(dims or ()) if isinstance(d, str) and d in symbols]
-        specs.append(
-            InputSpec(
-                name, np.dtype(dtype) if dtype else None, dims, at[0] if len(at) == 1 else (0 if 0 in at else None)
-            )
-        )
-    return specs
+    raw = [
+        (a.name, np.dtype(_ORT_TYPES[a.type]) if a.type in _ORT_TYPES else None, _dims(a.shape))
+        for a in session.get_inputs()
+    ]
+    return [InputSpec(name, dtype, dims, batch) for (name, dtype, dims), batch in zip(raw, batch_dims(raw))]
 
 
 def session_outputs(session: Any, batch_axis: int) -> list[LayerInfo]:
