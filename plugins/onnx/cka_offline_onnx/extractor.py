@@ -633,10 +633,11 @@ def _external_files(model: onnx.ModelProto, path: str) -> list[str]:
 
 def ort_log_severity() -> int:
     """onnxruntime's own log level: fatal only (4) unless this plugin logs at DEBUG (``cka-extract --debug``),
-    then info (1). Its warnings (unused initializers of the pruned graph, nodes placed on the CPU) and error
-    lines would otherwise reach the terminal beside ours; every failure that matters is raised, and becomes
-    one line of ours."""
-    return 1 if log.isEnabledFor(logging.DEBUG) else 4
+    then warnings (2, what onnxruntime shows by itself; its info level is dozens of lines per session).
+    Its warnings (unused initializers of the pruned graph, nodes placed on the CPU) and error lines would
+    otherwise reach the terminal beside ours; every failure that matters is raised, and becomes one line
+    of ours."""
+    return 2 if log.isEnabledFor(logging.DEBUG) else 4
 
 
 def _new_session(model: bytes | str, opts: Any, providers: list[Any]) -> onnxruntime.InferenceSession:
