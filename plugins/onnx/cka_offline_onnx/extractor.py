@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cka_offline.devices import parse_device
 from cka_offline.errors import DeviceError, InputError, LayerSelectionError, ModelError
 from cka_offline.extractor import Extractor, LayerInfo, Option, sha256_path
 
 from .feeds import FixedInputs, InputSpec, cast, fixed_hint, fmt_dims, input_specs
+from .loading import external_files, load_model, providers
 from .session import SessionModel, is_session, session_inputs, session_model, session_outputs
 
 if TYPE_CHECKING:
@@ -43,8 +43,6 @@ log = logging.getLogger(__name__)
 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 DEFAULT_OPTIMIZATION_LEVEL = "all"
-#: the device kinds onnxruntime runs on here (no mps)
-DEVICES = ("auto", "cpu", "cuda")
 #: sessions kept per extractor; each holds the weights once more, so keep few
 MAX_SESSIONS = 2
 #: output name of a tensor's spatial mean taken in the graph (Extractor.reduce_early)
@@ -119,16 +117,16 @@ class OnnxExtractor(Extractor):
         self.batch_axis: int = values["batch_axis"]
         self.threads: int = values["threads"]
         self.mean_layout: str = values["mean_layout"]
-        self._providers = _providers(device)
+        self._providers = providers(device)
         self._model_bytes: bytes | None = None
         if origin is None:
             self.path = os.path.abspath(os.path.join(source, "model.onnx") if os.path.isdir(source) else source)
-            self._model: onnx.ModelProto | None = _load(self.path)
+            self._model: onnx.ModelProto | None = load_model(self.path)
         else:
             self.path = origin.path or origin.label
             self._model = self._session_graph(origin)
         on_disk = origin is None or origin.path is not None
-        self._external_files = _external_files(self._model, self.path) if self._model is not None and on_disk else []
+        self._external_files = external_files(self._model, self.path) if self._model is not None and on_disk else []
         self._layers: list[LayerInfo] | None = None
         self._types: dict[str, Any] | None = None
         self._layouts: dict[str, str] | None = None
@@ -148,7 +146,7 @@ class OnnxExtractor(Extractor):
         why = origin.missing
         if origin.path:
             try:
-                return _load(origin.path)
+                return load_model(origin.path)
             except ModelError as exc:
                 why = str(exc)
         elif origin.data is not None:
@@ -561,74 +559,6 @@ class OnnxExtractor(Extractor):
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
-
-
-def _providers(device: str) -> list[Any]:
-    """onnxruntime's execution providers for ``device`` (parsed by :func:`cka_offline.devices.parse_device`):
-    ``cpu``; ``auto`` (CUDA where onnxruntime has it); ``cuda`` / ``cuda:N`` (device N, needs onnxruntime-gpu)."""
-    dev = parse_device(device, allowed=DEVICES, default="cpu")
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    has_cuda = "CUDAExecutionProvider" in available
-    if dev.is_cpu:
-        return ["CPUExecutionProvider"]
-    if dev.kind == "auto":
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if has_cuda else ["CPUExecutionProvider"]
-    if not has_cuda:
-        raise DeviceError(
-            f"device {device!r} needs onnxruntime's CUDAExecutionProvider, but onnxruntime {ort.__version__} "
-            f"here has only {', '.join(available)}; install onnxruntime-gpu instead of onnxruntime, "
-            "or use --device cpu"
-        )
-    return [("CUDAExecutionProvider", {"device_id": dev.index or 0}), "CPUExecutionProvider"]
-
-
-def _load(path: str) -> onnx.ModelProto:
-    import onnx
-
-    if not os.path.isfile(path):
-        raise ModelError(f"{path}: no such ONNX file; give the path of an .onnx file (or a folder holding model.onnx)")
-    try:
-        model = onnx.load(path, load_external_data=False)
-    except Exception as exc:
-        raise ModelError(
-            f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc}); "
-            "check that the file is complete and was written by an ONNX exporter"
-        ) from exc
-    if model.ir_version <= 0 or not model.HasField("graph") or not model.graph.node:
-        raise ModelError(
-            f"{path} is not an ONNX model (no IR version or no graph nodes); check that the file is complete "
-            "and was written by an ONNX exporter"
-        )
-    return model
-
-
-def _external_files(model: onnx.ModelProto, path: str) -> list[str]:
-    """Absolute paths of the external data files the graph refers to; a missing one is an error now."""
-    from onnx import TensorProto
-
-    folder = os.path.dirname(path)
-    files: list[str] = []
-    for tensor in model.graph.initializer:
-        if tensor.data_location != TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        full = os.path.normpath(os.path.join(folder, location))
-        if os.path.isabs(location) or os.path.commonpath([folder, full]) != folder:
-            # a shared model must not make the tool read arbitrary local files as its weights
-            raise ModelError(
-                f"{path}: weight {tensor.name!r} points to external data {location!r}, outside the model's folder "
-                f"{folder}; such models are refused: put the data file beside the .onnx file and give its plain name"
-            )
-        if full not in files:
-            if not os.path.isfile(full):
-                raise ModelError(
-                    f"{path}: weight {tensor.name!r} lives in external data file {location!r}, which is not in "
-                    f"{folder}; keep the .onnx file and its data files together"
-                )
-            files.append(full)
-    return sorted(files)
 
 
 def ort_log_severity() -> int:
