@@ -101,6 +101,8 @@ def test_plugin_registration_and_class_attributes():
         "optimization_level",
         "batch_axis",
         "threads",
+        "fixed_inputs",
+        "mean_layout",
     }
     assert cka_offline_onnx.__version__ == "0.1.0"
 

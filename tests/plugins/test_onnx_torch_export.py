@@ -167,3 +167,118 @@ def test_nested_module_aliases(tmp_path, dynamo):
     ref = hooked(model, x, names)
     for n in names:
         np.testing.assert_allclose(out[aliases[n].name], ref[n], atol=1e-5)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = nn.Linear(8, 8)
+        self.act = nn.GELU()
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(x + self.act(self.dense(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList([EncoderLayer(), EncoderLayer()])  # a list, never called itself
+
+    def forward(self, x):
+        for layer in self.layer:
+            x = layer(x)
+        return x
+
+
+class TwoEncoders(nn.Module):
+    """Two encoders with the same inner names (encoder.layer.0 and decoder.layer.0), as in an encoder-decoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = Encoder()
+        self.decoder = Encoder()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.decoder(self.encoder(x)))
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["torchscript", "dynamo"])
+def two_encoders(request, tmp_path_factory):
+    torch.manual_seed(3)
+    model = TwoEncoders().eval()
+    path = str(tmp_path_factory.mktemp("enc") / "two.onnx")
+    export(model, path, torch.randn(2, 4, 8), dynamo=request.param)
+    return model, path
+
+
+def test_aliases_of_two_encoders_are_full_paths(two_encoders):
+    model, path = two_encoders
+    ex = OnnxExtractor(path)
+    aliases = {a: i.name for i in ex.layers() for a in i.aliases}
+    blocks = [f"{e}.layer.{k}" for e in ("encoder", "decoder") for k in (0, 1)]
+    children = [f"{b}.{c}" for b in blocks for c in ("dense", "act", "norm")]
+    assert set(blocks + children + ["encoder", "decoder", "fc"]) <= set(aliases)
+    # no partial path is offered (the TorchScript exporter writes layer.0 for encoder.layer.0)
+    assert not [a for a in aliases if a.startswith("layer")]
+    modules = {name for name, _ in model.named_modules()}
+    assert set(aliases) <= modules, set(aliases) - modules
+    assert len({aliases[b] for b in blocks}) == 4  # four blocks, four tensors
+    x = torch.randn(3, 4, 8)
+    names = blocks + ["encoder.layer.0.dense", "decoder.layer.1.act", "fc"]
+    out = ex.run({"x": x.numpy()}, [aliases[n] for n in names])
+    ref = hooked(model, x, names)
+    for n in names:
+        np.testing.assert_allclose(out[aliases[n]], ref[n], atol=1e-5, err_msg=n)
+
+
+def test_layers_and_reductions_by_alias_through_the_command(exported, tmp_path):
+    """`--layers` and `-r PATTERN=...` accept the same names: `-r fc=none` names the layer selected as `fc`."""
+    from cka_offline.store.reader import open_activations
+
+    from ..hardening.builders import invoke
+
+    model, path = exported
+    x = torch.randn(6, 3, 8, 8)
+    np.savez(tmp_path / "in.npz", x=x.numpy())
+    out = tmp_path / "a.h5"
+    args = ["-i", tmp_path / "in.npz", "-o", out, "-l", "features.3,fc", "-r", "mean", "-r", "fc=none"]
+    result = invoke("cka-extract", [path, *args])
+    assert result.exit_code == 0, result.stderr
+    ref = hooked(model, x, ["features.3", "fc"])
+    by_alias = {a: i.name for i in OnnxExtractor(path).layers() for a in i.aliases}
+    with open_activations(str(out)) as f:
+        assert f.layer(by_alias["fc"]).reduction == "none"
+        np.testing.assert_allclose(f.read(by_alias["fc"], 0, 6), ref["fc"], atol=1e-4)
+        conv = ref["features.3"].astype(np.float64).mean(axis=(2, 3))
+        np.testing.assert_allclose(f.read(by_alias["features.3"], 0, 6), conv, atol=1e-4)
+    result = invoke("cka-extract", [path, *args[:-2], "-r", "fcc=none", "--overwrite"])
+    assert result.exit_code == 3 and "reduction given for 'fcc', which matches no selected layer" in result.stderr
+
+
+class Blocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleDict({"a": nn.Linear(4, 4), "b": nn.Sequential(nn.Linear(4, 4), nn.ReLU())})
+
+    def forward(self, x):
+        return self.blocks["b"](self.blocks["a"](x))
+
+
+def test_torchscript_names_inside_a_module_dict_are_completed_from_the_weights(tmp_path):
+    """The TorchScript exporter names modules of an uncalled ModuleDict without it (/a/Gemm for blocks.a);
+    the weights' names (blocks.a.weight) complete the path."""
+    torch.manual_seed(2)
+    model = Blocks().eval()
+    path = str(tmp_path / "dict.onnx")
+    export(model, path, torch.randn(2, 4), dynamo=False)
+    aliases = {a: i.name for i in OnnxExtractor(path).layers() for a in i.aliases}
+    assert {"blocks.a", "blocks.b", "blocks.b.0", "blocks.b.1"} <= set(aliases)
+    assert not {"a", "b", "b.0"} & set(aliases)
+    x = torch.randn(3, 4)
+    names = ["blocks.a", "blocks.b.0", "blocks.b"]
+    out = OnnxExtractor(path).run({"x": x.numpy()}, [aliases[n] for n in names])
+    ref = hooked(model, x, names)
+    for n in names:
+        np.testing.assert_allclose(out[aliases[n]], ref[n], atol=1e-5, err_msg=n)

@@ -28,9 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cka_offline.devices import parse_device
 from cka_offline.errors import DeviceError, InputError, LayerSelectionError, ModelError
 from cka_offline.extractor import Extractor, LayerInfo, Option, sha256_path
+
+from .feeds import FixedInputs, InputSpec, cast, fixed_hint, fmt_dims, input_specs
+from .loading import external_files, load_model, providers
+from .session import SessionModel, is_session, session_inputs, session_model, session_outputs
 
 if TYPE_CHECKING:
     import onnx
@@ -40,8 +43,6 @@ log = logging.getLogger(__name__)
 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 DEFAULT_OPTIMIZATION_LEVEL = "all"
-#: the device kinds onnxruntime runs on here (no mps)
-DEVICES = ("auto", "cpu", "cuda")
 #: sessions kept per extractor; each holds the weights once more, so keep few
 MAX_SESSIONS = 2
 #: output name of a tensor's spatial mean taken in the graph (Extractor.reduce_early)
@@ -72,13 +73,31 @@ class OnnxExtractor(Extractor):
             "batch_axis", int, 0, "axis of the chosen tensors that holds the batch (default 0); it is moved to axis 0"
         ),
         Option("threads", int, 0, "onnxruntime intra-op threads (default 0: onnxruntime decides)", minimum=0),
+        Option(
+            "mean_layout",
+            str,
+            "auto",
+            "how --reduction mean reads a per-example (a, b) tensor: auto (channels first after Conv and pooling; "
+            "(tokens, features) after MatMul, attention, LayerNormalization is refused, naming token_mean; other "
+            "ops are refused) or channels_first (every such tensor is (C, L): mean over L)",
+            choices=("auto", "channels_first"),
+        ),
+        Option(
+            "fixed_inputs",
+            object,
+            None,
+            "inputs given once, not per example, as JSON {name: value}: a number or nested list (a size-1 batch "
+            'axis is broadcast to each batch), or "zeros" built per batch; e.g. \'{"sr": 16000, "state": "zeros"}\'',
+        ),
     )
 
     #: the spatial mean is taken inside the graph (ReduceMean), by onnxruntime's threads
     early_reductions = frozenset({"mean"})
 
     @classmethod
-    def can_open(cls, source: str) -> bool:
+    def can_open(cls, source: Any) -> bool:
+        if is_session(source):
+            return True
         if not isinstance(source, (str, os.PathLike)):  # a live model object is another extractor's
             return False
         source = os.fspath(source)
@@ -86,24 +105,70 @@ class OnnxExtractor(Extractor):
             return True
         return os.path.isdir(source) and os.path.isfile(os.path.join(source, "model.onnx"))
 
-    def __init__(self, source: str, *, device: str = "cpu", options: Mapping[str, Any] | None = None) -> None:
-        super().__init__(source, device=device, options=options)
+    def __init__(self, source: Any, *, device: str = "cpu", options: Mapping[str, Any] | None = None) -> None:
+        """``source``: an ``.onnx`` path, a folder holding ``model.onnx``, or an ``onnxruntime.InferenceSession``
+        (its model is re-read from the path or bytes it was built from; see :mod:`cka_offline_onnx.session`)."""
+        origin = session_model(source) if is_session(source) else None
+        super().__init__(origin.label if origin else source, device=device, options=options)
+        #: the caller's session (Python API), which runs its own outputs; None for a path
+        self._given: Any = source if origin else None
         values = self.option_values
         self.optimization_level: str = values["optimization_level"]
         self.batch_axis: int = values["batch_axis"]
         self.threads: int = values["threads"]
-        self.path = os.path.abspath(os.path.join(source, "model.onnx") if os.path.isdir(source) else source)
-        self._providers = _providers(device)
-        self._model = _load(self.path)
-        self._external_files = _external_files(self._model, self.path)
+        self.mean_layout: str = values["mean_layout"]
+        self._providers = providers(device)
+        self._model_bytes: bytes | None = None
+        if origin is None:
+            self.path = os.path.abspath(os.path.join(source, "model.onnx") if os.path.isdir(source) else source)
+            self._model: onnx.ModelProto | None = load_model(self.path)
+        else:
+            self.path = origin.path or origin.label
+            self._model = self._session_graph(origin)
+        on_disk = origin is None or origin.path is not None
+        self._external_files = external_files(self._model, self.path) if self._model is not None and on_disk else []
         self._layers: list[LayerInfo] | None = None
+        self._types: dict[str, Any] | None = None
+        self._layouts: dict[str, str] | None = None
         self._sessions: OrderedDict[tuple[str, ...], onnxruntime.InferenceSession] = OrderedDict()
-        self._inputs = _input_specs(self._model)
+        self._inputs = input_specs(self._model) if self._model is not None else session_inputs(self._given)
+        self._fixed = FixedInputs(values["fixed_inputs"], self._inputs, self.path)
         #: rank and dtype of every tensor fetched so far, and the tensors whose spatial mean the graph takes
         self._seen: dict[str, tuple[int, np.dtype]] = {}
         self._early: set[str] = set()
         # a graph traced at batch 1 often bakes the 1 into Reshape constants: only example-by-example is safe
-        self.fixed_batch_one = any(spec[2] and spec[2][0] == 1 for spec in self._inputs)
+        self.fixed_batch_one = any(s.dims and s.dims[0] == 1 for s in self._per_example())
+
+    def _session_graph(self, origin: SessionModel) -> onnx.ModelProto | None:
+        """The graph a given session was built from, or None (then only its outputs are offered)."""
+        import onnx
+
+        why = origin.missing
+        if origin.path:
+            try:
+                return load_model(origin.path)
+            except ModelError as exc:
+                why = str(exc)
+        elif origin.data is not None:
+            try:
+                model = onnx.load_model_from_string(origin.data)
+            except Exception as exc:
+                why = f"its model bytes are not an ONNX graph ({type(exc).__name__})"
+            else:
+                external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+                if model.graph.node and not external:
+                    self._model_bytes = origin.data
+                    return model
+                why = "its model bytes refer to external data files, whose folder a session does not record"
+        names = ", ".join(o.name for o in self._given.get_outputs())
+        log.warning(
+            "%s: only the session's own outputs (%s) can be extracted: %s; build the session from the .onnx "
+            "path (or its bytes) to reach intermediate tensors",
+            origin.label,
+            names,
+            why,
+        )
+        return None
 
     # --- listing ---------------------------------------------------------------------------------------
 
@@ -111,11 +176,36 @@ class OnnxExtractor(Extractor):
         if self._layers is None:
             from .graph import list_layers
 
-            self._layers = list_layers(self._model, self.batch_axis)
+            if self._model is None:
+                self._layers = session_outputs(self._given, self.batch_axis)
+            else:
+                self._layers = list_layers(self._model, self.batch_axis, self._tensor_types())
         return list(self._layers)
 
+    def _tensor_types(self) -> dict[str, Any]:
+        if self._model is None:
+            return {}
+        if self._types is None:
+            from .graph import infer_types
+
+            self._types = infer_types(self._model)
+        return self._types
+
+    def mean_layout_of(self, tensor: str) -> str | None:
+        """``"channels"`` or ``"tokens"``: what the op producing ``tensor`` says its first per-example axis
+        holds (see :func:`cka_offline_onnx.graph.mean_layouts`); None where it does not say."""
+        if self._layouts is None:
+            from .graph import mean_layouts
+
+            self._layouts = mean_layouts(self._model, self._tensor_types()) if self._model is not None else {}
+        return self._layouts.get(tensor)
+
     def input_names(self) -> list[str] | None:
-        return [name for name, _, _ in self._inputs]
+        """The per-example inputs (those given once, ``fixed_inputs`` or shared, are not read from the inputs)."""
+        return [s.name for s in self._per_example()]
+
+    def _per_example(self) -> list[InputSpec]:
+        return [s for s in self._inputs if s.name not in self._fixed and not s.shared]
 
     # --- running ---------------------------------------------------------------------------------------
 
@@ -123,13 +213,42 @@ class OnnxExtractor(Extractor):
         """Take ``mean`` in the graph: a ReduceMean node per tensor (after a Cast to float32, or float64 for
         float64 tensors), so onnxruntime returns ``(batch, channels)``. Only with the batch on axis 0 and a
         batch dimension that is not fixed at 1, for tensors already fetched once (their rank is known)."""
-        if self.batch_axis != 0 or self.fixed_batch_one:
-            return []
         tensors = self._resolve([name for name, r in reductions.items() if r == "mean"])
+        self._check_mean_layouts(tensors)
+        if self.batch_axis != 0 or self.fixed_batch_one or self._model is None:
+            return []
         accepted = [name for name, t in tensors.items() if t in self._seen and self._seen[t][0] >= 3]
         self._early.update(tensors[name] for name in accepted)
         self._sessions.clear()
         return accepted
+
+    def _check_mean_layouts(self, tensors: Mapping[str, str]) -> None:
+        """``mean`` on a per-example ``(a, b)`` tensor averages ``b``: right for a Conv1d's ``(C, L)``, wrong for a
+        transformer's ``(tokens, features)``. Refuse it unless the producing op says channels first."""
+        if self.mean_layout == "channels_first":
+            return
+        kinds = {i.name: i.kind for i in self.layers()}
+        for requested, tensor in tensors.items():
+            seen = self._seen.get(tensor)
+            if seen is None or seen[0] != 3:
+                continue  # a vector, or channels with spatial axes (C, H, W...): mean is unambiguous
+            layout = self.mean_layout_of(tensor)
+            if layout == "channels":
+                continue
+            what = f"tensor {tensor!r} ({kinds.get(tensor) or 'unknown op'}, per-example {self._shape_text(tensor)})"
+            if layout == "tokens":
+                raise LayerSelectionError(
+                    f"{self.path}: {what} is (tokens, features): --reduction mean would average its features, one "
+                    f"value per token; for the mean over tokens use -r '{requested}=token_mean' (or flatten)"
+                )
+            raise LayerSelectionError(
+                f"{self.path}: --reduction mean on {what} is ambiguous, (tokens, features) or (channels, length); "
+                f"use -r '{requested}=token_mean' for tokens, or -X mean_layout=channels_first for channels"
+            )
+
+    def _shape_text(self, tensor: str) -> str:
+        shape = next((i.shape for i in self.layers() if i.name == tensor), None)
+        return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")" if shape else "(a, b)"
 
     def run(self, inputs: Mapping[str, np.ndarray], layers: Sequence[str]) -> dict[str, np.ndarray]:
         tensors = self._resolve(layers)
@@ -137,11 +256,15 @@ class OnnxExtractor(Extractor):
         wanted = tuple(dict.fromkeys(t + _MEAN_SUFFIX if t in self._early else t for t in tensors.values()))
         session = self._session(wanted)
         if self.fixed_batch_one and batch != 1:
-            parts = [session.run(list(wanted), {k: v[i : i + 1] for k, v in feeds.items()}) for i in range(batch)]
+            once = self._fixed.feeds(1)
+            parts = [
+                self._run(session, wanted, {**{k: v[i : i + 1] for k, v in feeds.items()}, **once})
+                for i in range(batch)
+            ]
             fetched = [self._batch_first(parts_of_tensor, name) for name, parts_of_tensor in zip(wanted, zip(*parts))]
             arrays = {name: np.concatenate(a, axis=0) for name, a in zip(wanted, fetched)}
         else:
-            values = session.run(list(wanted), feeds)
+            values = self._run(session, wanted, {**feeds, **self._fixed.feeds(batch)})
             arrays = {name: self._batch_first([v], name)[0] for name, v in zip(wanted, values)}
         out: dict[str, np.ndarray] = {}
         for requested, tensor in tensors.items():
@@ -155,6 +278,23 @@ class OnnxExtractor(Extractor):
                 )
             out[requested] = arr
         return out
+
+    def _run(self, session: Any, wanted: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return list(session.run(list(wanted), feeds))
+        except Exception as exc:  # onnxruntime's kernel errors: shapes or values the graph cannot take
+            message = " ".join(str(exc).split())
+            raise InputError(
+                f"{self.path}: onnxruntime could not run the model on these inputs ({message}); the model takes: "
+                f"{self._describe_inputs()}"
+            ) from exc
+
+    def _describe_inputs(self) -> str:
+        return ", ".join(
+            f"{s.name} {fmt_dims(s.dims)} {np.dtype(s.dtype).name if s.dtype else '?'}"
+            + (" (given once)" if s.name in self._fixed else "")
+            for s in self._inputs
+        )
 
     def _batch_first(self, arrays: Sequence[np.ndarray], name: str) -> list[np.ndarray]:
         result = []
@@ -197,25 +337,34 @@ class OnnxExtractor(Extractor):
         return resolved
 
     def _feeds(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
-        """Check and cast the inputs: ``({model input name: array}, batch size)``."""
-        expected = {name: (dtype, dims) for name, dtype, dims in self._inputs}
+        """Check and cast the per-example inputs: ``({model input name: array}, batch size)``."""
+        specs = self._per_example()
+        expected = {s.name: s for s in specs}
         given = dict(inputs)
         if len(expected) == 1 and len(given) == 1 and not set(given) & set(expected):
             given = {next(iter(expected)): next(iter(given.values()))}  # one input: passed by position
-        described = ", ".join(f"{n} {_fmt_dims(d)} {np.dtype(t).name if t else '?'}" for n, (t, d) in expected.items())
+        described = self._describe_inputs()
+        shared = [s for s in self._inputs if s.name not in expected and s.name not in self._fixed]
+        if shared:
+            listed = ", ".join(f"{s.name!r} {fmt_dims(s.dims)}" for s in shared)
+            raise InputError(
+                f"{self.path}: input{'s' if len(shared) > 1 else ''} {listed} {'are' if len(shared) > 1 else 'is'} not per example (a scalar, or the "
+                f"batch on another axis than 0); {fixed_hint([s.name for s in shared])}"
+            )
         for name in given:
-            if name not in expected:
+            if name not in expected and name not in self._fixed:
                 raise InputError(f"{self.path}: the model has no input {name!r}; it takes: {described}")
         feeds: dict[str, np.ndarray] = {}
         batch: int | None = None
-        for name, (dtype, dims) in expected.items():
+        given = {k: v for k, v in given.items() if k in expected}  # a fixed input's own value wins
+        for name, spec in expected.items():
             if name not in given:
                 raise InputError(f"{self.path}: input {name!r} is missing; the model takes: {described}")
             arr = np.asarray(given[name])
-            if dims is not None:
-                self._check_shape(name, arr, dims)
-            if dtype is not None and arr.dtype != dtype:
-                arr = _cast(arr, dtype, name, self.path)
+            if spec.dims is not None:
+                self._check_shape(name, arr, spec.dims)
+            if spec.dtype is not None and arr.dtype != spec.dtype:
+                arr = cast(arr, spec.dtype, name, self.path)
             feeds[name] = arr
             if arr.ndim == 0:
                 continue
@@ -228,7 +377,7 @@ class OnnxExtractor(Extractor):
         return feeds, batch if batch is not None else 1
 
     def _check_shape(self, name: str, arr: np.ndarray, dims: tuple[int | str | None, ...]) -> None:
-        expected = _fmt_dims(dims)
+        expected = fmt_dims(dims)
         if arr.ndim != len(dims):
             raise InputError(
                 f"{self.path}: input {name!r} expects shape {expected} (rank {len(dims)}), got {tuple(arr.shape)} "
@@ -249,6 +398,8 @@ class OnnxExtractor(Extractor):
     # --- sessions --------------------------------------------------------------------------------------
 
     def _session(self, tensors: tuple[str, ...]) -> onnxruntime.InferenceSession:
+        if self._given is not None and set(tensors) <= {o.name for o in self._given.get_outputs()}:
+            return self._given  # its own outputs: the caller's session, with its own options and providers
         key = tuple(sorted(tensors))
         if key in self._sessions:
             self._sessions.move_to_end(key)
@@ -263,6 +414,7 @@ class OnnxExtractor(Extractor):
         import onnx
         import onnxruntime as ort
 
+        assert self._model is not None  # without a graph only the given session's outputs are listed
         graph = self._model.graph
         kept = list(graph.output)
         nodes, inits = len(graph.node), len(graph.initializer)
@@ -288,7 +440,7 @@ class OnnxExtractor(Extractor):
         # The CPU arena (onnxruntime's default) keeps one batch's peak reserved for the session's life: memory
         # stays bounded by the batch size, and runs are ~2x faster than allocating every tensor afresh
         # (each fresh allocation of a large tensor is new pages from the system). Outputs are copied out of it.
-        opts.log_severity_level = 3  # warnings about unused initializers of the pruned graph are noise
+        opts.log_severity_level = ort_log_severity()
         if self.threads:
             opts.intra_op_num_threads = self.threads
         folder = os.path.dirname(self.path)
@@ -310,6 +462,7 @@ class OnnxExtractor(Extractor):
         import onnx
         from onnx import TensorProto, helper
 
+        assert self._model is not None
         opset = next((o.version for o in self._model.opset_import if o.domain in ("", "ai.onnx")), 13)
         for i, tensor in enumerate(tensors):
             rank, dtype = self._seen[tensor]
@@ -372,17 +525,26 @@ class OnnxExtractor(Extractor):
         import onnxruntime as ort
 
         model = self._model
+        if self._model_bytes is not None:  # a session built from bytes: they are its identity
+            identity = hashlib.sha256(self._model_bytes).hexdigest()
+        else:
+            identity = sha256_path(self.path) if model is not None else ""
         prov = {
             "framework": self.framework,
             "framework_version": ort.__version__,
             "model": self.path,
-            "model_sha256": sha256_path(self.path),
-            "opset": ",".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in model.opset_import),
-            "producer": " ".join(p for p in (model.producer_name, model.producer_version) if p),
-            "ir_version": str(model.ir_version),
+            "model_sha256": identity,
             "optimization_level": self.optimization_level,
             "execution_provider": self._providers[0] if isinstance(self._providers[0], str) else self._providers[0][0],
         }
+        if model is not None:
+            prov["opset"] = ",".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in model.opset_import)
+            prov["producer"] = " ".join(p for p in (model.producer_name, model.producer_version) if p)
+            prov["ir_version"] = str(model.ir_version)
+        else:
+            meta = self._given.get_modelmeta()
+            prov["producer"] = str(meta.producer_name or "")
+            prov["model_identity"] = "unknown: the session's model bytes were not found (only its outputs were run)"
         if self._external_files:
             # model_sha256 covers the graph only; the weights live in these files
             digest = hashlib.sha256()
@@ -399,114 +561,18 @@ class OnnxExtractor(Extractor):
 # --- helpers ---------------------------------------------------------------------------------------------
 
 
-def _providers(device: str) -> list[Any]:
-    """onnxruntime's execution providers for ``device`` (parsed by :func:`cka_offline.devices.parse_device`):
-    ``cpu``; ``auto`` (CUDA where onnxruntime has it); ``cuda`` / ``cuda:N`` (device N, needs onnxruntime-gpu)."""
-    dev = parse_device(device, allowed=DEVICES, default="cpu")
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    has_cuda = "CUDAExecutionProvider" in available
-    if dev.is_cpu:
-        return ["CPUExecutionProvider"]
-    if dev.kind == "auto":
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if has_cuda else ["CPUExecutionProvider"]
-    if not has_cuda:
-        raise DeviceError(
-            f"device {device!r} needs onnxruntime's CUDAExecutionProvider, but onnxruntime {ort.__version__} "
-            f"here has only {', '.join(available)}; install onnxruntime-gpu instead of onnxruntime, "
-            "or use --device cpu"
-        )
-    return [("CUDAExecutionProvider", {"device_id": dev.index or 0}), "CPUExecutionProvider"]
-
-
-def _load(path: str) -> onnx.ModelProto:
-    import onnx
-
-    if not os.path.isfile(path):
-        raise ModelError(f"{path}: no such ONNX file; give the path of an .onnx file (or a folder holding model.onnx)")
-    try:
-        model = onnx.load(path, load_external_data=False)
-    except Exception as exc:
-        raise ModelError(
-            f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc}); "
-            "check that the file is complete and was written by an ONNX exporter"
-        ) from exc
-    if model.ir_version <= 0 or not model.HasField("graph") or not model.graph.node:
-        raise ModelError(
-            f"{path} is not an ONNX model (no IR version or no graph nodes); check that the file is complete "
-            "and was written by an ONNX exporter"
-        )
-    return model
-
-
-def _external_files(model: onnx.ModelProto, path: str) -> list[str]:
-    """Absolute paths of the external data files the graph refers to; a missing one is an error now."""
-    from onnx import TensorProto
-
-    folder = os.path.dirname(path)
-    files: list[str] = []
-    for tensor in model.graph.initializer:
-        if tensor.data_location != TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        full = os.path.normpath(os.path.join(folder, location))
-        if os.path.isabs(location) or os.path.commonpath([folder, full]) != folder:
-            # a shared model must not make the tool read arbitrary local files as its weights
-            raise ModelError(
-                f"{path}: weight {tensor.name!r} points to external data {location!r}, outside the model's folder "
-                f"{folder}; such models are refused: put the data file beside the .onnx file and give its plain name"
-            )
-        if full not in files:
-            if not os.path.isfile(full):
-                raise ModelError(
-                    f"{path}: weight {tensor.name!r} lives in external data file {location!r}, which is not in "
-                    f"{folder}; keep the .onnx file and its data files together"
-                )
-            files.append(full)
-    return sorted(files)
-
-
-def _input_specs(model: onnx.ModelProto) -> list[tuple[str, Any, tuple[int | str | None, ...] | None]]:
-    """``(name, numpy dtype or None, dims or None)`` of each input the caller feeds."""
-    from onnx import helper
-
-    from .graph import model_inputs, tensor_type
-
-    specs = []
-    for vi in model_inputs(model):
-        t = tensor_type(vi)
-        try:
-            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)) if t.elem_type else None
-        except (KeyError, TypeError, ValueError):
-            dtype = None
-        specs.append((vi.name, dtype, t.dims))
-    return specs
-
-
-def _cast(arr: np.ndarray, dtype: np.dtype, name: str, path: str) -> np.ndarray:
-    """Cast to the model's element type; refuse casts that would change values (3.5 -> int, 300 -> uint8)."""
-    if dtype.kind in "iub" and arr.dtype.kind in "iufb":
-        cast = arr.astype(dtype)
-        if arr.size and not np.array_equal(cast.astype(arr.dtype), arr):
-            raise InputError(
-                f"input {name!r} of {path} is {dtype.name} in the model, but the given {arr.dtype.name} values do "
-                f"not fit it (fractions or out of range); give {dtype.name}-valued data"
-            )
-        return cast
-    try:
-        return arr.astype(dtype)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"input {name!r} of {path} expects {dtype.name}, got {arr.dtype.name} ({exc})") from exc
-
-
-def _fmt_dims(dims: tuple[int | str | None, ...] | None) -> str:
-    if dims is None:
-        return "[?]"
-    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+def ort_log_severity() -> int:
+    """onnxruntime's own log level: fatal only (4) unless this plugin logs at DEBUG (``cka-extract --debug``),
+    then warnings (2, what onnxruntime shows by itself; its info level is dozens of lines per session).
+    Its warnings (unused initializers of the pruned graph, nodes placed on the CPU) and error lines would
+    otherwise reach the terminal beside ours; every failure that matters is raised, and becomes one line
+    of ours."""
+    return 2 if log.isEnabledFor(logging.DEBUG) else 4
 
 
 def _new_session(model: bytes | str, opts: Any, providers: list[Any]) -> onnxruntime.InferenceSession:
     import onnxruntime as ort
 
+    # the process-wide default logger (the C++ environment's) prints what happens before a session has its own
+    ort.set_default_logger_severity(ort_log_severity())
     return ort.InferenceSession(model, opts, providers=providers)

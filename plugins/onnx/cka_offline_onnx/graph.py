@@ -33,7 +33,9 @@ class TensorType:
 
 
 def tensor_type(vi: onnx.ValueInfoProto) -> TensorType:
-    """Element type and dims of a value info (``int`` fixed, ``str`` symbolic, ``None`` unknown)."""
+    """Element type and dims of a value info (``int`` fixed, ``str`` symbolic, ``None`` unknown).
+
+    A negative ``dim_value`` is unknown too: Paddle2ONNX writes ``dim_value: -1`` for a dynamic axis."""
     if not vi.type.HasField("tensor_type"):
         return TensorType(0, None)
     tt = vi.type.tensor_type
@@ -41,7 +43,7 @@ def tensor_type(vi: onnx.ValueInfoProto) -> TensorType:
         return TensorType(tt.elem_type, None)
     dims: list[int | str | None] = []
     for d in tt.shape.dim:
-        if d.HasField("dim_value"):
+        if d.HasField("dim_value") and d.dim_value >= 0:
             dims.append(int(d.dim_value))
         elif d.HasField("dim_param") and d.dim_param:
             dims.append(d.dim_param)
@@ -121,15 +123,21 @@ def per_example_shape(t: TensorType | None, batch_axis: int) -> tuple[int | None
 # --- module names recorded by PyTorch exporters ---------------------------------------------------------
 
 
-def module_scopes(node: onnx.NodeProto, *, torchscript_names: bool) -> list[str]:
+def module_scopes(node: onnx.NodeProto, *, torchscript_names: bool, known: frozenset[str] = frozenset()) -> list[str]:
     """Full module paths (outermost first) a node was exported from, or [] if unknown.
 
     - dynamo exporter (``torch.onnx.export(dynamo=True)``, default in torch >= 2.9): node metadata
-      ``pkg.torch.onnx.name_scopes`` = ``['', 'features', 'features.0', 'conv2d']`` (root, modules,
-      fx node), or the older ``namespace`` = ``": Net/features: Sequential/features.0: Conv2d/conv2d: aten..."``.
-    - TorchScript exporter (``dynamo=False``): node name ``/features/features.0/Conv`` or
-      ``/layer1/layer1.0/conv1/Conv`` (a child's local name under its parent). A module called twice
-      appears as ``/act/...`` and ``/act_1/...``; the suffixed name is kept as it is.
+      ``pkg.torch.onnx.name_scopes`` = ``['', 'encoder', 'encoder.layer.0', 'linear']`` (root, full module
+      paths, fx node), or the older ``namespace`` = ``": Net/features: Sequential/features.0: Conv2d/..."``.
+    - TorchScript exporter (``dynamo=False``): node name ``/encoder/layer.0/dense/MatMul``, where each part
+      is torch's *unqualified* name of the module (``torch.onnx.utils._unqualified_variable_name``: its
+      path from the last non-numeric part on, so ``encoder.layer.0`` is ``layer.0`` and ``layer1.0`` stays
+      ``layer1.0``); :func:`_torchscript_paths` rebuilds the full paths. A module called twice appears as
+      ``/act/...`` and ``/act_1/...``; the suffixed name is kept as it is.
+
+    ``known``: module paths that own weights (from the initializer names), used to complete TorchScript
+    names of modules held in a container that is not called itself (an ``nn.ModuleDict``); a path that
+    stays ambiguous is left out, with everything inside it.
     """
     meta = {p.key: p.value for p in node.metadata_props}
     scopes: list[str] | None = None
@@ -142,20 +150,69 @@ def module_scopes(node: onnx.NodeProto, *, torchscript_names: bool) -> list[str]
             scopes = None
     if scopes is None and "namespace" in meta:
         scopes = [seg.split(": ", 1)[0] for seg in meta["namespace"].split("/")]
-    if scopes is None and torchscript_names and node.name.startswith("/"):
-        scopes = node.name.split("/")
-    # root first ('' = the top module), the op or fx node last; anything else is not a module path
-    if not scopes or len(scopes) < 3 or scopes[0] != "":
-        return []
+    if scopes is not None:
+        # root first ('' = the top module), the fx node last; the parts between are full paths
+        if len(scopes) < 3 or scopes[0] != "":
+            return []
+        return list(dict.fromkeys(s for s in scopes[1:-1] if s))
+    if torchscript_names and node.name.startswith("/"):
+        parts = node.name.split("/")
+        if len(parts) >= 3:
+            return _torchscript_paths([p for p in parts[1:-1] if p], known)
+    return []
+
+
+def _is_number(atom: str) -> bool:
+    return atom.isdigit()
+
+
+def _unqualified(path: str) -> str:
+    """torch's unqualified name of a module path: from its last non-numeric part on."""
+    atoms = path.split(".")
+    for i in range(len(atoms) - 1, -1, -1):
+        if not _is_number(atoms[i]):
+            return ".".join(atoms[i:])
+    return path
+
+
+def _torchscript_paths(names: list[str], known: frozenset[str]) -> list[str]:
+    """Full paths of the nested scopes of a TorchScript node name (``['encoder', 'layer.0', 'dense']`` ->
+    ``['encoder', 'encoder.layer.0', 'encoder.layer.0.dense']``); stops at the first that is ambiguous."""
     paths: list[str] = []
-    for s in scopes[1:-1]:
-        if not s:
+    for name in names:
+        parent = paths[-1] if paths else ""
+        head = _unqualified(parent) if parent else ""
+        rest = name[len(head) + 1 :] if head and name.startswith(head + ".") else ""
+        if rest and all(_is_number(a) for a in rest.split(".")):
+            full = f"{parent}.{rest}"  # a numbered child of a called container: layer1 -> layer1.0
+        else:
+            full = f"{parent}.{name}" if parent else name  # a named child, or one of an uncalled list: layer.0
+        if known and full not in known:
+            # a child of a container that is not called (nn.ModuleDict) loses the container's name
+            prefix = parent + "." if parent else ""
+            others = [k for k in known if k.startswith(prefix) and k.endswith("." + name) and k != full]
+            if len(others) > 1:
+                log.debug("module path of %r under %r is ambiguous (%s): no alias", name, parent, others)
+                break
+            if others:
+                full = others[0]
+        if full in paths:
             continue
-        # exporters write either the full path ("layer1.0") or the local name ("conv1")
-        full = s if ("." in s or not paths) else f"{paths[-1]}.{s}"
-        if full not in paths:
-            paths.append(full)
+        paths.append(full)
     return paths
+
+
+def weight_modules(model: onnx.ModelProto) -> frozenset[str]:
+    """Module paths (and their ancestors) that own a weight, from PyTorch-style initializer names
+    (``encoder.layer.0.dense.bias``); names the exporter made up (``onnx::MatMul_50``) are skipped."""
+    found: set[str] = set()
+    for init in model.graph.initializer:
+        name = init.name
+        if "." not in name or "::" in name or "/" in name or " " in name:
+            continue
+        atoms = name.split(".")[:-1]
+        found.update(".".join(atoms[: i + 1]) for i in range(len(atoms)))
+    return frozenset(found)
 
 
 def module_aliases(model: onnx.ModelProto, listed: set[str], const: set[str]) -> dict[str, tuple[str, ...]]:
@@ -163,35 +220,106 @@ def module_aliases(model: onnx.ModelProto, listed: set[str], const: set[str]) ->
     (in graph order) exported from that module, if that output is a listed float tensor.
 
     For a module called several times that is its last call, which is what a PyTorch forward hook
-    leaves behind when it keeps the latest output.
+    leaves behind when it keeps the latest output. Every module name is a full path (``encoder.layer.0``),
+    so it names one tensor; a name that is already a tensor's name is not offered as an alias.
     """
     torchscript_names = model.producer_name == "pytorch"
+    known = weight_modules(model) if torchscript_names else frozenset()
     last: dict[str, onnx.NodeProto] = {}
     for node in model.graph.node:
         outs = [o for o in node.output if o]
         if not outs or all(o in const for o in outs):
             continue  # Constant nodes and weight arithmetic carry scopes too, but are not module outputs
-        for path in module_scopes(node, torchscript_names=torchscript_names):
+        for path in module_scopes(node, torchscript_names=torchscript_names, known=known):
             last[path] = node
+    tensors = {o for node in model.graph.node for o in node.output} | {i.name for i in model.graph.input}
     aliases: dict[str, list[str]] = {}
     for path, node in last.items():
         out = node.output[0]
-        if out in listed and path != out:
+        if out in listed and path not in tensors:
             aliases.setdefault(out, []).append(path)
     return {t: tuple(sorted(names, key=lambda p: (p.count("."), p))) for t, names in aliases.items()}
+
+
+# --- what --reduction mean averages ------------------------------------------------------------------------
+
+#: ops whose output is channels first, (C, *spatial) per example: ``mean`` averages the spatial positions
+CHANNELS_FIRST_OPS = frozenset(
+    {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "LpPool", "BatchNormalization",
+     "InstanceNormalization", "LRN", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
+)  # fmt: skip
+#: ops whose output has its features on the last axis, (tokens, features) per example
+TOKENS_FIRST_OPS = frozenset(
+    {"MatMul", "Gemm", "FusedMatMul", "MatMulInteger", "QLinearMatMul", "Attention", "MultiHeadAttention",
+     "GroupQueryAttention", "EmbedLayerNormalization"}
+)  # fmt: skip
+#: tokens first when their ``axis`` attribute is the last axis
+LAST_AXIS_OPS = {"Softmax": -1, "LogSoftmax": -1, "LayerNormalization": -1, "SkipLayerNormalization": -1,
+                 "SimplifiedLayerNormalization": -1, "RMSNormalization": -1}  # fmt: skip
+#: ops that keep the layout of their (non-constant) inputs: element-wise maps and arithmetic
+LAYOUT_KEEPING_OPS = frozenset(
+    {"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "FastGelu", "BiasGelu", "QuickGelu", "Sigmoid",
+     "HardSigmoid", "HardSwish", "Swish", "Mish", "Tanh", "Erf", "Softplus", "Softsign", "Abs", "Neg", "Exp", "Log",
+     "Sqrt", "Reciprocal", "Pow", "Add", "Sub", "Mul", "Div", "Clip", "Dropout", "Identity", "Cast", "Min", "Max",
+     "Sum", "Mean", "ThresholdedRelu", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign"}
+)  # fmt: skip
+
+
+def mean_layouts(model: onnx.ModelProto, types: dict[str, TensorType]) -> dict[str, str]:
+    """``{tensor: "channels" | "tokens"}`` for the tensors whose layout the producing op tells: Conv and
+    pooling give channels first; MatMul, Gemm, attention, and Softmax / LayerNormalization over the last
+    axis give (tokens, features); element-wise ops keep the layout their inputs agree on (constants, such as
+    a bias, do not count). Tensors of any other op (Reshape, Transpose, Concat...) are not in the result."""
+    graph = model.graph
+    const = constant_tensors(graph)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    layout: dict[str, str] = {}
+    for node in graph.node:
+        op = node.op_type
+        kind: str | None = None
+        if op in CHANNELS_FIRST_OPS:
+            kind = "channels"
+        elif op in TOKENS_FIRST_OPS:
+            kind = "tokens"
+        elif op in LAST_AXIS_OPS:
+            default = 1 if op in ("Softmax", "LogSoftmax") and opset < 13 else LAST_AXIS_OPS[op]
+            axis = next((a.i for a in node.attribute if a.name == "axis"), default)
+            rank = _rank(types, node.output[0] if node.output else "")
+            if axis == -1 or (rank is not None and axis == rank - 1):
+                kind = "tokens"
+        elif op == "Gather" and node.input and node.input[0] in const:
+            kind = "tokens"  # an embedding lookup: (tokens, features)
+        elif op in LAYOUT_KEEPING_OPS:
+            found = {layout.get(i) for i in node.input if i and i not in const}
+            out_rank = _rank(types, node.output[0] if node.output else "")
+            ranks = {_rank(types, i) for i in node.input if i and i not in const}
+            if len(found) == 1 and None not in found and (out_rank is None or ranks <= {out_rank, None}):
+                kind = found.pop()
+        if kind is not None:
+            for out in node.output:
+                if out:
+                    layout[out] = kind
+    return layout
+
+
+def _rank(types: dict[str, TensorType], name: str) -> int | None:
+    t = types.get(name)
+    return None if t is None or t.dims is None else len(t.dims)
 
 
 # --- the listing -----------------------------------------------------------------------------------------
 
 
-def list_layers(model: onnx.ModelProto, batch_axis: int = 0) -> list[LayerInfo]:
+def list_layers(
+    model: onnx.ModelProto, batch_axis: int = 0, types: dict[str, TensorType] | None = None
+) -> list[LayerInfo]:
     """Every float tensor computed by a node, in graph order, with op type, shape and aliases.
 
     Skipped: initializers, Constant outputs and tensors computable from constants only, graph inputs, and
     tensors of a known non-float type. Tensors inside If/Loop/Scan bodies are listed with
     ``exposable=False``.
     """
-    types = infer_types(model)
+    types = infer_types(model) if types is None else types
     const = constant_tensors(model.graph)
     infos: list[LayerInfo] = []
 
