@@ -19,7 +19,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ..errors import InputError, ModelError, NoExtractorError, OutputError
-from ..extractor import Extractor, InputReader
+from ..extractor import Extractor, InputReader, declared_options
 from ..files import refuse_existing
 from ..inputs import check_ids
 from ..memory_inputs import ArrayInputs, is_memory_inputs
@@ -58,7 +58,7 @@ class ExtractOptions:
     Attributes (see :func:`extract` for each): ``layers``, ``extractor``, ``batch_size``, ``device``,
     ``dtype``, ``reduction``, ``max_examples``, ``shard``, ``resume``, ``overwrite``, ``chunk_rows``,
     ``compression`` (``"none"`` is stored as None), ``options`` (the extractor's, as given),
-    ``input_options``, ``mask_input``, ``command``.
+    ``input_options``, ``mask_input``, ``command``, ``allow_external`` (a trust decision, not recorded).
 
     Raises:
         InputError, OutputError: a value out of range or not in its list (``store.schema``).
@@ -80,6 +80,7 @@ class ExtractOptions:
     input_options: Mapping[str, Any] = field(default_factory=dict)
     mask_input: str | None = "attention_mask"
     command: str | None = None
+    allow_external: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -138,6 +139,7 @@ def extract(
     progress: bool | Progress | None = None,
     command: str | None = None,
     plugin_manager: PluginsLike | None = None,
+    allow_external: bool = False,
 ) -> str:
     """Extract the activations of ``layers`` of the model ``source`` on ``inputs`` into ``output``.
 
@@ -172,6 +174,8 @@ def extract(
             example counts after every batch.
         command: the command line, recorded as provenance.
         plugin_manager: the plugins to look extractors and readers up in (default: installed plugins).
+        allow_external: let an input reader that declares the option ``allow_external`` (HDF5 inputs) read
+            data from other files (external links, virtual datasets, external storage); refused by default.
 
     Returns:
         The path of the complete file.
@@ -197,6 +201,7 @@ def extract(
         input_options=input_options or {},
         mask_input=mask_input,
         command=command,
+        allow_external=allow_external,
     )
     from ..progress import TqdmProgress, progress_callback
 
@@ -229,7 +234,7 @@ def extract_with(
     with contextlib.ExitStack() as stack:
         ext = ext_cls(source, device=opts.device, options=dict(opts.options))
         stack.callback(ext.close)
-        reader = _open_inputs(inputs, opts.input_options, ext, pm)
+        reader = _open_inputs(inputs, opts.input_options, ext, pm, allow_external=opts.allow_external)
         stack.callback(reader.close)
         fingerprint = reader.fingerprint()
         ids, n_inputs, n_used, (lo, hi) = _rows(reader, fingerprint["description"], opts)
@@ -389,6 +394,8 @@ def _open_inputs(
     input_options: Mapping[str, Any] | None,
     ext: Extractor,
     pm: PluginsLike,
+    *,
+    allow_external: bool = False,
 ) -> InputReader:
     if isinstance(inputs, InputReader):
         return inputs
@@ -405,7 +412,10 @@ def _open_inputs(
     if not os.path.exists(path) and not os.path.exists(path.rsplit(":", 1)[0]):
         raise InputError(f"inputs {path} not found; check the path")
     reader_cls = find_input_reader(path, pm)
-    return reader_cls(path, **dict(input_options or {}))
+    options = dict(input_options or {})
+    if allow_external and any(o.name == "allow_external" for o in declared_options(reader_cls)):
+        options.setdefault("allow_external", True)
+    return reader_cls(path, **options)
 
 
 def _provenance(
