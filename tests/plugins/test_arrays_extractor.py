@@ -243,7 +243,7 @@ def test_safetensors_weights_given_as_source(tmp_path):
         (np.zeros(2, dtype=np.complex64), r"dtype complex64 is not numeric"),
         (np.float32(3.0), r"x\.npy: is a single number \(0-d\)"),
         (np.zeros((0, 3)), r"x\.npy: has no rows"),
-        (np.zeros((3, 0)), r"x\.npy: has no features"),
+        (np.zeros((3, 0)), r"x\.npy: declares 3 examples of 0 bytes each .*at least one value"),
     ],
 )
 def test_bad_arrays(tmp_path, array, match):
@@ -308,7 +308,7 @@ def test_ids_errors(tmp_path):
         ArraysExtractor(source, options={"ids": str(dup)})
     obj = tmp_path / "obj.npy"
     np.save(obj, np.array(list(range(N)), dtype=object), allow_pickle=True)
-    with pytest.raises(InputError, match=r"obj\.npy: cannot read it without unpickling"):
+    with pytest.raises(InputError, match=r"obj\.npy: holds Python objects .* never unpickled"):
         ArraysExtractor(source, options={"ids": str(obj)})
     floats = tmp_path / "floats.npy"
     np.save(floats, np.arange(N) / 2)
