@@ -21,6 +21,7 @@ bomb: a small file that decodes to gigabytes); so is a file that is not an image
 
 from __future__ import annotations
 
+import re
 import struct
 import warnings
 import zlib
@@ -54,8 +55,9 @@ def load_image(path: str, *, grayscale: bool, size: tuple[int, int] | None) -> n
                 _check_pixels(img.size, where)
                 png16 = _png16_color(path, img)
                 channels = _decode_png16(path, where) if png16 else _channels(img, where)
-    except Image.DecompressionBombError:
-        raise InputError(f"{where} has more than {MAX_IMAGE_PIXELS} pixels (a decompression bomb?); resize it") from None
+    except Image.DecompressionBombError as exc:  # Pillow's own check, at twice its limit, comes first
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise InputError(_too_many(where, int(found.group(1)) if found else None)) from None
     except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:  # Pillow's errors for broken files
         raise InputError(f"cannot read {where}: {' '.join(str(exc).split())[:200]}") from None
     if grayscale and len(channels) == 3:
@@ -70,10 +72,15 @@ def load_image(path: str, *, grayscale: bool, size: tuple[int, int] | None) -> n
 def _check_pixels(wh: tuple[int, int], where: str) -> None:
     width, height = wh
     if width * height > MAX_IMAGE_PIXELS:
-        raise InputError(
-            f"{where} is {width}x{height} pixels, more than the limit of {MAX_IMAGE_PIXELS} (a decompression "
-            "bomb?); resize it before extraction"
-        )
+        raise InputError(_too_many(where, width * height))
+
+
+def _too_many(where: str, pixels: int | None) -> str:
+    count = f"{pixels} pixels" if pixels is not None else "too many pixels"
+    return (
+        f"{where} has {count}, more than the limit of {MAX_IMAGE_PIXELS} (a decompression bomb?); resize it "
+        "before extraction"
+    )
 
 
 def _resize(channel: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -117,8 +117,8 @@ def read_npy_header(fh: IO[bytes], where: str, error: type[CKAOfflineError] = In
         raise error(f"{where}: the .npy header declares a negative dimension {shape}; the file is damaged")
     if dtype.hasobject:
         raise error(
-            f"{where}: holds Python objects (dtype {dtype}), which need pickle and are never unpickled; "
-            "save it as a numeric or fixed-width string array"
+            f"{where}: cannot read it without unpickling: it holds Python objects (dtype {dtype}), which are "
+            "never unpickled; save it as a numeric or fixed-width string array"
         )
     return NpyHeader(shape, bool(fortran), dtype, fh.tell() - start)
 
