@@ -61,7 +61,8 @@ def load_image(path: str, *, grayscale: bool, size: tuple[int, int] | None) -> n
     except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:  # Pillow's errors for broken files
         raise InputError(f"cannot read {where}: {' '.join(str(exc).split())[:200]}") from None
     if grayscale and len(channels) == 3:
-        channels = [sum(float(w) * c.astype(np.float64) for w, c in zip(LUMA, channels)).astype(np.float32)]
+        red, green, blue = (c.astype(np.float64) for c in channels)
+        channels = [(LUMA[0] * red + LUMA[1] * green + LUMA[2] * blue).astype(np.float32)]
     elif not grayscale and len(channels) == 1:
         channels = channels * 3
     if size is not None:

@@ -16,7 +16,7 @@ import os
 import zipfile
 import zlib
 from collections.abc import Sequence
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import numpy as np
 
@@ -267,7 +267,7 @@ class NpyInputs(_BuiltinInputs):
         if header.nbytes == 0:  # no examples: nothing to map
             self._array = np.empty(header.shape, dtype=header.dtype)
         else:
-            order = "F" if header.fortran else "C"
+            order: Literal["C", "F"] = "F" if header.fortran else "C"
             self._array = np.memmap(
                 path, dtype=header.dtype, mode="r", offset=header.header_bytes, shape=header.shape, order=order
             )

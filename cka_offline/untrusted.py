@@ -31,12 +31,12 @@ def shown(text: str | os.PathLike[str] | bytes) -> str:
     """``text`` (a path, a name read from a folder, bytes) as printable text: bytes that are not valid
     UTF-8 become ``\\xNN`` escapes (``os`` gives them to Python as surrogate escapes)."""
     value = os.fspath(text)
-    if isinstance(value, str):
-        try:
-            value = value.encode("utf-8", "surrogateescape")
-        except UnicodeEncodeError:  # a lone surrogate that no file name decodes to
-            return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    return value.decode("utf-8", "backslashreplace")
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file name decodes to
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def utf8_name(name: str) -> bool:
@@ -111,7 +111,9 @@ def read_npy_header(fh: IO[bytes], where: str, error: type[CKAOfflineError] = In
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh, max_header_size=MAX_NPY_HEADER)
     except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
         detail = " ".join(str(exc).split())[:160]
-        raise error(f"{where}: not a readable .npy array (malformed header: {detail}); save it with numpy.save") from None
+        raise error(
+            f"{where}: not a readable .npy array (malformed header: {detail}); save it with numpy.save"
+        ) from None
     shape = tuple(int(d) for d in shape)
     if any(d < 0 for d in shape):
         raise error(f"{where}: the .npy header declares a negative dimension {shape}; the file is damaged")

@@ -57,7 +57,9 @@ def png16(path: Path, arr: np.ndarray, color_type: int, *, interlace: int = 0, s
         out += bytes([kind]) + filtered
     w, h = size or (width, height)
     ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, interlace)
-    data = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(bytes(out))) + _chunk(b"IEND", b"")
+    data = (
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(bytes(out))) + _chunk(b"IEND", b"")
+    )
     path.write_bytes(data)
     return path
 
@@ -170,8 +172,11 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     side = 100_000  # 10**10 pixels declared by a file of a hundred bytes
     path = png16(tmp_path / "bomb.png", np.zeros((1, 1), np.uint16), 0, size=(side, side))
     assert path.stat().st_size < 200 and side * side > MAX_IMAGE_PIXELS
-    with pytest.raises(InputError, match=rf"image .*bomb\.png has 10000000000 pixels, more than the limit of "
-                       rf"{MAX_IMAGE_PIXELS} \(a decompression bomb\?\); resize it"):
+    with pytest.raises(
+        InputError,
+        match=rf"image .*bomb\.png has 10000000000 pixels, more than the limit of "
+        rf"{MAX_IMAGE_PIXELS} \(a decompression bomb\?\); resize it",
+    ):
         load_image(str(path), grayscale=False, size=None)
     (tmp_path / "img").mkdir()
     path.rename(tmp_path / "img" / "bomb.png")
@@ -203,8 +208,10 @@ def test_class_sorted_folder_of_8_and_16_bit_pngs_matches_numpy_reference(tmp_pa
     np.savez(tmp_path / "ref.npz", pixels=np.stack(pixels), ids=np.array(names))
     model = SAMPLE / "cnn_b.onnx"
     common = ["-l", "*", "-q"]
-    r = invoke("cka-extract", [model, "-i", folder, "-I", "grayscale=true", "-I", "name=pixels", "-o",
-                                tmp_path / "img.h5", *common])
+    r = invoke(
+        "cka-extract",
+        [model, "-i", folder, "-I", "grayscale=true", "-I", "name=pixels", "-o", tmp_path / "img.h5", *common],
+    )
     assert r.exit_code == 0, r.output
     r = invoke("cka-extract", [model, "-i", tmp_path / "ref.npz", "-o", tmp_path / "ref.h5", *common])
     assert r.exit_code == 0, r.output

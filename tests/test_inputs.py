@@ -214,8 +214,11 @@ def test_damaged_npz_members(tmp_path):
     with zipfile.ZipFile(tmp_path / "short.npz", "w", compression=zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("a.npy", b"\x93NUMPY" + header.getvalue()[6:] + np.zeros(6, "<f4").tobytes())
     # the header declares more rows than the member holds: refused on opening, before any allocation
-    with pytest.raises(InputError, match=r"array 'a' in .*short.npz: the header declares shape \(10, 2\) of float32 "
-                       r"\(80 bytes\) but 24 bytes follow it; .*save it again"):
+    with pytest.raises(
+        InputError,
+        match=r"array 'a' in .*short.npz: the header declares shape \(10, 2\) of float32 "
+        r"\(80 bytes\) but 24 bytes follow it; .*save it again",
+    ):
         NpzInputs(str(tmp_path / "short.npz"))
     with zipfile.ZipFile(tmp_path / "garbage.npz", "w") as zf:
         zf.writestr("a.npy", b"this is not an array")
@@ -232,7 +235,9 @@ def test_hdf5_dataset_errors(tmp_path):
         f.create_dataset("text", data=["a", "b"], dtype=h5py.string_dtype())
     with pytest.raises(InputError, match="dataset /scalar in .* is a scalar"):
         HDF5Inputs(f"{path}:/scalar")
-    with pytest.raises(InputError, match=r"ids /ids in .* has shape \(5,\), the inputs 4 examples; give one id per example"):
+    with pytest.raises(
+        InputError, match=r"ids /ids in .* has shape \(5,\), the inputs 4 examples; give one id per example"
+    ):
         HDF5Inputs(f"{path}:/x", ids="/ids")
     with pytest.raises(InputError, match="dataset /text in .* has variable-length type"):
         HDF5Inputs(f"{path}:/text")

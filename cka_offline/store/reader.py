@@ -19,7 +19,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import AlignmentError, CKAOfflineError, FormatError, IncompleteFileError, UnsafeFileError, VersionError
+from ..errors import AlignmentError, CKAOfflineError, FormatError, IncompleteFileError, VersionError
 from ..files import PARTIAL_SUFFIX
 from ..untrusted import require_regular_file
 from . import schema
@@ -489,9 +489,7 @@ def check_stored(
     itemsize = ds.dtype.itemsize
     if ds.chunks is None:
         if ds.id.get_storage_size() < ds.size * min(itemsize, 8):
-            raise error(
-                f"{path}: {what} declares shape {ds.shape} but the file does not store its values; {fix}"
-            )
+            raise error(f"{path}: {what} declares shape {ds.shape} but the file does not store its values; {fix}")
         return
     chunk_bytes = math.prod(ds.chunks) * itemsize
     if chunk_bytes > MAX_CHUNK_BYTES:

@@ -92,7 +92,9 @@ def npy_declares_empty_rows(t):
 
 
 def npy_malformed_header(t):
-    (t / "bad.npy").write_bytes(b"\x93NUMPY\x01\x00\x46\x00{'descr': '<f4', 'fortran_order': False, 'shape': (3 8), }\n")
+    (t / "bad.npy").write_bytes(
+        b"\x93NUMPY\x01\x00\x46\x00{'descr': '<f4', 'fortran_order': False, 'shape': (3 8), }\n"
+    )
     return ["cka-extract", ONNX, "-i", t / "bad.npy"]
 
 
@@ -191,7 +193,10 @@ CASES = {
         r"ids file .*ids\.npy: " + DECLARES.format(shape=f"{ROWS},", dtype="int64"),
     ),
     "fifo-inputs": (fifo_inputs, r"inputs .*in\.npz is a named pipe \(FIFO\), not a regular file; .*"),
-    "fifo-in-image-folder": (fifo_in_image_folder, r"image .*img/b\.png is a named pipe \(FIFO\), not a regular file; .*"),
+    "fifo-in-image-folder": (
+        fifo_in_image_folder,
+        r"image .*img/b\.png is a named pipe \(FIFO\), not a regular file; .*",
+    ),
     "fifo-activation-file-analyze": (
         fifo_activation_file_analyze,
         r"activation file .*a\.h5 is a named pipe \(FIFO\), not a regular file; .*",
@@ -335,8 +340,10 @@ def test_activation_file_with_uint64_ids_above_int64_is_refused(tmp_path):
         h["ids"] = np.array([2**63 + 5, 1, 2, 3, 4, 5], np.uint64)
     r = invoke("cka-inspect", [path])
     assert r.exit_code == 3
-    assert re.fullmatch(r".*a\.h5: example id 9223372036854775813 does not fit in 64-bit signed integers.*",
-                        error_line(r, "cka-inspect"))
+    assert re.fullmatch(
+        r".*a\.h5: example id 9223372036854775813 does not fit in 64-bit signed integers.*",
+        error_line(r, "cka-inspect"),
+    )
 
 
 def test_non_utf8_names_and_ids_are_refused_with_escapes(tmp_path):
@@ -346,7 +353,9 @@ def test_non_utf8_names_and_ids_are_refused_with_escapes(tmp_path):
     folder.mkdir()
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "a.png")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(os.fsencode(folder) + b"/caf\xe9.png")
-    r = invoke("cka-extract", [ONNX, "-i", folder, "-I", "grayscale=true", "-I", "name=pixels", "-o", tmp_path / "o.h5"])
+    r = invoke(
+        "cka-extract", [ONNX, "-i", folder, "-I", "grayscale=true", "-I", "name=pixels", "-o", tmp_path / "o.h5"]
+    )
     assert r.exit_code == 3
     assert re.fullmatch(
         r"image file name 'caf\\xe9\.png' under .*img is not valid UTF-8; .*rename it.*", error_line(r, "cka-extract")
@@ -356,5 +365,7 @@ def test_non_utf8_names_and_ids_are_refused_with_escapes(tmp_path):
     (tmp_path / "ids.txt").write_bytes(b"one\ntw\xff\n")
     r = invoke("cka-extract", [tmp_path / "acts", "-X", f"ids={tmp_path / 'ids.txt'}", "-o", tmp_path / "o.h5"])
     assert r.exit_code == 3
-    assert re.fullmatch(r"ids file .*ids\.txt: byte 6 is not valid UTF-8; save it as UTF-8 .*", error_line(r, "cka-extract"))
+    assert re.fullmatch(
+        r"ids file .*ids\.txt: byte 6 is not valid UTF-8; save it as UTF-8 .*", error_line(r, "cka-extract")
+    )
     assert not (tmp_path / "o.h5").exists()

@@ -237,7 +237,10 @@ def test_safetensors_weights_given_as_source(tmp_path):
 @pytest.mark.parametrize(
     "array, match",
     [
-        (np.array([{"a": 1}, None], dtype=object), r"x\.npy: cannot read it without unpickling: it holds Python objects .* never unpickled"),
+        (
+            np.array([{"a": 1}, None], dtype=object),
+            r"x\.npy: cannot read it without unpickling: it holds Python objects .* never unpickled",
+        ),
         (np.array(["a", "b"]), r"x\.npy: dtype <U1 is not numeric"),
         (np.zeros(2, dtype=[("a", "f4"), ("b", "f4")]), r"is not numeric"),
         (np.zeros(2, dtype=np.complex64), r"dtype complex64 is not numeric"),
@@ -257,7 +260,9 @@ def test_bad_arrays(tmp_path, array, match):
 def test_object_member_of_npz(tmp_path):
     path = tmp_path / "obj.npz"
     np.savez(path, a=np.zeros((2, 2)), b=np.array([None, 1], dtype=object))
-    with pytest.raises(FormatError, match=r"obj\.npz:b\.npy: cannot read it without unpickling: it holds Python objects"):
+    with pytest.raises(
+        FormatError, match=r"obj\.npz:b\.npy: cannot read it without unpickling: it holds Python objects"
+    ):
         ArraysExtractor(str(path))
 
 

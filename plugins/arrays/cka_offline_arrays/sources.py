@@ -27,7 +27,7 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -268,7 +268,7 @@ def _mapped_entry(name: str, where: str, path: str, offset: int, header: NpyHead
         if header.nbytes == 0:  # no rows: nothing to map
             return np.empty((0, *shape[1:]), dtype=dtype)
         if "map" not in state:  # opened on first read: validation reads headers only
-            order = "F" if header.fortran else "C"
+            order: Literal["C", "F"] = "F" if header.fortran else "C"
             state["map"] = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
         return state["map"][start:stop]
 
