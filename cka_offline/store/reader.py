@@ -488,7 +488,9 @@ def check_stored(
         return
     itemsize = ds.dtype.itemsize
     if ds.chunks is None:
-        if ds.id.get_storage_size() < ds.size * min(itemsize, 8):
+        # variable-length values live in the global heap: the dataset itself stores one reference each
+        stored_per_value = itemsize if ds.dtype.kind != "O" else min(itemsize, 8)
+        if ds.id.get_storage_size() < ds.size * stored_per_value:
             raise error(f"{path}: {what} declares shape {ds.shape} but the file does not store its values; {fix}")
         return
     chunk_bytes = math.prod(ds.chunks) * itemsize
