@@ -109,7 +109,7 @@ def read_npy_header(fh: IO[bytes], where: str, error: type[CKAOfflineError] = In
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh, max_header_size=MAX_NPY_HEADER)
         else:  # 2.0 and 3.0 share the layout
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh, max_header_size=MAX_NPY_HEADER)
-    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
+    except Exception as exc:  # numpy parses untrusted bytes: ValueError, SyntaxError, tokenize.TokenError...
         detail = " ".join(str(exc).split())[:160]
         raise error(
             f"{where}: not a readable .npy array (malformed header: {detail}); save it with numpy.save"
