@@ -273,3 +273,18 @@ def test_streaming_a_memory_mapped_input_keeps_resident_memory_flat(tmp_path, ki
     grown_kb, total = out.stdout.split()
     assert float(total) == 3072 * 8192  # every row was read
     assert int(grown_kb) < 24 * 1024, f"peak RSS grew by {int(grown_kb) // 1024} MiB while reading 96 MiB"
+
+
+def test_hdf5_allow_external_is_an_option_outside_the_fingerprint(tmp_path):
+    from cka_offline.errors import UnsafeFileError
+
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = np.arange(12, dtype=np.float32).reshape(6, 2)
+    with h5py.File(tmp_path / "in.h5", "w") as f:
+        f["x"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "x")
+    with pytest.raises(UnsafeFileError, match=r"in\.h5: /x is an external link to .*other\.h5:x; .*--allow-external"):
+        HDF5Inputs(f"{tmp_path / 'in.h5'}:/x")
+    reader = HDF5Inputs(f"{tmp_path / 'in.h5'}:/x", allow_external="true")
+    np.testing.assert_array_equal(reader.read(0, 6)["x"], np.arange(12).reshape(6, 2))
+    assert reader.fingerprint()["description"] == f"hdf5:{tmp_path / 'in.h5'}:x"  # a trust decision, not a setting
+    reader.close()
