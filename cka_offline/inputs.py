@@ -14,14 +14,16 @@ import logging
 import mmap
 import os
 import zipfile
+import zlib
 from collections.abc import Sequence
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import numpy as np
 
-from .errors import InputError
+from .errors import CKAOfflineError, InputError
 from .extractor import InputReader, Option, sha256_path
 from .hookspecs import hookimpl
+from .untrusted import check_npy_stored, read_npy_header, require_regular_file, shown, utf8_name
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,10 @@ log = logging.getLogger(__name__)
 IDS_NAME = "ids"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 HDF5_EXTENSIONS = (".h5", ".hdf5", ".hdf")
+#: deflate's largest expansion (a compressed ``.npz`` member cannot hold more than this times its size)
+DEFLATE_MAX_RATIO = 1032
+#: what to do about a damaged inputs file
+_SAVE_AGAIN = "save the inputs again"
 
 
 def check_ids(ids: np.ndarray, where: str) -> np.ndarray:
@@ -89,52 +95,62 @@ def _copy_rows(mapped: np.ndarray, start: int, stop: int) -> np.ndarray:
 
 
 class _NpzMember:
-    """One array of an ``.npz``: memory-mapped when stored uncompressed, otherwise streamed forward."""
+    """One array of an ``.npz``: memory-mapped when stored uncompressed, otherwise streamed forward.
 
-    def __init__(self, path: str, zf: zipfile.ZipFile, member: str, name: str) -> None:
-        self.path, self.zf, self.member, self.name = path, zf, member, name
+    Its header is checked against the bytes the member really holds before anything is allocated."""
+
+    def __init__(self, path: str, zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, file_size: int) -> None:
+        self.path, self.zf, self.member, self.name = path, zf, info.filename, name
         self._stream: IO[bytes] | None = None
         self._pos = 0
         self._full: np.ndarray | None = None
-        with zf.open(member) as fh:
-            self.shape, self.fortran, self.dtype = self._header(fh)
-            header_len = fh.tell()
-        if self.dtype.hasobject:
+        where = f"array {name!r} in {shown(path)}"
+        if info.flag_bits & 0x1:
+            raise InputError(f"{where} is encrypted; save the inputs with numpy.savez")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             raise InputError(
-                f"array {name!r} in {path} holds Python objects (dtype {self.dtype}); "
-                "object arrays need pickle, which is never loaded; save it as a numeric or string array"
+                f"{where} is compressed with zip method {info.compress_type}; numpy.savez and savez_compressed "
+                "write stored or deflated members: save the inputs with one of them"
             )
+        try:
+            with zf.open(info) as fh:
+                header = read_npy_header(fh, where)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+            raise InputError(f"{where} is damaged ({exc}); save the inputs again") from None
+        self.shape, self.fortran, self.dtype = header.shape, header.fortran, header.dtype
         if not self.shape:
-            raise InputError(f"array {name!r} in {path} is a scalar; inputs need the examples on axis 0")
-        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+            raise InputError(f"{where} is a scalar; inputs need the examples on axis 0")
+        self.row_bytes = header.row_bytes
         self._memmap: np.ndarray | None = None
-        info = zf.getinfo(member)
-        if info.compress_type == zipfile.ZIP_STORED and not self.fortran:
+        if info.compress_type == zipfile.ZIP_STORED:
             # the local file header has variable-length fields; read it to find where the data starts
             with open(path, "rb") as raw:
                 raw.seek(info.header_offset)
                 local = raw.read(30)
-                name_len = int.from_bytes(local[26:28], "little")
-                extra_len = int.from_bytes(local[28:30], "little")
-            offset = info.header_offset + 30 + name_len + extra_len + header_len
+            name_len = int.from_bytes(local[26:28], "little")
+            extra_len = int.from_bytes(local[28:30], "little")
+            offset = info.header_offset + 30 + name_len + extra_len + header.header_bytes
+            stored = min(info.file_size - header.header_bytes, file_size - offset)
+        else:  # deflate expands at most DEFLATE_MAX_RATIO times: a larger declaration cannot be real
+            offset = -1
+            stored = min(info.file_size, DEFLATE_MAX_RATIO * info.compress_size + 1024) - header.header_bytes
+        check_npy_stored(header, stored, where)
+        if offset >= 0 and not self.fortran and header.nbytes:
             self._memmap = np.memmap(path, dtype=self.dtype, mode="r", offset=offset, shape=self.shape)
-
-    def _header(self, fh: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
-        try:
-            version = np.lib.format.read_magic(fh)
-            if version == (1, 0):
-                return np.lib.format.read_array_header_1_0(fh)
-            return np.lib.format.read_array_header_2_0(fh)
-        except ValueError as exc:
-            raise InputError(f"member {self.member!r} of {self.path} is not a valid .npy array: {exc}") from None
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def read(self, start: int, stop: int) -> np.ndarray:
+        try:
+            return self._read(start, stop)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            raise InputError(f"array {self.name!r} in {shown(self.path)} is damaged ({exc}); save it again") from None
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
         if self._memmap is not None:
             return _copy_rows(self._memmap, start, stop)
-        if self.fortran:  # rows are not contiguous on disk; rare, so load once
+        if self.fortran:  # rows are not contiguous on disk; rare, so load once (its size was checked)
             if self._full is None:
                 log.warning("array %r in %s is Fortran-ordered; loading it whole", self.name, self.path)
                 with np.load(self.path, allow_pickle=False) as npz:
@@ -144,7 +160,7 @@ class _NpzMember:
         if self._stream is None or start < self._pos:
             self.close()
             self._stream = self.zf.open(self.member)
-            self._header(self._stream)
+            read_npy_header(self._stream, self.name)
             self._pos = 0
         stream = self._stream
         skip = (start - self._pos) * self.row_bytes
@@ -156,7 +172,9 @@ class _NpzMember:
         want = (stop - start) * self.row_bytes
         data = stream.read(want)
         if len(data) != want:
-            raise InputError(f"array {self.name!r} in {self.path} is truncated (rows {start}:{stop} missing)")
+            raise InputError(
+                f"array {self.name!r} in {shown(self.path)} is truncated (rows {start}:{stop} missing); save it again"
+            )
         self._pos = stop
         return np.frombuffer(data, dtype=self.dtype).reshape((stop - start, *self.shape[1:])).copy()
 
@@ -178,17 +196,20 @@ class NpzInputs(_BuiltinInputs):
 
     def __init__(self, path: str, **options: Any) -> None:
         super().__init__(path, **options)
+        size = require_regular_file(path, "inputs")
         try:
             self._zip = zipfile.ZipFile(path)
         except (OSError, zipfile.BadZipFile) as exc:
-            raise InputError(f"cannot read inputs {path}: {exc}; expected a .npz written by numpy.savez") from None
+            raise InputError(
+                f"cannot read inputs {shown(path)}: {exc}; expected a .npz written by numpy.savez"
+            ) from None
         self._members: dict[str, _NpzMember] = {}
         try:
-            for member in self._zip.namelist():
-                if not member.endswith(".npy"):
+            for info in self._zip.infolist():
+                if not info.filename.endswith(".npy"):
                     continue
-                name = member[: -len(".npy")]
-                self._members[name] = _NpzMember(path, self._zip, member, name)
+                name = info.filename[: -len(".npy")]
+                self._members[name] = _NpzMember(path, self._zip, info, name, size)
             ids_member = self._members.pop(IDS_NAME, None)
             self._n = check_lengths({k: len(m) for k, m in self._members.items()}, path)
             if ids_member is not None:
@@ -235,12 +256,21 @@ class NpyInputs(_BuiltinInputs):
 
     def __init__(self, path: str, **options: Any) -> None:
         super().__init__(path, **options)
-        try:
-            self._array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read inputs {path}: {exc}") from None
-        if self._array.ndim == 0:
-            raise InputError(f"the array in {path} is a scalar; inputs need the examples on axis 0")
+        where = f"inputs {shown(path)}"
+        size = require_regular_file(path, "inputs")
+        with open(path, "rb") as fh:
+            header = read_npy_header(fh, where)
+        if not header.shape:
+            raise InputError(f"the array in {shown(path)} is a scalar; inputs need the examples on axis 0")
+        check_npy_stored(header, size - header.header_bytes, where)
+        self._array: np.ndarray
+        if header.nbytes == 0:  # no examples: nothing to map
+            self._array = np.empty(header.shape, dtype=header.dtype)
+        else:
+            order: Literal["C", "F"] = "F" if header.fortran else "C"
+            self._array = np.memmap(
+                path, dtype=header.dtype, mode="r", offset=header.header_bytes, shape=header.shape, order=order
+            )
 
     def __len__(self) -> int:
         return int(self._array.shape[0])
@@ -274,7 +304,9 @@ class HDF5Inputs(_BuiltinInputs):
     """Datasets in an HDF5 file: ``file.h5:/path/to/dataset`` or ``file.h5`` with option ``dataset=...``.
 
     Options: ``dataset`` (one path, or several comma-separated; each is a model input named by its
-    basename), ``ids`` (path of a dataset of example ids). A file with a single dataset needs neither.
+    basename), ``ids`` (path of a dataset of example ids), ``allow_external`` (read datasets whose values
+    live in other files: external links, virtual datasets, external storage; refused by default, as for
+    activation files). A file with a single dataset needs neither path.
     """
 
     name = "hdf5"
@@ -283,6 +315,13 @@ class HDF5Inputs(_BuiltinInputs):
             "dataset", str, None, "dataset path(s) in the file, comma-separated, each an input named by its basename"
         ),
         Option("ids", str, None, "path of a dataset of example ids in the file (default: row numbers)"),
+        Option(
+            "allow_external",
+            bool,
+            False,
+            "read datasets whose values live in other files (external links, virtual datasets, external "
+            "storage): only for files you trust (cka-extract --allow-external)",
+        ),
     )
     description = "HDF5 dataset: file.h5:/path/to/dataset (input named by the basename), ids with option ids=/path"
 
@@ -297,10 +336,12 @@ class HDF5Inputs(_BuiltinInputs):
 
         self.file, inner = _split_h5(path)
         datasets = inner or self.option_values["dataset"]
+        self._allow_external: bool = self.option_values["allow_external"]
+        require_regular_file(self.file, "inputs")
         try:
             self._h5 = h5py.File(self.file, "r")
         except OSError as exc:
-            raise InputError(f"cannot open inputs {self.file}: {exc}") from None
+            raise InputError(f"cannot open inputs {shown(self.file)}: {exc}") from None
         try:
             if not datasets:
                 found: list[str] = []
@@ -316,16 +357,27 @@ class HDF5Inputs(_BuiltinInputs):
             self._datasets = {}
             for p in paths:
                 ds = self._dataset(p)
+                if ds.dtype.kind == "O":
+                    raise InputError(
+                        f"dataset {p} in {self.file} has variable-length type {ds.dtype}; inputs must be numeric"
+                    )
                 if ds.ndim == 0:
                     raise InputError(f"dataset {p} in {self.file} is a scalar; inputs need the examples on axis 0")
                 self._datasets[p.rstrip("/").rsplit("/", 1)[-1]] = ds
             self._n = check_lengths({k: d.shape[0] for k, d in self._datasets.items()}, self.file)
             ids_path = self.option_values["ids"]
             if ids_path:
-                ids = self._dataset(ids_path)[()]
-                if len(ids) != self._n:
-                    raise InputError(f"ids {ids_path} in {self.file} has {len(ids)} entries, the inputs {self._n}")
-                self._ids = check_ids(ids, f"{self.file}:{ids_path}")
+                ids_ds = self._dataset(ids_path)
+                if ids_ds.dtype.kind == "O" and h5py.check_string_dtype(ids_ds.dtype) is None:
+                    raise InputError(
+                        f"ids {ids_path} in {self.file} have type {ids_ds.dtype}; ids must be integers or strings"
+                    )
+                if ids_ds.ndim != 1 or len(ids_ds) != self._n:
+                    raise InputError(
+                        f"ids {ids_path} in {self.file} has shape {ids_ds.shape}, the inputs {self._n} examples; "
+                        "give one id per example"
+                    )
+                self._ids = check_ids(self._guarded(lambda: ids_ds[()], f"ids {ids_path}"), f"{self.file}:{ids_path}")
             else:
                 self._ids = np.arange(self._n, dtype=np.int64)
         except BaseException:
@@ -333,14 +385,36 @@ class HDF5Inputs(_BuiltinInputs):
             raise
 
     def _dataset(self, p: str) -> Any:
+        """Dataset ``p``, checked: it reads no other file (unless allowed) and stores what it declares."""
         import h5py
 
-        obj = self._h5.get(p)
+        from .store.links import refuse_external_path
+        from .store.reader import check_stored
+
+        if not self._allow_external:
+            refuse_external_path(self._h5, self.file, p)
+        obj = self._guarded(lambda: self._h5.get(p), f"object {p}")
         if not isinstance(obj, h5py.Dataset):
             raise InputError(f"{self.file} has no dataset {p!r}; check the path (h5ls -r {self.file})")
-        if obj.dtype.kind == "O":
-            raise InputError(f"dataset {p} in {self.file} has variable-length type {obj.dtype}; inputs must be numeric")
+        what = f"dataset {p}"
+        if obj.ndim and obj.shape[0] > 0 and obj.size == 0:
+            raise InputError(
+                f"{self.file}: {what} declares {obj.shape[0]} examples with no values (shape {obj.shape}); "
+                "every example needs at least one value"
+            )
+        self._guarded(lambda: check_stored(obj, self.file, what, fix=_SAVE_AGAIN, error=InputError), what)
+        _load_filters(obj)
         return obj
+
+    def _guarded(self, read: Any, what: str) -> Any:
+        """``read()``, with HDF5's errors for a damaged file (or a missing filter) as one InputError."""
+        try:
+            return read()
+        except CKAOfflineError:
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+            detail = " ".join(str(exc).split())[:160]
+            raise InputError(f"{self.file}: cannot read {what} ({detail}); {_SAVE_AGAIN}") from None
 
     def __len__(self) -> int:
         return self._n
@@ -349,16 +423,36 @@ class HDF5Inputs(_BuiltinInputs):
         return self._ids
 
     def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        return {name: ds[start:stop] for name, ds in self._datasets.items()}
+        return {
+            name: self._guarded(lambda ds=ds: ds[start:stop], f"rows {start}:{stop} of dataset {ds.name}")
+            for name, ds in self._datasets.items()
+        }
+
+    def _options_text(self) -> str:
+        # allow_external is a trust decision, not a setting: the same inputs read with it are the same inputs
+        kept = {k: v for k, v in self.options.items() if k != "allow_external"}
+        return json.dumps(kept, sort_keys=True, default=str) if kept else ""
 
     def fingerprint(self) -> dict[str, str]:
         desc = f"{self.name}:{os.path.abspath(self.file)}:{','.join(self._datasets)}"
-        if self.options:
-            desc += f" {self._options_text()}"
+        options = self._options_text()
+        if options:
+            desc += f" {options}"
         return {"description": desc, "sha256": sha256_path(self.file)}
 
     def close(self) -> None:
         self._h5.close()
+
+
+def _load_filters(ds: Any) -> None:
+    """Register hdf5plugin's filters (LZ4, Zstd...) when a dataset uses one that HDF5 lacks built in."""
+    from .store.damage import filter_codes
+
+    if any(code > 32000 for code in filter_codes(ds)):
+        try:
+            import hdf5plugin  # noqa: F401 - registering is a side effect of the import
+        except ImportError:
+            pass  # reading then fails with HDF5's message, as one line
 
 
 # --------------------------------------------------------------------------------------------- images
@@ -388,13 +482,7 @@ class ImageFolderInputs(_BuiltinInputs):
 
     def __init__(self, path: str, **options: Any) -> None:
         super().__init__(path, **options)
-        files = []
-        for root, dirs, names in os.walk(path):
-            dirs.sort()
-            files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
-        if not files:
-            raise InputError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
-        rel = sorted(os.path.relpath(f, path).replace(os.sep, "/") for f in files)
+        rel = _image_files(path)
         self._files = rel
         self._ids = np.asarray(rel, dtype=str)
         values = self.option_values
@@ -428,18 +516,11 @@ class ImageFolderInputs(_BuiltinInputs):
         return h, w
 
     def _load(self, index: int) -> np.ndarray:
-        from PIL import Image
+        from .images import load_image
 
         full = os.path.join(self.path, self._files[index])
-        try:
-            with Image.open(full) as opened:
-                img = opened.convert("L" if self.grayscale else "RGB")
-                if self.size is not None:
-                    img = img.resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
-                arr = np.asarray(img, dtype=np.float32) / 255.0
-        except OSError as exc:
-            raise InputError(f"cannot read image {full}: {exc}") from None
-        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        require_regular_file(full, "image")  # replaced by a FIFO since the folder was listed: never open it
+        arr = load_image(full, grayscale=self.grayscale, size=self.size)
         if self.mean is not None:
             arr = arr - self.mean.reshape(-1, 1, 1)
         if self.std is not None:
@@ -473,6 +554,30 @@ class ImageFolderInputs(_BuiltinInputs):
         if self.options:
             desc += f" {self._options_text()}"
         return {"description": desc, "sha256": digest.hexdigest()}
+
+
+def _image_files(folder: str) -> list[str]:
+    """The image files under ``folder`` (recursively, sorted), as ``/``-separated relative paths; refuses a
+    name that is not valid UTF-8 (ids are stored as UTF-8; shown with ``\\xNN`` escapes) and anything but
+    a regular file (a FIFO named ``x.png`` would block the reader forever)."""
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        for name in names:
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, folder).replace(os.sep, "/")
+            if not utf8_name(rel):
+                raise InputError(
+                    f"image file name '{shown(rel)}' under {shown(folder)} is not valid UTF-8; example ids are "
+                    "the file names, stored as UTF-8 text: rename it (e.g. convmv -f latin1 -t utf-8)"
+                )
+            require_regular_file(full, "image")
+            files.append(rel)
+    if not files:
+        raise InputError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {shown(folder)}")
+    return sorted(files)
 
 
 BUILTIN_READERS: Sequence[type[InputReader]] = (NpzInputs, NpyInputs, HDF5Inputs, ImageFolderInputs)

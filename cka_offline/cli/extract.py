@@ -339,6 +339,12 @@ Example:
     is_flag=True,
     help="torch: load a pickled model file. Unpickling RUNS CODE FROM THE FILE: only for files you trust.",
 )
+@click.option(
+    "--allow-external",
+    is_flag=True,
+    help="HDF5 inputs: read datasets whose values live in other files (external links, virtual datasets, "
+    "external storage): only files you trust.",
+)
 @click.option("--batch-axis", type=int, metavar="N", help="onnx: axis of the batch in the model's inputs and outputs.")
 @click.option(
     "--onnx-optimization",
@@ -412,6 +418,7 @@ def _extract_options(ctx: click.Context, params: dict[str, Any], options: dict[s
         mask_input=None if mask_input.lower() == "none" else mask_input,
         # without --resume: a resumed file keeps its first run's command, and a run with nothing (or an
         # unreadable .partial) to resume must record the same, so both equal an uninterrupted run's file
+        allow_external=params["allow_external"],
         command=shlex.join([PROG, *[a for a in ctx.meta.get("argv", sys.argv[1:]) if a != "--resume"]]),
     )
 

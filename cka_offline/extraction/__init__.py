@@ -20,7 +20,7 @@ from threadpoolctl import threadpool_limits
 
 from ..batch_inputs import BatchInputs, is_batch_iterable
 from ..errors import InputError, ModelError, NoExtractorError, OutputError
-from ..extractor import Extractor, InputReader
+from ..extractor import Extractor, InputReader, declared_options
 from ..files import refuse_existing
 from ..inputs import check_ids
 from ..memory_inputs import ArrayInputs, is_memory_inputs
@@ -60,7 +60,7 @@ class ExtractOptions:
     Attributes (see :func:`extract` for each): ``layers``, ``extractor``, ``batch_size``, ``device``,
     ``dtype``, ``reduction``, ``max_examples``, ``shard``, ``resume``, ``overwrite``, ``chunk_rows``,
     ``compression`` (``"none"`` is stored as None), ``options`` (the extractor's, as given),
-    ``input_options``, ``mask_input``, ``command``.
+    ``input_options``, ``mask_input``, ``command``, ``allow_external`` (a trust decision, not recorded).
 
     Raises:
         InputError, OutputError: a value out of range or not in its list (``store.schema``).
@@ -82,6 +82,7 @@ class ExtractOptions:
     input_options: Mapping[str, Any] = field(default_factory=dict)
     mask_input: str | None = "attention_mask"
     command: str | None = None
+    allow_external: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -140,6 +141,7 @@ def extract(
     progress: bool | Progress | None = True,
     command: str | None = None,
     plugin_manager: PluginsLike | None = None,
+    allow_external: bool = False,
 ) -> str:
     """Extract the activations of ``layers`` of the model ``source`` on ``inputs`` into ``output``.
 
@@ -182,6 +184,8 @@ def extract(
             example counts after every batch.
         command: the command line, recorded as provenance.
         plugin_manager: the plugins to look extractors and readers up in (default: installed plugins).
+        allow_external: let an input reader that declares the option ``allow_external`` (HDF5 inputs) read
+            data from other files (external links, virtual datasets, external storage); refused by default.
 
     Returns:
         The path of the complete file.
@@ -207,6 +211,7 @@ def extract(
         input_options=input_options or {},
         mask_input=mask_input,
         command=command,
+        allow_external=allow_external,
     )
     from ..progress import TqdmProgress, progress_callback
 
@@ -239,7 +244,7 @@ def extract_with(
     with contextlib.ExitStack() as stack:
         ext = ext_cls(source, device=opts.device, options=dict(opts.options))
         stack.callback(ext.close)
-        reader = _open_inputs(inputs, opts.input_options, ext, pm)
+        reader = _open_inputs(inputs, opts.input_options, ext, pm, allow_external=opts.allow_external)
         stack.callback(reader.close)
         if (opts.resume or opts.shard) and not getattr(reader, "replayable", True):
             raise InputError(
@@ -409,6 +414,8 @@ def _open_inputs(
     input_options: Mapping[str, Any] | None,
     ext: Extractor,
     pm: PluginsLike,
+    *,
+    allow_external: bool = False,
 ) -> InputReader:
     if isinstance(inputs, InputReader):
         return inputs
@@ -437,7 +444,10 @@ def _open_inputs(
     if own is not None:
         return own
     reader_cls = find_input_reader(path, pm)
-    return reader_cls(path, **dict(input_options or {}))
+    options = dict(input_options or {})
+    if allow_external and any(o.name == "allow_external" for o in declared_options(reader_cls)):
+        options.setdefault("allow_external", True)
+    return reader_cls(path, **options)
 
 
 def _provenance(

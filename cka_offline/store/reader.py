@@ -19,10 +19,12 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import AlignmentError, FormatError, IncompleteFileError, UnsafeFileError, VersionError
+from ..errors import AlignmentError, CKAOfflineError, FormatError, IncompleteFileError, VersionError
 from ..files import PARTIAL_SUFFIX
+from ..untrusted import require_regular_file
 from . import schema
-from .damage import DAMAGED, H5_ERRORS, damaged, filter_codes
+from .damage import DAMAGED, damaged, filter_codes
+from .links import refuse_external
 from .mapped import FileMap, MappedRows
 from .writer import _read_ids, format_id
 
@@ -54,6 +56,7 @@ class _Shard:
                 f"{path} is incomplete: an unfinished extraction (still being written, or its writer stopped); "
                 "wait for it to finish, or complete it with cka-extract --resume"
             )
+        require_regular_file(path, "activation file", FormatError)  # opening a FIFO would block forever
         try:
             self.file = h5py.File(path, "r")
         except OSError as exc:
@@ -132,8 +135,13 @@ class _Shard:
             )
         if not (ids_ds.dtype.kind in "iu" or h5py.check_string_dtype(ids_ds.dtype) is not None):
             raise FormatError(f"{path}: example ids have dtype {ids_ds.dtype}; expected integers or strings; {DAMAGED}")
-        _check_stored(ids_ds, path, "the example ids")
+        check_stored(ids_ds, path, "the example ids")
         self.ids = _read_ids(ids_ds)
+        if self.ids.dtype.kind == "u" and len(self.ids) and int(self.ids.max()) > np.iinfo(np.int64).max:
+            raise FormatError(
+                f"{path}: example id {int(self.ids.max())} does not fit in 64-bit signed integers, which the "
+                f"format stores (docs/format.md /ids); {DAMAGED}"
+            )
         if self.ids.dtype.kind in "iu":
             self.ids = self.ids.astype(np.int64)
         uniq, counts = np.unique(self.ids, return_counts=True)
@@ -172,7 +180,7 @@ class _Shard:
                 raise FormatError(
                     f"{path}: layer {name!r} says {features} features but stores {ds.shape[1]}; {DAMAGED}"
                 )
-            _check_stored(ds, path, f"layer {name!r}")
+            check_stored(ds, path, f"layer {name!r}")
             reduction = _str_attr(ds.attrs, schema.LAYER_ATTR_REDUCTION)
             try:
                 shape = tuple(int(x) for x in np.asarray(ds.attrs[schema.LAYER_ATTR_ORIGINAL_SHAPE]).reshape(-1))
@@ -470,63 +478,32 @@ def _order_shards(shards: list[_Shard], allow_lone_shard: bool = False) -> list[
     return shards
 
 
-def refuse_external(f: h5py.File, path: str) -> None:
-    """Raise UnsafeFileError if ``f`` holds external or soft links, external storage or virtual datasets."""
-    problems: list[str] = []
-    failures: list[BaseException] = []
-
-    def visit(name: str, link: Any) -> Any:
-        try:
-            if isinstance(link, h5py.ExternalLink):
-                problems.append(f"/{name} is an external link to {link.filename}")
-            elif isinstance(link, h5py.SoftLink):
-                problems.append(f"/{name} is a soft link to {link.path}")
-            elif isinstance(link, h5py.HardLink):
-                obj = f.get(name)
-                if isinstance(obj, h5py.Dataset):
-                    if obj.is_virtual:
-                        problems.append(f"/{name} is a virtual dataset")
-                    elif obj.external:
-                        problems.append(f"/{name} keeps its data in external file(s)")
-        except H5_ERRORS as exc:  # raised inside HDF5's iteration it would come out as a SystemError
-            failures.append(exc)
-            return True  # stops the iteration
-        return None
-
-    f.visititems_links(visit) if hasattr(f, "visititems_links") else f.visit_links(visit)
-    if failures:
-        with damaged(path, "its links"):
-            raise failures[0]
-    if problems:
-        raise UnsafeFileError(
-            f"{path}: {problems[0]}; files that point outside themselves are refused by default. "
-            "If you trust the file, pass allow_external=True (cka-analyze --allow-external)"
-        )
-
-
-def _check_stored(ds: h5py.Dataset, path: str, what: str) -> None:
+def check_stored(
+    ds: h5py.Dataset, path: str, what: str, *, fix: str = DAMAGED, error: type[CKAOfflineError] = FormatError
+) -> None:
     """The values a dataset declares must be stored in the file: a damaged or hostile file may declare
-    2**40 rows it does not hold, and reading it must not allocate for them."""
+    2**40 rows it does not hold, and reading it must not allocate for them. ``error`` names ``what`` in
+    ``path`` and ends with ``fix``."""
     if ds.size == 0 or ds.is_virtual or ds.external:
         return
     itemsize = ds.dtype.itemsize
     if ds.chunks is None:
-        if ds.id.get_storage_size() < ds.size * min(itemsize, 8):
-            raise FormatError(
-                f"{path}: {what} declares shape {ds.shape} but the file does not store its values; {DAMAGED}"
-            )
+        # variable-length values live in the global heap: the dataset itself stores one reference each
+        stored_per_value = itemsize if ds.dtype.kind != "O" else min(itemsize, 8)
+        if ds.id.get_storage_size() < ds.size * stored_per_value:
+            raise error(f"{path}: {what} declares shape {ds.shape} but the file does not store its values; {fix}")
         return
     chunk_bytes = math.prod(ds.chunks) * itemsize
     if chunk_bytes > MAX_CHUNK_BYTES:
-        raise FormatError(
+        raise error(
             f"{path}: {what} has chunks of {chunk_bytes / 2**20:.0f} MiB (chunk shape {ds.chunks}); the reader "
-            f"decompresses at most {MAX_CHUNK_BYTES / 2**20:.0f} MiB per chunk; {DAMAGED}"
+            f"decompresses at most {MAX_CHUNK_BYTES / 2**20:.0f} MiB per chunk; {fix}"
         )
     expected = math.prod(math.ceil(size / chunk) for size, chunk in zip(ds.shape, ds.chunks))
     stored = ds.id.get_num_chunks()
     if stored < expected:
-        raise FormatError(
-            f"{path}: {what} declares shape {ds.shape} but stores only {stored} of its {expected} chunks; {DAMAGED}"
+        raise error(
+            f"{path}: {what} declares shape {ds.shape} but stores only {stored} of its {expected} chunks; {fix}"
         )
 
 
@@ -561,4 +538,12 @@ def _int_attr(attrs: Any, key: str, path: str, default: int | None = None) -> in
         raise FormatError(f"{path}: attribute {key!r} must be an integer, got {shown}; {DAMAGED}") from None
 
 
-__all__ = ["ActivationFile", "LayerMeta", "MappedRows", "open_activations", "expand_paths"]
+__all__ = [
+    "ActivationFile",
+    "LayerMeta",
+    "MappedRows",
+    "check_stored",
+    "expand_paths",
+    "open_activations",
+    "refuse_external",
+]

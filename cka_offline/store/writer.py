@@ -15,13 +15,14 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NoReturn
 
 import h5py
 import numpy as np
 
 from ..errors import InputError, OutputError, ResumeError
 from ..files import PARTIAL_SUFFIX, partial_path, refuse_existing, remove_quietly
+from ..untrusted import shown
 from . import schema
 
 log = logging.getLogger(__name__)
@@ -38,14 +39,24 @@ LayerSpec = schema.StoredLayer
 
 
 def normalize_ids(ids: Any, *, where: str) -> np.ndarray:
-    """Ids as int64 or str array, 1-D and unique; raises InputError naming a duplicate."""
-    arr = np.asarray(ids)
+    """Ids as int64 or str array, 1-D and unique, stored faithfully or refused (InputError naming the id):
+    bytes are decoded as UTF-8, unsigned ids above 2**63-1 (the format stores int64) are refused, as are
+    strings that are not valid UTF-8 or hold a NUL; raises InputError naming a duplicate."""
+    # a list keeps its items' types (np.asarray would turn [1, "1"] into two equal strings)
+    arr = np.asarray(ids, dtype=object) if isinstance(ids, (list, tuple)) else np.asarray(ids)
     if arr.ndim != 1:
         raise InputError(f"{where}: example ids must be 1-D, got shape {arr.shape}")
+    if arr.dtype.kind == "O":
+        arr = _object_ids(arr, where)
+    if arr.dtype.kind == "u" and len(arr) and int(arr.max()) > np.iinfo(np.int64).max:
+        raise InputError(
+            f"{where}: example id {int(arr.max())} is above 2**63-1, the largest id the format stores (64-bit "
+            "signed integers); give the ids as strings instead (ids.astype(str))"
+        )
     if arr.dtype.kind in "iu":
         arr = arr.astype(np.int64)
-    elif arr.dtype.kind in "USO":
-        arr = np.asarray([str(x) for x in arr.tolist()], dtype=str)
+    elif arr.dtype.kind in "SU":
+        arr = np.asarray([_text_id(x, where) for x in arr.tolist()], dtype=str)
     else:
         raise InputError(f"{where}: example ids must be integers or strings, got dtype {arr.dtype}")
     uniq, counts = np.unique(arr, return_counts=True)
@@ -56,6 +67,49 @@ def normalize_ids(ids: Any, *, where: str) -> np.ndarray:
             "give every example its own id"
         )
     return arr
+
+
+def _object_ids(arr: np.ndarray, where: str) -> np.ndarray:
+    """A Python list of ids: all integers, or all strings and bytes; never a mix (1 and "1" would differ)."""
+    values = arr.tolist()
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        ints = [int(v) for v in values]
+        if ints and (min(ints) < -(2**63) or max(ints) > 2**63 - 1):
+            _too_big(max(ints, key=abs), where)
+        return np.asarray(ints, dtype=np.int64)
+    if all(isinstance(v, (str, bytes)) for v in values):
+        return np.asarray([_text_id(v, where) for v in values], dtype=str)
+    kinds = sorted({type(v).__name__ for v in values})
+    raise InputError(f"{where}: example ids must be all integers or all strings, got {', '.join(kinds)}")
+
+
+def _too_big(value: int, where: str) -> NoReturn:
+    raise InputError(
+        f"{where}: example id {value} does not fit in 64-bit signed integers, which the format stores; "
+        "give the ids as strings instead"
+    )
+
+
+def _text_id(value: str | bytes, where: str) -> str:
+    """A text id as stored (UTF-8): bytes are decoded; invalid UTF-8 and NUL are refused, shown escaped."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(
+                f"{where}: example id '{shown(value)}' is not valid UTF-8; ids are stored as UTF-8 text: decode them "
+                "or give integer ids"
+            ) from None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(
+            f"{where}: example id '{shown(value)}' is not valid UTF-8 (a file name with bytes that are not UTF-8?); "
+            "ids are stored as UTF-8 text: rename it"
+        ) from None
+    if "\0" in value:
+        raise InputError(f"{where}: example id {value!r} holds a NUL character, which HDF5 strings cannot store")
+    return value
 
 
 def format_id(value: Any) -> str:

@@ -424,7 +424,8 @@ CASES: dict[str, Case] = {
     "inputs-pickled-objects": Case(
         "cka-extract",
         pickled_inputs,
-        r"array 'pixels' in .*/in\.npz holds Python objects \(dtype object\); object arrays need pickle, which is never loaded; save it as a numeric or string array",
+        r"array 'pixels' in .*/in\.npz: cannot read it without unpickling: it holds Python objects \(dtype object\), "
+        r"which are never unpickled; save it as a numeric or fixed-width string array",
     ),
     "inputs-missing": Case("cka-extract", missing_inputs, r"inputs .*/nope\.npz not found; check the path"),
     "output-exists": Case(

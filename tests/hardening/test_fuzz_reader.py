@@ -233,3 +233,78 @@ def test_reader_raises_only_its_own_errors(valid_file, tmp_path, mutations, dama
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peak < MEMORY_LIMIT, f"the reader allocated {peak / 2**20:.0f} MiB"
+
+
+# -- the readers of inputs and arrays: .npy headers (alone, or as .npz members) that declare anything ----------
+
+DESCRS = ["<f4", "<f8", "|u1", "<i8", "|b1", "|V0", "|S0", "<U0", "|O", "|V8", "<U3", "[('a', '<f4', (4,))]"]
+
+
+@st.composite
+def npy_file(draw):
+    """A .npy file: a header with any shape (up to 2**26 rows, so a reader that allocates per declared
+    row shows up in the memory limit without endangering the machine), any dtype, and any number of bytes."""
+    shape = tuple(draw(st.lists(st.integers(0, 2**26), min_size=0, max_size=3)))
+    header = {"descr": draw(st.sampled_from(DESCRS)), "fortran_order": draw(st.booleans()), "shape": shape}
+    text = repr(header).encode()
+    if draw(st.booleans()):  # sometimes break the header itself
+        cut = draw(st.integers(0, len(text)))
+        text = text[:cut] + draw(st.binary(max_size=4)) + text[cut:]
+    text += b" " * ((-(len(text) + 11)) % 64) + b"\n"
+    data = draw(st.binary(max_size=96))
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + data
+
+
+def _read_inputs(path: Path, kind: str) -> None:
+    from cka_offline.inputs import NpyInputs, NpzInputs
+    from cka_offline_arrays.sources import open_arrays
+
+    if kind == "arrays":
+        arrays = open_arrays(str(path))
+        try:
+            for name in arrays.layers:
+                arrays.rows(name, np.arange(min(arrays.n_rows, 8)))
+        finally:
+            arrays.close()
+        return
+    reader = (NpyInputs if kind == "npy" else NpzInputs)(str(path))
+    try:
+        reader.ids()
+        reader.read(0, min(len(reader), 8))
+    finally:
+        reader.close()
+
+
+@settings(
+    max_examples=120,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=npy_file(), kind=st.sampled_from(["npy", "npz-stored", "npz-deflated", "arrays"]))
+def test_input_readers_never_allocate_for_declared_sizes(tmp_path, data, kind):
+    import zipfile
+
+    if kind == "npy":
+        path = tmp_path / "x.npy"
+        path.write_bytes(data)
+    elif kind == "arrays":
+        (tmp_path / "acts").mkdir(exist_ok=True)
+        path = tmp_path / "acts"
+        (path / "l0.npy").write_bytes(data)
+    else:
+        path = tmp_path / "x.npz"
+        method = zipfile.ZIP_STORED if kind == "npz-stored" else zipfile.ZIP_DEFLATED
+        with zipfile.ZipFile(path, "w", compression=method) as zf:
+            zf.writestr("x.npy", data)
+    tracemalloc.start()
+    try:
+        with time_limit(10):
+            _read_inputs(path, kind)
+    except CKAOfflineError as exc:
+        assert str(exc) and "\n" not in str(exc).strip(), repr(exc)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < MEMORY_LIMIT, f"the {kind} reader allocated {peak / 2**20:.0f} MiB"

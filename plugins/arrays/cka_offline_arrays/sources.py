@@ -24,13 +24,22 @@ import struct
 import tempfile
 import weakref
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from cka_offline.errors import FormatError, InputError
+from cka_offline.errors import CKAOfflineError, FormatError, InputError
+from cka_offline.inputs import check_ids
+from cka_offline.untrusted import (
+    NpyHeader,
+    check_npy_stored,
+    read_npy_header,
+    require_regular_file,
+    shown,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +61,8 @@ _SAFETENSORS_DTYPES = {
     "BOOL": "?",
 }
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # zip local file header, 30 bytes
+#: deflate's largest expansion: a compressed member cannot decompress to more than this times its size
+_DEFLATE_MAX_RATIO = 1032
 
 
 @dataclass
@@ -132,9 +143,10 @@ def open_arrays(source: str, *, ids: str | None = None) -> ArraySet:
     try:
         if os.path.isdir(source):
             kind, entries = _open_folder(source)
-        elif source.endswith(".npz") and os.path.isfile(source):
+        elif source.endswith(".npz") and os.path.exists(source):
             kind, entries = _open_npz(source, closers)
-        elif source.endswith(".safetensors") and os.path.isfile(source):
+        elif source.endswith(".safetensors") and os.path.exists(source):
+            require_regular_file(source, "array file", FormatError)  # a FIFO would block safetensors
             kind, entries = _open_safetensors(source, closers)
         elif not os.path.exists(source):
             raise FormatError(f"{source}: no such file or folder")
@@ -235,44 +247,39 @@ def _read_layer_names(path: str, files: list[str]) -> dict[str, str]:
     return mapping
 
 
-def _map_npy(path: str, name: str) -> ArrayEntry:
-    with open(path, "rb") as fh:
-        shape, fortran, dtype = _read_npy_header(fh, path)
-        offset = fh.tell()
-    return _mapped_entry(name, path, path, offset, shape, fortran, dtype)
-
-
-def _mapped_entry(
-    name: str, where: str, path: str, offset: int, shape: tuple[int, ...], fortran: bool, dtype: np.dtype
+def _map_npy(
+    path: str, name: str, where: str | None = None, *, exact: bool = False, error: type[CKAOfflineError] = FormatError
 ) -> ArrayEntry:
+    """A ``.npy`` file, memory-mapped on first read once its header is checked against its size."""
+    where = where or shown(path)
+    size = require_regular_file(path, "array file", error)
+    with open(path, "rb") as fh:
+        header = read_npy_header(fh, where, error)
+    check_npy_stored(header, size - header.header_bytes, where, error, exact=exact)
+    return _mapped_entry(name, where, path, header.header_bytes, header)
+
+
+def _mapped_entry(name: str, where: str, path: str, offset: int, header: NpyHeader) -> ArrayEntry:
+    """An array whose values (checked to be stored) start at byte ``offset`` of ``path``."""
     state: dict[str, Any] = {}
+    shape, dtype = header.shape, header.dtype
 
     def read_range(start: int, stop: int) -> np.ndarray:
+        if header.nbytes == 0:  # no rows: nothing to map
+            return np.empty((0, *shape[1:]), dtype=dtype)
         if "map" not in state:  # opened on first read: validation reads headers only
-            state["map"] = np.memmap(
-                path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C"
-            )
+            order: Literal["C", "F"] = "F" if header.fortran else "C"
+            state["map"] = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
         return state["map"][start:stop]
 
     return ArrayEntry(name, where, shape, dtype, read_range)
-
-
-def _read_npy_header(fh: Any, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
-    try:
-        version = np.lib.format.read_magic(fh)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-        else:  # 2.0 and 3.0 share the layout (3.0 only allows UTF-8 field names, which we refuse anyway)
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-    except (ValueError, OSError, EOFError) as exc:
-        raise FormatError(f"{where}: not a readable .npy array ({exc})") from exc
-    return tuple(shape), bool(fortran), dtype
 
 
 # --- .npz --------------------------------------------------------------------------------------------
 
 
 def _open_npz(path: str, closers: list[Callable[[], None]]) -> tuple[str, list[ArrayEntry]]:
+    size = require_regular_file(path, "array file", FormatError)
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -292,17 +299,32 @@ def _open_npz(path: str, closers: list[Callable[[], None]]) -> tuple[str, list[A
             name = info.filename[: -len(".npy")]
             if info.compress_type == zipfile.ZIP_STORED:
                 raw.seek(info.header_offset)
-                header = _LOCAL_HEADER.unpack(raw.read(_LOCAL_HEADER.size))
-                if header[0] != b"PK\x03\x04":
+                local = _LOCAL_HEADER.unpack(raw.read(_LOCAL_HEADER.size))
+                if local[0] != b"PK\x03\x04":
                     raise FormatError(f"{where}: broken zip local header")
-                raw.seek(info.header_offset + _LOCAL_HEADER.size + header[9] + header[10])
-                shape, fortran, dtype = _read_npy_header(raw, where)
-                entries.append(_mapped_entry(name, where, path, raw.tell(), shape, fortran, dtype))
-            else:
-                with zf.open(info) as member:
-                    shape, fortran, dtype = _read_npy_header(member, where)
+                raw.seek(info.header_offset + _LOCAL_HEADER.size + local[9] + local[10])
+                start = raw.tell()
+                header = read_npy_header(raw, where, FormatError)
+                stored = min(info.file_size, size - start) - header.header_bytes
+                check_npy_stored(header, stored, where, FormatError)
+                entries.append(_mapped_entry(name, where, path, start + header.header_bytes, header))
+            elif info.compress_type == zipfile.ZIP_DEFLATED:
+                try:
+                    with zf.open(info) as member:
+                        header = read_npy_header(member, where, FormatError)
+                except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                    raise FormatError(f"{where}: damaged compressed member ({exc}); save the arrays again") from None
+                # deflate expands at most _DEFLATE_MAX_RATIO times: a larger declaration cannot be real
+                bound = min(info.file_size, _DEFLATE_MAX_RATIO * info.compress_size + 1024)
+                check_npy_stored(header, bound - header.header_bytes, where, FormatError)
                 compressed.append(info.filename)
-                entries.append(ArrayEntry(name, where, shape, dtype, _spilled_reader(zf, info, where, tmp, closers)))
+                reader = _spilled_reader(zf, info, where, tmp, closers)
+                entries.append(ArrayEntry(name, where, header.shape, header.dtype, reader))
+            else:
+                raise FormatError(
+                    f"{where}: compressed with zip method {info.compress_type}; np.savez and np.savez_compressed "
+                    "write stored or deflated members: save the arrays with one of them"
+                )
     if compressed:
         log.info(
             "%s: %d of %d members are compressed (np.savez_compressed) and cannot be memory-mapped; "
@@ -336,12 +358,15 @@ def _spilled_reader(
             try:
                 with zf.open(info) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 22)
+            except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                raise FormatError(f"{where}: damaged compressed member ({exc}); save the arrays again") from None
             except OSError as exc:
                 raise InputError(
                     f"{where}: cannot decompress it to {target} ({exc}); free space there, point "
                     "TMPDIR elsewhere, or save the arrays with np.savez (uncompressed)"
                 ) from exc
-            state["entry"] = _map_npy(target, info.filename)
+            # the header was checked against the zip's declared size; the data must really be there too
+            state["entry"] = _map_npy(target, info.filename, where, exact=True)
         return state["entry"].read_range(start, stop)
 
     return read_range
@@ -401,19 +426,22 @@ def _check_entry(entry: ArrayEntry) -> None:
 
 
 def _load_ids_file(path: str) -> np.ndarray:
-    if not os.path.isfile(path):
-        raise InputError(f"ids file {path}: no such file")
+    if not os.path.exists(path):
+        raise InputError(f"ids file {shown(path)}: no such file")
+    require_regular_file(path, "ids file")
     if path.endswith(".npy"):
-        try:
-            return np.load(path, allow_pickle=False)
-        except ValueError as exc:  # object arrays need pickles
-            raise InputError(
-                f"ids file {path}: cannot read it without unpickling ({exc}); save the ids as "
-                "integers or fixed-width strings (np.array(ids, dtype=str))"
-            ) from exc
+        entry = _map_npy(path, IDS_NAME, f"ids file {shown(path)}", error=InputError)
+        if not entry.shape:
+            raise InputError(f"ids file {shown(path)}: holds a single value; expected a 1-D array of ids")
+        return np.array(entry.read_range(0, entry.n_rows))
     if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
+        try:
+            with open(path, encoding="utf-8") as fh:
+                lines = fh.read().splitlines()
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                f"ids file {shown(path)}: byte {exc.start} is not valid UTF-8; save it as UTF-8 text, one id per line"
+            ) from None
         if lines and all(re.fullmatch(r"-?[1-9][0-9]*|0", s) and len(s) < 19 for s in lines):
             return np.array([int(s) for s in lines], dtype=np.int64)  # ids such as "007" stay strings
         return np.array(lines, dtype=str)
@@ -421,14 +449,13 @@ def _load_ids_file(path: str) -> np.ndarray:
 
 
 def _check_ids(ids: np.ndarray, where: str, n_rows: int) -> np.ndarray:
+    """Ids checked here for shape, type, length and duplicates (naming the rows), then stored faithfully by
+    the core's :func:`~cka_offline.inputs.check_ids` (bytes decoded as UTF-8; unsigned ids above 2**63-1
+    and text that is not UTF-8 refused)."""
     ids = np.asarray(ids)
     if ids.ndim != 1:
         raise InputError(f"ids from {where}: expected a 1-D array, got shape {ids.shape}")
-    if ids.dtype.kind in "iu":
-        ids = ids.astype(np.int64)
-    elif ids.dtype.kind == "S":
-        ids = np.char.decode(ids, "utf-8")
-    elif ids.dtype.kind != "U":
+    if ids.dtype.kind not in "iuSU":
         raise InputError(f"ids from {where}: expected integers or strings, got dtype {ids.dtype}")
     if len(ids) != n_rows:
         raise InputError(f"ids from {where}: {len(ids)} ids for {n_rows} rows; give exactly one id per example")
@@ -440,7 +467,7 @@ def _check_ids(ids: np.ndarray, where: str, n_rows: int) -> np.ndarray:
             f"ids from {where}: id {uniq[dup].item()!r} occurs {counts[dup]} times (rows "
             f"{', '.join(map(str, rows[:5]))}); every example needs its own id"
         )
-    return ids
+    return check_ids(ids, f"ids from {where}")
 
 
 def _natural_key(name: str) -> list[Any]:
