@@ -39,6 +39,9 @@ class BatchRunner:
         #: each layer's reduction: as asked for, then (once its shape is known) what it is for that shape
         #: (reduce.concrete_reduction: 'mean' of a vector is 'none', of a tokens-first output 'token_mean')
         self.reductions = dict(reductions)
+        #: layers asked for as ``mean`` whose tokens-first output made it ``token_mean``: without a mask in
+        #: the inputs their mean counts every token (as ``mean`` does), rather than being refused
+        self.asked_mean = {n for n, r in reductions.items() if r == "mean"}
         self.layouts = dict(layouts or {})
         self.mask_input = mask_input
         self.dtype = np.dtype(dtype)
@@ -114,7 +117,7 @@ class BatchRunner:
         assert self.mask_input is not None
         if self.mask_input in data:
             return np.asarray(data[self.mask_input])
-        needing = [n for n, r in self.reductions.items() if r in _MASKED]
+        needing = [n for n, r in self.reductions.items() if r in _MASKED and n not in self.asked_mean]
         if needing:
             raise InputError(
                 f"layer {needing[0]!r} uses reduction {self.reductions[needing[0]]!r}, which needs the attention "

@@ -126,6 +126,9 @@ class _InterruptAfter:
     def finish(self) -> None:
         pass
 
+    def abandon(self) -> None:  # ProgressBar's: erase the bar after an error
+        pass
+
 
 def test_ctrl_c_during_extraction_then_resume(job, tmp_path, monkeypatch):
     root, reference = job

@@ -179,8 +179,21 @@ class OnnxExtractor(Extractor):
             if self._model is None:
                 self._layers = session_outputs(self._given, self.batch_axis)
             else:
-                self._layers = list_layers(self._model, self.batch_axis, self._tensor_types())
+                self._layers = [
+                    self._with_layout(i) for i in list_layers(self._model, self.batch_axis, self._tensor_types())
+                ]
         return list(self._layers)
+
+    def _with_layout(self, info: LayerInfo) -> LayerInfo:
+        """``info`` with the layout its producing op tells (what the core's ``mean`` follows: channels first
+        -> mean over the positions, tokens first -> token_mean); ``-X mean_layout=channels_first`` says
+        channels first for the tensors whose op does not tell."""
+        import dataclasses
+
+        told = {"channels": "channels_first", "tokens": "tokens_first"}.get(self.mean_layout_of(info.name) or "", "")
+        if not told and self.mean_layout == "channels_first":
+            told = "channels_first"
+        return dataclasses.replace(info, layout=told) if told else info
 
     def _tensor_types(self) -> dict[str, Any]:
         if self._model is None:
