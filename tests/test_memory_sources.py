@@ -51,7 +51,9 @@ def test_one_source_on_its_own_and_mixed_sources(tmp_path):
         ({"a": np.zeros((5, 2)), "b": np.zeros((6, 2))}, None, "different numbers of examples"),
         ({"a": np.arange(10).reshape(5, 2)}, None, "dtype int64; CKA needs floating-point"),
         ({"a": np.zeros((5, 2))}, [1, 2, 3], "3 ids for 5 examples"),
-        ({"a": np.zeros((5, 2))}, [1, 1, 2, 3, 4], "not unique"),
+        ({"a": np.zeros((5, 2))}, [1, 1, 2, 3, 4], "must be unique"),
+        ({"a": np.zeros((3, 2))}, np.array([2**64 - 1, 1, 2], dtype=np.uint64), "above 2\\*\\*63-1"),
+        ({"a": np.zeros((2, 2))}, [b"\xff", b"a"], "not valid UTF-8"),
     ],
 )
 def test_bad_in_memory_sources_say_what_to_fix(layers, ids, match):

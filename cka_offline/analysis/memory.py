@@ -106,11 +106,9 @@ def _ids(ids: Any, n: int) -> np.ndarray:
     values = to_numpy(ids if hasattr(ids, "shape") else list(ids), "the ids")
     if values.ndim != 1 or len(values) != n:
         raise InputError(f"in-memory activations: {len(values)} ids for {n} examples; give one id per example")
-    if values.dtype.kind not in "iuUS":
-        raise InputError(f"in-memory activations: ids must be integers or strings, got {values.dtype}")
-    if len(np.unique(values)) != n:
-        raise InputError("in-memory activations: the example ids are not unique; give each example its own id")
-    return values.astype(str) if values.dtype.kind == "S" else values
+    from ..store.writer import normalize_ids  # the same faithful ids as a file stores (uint64, bytes, ...)
+
+    return normalize_ids(values, where="in-memory activations")
 
 
 def is_memory_source(spec: Any) -> bool:
