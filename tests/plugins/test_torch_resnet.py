@@ -21,11 +21,11 @@ from cka_offline.extraction import extract  # noqa: E402
 from cka_offline.store.reader import open_activations  # noqa: E402
 from cka_offline_torch.extractor import TorchExtractor  # noqa: E402
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-import resnet18_factory  # noqa: E402
+SAMPLE_DATA = Path(__file__).resolve().parents[2] / "sample_data"
+sys.path.insert(0, str(SAMPLE_DATA))
+import resnet18 as resnet18_factory  # noqa: E402
 
-FACTORY = f"{HERE / 'resnet18_factory.py'}"
+FACTORY = f"{SAMPLE_DATA / 'resnet18.py'}"
 N = 10
 
 

@@ -1,5 +1,6 @@
 """A module-for-module copy of torchvision's ResNet-18 (torchvision cannot be imported here), used as a
-``cka-extract`` factory file: ``tests/plugins/resnet18_factory.py:resnet18``.
+``cka-extract`` factory file: ``sample_data/resnet18.py:resnet18`` (with torchvision installed,
+``torchvision.models:resnet18`` is used the same way).
 
 The same names, classes and forward as ``torchvision.models.resnet18``: ``conv1``, ``bn1``, ``relu``,
 ``maxpool``, ``layer1`` ... ``layer4`` of two ``BasicBlock`` each (``conv1``, ``bn1``, ``relu``, ``conv2``,
