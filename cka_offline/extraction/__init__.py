@@ -20,7 +20,6 @@ from threadpoolctl import threadpool_limits
 
 from ..errors import InputError, ModelError, NoExtractorError, OutputError
 from ..extractor import Extractor, InputReader
-from ..files import refuse_existing
 from ..inputs import check_ids
 from ..memory_inputs import ArrayInputs, is_memory_inputs
 from ..reduce import resolve_reductions
@@ -36,7 +35,7 @@ from ..registry import (
 from ..selection import select_layers
 from ..store import schema
 from ..store.schema import DEFAULT_DTYPE, DEFAULT_REDUCTION, STORED_DTYPES, TOKEN_REDUCTIONS
-from ..store.writer import ActivationWriter
+from ..store.writer import ActivationWriter, check_target
 from .batches import Batch, BatchRunner
 
 log = logging.getLogger(__name__)
@@ -221,7 +220,7 @@ def extract_with(
     if output is None:
         raise TypeError("extract() needs an output path")
     output = os.fspath(output)
-    refuse_existing(output, overwrite=opts.overwrite)
+    check_target(output, resume=opts.resume, overwrite=opts.overwrite)  # before any work
     pm = plugin_manager or get_plugin_manager()
     ext_cls, entry = _pick_extractor(source, opts.extractor, pm)
     log.info("extracting %s with extractor %r on %s", describe_source(source), ext_cls.name, opts.device)
@@ -304,9 +303,14 @@ def _write_rows(
         del first
         if progress is not None:
             progress(writer.rows_done, total)
-        for start in range(lo + writer.rows_done, hi, batch_size):
+        # a resumed run keeps the batches of an uninterrupted one (a model's values may depend on a batch's
+        # size by rounding): it starts at the batch holding its first missing row and drops the rows before it
+        done = writer.rows_done
+        for start in range(lo + done - done % batch_size, hi, batch_size):
             stop = min(hi, start + batch_size)
-            writer.write(run.finish(run.forward(start, stop), start, stop))
+            arrays = run.finish(run.forward(start, stop), start, stop)
+            skip = lo + writer.rows_done - start
+            writer.write({name: rows[skip:] for name, rows in arrays.items()} if skip else arrays)
             if progress is not None:
                 progress(writer.rows_done, total)
         return writer.close()

@@ -22,14 +22,13 @@ import numpy as np
 from ..errors import AlignmentError, FormatError, IncompleteFileError, UnsafeFileError, VersionError
 from ..files import PARTIAL_SUFFIX
 from . import schema
-from .damage import DAMAGED, H5_ERRORS, damaged, filter_codes
+from .damage import DAMAGED, H5_ERRORS, damaged
+from .filters import require_filters
 from .mapped import FileMap, MappedRows
 from .writer import _read_ids, format_id
 
 #: largest chunk (uncompressed bytes) the reader decompresses; the writer aims at 4 MiB
 MAX_CHUNK_BYTES = 1 << 30
-#: the filter id HDF5 registers for LZ4 (hdf5plugin)
-_LZ4_FILTER = 32004
 
 
 #: one stored layer: its original name and how it was stored (the store's one layer record)
@@ -133,6 +132,7 @@ class _Shard:
         if not (ids_ds.dtype.kind in "iu" or h5py.check_string_dtype(ids_ds.dtype) is not None):
             raise FormatError(f"{path}: example ids have dtype {ids_ds.dtype}; expected integers or strings; {DAMAGED}")
         _check_stored(ids_ds, path, "the example ids")
+        require_filters(ids_ds, path, "the example ids")
         self.ids = _read_ids(ids_ds)
         if self.ids.dtype.kind in "iu":
             self.ids = self.ids.astype(np.int64)
@@ -180,8 +180,7 @@ class _Shard:
                 raise FormatError(
                     f"{path}: layer {name!r} has a malformed original_shape attribute; {DAMAGED}"
                 ) from None
-            if _LZ4_FILTER in filter_codes(ds):
-                _load_hdf5plugin(path)
+            require_filters(ds, path, f"layer {name!r}")
             layers.append(
                 LayerMeta(
                     name,
@@ -528,15 +527,6 @@ def _check_stored(ds: h5py.Dataset, path: str, what: str) -> None:
         raise FormatError(
             f"{path}: {what} declares shape {ds.shape} but stores only {stored} of its {expected} chunks; {DAMAGED}"
         )
-
-
-def _load_hdf5plugin(path: str) -> None:
-    try:
-        import hdf5plugin  # noqa: F401 - registers the LZ4 filter with HDF5
-    except ImportError:
-        raise FormatError(
-            f"{path} is compressed with LZ4; install hdf5plugin to read it (pip install hdf5plugin)"
-        ) from None
 
 
 def _str_attr(attrs: Any, key: str) -> str:

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from cka_offline.errors import ResumeError
+from cka_offline.errors import OutputError, ResumeError
 from cka_offline.store.reader import open_activations
 from cka_offline.store.writer import ActivationWriter, LayerSpec
 
@@ -79,12 +79,28 @@ def test_resume_refuses_other_key(tmp_path):
     assert open_activations(path).n_examples == 10
 
 
-def test_unreadable_partial_restarts(tmp_path):
+def test_unreadable_partial_is_refused_and_replaced_only_with_overwrite(tmp_path):
     path = tmp_path / "o.h5"
-    (tmp_path / "o.h5.partial").write_bytes(b"garbage" * 100)
+    partial = tmp_path / "o.h5.partial"
+    partial.write_bytes(b"garbage" * 100)
     specs = [LayerSpec("x", (3,), "none", 3)]
+    with pytest.raises(
+        ResumeError, match=r"o\.h5\.partial cannot be resumed: it is damaged \(not a readable HDF5.*--overwrite"
+    ):
+        ActivationWriter(path, ids=np.arange(5), layers=specs, provenance={}, resume=True, resume_key="A")
+    assert partial.read_bytes() == b"garbage" * 100
+    with pytest.raises(
+        OutputError,
+        match=r"holds an interrupted extraction; run the same command with --resume.*--overwrite to delete it",
+    ):
+        ActivationWriter(path, ids=np.arange(5), layers=specs, provenance={}, resume_key="A")
+    for resume in (True, False):  # a damaged partial with --resume --overwrite, then a plain --overwrite
+        w = ActivationWriter(
+            path, ids=np.arange(5), layers=specs, provenance={}, resume=resume, overwrite=True, resume_key="A"
+        )
+        assert w.rows_done == 0
+        w.abort()
     w = ActivationWriter(path, ids=np.arange(5), layers=specs, provenance={}, resume=True, resume_key="A")
-    assert w.rows_done == 0
     w.write({"x": np.ones((5, 3))})
     w.close()
     assert open_activations(path).n_examples == 5
