@@ -73,6 +73,7 @@ def require_filters(ds: h5py.Dataset, path: str, what: str) -> None:
         if available(code):
             continue
         name = filter_name(code)
+        label = f"an unknown HDF5 filter (id {code})" if name.startswith("#") else f"{name} (HDF5 filter id {code})"
         if code in PLUGIN_FILTERS and not load_plugins():
             fix = "install hdf5plugin, which provides it (pip install hdf5plugin), and run the command again"
         else:
@@ -80,10 +81,7 @@ def require_filters(ds: h5py.Dataset, path: str, what: str) -> None:
                 "no installed package provides it: ask the file's author for a copy stored with gzip, lz4 or "
                 "no compression (cka-extract --compression)"
             )
-        raise FormatError(
-            f"{path}: {what} is compressed with the HDF5 filter {name} (filter id {code}), which is not "
-            f"available here; {fix}"
-        )
+        raise FormatError(f"{path}: {what} is compressed with {label}, which is not available here; {fix}")
 
 
 __all__ = ["BUILTIN_FILTERS", "PLUGIN_FILTERS", "available", "filter_name", "load_plugins", "require_filters"]
