@@ -221,6 +221,7 @@ def extract_with(
         raise TypeError("extract() needs an output path")
     output = os.fspath(output)
     check_target(output, resume=opts.resume, overwrite=opts.overwrite)  # before any work
+    _refuse_own_files(output, {"model": source, "inputs": inputs, "weights": opts.options.get("weights")})
     pm = plugin_manager or get_plugin_manager()
     ext_cls, entry = _pick_extractor(source, opts.extractor, pm)
     log.info("extracting %s with extractor %r on %s", describe_source(source), ext_cls.name, opts.device)
@@ -273,6 +274,21 @@ def extract_with(
         path = _write_rows(writer, run, first, (lo, first_stop, hi), opts.batch_size, progress)
     log.info("wrote %d examples x %d layers to %s", hi - lo, len(specs), path)
     return path
+
+
+def _refuse_own_files(output: str, files: Mapping[str, Any]) -> None:
+    """``--overwrite`` must not replace the model, the inputs or the weights the run reads with its output."""
+    if not os.path.exists(output):
+        return
+    for what, given in files.items():
+        if not isinstance(given, (str, os.PathLike)):
+            continue
+        for path in {os.fspath(given), os.fspath(given).rsplit(":", 1)[0]}:  # file.h5:/dataset
+            if os.path.isfile(path) and os.path.samefile(path, output):
+                raise OutputError(
+                    f"{output} is this run's {what} ({os.fspath(given)}); writing the activations there would "
+                    "replace it: choose another -o"
+                )
 
 
 def _rows(reader: InputReader, where: str, opts: ExtractOptions) -> tuple[np.ndarray, int, int, tuple[int, int]]:

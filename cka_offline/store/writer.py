@@ -198,7 +198,6 @@ class ActivationWriter:
             refuse_existing(self.path, overwrite=overwrite)
             partial.refuse_interrupted(self.path, resume=resume, overwrite=overwrite)
             remove_quietly(self.scratch_path)  # left by a writer killed while it built one
-            self._file = None
             if resume and os.path.exists(self.tmp_path):
                 try:
                     self._file = self._resume(comp)

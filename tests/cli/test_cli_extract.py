@@ -236,6 +236,16 @@ def test_unusable_outputs_are_refused_before_any_work(example, files, tmp_path):
         line = error_line(r)
         assert line.startswith("cka-extract: error: ") and line.endswith(message), line
     assert sorted(os.listdir(tmp_path)) == before
+    with open(files["inputs"], "rb") as fh:
+        inputs = fh.read()
+    r = invoke(pm, [files["model"], "-i", files["inputs"], "-o", files["inputs"], "--overwrite"])
+    assert r.exit_code == 3
+    assert error_line(r) == (
+        f"cka-extract: error: {files['inputs']} is this run's inputs ({files['inputs']}); writing the activations "
+        "there would replace it: choose another -o"
+    )
+    with open(files["inputs"], "rb") as fh:
+        assert fh.read() == inputs
 
 
 def test_option_parsing():
