@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import secrets
+import socket
 import sys
 from collections.abc import Iterable, Iterator
+from typing import IO
 
 from .errors import OutputError
+
+log = logging.getLogger(__name__)
 
 #: suffix of an activation file being written (``<path>.partial``), renamed to ``<path>`` when complete
 PARTIAL_SUFFIX = ".partial"
@@ -196,11 +201,179 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> str:
     return text
 
 
+# -- the output of cka-extract: reserved names, checks before any work, the lock -----------------------
+
+#: suffix of the lock file a writer holds while it writes ``<path>.partial`` (``<path>.lock``)
+LOCK_SUFFIX = ".lock"
+#: endings an output may not have: the writers' own files are named with them
+RESERVED_SUFFIXES = (PARTIAL_SUFFIX, LOCK_SUFFIX)
+
+
+def lock_path(path: str | os.PathLike[str]) -> str:
+    """``<path>.lock``: the file the writer of ``path`` holds an exclusive lock on (see :class:`OutputLock`)."""
+    return os.fspath(path) + LOCK_SUFFIX
+
+
+def scratch_path(path: str | os.PathLike[str]) -> str:
+    """Where the writer of ``path`` builds a new ``<path>.partial`` before renaming it into place: a hidden
+    name ending in ``.partial.partial``, which no output and no output's partial file can have (an output
+    may not end in ``.partial``)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}{PARTIAL_SUFFIX}{PARTIAL_SUFFIX}")
+
+
+def check_output_path(path: str | os.PathLike[str], *, option: str = "-o") -> None:
+    """Refuse an output before any work is done: a name ending in a reserved suffix (``.partial``,
+    ``.lock``), a folder, a folder that does not exist or is not writable.
+
+    Raises:
+        OutputError: naming the path and what to give instead.
+    """
+    path = os.fspath(path)
+    for suffix in RESERVED_SUFFIXES:
+        if path.endswith(suffix):
+            what = "unfinished activation files" if suffix == PARTIAL_SUFFIX else "the lock file of a running writer"
+            raise OutputError(
+                f"{path}: output names may not end in {suffix!r}, which names {what}; choose another {option}"
+            )
+    if os.path.isdir(path):
+        raise OutputError(f"{path} is a folder; give a file name inside it, such as {os.path.join(path, 'acts.h5')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OutputError(f"{path}: folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"{path}: folder {folder} is not writable; choose another {option}")
+
+
+class OutputLock:
+    """An exclusive, non-blocking lock on ``<path>.lock``, held by the one process that writes ``path``
+    (and its ``.partial``): taken before the partial file is touched, released after the final rename.
+
+    The lock is an OS file lock (``flock``; ``msvcrt.locking`` on Windows), so it dies with its process:
+    a lock file a killed writer leaves behind is simply taken by the next one. The holder removes the file
+    while it still holds the lock; a waiter that then gets the lock on the removed file sees that the name
+    now points elsewhere (or nowhere) and tries again.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self.lock_file = lock_path(self.path)
+        self._handle: IO[bytes] | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise OutputError naming the process that holds it."""
+        for _ in range(100):
+            try:
+                handle = open(self.lock_file, "a+b")  # kept open while the lock is held
+            except OSError as exc:
+                raise OutputError(
+                    f"{self.path}: cannot create the lock file {self.lock_file}: {exc.strerror or exc}"
+                ) from exc
+            locked = _try_lock(handle)
+            if locked is None:  # the file system has no locks (some network file systems)
+                log.warning(
+                    "%s: the file system does not support file locks, so another run writing the same output "
+                    "would not be noticed; write each output from one run at a time",
+                    self.path,
+                )
+                handle.close()
+                return
+            if not locked:
+                holder = _read_holder(handle)
+                handle.close()
+                raise OutputError(busy_message(self.path, holder))
+            try:
+                same = _same_file(os.stat(self.lock_file), os.fstat(handle.fileno()))
+            except OSError:
+                same = False
+            if same:
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)}"[:500].encode())
+                handle.flush()
+                self._handle = handle
+                return
+            handle.close()  # the holder removed it meanwhile: lock the file now at that name
+        raise OutputError(f"{self.path}: cannot lock {self.lock_file}: it keeps being replaced")  # pragma: no cover
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (a no-op when not held)."""
+        handle, self._handle = self._handle, None
+        if handle is None:
+            return
+        remove_quietly(self.lock_file)  # while still held: see the class docstring
+        handle.close()
+
+    @property
+    def held(self) -> bool:
+        return self._handle is not None
+
+    @staticmethod
+    def holder(path: str | os.PathLike[str]) -> str | None:
+        """Who holds the lock of ``path`` (``"pid N on HOST: command"``, or ``""`` when unknown), or None
+        when nobody does. Creates nothing."""
+        try:
+            handle = open(lock_path(path), "rb")
+        except OSError:
+            return None
+        with handle:
+            if _try_lock(handle) is not False:
+                return None
+            return _read_holder(handle)
+
+
+def busy_message(path: str | os.PathLike[str], holder: str | None) -> str:
+    """The one line for an output another process is writing."""
+    who = f"another process ({holder})" if holder else "another process"
+    return (
+        f"{os.fspath(path)}: {who} is writing {partial_path(path)} right now; nothing was touched: wait for it to "
+        "finish, or stop it first, or choose another -o"
+    )
+
+
+def _try_lock(handle: IO[bytes]) -> bool | None:
+    """An exclusive lock on ``handle`` without waiting; False if another open file holds one, None if the
+    file system does not support locks."""
+    try:
+        if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+            import msvcrt
+
+            handle.seek(0)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+            return None
+        return False
+    return True
+
+
+def _read_holder(handle: IO[bytes]) -> str:
+    try:
+        handle.seek(0)
+        return " ".join(handle.read(500).decode("utf-8", "replace").split())
+    except OSError:  # pragma: no cover - Windows refuses to read a locked byte
+        return ""
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 __all__ = [
+    "LOCK_SUFFIX",
     "PARTIAL_SUFFIX",
+    "RESERVED_SUFFIXES",
     "WRITE_MARGIN",
+    "OutputLock",
     "atomic_output",
+    "busy_message",
     "check_output",
+    "check_output_path",
+    "lock_path",
     "partial_path",
     "refuse_existing",
     "remove_quietly",
@@ -209,4 +382,5 @@ __all__ = [
     "same_file",
     "writable_folder",
     "write_bytes",
+    "scratch_path",
 ]

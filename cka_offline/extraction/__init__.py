@@ -21,7 +21,6 @@ from threadpoolctl import threadpool_limits
 from ..batch_inputs import BatchInputs, is_batch_iterable
 from ..errors import InputError, ModelError, NoExtractorError, OutputError
 from ..extractor import Extractor, InputReader, declared_options
-from ..files import refuse_existing
 from ..inputs import check_ids
 from ..memory_inputs import ArrayInputs, is_memory_inputs
 from ..reduce import resolve_reductions
@@ -37,7 +36,7 @@ from ..registry import (
 from ..selection import select_layers
 from ..store import schema
 from ..store.schema import DEFAULT_DTYPE, DEFAULT_REDUCTION, STORED_DTYPES, TOKEN_REDUCTIONS
-from ..store.writer import ActivationWriter
+from ..store.writer import ActivationWriter, check_target
 from .batches import Batch, BatchRunner
 from .probe import probe_layers
 
@@ -236,7 +235,8 @@ def extract_with(
     if output is None:
         raise TypeError("extract() needs an output path")
     output = os.fspath(output)
-    refuse_existing(output, overwrite=opts.overwrite)
+    check_target(output, resume=opts.resume, overwrite=opts.overwrite)  # before any work
+    _refuse_own_files(output, {"model": source, "inputs": inputs, "weights": opts.options.get("weights")})
     pm = plugin_manager or get_plugin_manager()
     ext_cls, entry = _pick_extractor(source, opts.extractor, pm)
     log.info("extracting %s with extractor %r on %s", describe_source(source), ext_cls.name, opts.device)
@@ -301,6 +301,21 @@ def extract_with(
     return path
 
 
+def _refuse_own_files(output: str, files: Mapping[str, Any]) -> None:
+    """``--overwrite`` must not replace the model, the inputs or the weights the run reads with its output."""
+    if not os.path.exists(output):
+        return
+    for what, given in files.items():
+        if not isinstance(given, (str, os.PathLike)):
+            continue
+        for path in {os.fspath(given), os.fspath(given).rsplit(":", 1)[0]}:  # file.h5:/dataset
+            if os.path.isfile(path) and os.path.samefile(path, output):
+                raise OutputError(
+                    f"{output} is this run's {what} ({os.fspath(given)}); writing the activations there would "
+                    "replace it: choose another -o"
+                )
+
+
 def _rows(reader: InputReader, where: str, opts: ExtractOptions) -> tuple[np.ndarray, int, int, tuple[int, int]]:
     """``(ids, examples in the inputs, examples used, this run's rows [lo, hi))``."""
     ids = check_ids(reader.ids(), where)
@@ -329,9 +344,14 @@ def _write_rows(
         del first
         if progress is not None:
             progress(writer.rows_done, total)
-        for start in range(lo + writer.rows_done, hi, batch_size):
+        # a resumed run keeps the batches of an uninterrupted one (a model's values may depend on a batch's
+        # size by rounding): it starts at the batch holding its first missing row and drops the rows before it
+        done = writer.rows_done
+        for start in range(lo + done - done % batch_size, hi, batch_size):
             stop = min(hi, start + batch_size)
-            writer.write(run.finish(run.forward(start, stop), start, stop))
+            arrays = run.finish(run.forward(start, stop), start, stop)
+            skip = lo + writer.rows_done - start
+            writer.write({name: rows[skip:] for name, rows in arrays.items()} if skip else arrays)
             if progress is not None:
                 progress(writer.rows_done, total)
         return writer.close()

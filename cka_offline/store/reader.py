@@ -23,15 +23,14 @@ from ..errors import AlignmentError, CKAOfflineError, FormatError, IncompleteFil
 from ..files import PARTIAL_SUFFIX
 from ..untrusted import require_regular_file
 from . import schema
-from .damage import DAMAGED, damaged, filter_codes
+from .damage import DAMAGED, damaged
+from .filters import require_filters
 from .links import refuse_external
 from .mapped import FileMap, MappedRows
 from .writer import _read_ids, format_id
 
 #: largest chunk (uncompressed bytes) the reader decompresses; the writer aims at 4 MiB
 MAX_CHUNK_BYTES = 1 << 30
-#: the filter id HDF5 registers for LZ4 (hdf5plugin)
-_LZ4_FILTER = 32004
 
 
 #: one stored layer: its original name and how it was stored (the store's one layer record)
@@ -136,6 +135,7 @@ class _Shard:
         if not (ids_ds.dtype.kind in "iu" or h5py.check_string_dtype(ids_ds.dtype) is not None):
             raise FormatError(f"{path}: example ids have dtype {ids_ds.dtype}; expected integers or strings; {DAMAGED}")
         check_stored(ids_ds, path, "the example ids")
+        require_filters(ids_ds, path, "the example ids")
         self.ids = _read_ids(ids_ds)
         if self.ids.dtype.kind == "u" and len(self.ids) and int(self.ids.max()) > np.iinfo(np.int64).max:
             raise FormatError(
@@ -188,8 +188,7 @@ class _Shard:
                 raise FormatError(
                     f"{path}: layer {name!r} has a malformed original_shape attribute; {DAMAGED}"
                 ) from None
-            if _LZ4_FILTER in filter_codes(ds):
-                _load_hdf5plugin(path)
+            require_filters(ds, path, f"layer {name!r}")
             layers.append(
                 LayerMeta(
                     name,
@@ -505,15 +504,6 @@ def check_stored(
         raise error(
             f"{path}: {what} declares shape {ds.shape} but stores only {stored} of its {expected} chunks; {fix}"
         )
-
-
-def _load_hdf5plugin(path: str) -> None:
-    try:
-        import hdf5plugin  # noqa: F401 - registers the LZ4 filter with HDF5
-    except ImportError:
-        raise FormatError(
-            f"{path} is compressed with LZ4; install hdf5plugin to read it (pip install hdf5plugin)"
-        ) from None
 
 
 def _str_attr(attrs: Any, key: str) -> str:

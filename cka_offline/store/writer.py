@@ -1,14 +1,28 @@
 """Crash-safe writer of activation files (format v1, see ``docs/format.md``).
 
-The file is written to ``<path>.partial`` next to the target. After every batch the rows are flushed
-and ``rows_complete`` is updated; only when every row is written is ``complete`` set and the file
-renamed to ``path``. A file at the final path is therefore always complete. A ``.partial`` file left by
-an interrupted run can be resumed (``resume=True``) when its ``resume_key`` matches.
+One process at a time writes an output: it holds an exclusive lock on ``<path>.lock``
+(:class:`~cka_offline.files.OutputLock`) from before it touches any file until after the final rename,
+so a second run to the same output is refused without changing a byte of the first one's file.
+
+The file is built in a hidden scratch name, renamed to ``<path>.partial`` once its structure is written,
+and filled row block by row block. Rows are flushed before the ``rows_complete`` counter that counts them
+is updated, and every attribute is written once, when the file is made, and later updated in place
+(``attrs.modify``: h5py's ``attrs[key] = value`` deletes and recreates an attribute, which a kill can
+interrupt halfway). Compressed layers are written in whole chunks only, so a chunk is compressed and
+allocated once and never moved (a rewritten compressed chunk moves, and the space it leaves can be reused
+by the next one before the chunk index points away from it). Only when every row is written is
+``complete`` set; the writer then reopens the file, checks that it is the file it wrote (same inode) and
+that it reads back complete, and renames it to ``path``. A file at the final path is therefore always
+complete.
+
+``resume=True`` continues a ``.partial`` left by an interrupted run when its ``resume_key`` matches: the
+rows it counts as written are read back chunk by chunk (every chunk must be stored and decompress) into a
+fresh copy, and the run continues after the last row that reads back. A ``.partial`` that cannot be
+resumed is refused with the reason, never silently started over.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -21,9 +35,20 @@ import h5py
 import numpy as np
 
 from ..errors import InputError, OutputError, ResumeError
-from ..files import PARTIAL_SUFFIX, partial_path, refuse_existing, remove_quietly
+from ..files import (
+    PARTIAL_SUFFIX,
+    OutputLock,
+    check_output_path,
+    partial_path,
+    refuse_existing,
+    remove_quietly,
+    scratch_path,
+)
 from ..untrusted import shown
-from . import schema
+from . import partial, schema
+from .damage import H5_ERRORS
+from .filters import load_plugins, require_filters
+from .partial import check_target
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +152,10 @@ def _compression_kwargs(compression: str | None) -> dict[str, Any]:
     if compression == "gzip":
         return {"compression": "gzip", "compression_opts": 4}
     if compression == "lz4":
-        try:
-            import hdf5plugin
-        except ImportError as exc:  # pragma: no cover - hdf5plugin is in requirements.txt
-            raise OutputError("lz4 compression needs the hdf5plugin package: pip install hdf5plugin") from exc
+        if not load_plugins():  # pragma: no cover - hdf5plugin is in requirements.txt
+            raise OutputError("lz4 compression needs the hdf5plugin package: pip install hdf5plugin")
+        import hdf5plugin
+
         return dict(hdf5plugin.LZ4())
     raise AssertionError(f"compression {compression!r} is in schema.COMPRESSIONS but has no HDF5 filter here")
 
@@ -146,7 +171,8 @@ class ActivationWriter:
         dtype: stored dtype, ``"float32"`` or ``"float16"``.
         chunk_rows: rows per HDF5 chunk (default: about 4 MB for the widest layer).
         compression: None, ``"gzip"`` or ``"lz4"``.
-        overwrite: replace an existing file at ``path`` (it is only replaced once the new one is complete).
+        overwrite: replace an existing file at ``path`` (it is only replaced once the new one is complete),
+            and an interrupted run's ``<path>.partial``.
         resume: continue ``<path>.partial`` if it exists and its ``resume_key`` matches.
         resume_key: fingerprint of everything that determines the content (model, inputs, options).
         shard: ``(index, count, example_offset)`` when this file is one shard of a logical file.
@@ -154,6 +180,14 @@ class ActivationWriter:
             count, not at the shard's, so every shard of a logical file has the chunk rows a single file of
             all examples would have (analysis cuts its shuffle blocks by chunk rows: shards then analyse
             exactly like one file).
+
+    Raises:
+        OutputError: a bad output name or folder, an existing file without ``overwrite``, another process
+            writing the same output, an interrupted run's ``.partial`` without ``resume`` or ``overwrite``.
+        ResumeError: ``resume`` and a ``.partial`` that cannot be continued (other settings, damaged).
+
+    ``rows_done`` counts the rows handed to :meth:`write`; ``rows_stored`` those in the file, counted by
+    its ``rows_complete`` (compressed layers are stored a whole chunk at a time).
     """
 
     def __init__(
@@ -174,6 +208,7 @@ class ActivationWriter:
     ) -> None:
         self.path = os.fspath(path)
         self.tmp_path = partial_path(self.path)
+        self.scratch_path = scratch_path(self.path)
         if dtype not in schema.STORED_DTYPES:
             raise OutputError(f"{self.path}: unknown dtype {dtype!r}; use one of {', '.join(schema.STORED_DTYPES)}")
         if not layers:
@@ -193,65 +228,63 @@ class ActivationWriter:
         self.layers = list(layers)
         self.dtype = np.dtype(dtype)
         self.resume_key = resume_key
+        comp = _compression_kwargs(compression)
+        check_output_path(self.path)
         refuse_existing(self.path, overwrite=overwrite)
-        folder = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(folder):
-            raise OutputError(f"{self.path}: folder {folder} does not exist; create it first")
-        if not os.access(folder, os.W_OK):
-            raise OutputError(f"{self.path}: folder {folder} is not writable; choose another -o")
         if chunk_rows is None:
             chunk_rows = schema.default_chunk_rows(max(s.features for s in self.layers), self.dtype.itemsize)
         if chunk_rows < 1:
             raise OutputError(f"{self.path}: chunk_rows must be >= 1, got {chunk_rows}")
         self.chunk_rows = int(min(chunk_rows, max(self.n, logical_rows or 0)))
         self.rows_done = 0
+        self.rows_stored = 0
+        #: compressed layers are stored a whole chunk at a time (see the module docstring)
+        self._whole_chunks = bool(comp)
+        self._pending: list[list[np.ndarray]] = []
         self._closed = False
         self._broken = False
-        self._file: h5py.File | None = None
+        self._inode: tuple[int, int] | None = None
         self._datasets: list[h5py.Dataset] | None = None
-        if resume and os.path.exists(self.tmp_path):
-            self._file = self._reopen()
-        if self._file is None:
-            self._file = self._create(provenance, compression, shard)
+        self._file: h5py.File | None = None
+        self._lock = OutputLock(self.path)
+        self._lock.acquire()  # before any file is touched: a second writer never changes the first one's file
+        try:
+            refuse_existing(self.path, overwrite=overwrite)
+            partial.refuse_interrupted(self.path, resume=resume, overwrite=overwrite)
+            remove_quietly(self.scratch_path)  # left by a writer killed while it built one
+            if resume and os.path.exists(self.tmp_path):
+                try:
+                    self._file = self._resume(comp)
+                except ResumeError as exc:
+                    if not overwrite:
+                        raise
+                    log.warning("%s; --overwrite: starting over", str(exc).split("; ")[0])
+                    self.chunk_rows = int(min(chunk_rows, max(self.n, logical_rows or 0)))
+            if self._file is None:
+                if os.path.exists(self.tmp_path):
+                    log.warning("--overwrite: replacing the interrupted extraction %s", self.tmp_path)
+                self._file = self._create(_root_attrs(self, provenance, shard), comp)
+        except BaseException:
+            self._lock.release()
+            raise
 
     # -- creation and resume --------------------------------------------------------------------------
-    def _create(
-        self, provenance: Mapping[str, Any], compression: str | None, shard: tuple[int, int, int] | None
-    ) -> h5py.File:
-        comp = _compression_kwargs(compression)
+    def _create(self, attrs: Mapping[str, Any], comp: Mapping[str, Any]) -> h5py.File:
+        """A new ``.partial``: built in the scratch file, renamed into place, opened to write."""
         ids_bytes = sum(len(x.encode()) + 16 for x in self.ids.tolist()) if self.ids.dtype.kind == "U" else 8 * self.n
         self._check_space(ids_bytes, creating=True)
-        try:
-            f = h5py.File(self.tmp_path, "w")
-        except OSError as exc:
-            raise OutputError(f"{self.path}: cannot create {self.tmp_path}: {exc}") from exc
-        try:
-            from .. import __version__
+        f = self._build(attrs, comp)
+        return self._install(f)
 
-            attrs = f.attrs
-            attrs[schema.ATTR_FORMAT] = schema.FORMAT_NAME
-            attrs[schema.ATTR_VERSION] = schema.FORMAT_VERSION
-            attrs[schema.ATTR_TOOL_VERSION] = __version__
-            attrs[schema.ATTR_CREATED] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            attrs[schema.ATTR_N_EXAMPLES] = self.n
-            attrs[schema.ATTR_ROWS_COMPLETE] = 0
-            attrs[schema.ATTR_COMPLETE] = False
-            attrs[schema.ATTR_CHUNK_ROWS] = self.chunk_rows
-            attrs[schema.ATTR_RESUME_KEY] = self.resume_key
-            index, count, offset = shard if shard is not None else (0, 1, 0)
-            attrs[schema.ATTR_SHARD_INDEX] = int(index)
-            attrs[schema.ATTR_SHARD_COUNT] = int(count)
-            attrs[schema.ATTR_EXAMPLE_OFFSET] = int(offset)
-            extra: dict[str, Any] = {}
-            for key, value in provenance.items():
-                if key in schema.PROVENANCE_ATTRS:
-                    attrs[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-                else:
-                    extra[key] = value
-            for key in schema.PROVENANCE_ATTRS:
-                if key not in attrs:
-                    attrs[key] = ""
-            attrs[schema.ATTR_EXTRA] = json.dumps(extra, sort_keys=True, default=str)
+    def _build(self, attrs: Mapping[str, Any], comp: Mapping[str, Any]) -> h5py.File:
+        """The scratch file with ``attrs`` (every root attribute, written once), the ids and empty layers."""
+        try:
+            f = h5py.File(self.scratch_path, "w")
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot create {self.scratch_path}: {exc}") from exc
+        try:
+            for key, value in attrs.items():
+                f.attrs[key] = value
             if self.ids.dtype.kind == "U":
                 f.create_dataset(schema.IDS_DATASET, data=self.ids.astype(object), dtype=h5py.string_dtype("utf-8"))
             else:
@@ -276,82 +309,126 @@ class ActivationWriter:
             f.flush()
         except (OSError, RuntimeError) as exc:
             # HDF5 cannot be closed cleanly after a failed write (closing it crashes the process at exit)
-            remove_quietly(self.tmp_path)
+            remove_quietly(self.scratch_path)
             raise OutputError(
-                f"{self.path}: cannot create {self.tmp_path}: {_write_failure(exc)}; free space and rerun"
+                f"{self.path}: cannot create {self.tmp_path}: {partial.write_failure(exc)}; free space and rerun"
             ) from exc
         except BaseException:
             f.close()
-            remove_quietly(self.tmp_path)
+            remove_quietly(self.scratch_path)
             raise
         return f
 
-    def _reopen(self) -> h5py.File | None:
-        """Continue the ``.partial`` file: checked, then rebuilt by copying it (see _rebuild)."""
+    def _install(self, f: h5py.File) -> h5py.File:
+        """Close the scratch file ``f``, rename it to ``.partial`` (replacing an old one) and reopen it."""
         try:
-            f = h5py.File(self.tmp_path, "r")
-        except OSError as exc:
-            # a writer killed at the wrong moment can leave an unreadable partial file: start over
-            log.warning("%s is unreadable (%s); starting the extraction from the first example", self.tmp_path, exc)
-            remove_quietly(self.tmp_path)
-            return None
-        try:
-            key = str(f.attrs.get(schema.ATTR_RESUME_KEY, ""))
-            if key != self.resume_key:
-                raise ResumeError(
-                    f"{self.tmp_path} was written with a different model, inputs or options; rerun with the "
-                    "same ones to resume, or pass --overwrite to start over"
-                )
-            ids_ds = f.get(schema.IDS_DATASET)
-            same_ids = ids_ds is not None and ids_ds.shape == (self.n,) and np.array_equal(_read_ids(ids_ds), self.ids)
-            layers = f.get(schema.LAYERS_GROUP)
-            same_layers = (
-                layers is not None
-                and len(layers) == len(self.layers)
-                and all(
-                    schema.layer_key(i) in layers
-                    and layers[schema.layer_key(i)].shape == (self.n, spec.features)
-                    and str(layers[schema.layer_key(i)].attrs.get(schema.LAYER_ATTR_NAME)) == spec.name
-                    and layers[schema.layer_key(i)].dtype == self.dtype
-                    for i, spec in enumerate(self.layers)
-                )
-            )
-            if not (same_ids and same_layers):
-                raise ResumeError(
-                    f"{self.tmp_path} holds other examples or layers than this run would write; "
-                    "rerun with the same inputs and options to resume, or pass --overwrite to start over"
-                )
-            self.chunk_rows = int(f.attrs[schema.ATTR_CHUNK_ROWS])
-            self.rows_done = int(f.attrs[schema.ATTR_ROWS_COMPLETE])
-            self._check_space(_file_size(self.tmp_path))
-            rebuilt = self._rebuild(f)
-        finally:
+            f.flush()
             f.close()
-        if rebuilt is None:
-            self.rows_done = 0
-            return None
-        os.replace(rebuilt, self.tmp_path)
-        log.info("resuming %s at example %d of %d", self.tmp_path, self.rows_done, self.n)
-        return h5py.File(self.tmp_path, "a")
+            os.replace(self.scratch_path, self.tmp_path)
+            out = h5py.File(self.tmp_path, "r+")
+        except (OSError, RuntimeError) as exc:
+            remove_quietly(self.scratch_path)
+            raise OutputError(f"{self.path}: cannot create {self.tmp_path}: {partial.write_failure(exc)}") from exc
+        st = partial.stat_open(out, self.tmp_path)
+        self._inode = (st.st_dev, st.st_ino)
+        return out
 
-    def _rebuild(self, old: h5py.File) -> str | None:
-        """A fresh copy of the killed writer's file (attributes, ids and layers, chunk for chunk), or None
-        if it cannot be read (then the run starts over). A writer killed mid-flush leaves HDF5 metadata
-        that reads fine but breaks the next write ("addr overflow"); HDF5 then cannot even close the
-        file. Writing into a copy that HDF5 made itself is safe."""
-        rebuilt = self.tmp_path + ".rebuild"
+    def _resume(self, comp: Mapping[str, Any]) -> h5py.File:
+        """Continue the ``.partial`` file: checked, then the rows it counts that read back are copied into
+        a fresh file (a writer killed mid-flush can leave metadata that reads fine but breaks the next write,
+        and HDF5 then cannot even close the file; writing into a file HDF5 made itself is safe)."""
+        damaged = (
+            f"{self.tmp_path} cannot be resumed: it is damaged ({{}}); pass --overwrite to delete it and start over"
+        )
         try:
-            with h5py.File(rebuilt, "w") as new:
-                for key, value in old.attrs.items():
-                    new.attrs[key] = value
-                old.copy(old[schema.IDS_DATASET], new, name=schema.IDS_DATASET)
-                old.copy(old[schema.LAYERS_GROUP], new, name=schema.LAYERS_GROUP)
-        except (OSError, RuntimeError, KeyError, ValueError) as exc:
-            remove_quietly(rebuilt)
-            log.warning("%s is damaged (%s); starting the extraction from the first example", self.tmp_path, exc)
-            remove_quietly(self.tmp_path)
-            return None
-        return rebuilt
+            old = h5py.File(self.tmp_path, "r")
+        except OSError as exc:
+            raise ResumeError(damaged.format(f"not a readable HDF5 file: {partial.short(exc)}")) from exc
+        try:
+            try:
+                attrs = {key: old.attrs[key] for key in old.attrs}
+                self._check_resumable(old, attrs)
+                self.chunk_rows = int(attrs[schema.ATTR_CHUNK_ROWS])
+                counted = int(attrs[schema.ATTR_ROWS_COMPLETE])
+                olds = [old[schema.LAYERS_GROUP][schema.layer_key(i)] for i in range(len(self.layers))]
+            except ResumeError:
+                raise
+            except (*H5_ERRORS, AttributeError) as exc:
+                raise ResumeError(damaged.format(partial.short(exc))) from exc
+            for ds, spec in zip(olds, self.layers):
+                require_filters(ds, self.tmp_path, f"layer {spec.name!r}")
+            self._check_space(partial.file_size(self.tmp_path))
+            attrs[schema.ATTR_ROWS_COMPLETE] = np.int64(0)
+            attrs[schema.ATTR_COMPLETE] = False
+            new = self._build(attrs, comp)
+            try:
+                rows = self._copy_readable(olds, new, min(max(counted, 0), self.n))
+                new.attrs.modify(schema.ATTR_ROWS_COMPLETE, rows)
+            except (OSError, RuntimeError) as exc:
+                remove_quietly(self.scratch_path)
+                raise partial.disk_error(self.path, self.tmp_path, exc) from exc
+            except BaseException:
+                new.close()
+                remove_quietly(self.scratch_path)
+                raise
+        finally:
+            old.close()
+        f = self._install(new)
+        self.rows_done = self.rows_stored = rows
+        log.info("resuming %s at example %d of %d", self.tmp_path, rows, self.n)
+        return f
+
+    def _check_resumable(self, old: h5py.File, attrs: Mapping[str, Any]) -> None:
+        """ResumeError unless ``old`` was written by this run's model, inputs, options, ids and layers."""
+        if schema.ATTR_RESUME_KEY not in attrs:
+            raise KeyError(f"attribute {schema.ATTR_RESUME_KEY!r} is missing")
+        if str(attrs[schema.ATTR_RESUME_KEY]) != self.resume_key:
+            raise ResumeError(
+                f"{self.tmp_path} was written with a different model, inputs or options; rerun with the "
+                "same ones to resume, or pass --overwrite to start over"
+            )
+        ids_ds = old.get(schema.IDS_DATASET)
+        same_ids = ids_ds is not None and ids_ds.shape == (self.n,) and np.array_equal(_read_ids(ids_ds), self.ids)
+        layers = old.get(schema.LAYERS_GROUP)
+        same_layers = (
+            layers is not None
+            and len(layers) == len(self.layers)
+            and all(
+                schema.layer_key(i) in layers
+                and layers[schema.layer_key(i)].shape == (self.n, spec.features)
+                and str(layers[schema.layer_key(i)].attrs.get(schema.LAYER_ATTR_NAME)) == spec.name
+                and layers[schema.layer_key(i)].dtype == self.dtype
+                for i, spec in enumerate(self.layers)
+            )
+        )
+        if not (same_ids and same_layers):
+            raise ResumeError(
+                f"{self.tmp_path} holds other examples or layers than this run would write; "
+                "rerun with the same inputs and options to resume, or pass --overwrite to start over"
+            )
+
+    def _copy_readable(self, olds: Sequence[h5py.Dataset], new: h5py.File, counted: int) -> int:
+        """Copy rows ``0:counted`` of every layer, a chunk at a time, into ``new``; stop at the first chunk
+        that is not stored or does not decompress (the rows from there on are extracted again). Returns
+        the rows copied. With compression only whole chunks are kept, so none is ever rewritten."""
+        limit = counted if counted == self.n or not self._whole_chunks else counted - counted % self.chunk_rows
+        news = [new[schema.LAYERS_GROUP][schema.layer_key(i)] for i in range(len(self.layers))]
+        for start in range(0, limit, self.chunk_rows):
+            stop = min(start + self.chunk_rows, limit)
+            try:
+                blocks = [partial.read_stored(ds, start, stop) for ds in olds]
+            except (*H5_ERRORS, partial.NotStored) as exc:
+                log.warning(
+                    "%s: rows %d-%d do not read back (%s); extracting them again",
+                    self.tmp_path,
+                    start,
+                    limit,
+                    partial.short(exc),
+                )
+                return start
+            for ds, block in zip(news, blocks):
+                ds.write_direct(block, dest_sel=np.s_[start:stop])
+        return limit
 
     # -- writing ----------------------------------------------------------------------------------------
     def write(self, arrays: Mapping[str, np.ndarray]) -> None:
@@ -365,29 +442,46 @@ class ActivationWriter:
         if len(rows) != 1:
             raise OutputError(f"{self.path}: layers of one batch have different row counts {sorted(rows)}")
         (b,) = rows
-        start, stop = self.rows_done, self.rows_done + b
+        stop = self.rows_done + b
         if stop > self.n:
             raise OutputError(f"{self.path}: {stop} rows written but the file holds {self.n} examples")
-        self._check_space(self._new_chunk_bytes(start, stop))
+        block = []
+        for spec in self.layers:
+            arr = np.asarray(arrays[spec.name])
+            if arr.shape != (b, spec.features):
+                raise OutputError(
+                    f"layer {spec.name!r}: expected rows of {spec.features} features, got shape {arr.shape}"
+                )
+            block.append(np.ascontiguousarray(arr, dtype=self.dtype))
+        self._pending.append(block)
+        end = stop if stop == self.n or not self._whole_chunks else stop - stop % self.chunk_rows
+        if end > self.rows_stored:
+            self._store(end)
+        self.rows_done = stop
+
+    def _store(self, end: int) -> None:
+        """Write the pending rows up to row ``end``, then count them: data flushed before the counter, so
+        a crash between the two flushes never claims unwritten rows."""
+        start, f = self.rows_stored, self._file
+        assert f is not None
+        self._check_space(self._new_chunk_bytes(start, end))
         if self._datasets is None:  # looked up once: h5py's name lookups cost more than small writes
-            group = self._file[schema.LAYERS_GROUP]
+            group = f[schema.LAYERS_GROUP]
             self._datasets = [group[schema.layer_key(order)] for order in range(len(self.layers))]
+        pending = self._pending
+        blocks = pending[0] if len(pending) == 1 else [np.concatenate(parts) for parts in zip(*pending)]
+        k = end - start
         try:
-            for spec, ds in zip(self.layers, self._datasets):
-                arr = np.asarray(arrays[spec.name])
-                if arr.shape != (b, spec.features):
-                    raise OutputError(
-                        f"layer {spec.name!r}: expected rows of {spec.features} features, got shape {arr.shape}"
-                    )
-                ds.write_direct(np.ascontiguousarray(arr, dtype=self.dtype), dest_sel=np.s_[start:stop])
-            # rows first, then the count: a crash between the two flushes never claims unwritten rows
-            self._file.flush()
-            self._file.attrs[schema.ATTR_ROWS_COMPLETE] = stop
-            self._file.flush()
+            for ds, rows in zip(self._datasets, blocks):
+                ds.write_direct(rows[:k], dest_sel=np.s_[start:end])  # a row slice: still C-contiguous
+            f.flush()
+            f.attrs.modify(schema.ATTR_ROWS_COMPLETE, end)  # in place: never deleted, never moved
+            f.flush()
         except (OSError, RuntimeError) as exc:
             self._broken = True
-            raise _disk_error(self.path, self.tmp_path, exc) from exc
-        self.rows_done = stop
+            raise partial.disk_error(self.path, self.tmp_path, exc) from exc
+        self.rows_stored = end
+        self._pending = [[rows[k:] for rows in blocks]] if k < len(blocks[0]) else []
 
     def _new_chunk_bytes(self, start: int, stop: int) -> int:
         """Bytes rows ``start:stop`` add to the file at most: HDF5 allocates a whole chunk when its first
@@ -401,7 +495,7 @@ class ActivationWriter:
         """Refuse a write the disk or the process's file size limit cannot take, before HDF5 starts it:
         HDF5 cannot recover from a failed write (the file handle is lost and closing it crashes)."""
         need += SPACE_MARGIN + SPACE_MARGIN_PER_LAYER * len(self.layers)
-        size = 0 if creating else _file_size(self.tmp_path)
+        size = 0 if creating else partial.file_size(self.tmp_path)
         kept = "" if creating else f"; the partial file {self.tmp_path} is kept for --resume"
         if sys.platform != "win32":
             import resource
@@ -424,8 +518,10 @@ class ActivationWriter:
                 f"{need / 2**20:.1f} MiB){kept}: free space and rerun{' with --resume' if kept else ''}"
             )
 
+    # -- finishing ---------------------------------------------------------------------------------------
     def close(self) -> str:
-        """Check every row is written, mark the file complete and move it to its final path."""
+        """Check every row is written, mark the file complete, check it reads back as the file this writer
+        wrote, and move it to its final path."""
         if self._closed:
             return self.path
         assert self._file is not None
@@ -436,26 +532,84 @@ class ActivationWriter:
                 f"at {self.tmp_path} for --resume"
             )
         try:
-            self._file.attrs[schema.ATTR_COMPLETE] = True
-            self._file.flush()
-            self._file.close()
-        except (OSError, RuntimeError) as exc:
-            self._closed = True
-            raise _disk_error(self.path, self.tmp_path, exc) from exc
-        self._closed = True
-        os.replace(self.tmp_path, self.path)
+            try:
+                self._file.attrs.modify(schema.ATTR_COMPLETE, True)
+                self._file.flush()
+                self._file.close()
+            except (OSError, RuntimeError) as exc:
+                raise partial.disk_error(self.path, self.tmp_path, exc) from exc
+            finally:
+                self._closed = True
+            self._verify()
+            try:
+                partial.fsync(self.tmp_path)
+                os.replace(self.tmp_path, self.path)
+            except OSError as exc:
+                raise OutputError(
+                    f"{self.path}: cannot move the finished file into place ({exc.strerror or exc}); it is kept "
+                    f"complete at {self.tmp_path}: free space or fix the folder and rerun the same command with "
+                    "--resume to move it"
+                ) from exc
+        finally:
+            self._lock.release()
+        partial.fsync(os.path.dirname(os.path.abspath(self.path)), folder=True)
         return self.path
 
+    def _verify(self) -> None:
+        """Refuse to rename a ``.partial`` that is not the file this writer wrote (another program replaced
+        or removed it) or that does not read back complete."""
+        fix = f"nothing was moved to {self.path}: extract it again with --overwrite"
+        try:
+            st = os.stat(self.tmp_path)
+        except OSError:
+            raise OutputError(f"{self.path}: {self.tmp_path} was removed while this run wrote it; {fix}") from None
+        if (st.st_dev, st.st_ino) != self._inode:
+            raise OutputError(
+                f"{self.path}: {self.tmp_path} was replaced by another program while this run wrote it; {fix}"
+            )
+        try:
+            with h5py.File(self.tmp_path, "r") as f:
+                problem = self._read_back(f)
+        except H5_ERRORS as exc:
+            problem = partial.short(exc)
+        if problem:
+            raise OutputError(
+                f"{self.path}: the finished file {self.tmp_path} does not read back as written ({problem}); {fix}"
+            )
+
+    def _read_back(self, f: h5py.File) -> str:
+        """What is wrong with the finished file ``f`` (``""``: nothing): its counters, ids and every layer's
+        shape and stored chunks, and its last chunk decompresses."""
+        attrs = f.attrs
+        if not bool(attrs[schema.ATTR_COMPLETE]) or int(attrs[schema.ATTR_ROWS_COMPLETE]) != self.n:
+            return f"it counts {int(attrs[schema.ATTR_ROWS_COMPLETE])} of {self.n} rows"
+        if int(attrs[schema.ATTR_N_EXAMPLES]) != self.n or str(attrs[schema.ATTR_RESUME_KEY]) != self.resume_key:
+            return "its attributes are not this run's"
+        if f[schema.IDS_DATASET].shape != (self.n,):
+            return "its ids are not this run's"
+        chunks = -(-self.n // self.chunk_rows)
+        for order, spec in enumerate(self.layers):
+            ds = f[schema.LAYERS_GROUP][schema.layer_key(order)]
+            if ds.shape != (self.n, spec.features) or ds.id.get_num_chunks() != chunks:
+                return f"layer {spec.name!r} stores {ds.id.get_num_chunks()} of {chunks} chunks"
+            ds[self.n - 1 :]
+        return ""
+
     def abort(self) -> None:
-        """Close without completing; ``<path>.partial`` stays for ``resume=True``."""
+        """Close without completing; ``<path>.partial`` stays for ``resume=True`` (rows not yet stored,
+        part of a compressed chunk, are extracted again then)."""
         if self._closed:
             return
         self._closed = True
-        if self._file is not None and not self._broken:  # closing after a failed write crashes HDF5
-            try:
-                self._file.close()
-            except Exception as exc:  # already failing; do not mask the original error
-                log.warning("closing %s failed: %s", self.tmp_path, exc)
+        self._pending = []
+        try:
+            if self._file is not None and not self._broken:  # closing after a failed write crashes HDF5
+                try:
+                    self._file.close()
+                except Exception as exc:  # already failing; do not mask the original error
+                    log.warning("closing %s failed: %s", self.tmp_path, exc)
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> ActivationWriter:
         return self
@@ -467,36 +621,48 @@ class ActivationWriter:
             self.abort()
 
 
+def _root_attrs(
+    writer: ActivationWriter, provenance: Mapping[str, Any], shard: tuple[int, int, int] | None
+) -> dict[str, Any]:
+    """The root attributes of a new file, each with the type it keeps (counters are updated in place)."""
+    from .. import __version__
+
+    index, count, offset = shard if shard is not None else (0, 1, 0)
+    attrs: dict[str, Any] = {
+        schema.ATTR_FORMAT: schema.FORMAT_NAME,
+        schema.ATTR_VERSION: schema.FORMAT_VERSION,
+        schema.ATTR_TOOL_VERSION: __version__,
+        schema.ATTR_CREATED: datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        schema.ATTR_N_EXAMPLES: np.int64(writer.n),
+        schema.ATTR_ROWS_COMPLETE: np.int64(0),
+        schema.ATTR_COMPLETE: False,
+        schema.ATTR_CHUNK_ROWS: np.int64(writer.chunk_rows),
+        schema.ATTR_RESUME_KEY: writer.resume_key,
+        schema.ATTR_SHARD_INDEX: np.int64(index),
+        schema.ATTR_SHARD_COUNT: np.int64(count),
+        schema.ATTR_EXAMPLE_OFFSET: np.int64(offset),
+    }
+    extra: dict[str, Any] = {}
+    for key, value in provenance.items():
+        if key in schema.PROVENANCE_ATTRS:
+            attrs[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        else:
+            extra[key] = value
+    for key in schema.PROVENANCE_ATTRS:
+        attrs.setdefault(key, "")
+    attrs[schema.ATTR_EXTRA] = json.dumps(extra, sort_keys=True, default=str)
+    return attrs
+
+
 def _read_ids(ds: h5py.Dataset) -> np.ndarray:
     if h5py.check_string_dtype(ds.dtype) is not None:
         return np.asarray(ds.asstr()[()], dtype=str)
     return np.asarray(ds[()])
 
 
-def _write_failure(exc: BaseException) -> str:
-    text = str(exc)
-    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "no space" in text.lower():
-        return "the disk is full"
-    if getattr(exc, "errno", None) == errno.EFBIG or "file too large" in text.lower():
-        return "the file grew past the file size limit"
-    return f"writing failed ({' '.join(text.split())[:200]})"
-
-
-def _disk_error(path: str, tmp_path: str, exc: BaseException) -> OutputError:
-    return OutputError(
-        f"{path}: {_write_failure(exc)}; the partial file {tmp_path} is kept: free space and rerun with --resume"
-    )
-
-
-def _file_size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
-
-
 __all__ = [
     "ActivationWriter",
+    "check_target",
     "LayerSpec",
     "partial_path",
     "normalize_ids",

@@ -199,10 +199,53 @@ def test_interrupt_keeps_partial_file(example, files):
         error_line(r)
         == f"cka-extract: interrupted; the partial file {files['out']}.partial was kept: run the same command with --resume to continue"
     )
+    partial = files["out"] + ".partial"
+    with open(partial, "rb") as fh:
+        kept = fh.read()
+    r = invoke(pm, args)  # the same command again, without --resume: the interrupted rows are not thrown away
+    assert r.exit_code == 3
+    assert error_line(r) == (
+        f"cka-extract: error: {partial} holds an interrupted extraction (4 of 9 rows written); run the same "
+        "command with --resume to continue it, or with --overwrite to delete it and start over"
+    )
+    with open(partial, "rb") as fh:
+        assert fh.read() == kept
     r = invoke(pm, [*args, "--resume"])
     assert r.exit_code == 0 and r.stderr == ""
     with open_activations(files["out"]) as f:
         assert f.n_examples == 9
+    assert sorted(os.listdir(os.path.dirname(files["out"]))) == ["in.npz", "m.mlp.json", "out.h5"]
+
+
+def test_unusable_outputs_are_refused_before_any_work(example, files, tmp_path):
+    """Reserved names, a folder, a missing folder: one line before the model is even looked at (the model
+    here does not exist), and nothing is created."""
+    pm = get_plugin_manager(entry_points=False, plugins=[example])
+    before = sorted(os.listdir(tmp_path))
+    cases = {
+        str(tmp_path / "x.h5.partial"): "x.h5.partial: output names may not end in '.partial', which names "
+        "unfinished activation files; choose another -o",
+        str(tmp_path / "x.h5.lock"): "x.h5.lock: output names may not end in '.lock', which names the lock file "
+        "of a running writer; choose another -o",
+        str(tmp_path): f"{tmp_path} is a folder; give a file name inside it, such as {tmp_path / 'acts.h5'}",
+        str(tmp_path / "no" / "x.h5"): f"x.h5: folder {tmp_path / 'no'} does not exist; create it first",
+    }
+    for out, message in cases.items():
+        r = invoke(pm, [str(tmp_path / "missing.mlp.json"), "-i", files["inputs"], "-o", out])
+        assert r.exit_code == 3, r.stderr
+        line = error_line(r)
+        assert line.startswith("cka-extract: error: ") and line.endswith(message), line
+    assert sorted(os.listdir(tmp_path)) == before
+    with open(files["inputs"], "rb") as fh:
+        inputs = fh.read()
+    r = invoke(pm, [files["model"], "-i", files["inputs"], "-o", files["inputs"], "--overwrite"])
+    assert r.exit_code == 3
+    assert error_line(r) == (
+        f"cka-extract: error: {files['inputs']} is this run's inputs ({files['inputs']}); writing the activations "
+        "there would replace it: choose another -o"
+    )
+    with open(files["inputs"], "rb") as fh:
+        assert fh.read() == inputs
 
 
 def test_option_parsing():

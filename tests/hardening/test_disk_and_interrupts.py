@@ -143,9 +143,35 @@ def test_ctrl_c_during_extraction_then_resume(job, tmp_path, monkeypatch):
         "with --resume to continue\n"
     )
     assert not Path("out.h5").exists() and Path("out.h5.partial").exists()
+    kept = Path("out.h5.partial").read_bytes()
+    r = invoke("cka-extract", EXTRACT[1:])  # the same command without --resume
+    assert r.exit_code == 3
+    assert error_line(r, "cka-extract") == (
+        "out.h5.partial holds an interrupted extraction (300 of 2000 rows written); run the same command with "
+        "--resume to continue it, or with --overwrite to delete it and start over"
+    )
+    assert Path("out.h5.partial").read_bytes() == kept
     r = invoke("cka-extract", [*EXTRACT[1:], "--resume"])
     assert r.exit_code == 0, r.stderr
     assert full_content("out.h5") == reference
+
+
+def test_overwrite_starts_an_interrupted_extraction_over(job, monkeypatch):
+    root, reference = job
+    (root / "over").mkdir()
+    monkeypatch.chdir(root / "over")
+    with mock.patch.object(cli_extract, "ProgressBar", _InterruptAfter):
+        assert invoke("cka-extract", EXTRACT[1:]).exit_code == 130
+    r = invoke("cka-extract", [*EXTRACT[1:], "--overwrite"])
+    assert r.exit_code == 0, r.stderr
+    assert (
+        r.stderr
+        == "WARNING cka_offline.store.writer: --overwrite: replacing the interrupted extraction out.h5.partial\n"
+    )
+    assert sorted(os.listdir(".")) == ["out.h5"]
+    content = full_content("out.h5")
+    assert content["/"].pop("command") == "cka-extract ../acts -o out.h5 -b 100 --chunk-rows 100 -q --overwrite"
+    assert content == {**reference, "/": {k: v for k, v in reference["/"].items() if k != "command"}}
 
 
 def test_ctrl_c_during_analysis_leaves_nothing(tmp_path):
