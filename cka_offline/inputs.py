@@ -403,7 +403,9 @@ class HDF5Inputs(_BuiltinInputs):
                 "every example needs at least one value"
             )
         self._guarded(lambda: check_stored(obj, self.file, what, fix=_SAVE_AGAIN, error=InputError), what)
-        _load_filters(obj)
+        from .store.filters import require_filters  # the one place filters are loaded (writer, reader, inputs)
+
+        require_filters(obj, self.file, what)
         return obj
 
     def _guarded(self, read: Any, what: str) -> Any:
@@ -442,17 +444,6 @@ class HDF5Inputs(_BuiltinInputs):
 
     def close(self) -> None:
         self._h5.close()
-
-
-def _load_filters(ds: Any) -> None:
-    """Register hdf5plugin's filters (LZ4, Zstd...) when a dataset uses one that HDF5 lacks built in."""
-    from .store.damage import filter_codes
-
-    if any(code > 32000 for code in filter_codes(ds)):
-        try:
-            import hdf5plugin  # noqa: F401 - registering is a side effect of the import
-        except ImportError:
-            pass  # reading then fails with HDF5's message, as one line
 
 
 # --------------------------------------------------------------------------------------------- images
