@@ -491,4 +491,13 @@ def _provenance(
     return prov
 
 
-__all__ = ["DTYPES", "ExtractOptions", "display_aliases", "extract", "extract_with", "resume_key", "shard_path", "shard_range"]
+__all__ = [
+    "DTYPES",
+    "ExtractOptions",
+    "display_aliases",
+    "extract",
+    "extract_with",
+    "resume_key",
+    "shard_path",
+    "shard_range",
+]

@@ -47,7 +47,9 @@ class FileInfo:
         if not self.aliases:
             self.aliases = [""] * len(self.layers)
         elif len(self.aliases) != len(self.layers):
-            raise ValueError(f"{self.label}: {len(self.aliases)} aliases for {len(self.layers)} layers; give one per layer")
+            raise ValueError(
+                f"{self.label}: {len(self.aliases)} aliases for {len(self.layers)} layers; give one per layer"
+            )
 
     def __repr__(self) -> str:  # a network's provenance is long: show what tells files apart
         return f"FileInfo({self.label!r}, {len(self.layers)} layers, {self.n_examples} examples)"
