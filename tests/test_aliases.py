@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from cka_offline import analyze, extract, load_result
@@ -134,3 +135,9 @@ def test_display_layers_fall_back_to_names_and_aliases_must_fit(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(doc))
     with pytest.raises(FormatError, match=r"bad\.json is not a readable cka-offline result .*1 aliases for 2 layers"):
         load_result(tmp_path / "bad.json")
+
+
+def test_in_memory_activations_have_no_aliases():
+    rng = np.random.default_rng(0)
+    r = analyze([{"x": rng.normal(size=(16, 3)), "y": rng.normal(size=(16, 2))}], batch_size=8, progress=False)
+    assert r.files[0].aliases == ["", ""] and r.files[0].display_layers == ["x", "y"]
