@@ -117,8 +117,10 @@ def plot_heatmap(
         ax: a matplotlib Axes to draw into (e.g. one of ``plt.subplots``); its figure is returned and
             keeps its size. Default: a new Figure sized to the layer counts (no pyplot, no GUI).
         labels: shorter display names for the layers: a mapping ``{layer name: label}`` (both axes; names
-            it does not hold stay), a sequence for both axes when they have as many layers, or a pair
-            ``(row labels, column labels)``.
+            it does not hold show as by default), a sequence for both axes when they have as many layers,
+            or a pair ``(row labels, column labels)``. Default: each layer's display alias, the name it
+            was selected by at extraction (``conv1`` for the ONNX tensor ``/conv1/Conv_output_0``), else
+            its name (:attr:`~cka_offline.results.FileInfo.display_layers`).
         title: the figure title instead of the default.
         cmap: matplotlib colour map.
         dpi: resolution of raster output.
@@ -134,7 +136,7 @@ def plot_heatmap(
     if pair is not None:
         i, j = pair
     block = result.pair(i, j)
-    rows, cols = display_labels(block.layers_a, block.layers_b, labels)
+    rows, cols = display_labels(block.layers_a, block.layers_b, labels, shown=(block.display_a, block.display_b))
     values = np.asarray(block.cka, dtype=np.float64)
     n_rows, n_cols = values.shape
     if annotate is None:
@@ -253,19 +255,27 @@ def heatmap_title(result: CKAResult, block: CKAPair) -> str:
 
 
 def display_labels(
-    layers_a: list[str], layers_b: list[str], labels: Labels | None = None
+    layers_a: list[str],
+    layers_b: list[str],
+    labels: Labels | None = None,
+    *,
+    shown: tuple[Sequence[str], Sequence[str]] | None = None,
 ) -> tuple[list[str], list[str]]:
     """The tick labels of the rows and the columns: ``labels`` (see :func:`plot_heatmap`) applied to the
-    layer names, then :func:`tick_labels`.
+    layer names, else ``shown`` (what to show for each layer by default: the display aliases, one per
+    layer of each axis; default the names), then :func:`tick_labels`.
 
     Raises:
         ValueError: a sequence of labels whose length is not the layer count.
     """
     rows, cols = list(layers_a), list(layers_b)
+    default_a, default_b = (rows, cols) if shown is None else (list(shown[0]), list(shown[1]))
     if isinstance(labels, Mapping):
-        rows = [str(labels.get(n, n)) for n in rows]
-        cols = [str(labels.get(n, n)) for n in cols]
-    elif labels is not None:
+        rows = [str(labels.get(n, d)) for n, d in zip(rows, default_a)]
+        cols = [str(labels.get(n, d)) for n, d in zip(cols, default_b)]
+    elif labels is None:
+        rows, cols = default_a, default_b
+    else:
         given = list(labels)
         if len(given) == 2 and all(not isinstance(x, str) and isinstance(x, Sequence) for x in given):
             new_rows, new_cols = (list(map(str, x)) for x in given)

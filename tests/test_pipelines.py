@@ -62,6 +62,7 @@ def test_demo_on_reduced_input(tmp_path):
     matrix = cross.matrix(0, 1)
     assert matrix.shape == (12, 12)
     assert cross.pair(0, 1).layers_a == DEMO_LAYERS
+    assert cross.files[1].aliases == DEMO_LAYERS  # B (ONNX) was chosen by module names: shown by them
     # independent computation on the same activations and the same minibatches
     a = stored_layers(str(tmp_path / "cnn_a.h5"))
     b = stored_layers(str(tmp_path / "cnn_b.h5"))

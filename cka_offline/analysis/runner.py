@@ -257,6 +257,8 @@ def _result(
             provenance=dict(f.provenance),
             sha256=[],
             n_examples=int(f.n_examples),
+            # activation files 1.1 carry each layer's display alias; in-memory activations have none
+            aliases=[str(getattr(f.layer(name), "alias", "")) for name in stack.selected[k]],
         )
         for k, f in enumerate(stack.files)
     ]

@@ -32,6 +32,7 @@ def describe(f: Any) -> dict[str, Any]:
         "layers": [
             {
                 "name": m.name,
+                "alias": m.alias,  # format 1.1: the name the layer was selected by ("" where none)
                 "stored_shape": [int(f.n_examples), m.features],
                 "original_shape": list(m.original_shape),
                 "dtype": m.dtype,
@@ -75,12 +76,19 @@ def format_text(info: dict[str, Any]) -> str:
     layers = info["layers"]
     lines.append(f"  layers ({len(layers)}):")
     width = max([len("name"), *(len(layer["name"]) for layer in layers)])
-    lines.append(f"    {'#':>3}  {'name':<{width}}  {'stored shape':<14} {'original shape':<16} {'dtype':<8} reduction")
+    # the alias column only where some layer has one (an ONNX export selected by module names)
+    aliased = any(layer.get("alias") for layer in layers)
+    alias_width = max([len("alias"), *(len(layer.get("alias", "")) for layer in layers)]) if aliased else 0
+    alias_head = f"{'alias':<{alias_width}}  " if aliased else ""
+    lines.append(
+        f"    {'#':>3}  {'name':<{width}}  {alias_head}{'stored shape':<14} {'original shape':<16} {'dtype':<8} reduction"
+    )
     for i, layer in enumerate(layers):
         stored = "x".join(str(d) for d in layer["stored_shape"])
         original = "x".join(str(d) for d in layer["original_shape"]) or "scalar"
+        alias = f"{layer.get('alias') or '-':<{alias_width}}  " if aliased else ""
         lines.append(
-            f"    {i:>3}  {layer['name']:<{width}}  {stored:<14} {original:<16} {layer['dtype']:<8} {layer['reduction']}"
+            f"    {i:>3}  {layer['name']:<{width}}  {alias}{stored:<14} {original:<16} {layer['dtype']:<8} {layer['reduction']}"
         )
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ the extractor only runs one batch (see :mod:`cka_offline.extractor`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ from threadpoolctl import threadpool_limits
 
 from ..batch_inputs import BatchInputs, is_batch_iterable
 from ..errors import InputError, ModelError, NoExtractorError, OutputError
-from ..extractor import Extractor, InputReader, declared_options
+from ..extractor import Extractor, InputReader, LayerInfo, declared_options
 from ..inputs import check_ids
 from ..memory_inputs import ArrayInputs, is_memory_inputs
 from ..reduce import resolve_reductions
@@ -271,7 +272,8 @@ def extract_with(
         run = BatchRunner(ext, reader, ids, names, reductions, opts.mask_input, opts.dtype, layouts)
 
         first = run.forward(lo, first_stop)  # learns every layer's per-example shape
-        specs = run.layer_specs()
+        shown = display_aliases([by_name[n] for n in names], opts.layers)
+        specs = [dataclasses.replace(spec, alias=shown[spec.name]) for spec in run.layer_specs()]
         if run.reduce_early():  # the extractor reduces some layers itself from now on: same path for every row
             first = run.forward(lo, first_stop)
         settings = opts.recorded(run.reductions)  # each layer's reduction as applied to its shape
@@ -314,6 +316,19 @@ def _refuse_own_files(output: str, files: Mapping[str, Any]) -> None:
                     f"{output} is this run's {what} ({os.fspath(given)}); writing the activations there would "
                     "replace it: choose another -o"
                 )
+
+
+def display_aliases(selected: Sequence[LayerInfo], patterns: Sequence[str] | None) -> dict[str, str]:
+    """The display alias stored with each selected layer (format 1.1 ``alias``): the alias a pattern
+    named exactly (``--layers conv1`` for the ONNX tensor ``/conv1/Conv_output_0``), else the layer's
+    first alias, else ``""`` (a torch module's name is already the name to show). A pattern naming a
+    module that runs several times selects its calls by their own names ``NAME:N``: no alias."""
+    out = {}
+    for info in selected:
+        named = [p for p in patterns or () if p in info.aliases]
+        alias = named[0] if named else (info.aliases[0] if info.aliases else "")
+        out[info.name] = "" if alias == info.name else alias
+    return out
 
 
 def _rows(reader: InputReader, where: str, opts: ExtractOptions) -> tuple[np.ndarray, int, int, tuple[int, int]]:
@@ -496,4 +511,13 @@ def _provenance(
     return prov
 
 
-__all__ = ["DTYPES", "ExtractOptions", "extract", "extract_with", "resume_key", "shard_path", "shard_range"]
+__all__ = [
+    "DTYPES",
+    "ExtractOptions",
+    "display_aliases",
+    "extract",
+    "extract_with",
+    "resume_key",
+    "shard_path",
+    "shard_range",
+]

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 #: the dimensions of a pair's Dataset and of the stacked matrices in a saved ``.h5``: rows, columns
 DIM_A, DIM_B = schema.H5_DIM_A, schema.H5_DIM_B
+#: a pair's coordinates of each layer's display alias (``""`` where none) along each dimension
+ALIAS_A, ALIAS_B = "alias_a", "alias_b"
 
 
 def _require(module: str, what: str) -> Any:
@@ -123,6 +125,8 @@ def to_xarray(result: CKAResult, i: int = 0, j: int | None = None, *, stacked: b
     in file order) and ``layer_b`` (those of file ``j``), whose coordinates are the layer names; the
     attributes hold ``file_a``, ``file_b``, ``model_a``, ``model_b``, the example and minibatch counts, the
     confidence level and every parameter (:func:`attributes`). ``ds.cka.sel(layer_a="conv1")`` is a row.
+    The coordinates ``alias_a`` / ``alias_b`` hold each layer's display alias (:attr:`FileInfo.aliases
+    <cka_offline.results.FileInfo>`, ``""`` where none); the names stay the index.
 
     ``stacked=True``: the four whole (L, L) matrices over the stacked layers of every file instead, with
     the coordinates ``layer_a`` / ``layer_b`` (names) and ``file_a`` / ``file_b`` (each layer's file label):
@@ -143,7 +147,13 @@ def to_xarray(result: CKAResult, i: int = 0, j: int | None = None, *, stacked: b
     p = result.pair(i, j)
     attrs.update(file_a=p.file_a.label, file_b=p.file_b.label, model_a=p.file_a.model_name, model_b=p.file_b.model_name)
     data = {name: ((DIM_A, DIM_B), np.asarray(getattr(p, name))) for name in schema.MATRICES}
-    return xr.Dataset(data, coords={DIM_A: list(p.layers_a), DIM_B: list(p.layers_b)}, attrs=attrs)
+    coords = {
+        DIM_A: list(p.layers_a),
+        DIM_B: list(p.layers_b),
+        ALIAS_A: (DIM_A, list(p.file_a.aliases)),
+        ALIAS_B: (DIM_B, list(p.file_b.aliases)),
+    }
+    return xr.Dataset(data, coords=coords, attrs=attrs)
 
 
 __all__ = ["attributes", "to_frame", "to_pandas", "to_xarray"]

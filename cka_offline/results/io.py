@@ -71,6 +71,7 @@ def result_meta(result: CKAResult) -> dict[str, Any]:
                 schema.FILE_PROVENANCE: _jsonable(f.provenance),
                 schema.FILE_SHA256: list(f.sha256),
                 schema.FILE_N_EXAMPLES: int(f.n_examples),
+                schema.FILE_ALIASES: list(f.aliases),
             }
             for f in result.files
         ],
@@ -320,6 +321,7 @@ def _from_meta(meta: dict[str, Any], matrices: dict[str, Any]) -> CKAResult:
             provenance=dict(f.get(schema.FILE_PROVENANCE, {})),
             sha256=list(f.get(schema.FILE_SHA256, [])),
             n_examples=int(f.get(schema.FILE_N_EXAMPLES, 0)),
+            aliases=[str(a) for a in f.get(schema.FILE_ALIASES, [])],  # 1.3; older results: none
         )
         for f in meta[schema.KEY_FILES]
     ]

@@ -27,6 +27,12 @@ class FileInfo:
         provenance: the file's provenance (model, extractor, framework, inputs, ...).
         sha256: SHA-256 of each path in ``paths`` (empty strings where not computed).
         n_examples: examples stored in the file (before alignment).
+        aliases: parallel to ``layers``: the display alias each layer was selected by at extraction (the
+            activation file's ``alias``, e.g. ``conv1`` for ``/conv1/Conv_output_0``), ``""`` where none;
+            empty or all ``""`` for in-memory activations and older results.
+
+    Raises:
+        ValueError: ``aliases`` is given but not one per layer.
     """
 
     label: str
@@ -35,9 +41,25 @@ class FileInfo:
     provenance: dict[str, Any] = field(default_factory=dict)
     sha256: list[str] = field(default_factory=list)
     n_examples: int = 0
+    aliases: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.aliases:
+            self.aliases = [""] * len(self.layers)
+        elif len(self.aliases) != len(self.layers):
+            raise ValueError(
+                f"{self.label}: {len(self.aliases)} aliases for {len(self.layers)} layers; give one per layer"
+            )
 
     def __repr__(self) -> str:  # a network's provenance is long: show what tells files apart
         return f"FileInfo({self.label!r}, {len(self.layers)} layers, {self.n_examples} examples)"
+
+    @property
+    def display_layers(self) -> list[str]:
+        """What to show for each layer: its alias, else its name; the name where two layers would show alike."""
+        shown = [alias or name for name, alias in zip(self.layers, self.aliases)]
+        seen = {s: shown.count(s) for s in shown}
+        return [s if seen[s] == 1 else name for s, name in zip(shown, self.layers)]
 
     @property
     def model_name(self) -> str:
@@ -68,6 +90,16 @@ class CKAPair:
     @property
     def layers_b(self) -> list[str]:
         return self.file_b.layers
+
+    @property
+    def display_a(self) -> list[str]:
+        """What to show for the layers of A: alias or name (:attr:`FileInfo.display_layers`)."""
+        return self.file_a.display_layers
+
+    @property
+    def display_b(self) -> list[str]:
+        """What to show for the layers of B: alias or name (:attr:`FileInfo.display_layers`)."""
+        return self.file_b.display_layers
 
 
 @dataclass

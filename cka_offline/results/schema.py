@@ -12,7 +12,7 @@ from __future__ import annotations
 
 FORMAT_NAME = "cka-offline-result"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 2
+FORMAT_MINOR = 3
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 
 # --- the serialisations --------------------------------------------------------------------------------
@@ -62,9 +62,10 @@ FILE_PATHS = "paths"  # list of str, the shard paths the label resolved to
 FILE_PROVENANCE = "provenance"  # object, the activation file's provenance (docs/format.md)
 FILE_SHA256 = "sha256"  # list of str, SHA-256 of each path ("" where not computed)
 FILE_N_EXAMPLES = "n_examples"  # int, examples stored in the file (before alignment)
+FILE_ALIASES = "aliases"  # list of str (1.3), parallel to FILE_LAYERS: each layer's display alias, "" where none
 
 REQUIRED_FILE_KEYS = (FILE_LABEL, FILE_LAYERS)
-OPTIONAL_FILE_KEYS = (FILE_PATHS, FILE_PROVENANCE, FILE_SHA256, FILE_N_EXAMPLES)
+OPTIONAL_FILE_KEYS = (FILE_PATHS, FILE_PROVENANCE, FILE_SHA256, FILE_N_EXAMPLES, FILE_ALIASES)
 
 # --- ``params``: recorded by analyze(); readers MUST NOT need any of them -------------------------------
 PARAM_KEYS = (

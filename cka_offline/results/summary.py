@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 def summarize(result: CKAResult, *, max_detailed_pairs: int = 3) -> str:
     """A terminal summary.
 
-    For each reported pair (the first ``max_detailed_pairs`` in detail): for every layer of A the
+    Layers show as their display alias where they have one, else their name (shortened as
+    :func:`display_names` does). For each reported pair (the first ``max_detailed_pairs`` in detail): for every layer of A the
     best-matching layer of B with its CKA and interval, and, when both files have the same number of
     layers, the layer-identification check of Kornblith et al. (2019): how many layers of A have their
     most similar B layer at the same depth, and within one layer of it. Further pairs get one line.
@@ -95,7 +96,7 @@ def _title(p: CKAPair, which: str) -> str:
 
 def _pair_detail(p: CKAPair, confidence: float) -> list[str]:
     lines = [f"A = {_title(p, 'A')}", f"B = {_title(p, 'B')}" + ("  (self-comparison)" if p.i == p.j else "")]
-    shown_a, shown_b = display_names(p.layers_a, NAME_WIDTH), display_names(p.layers_b, NAME_WIDTH)
+    shown_a, shown_b = display_names(p.display_a, NAME_WIDTH), display_names(p.display_b, NAME_WIDTH)
     width_a = max([len("layer of A"), *(len(n) for n in shown_a)])
     width_b = max([len("best layer of B"), *(len(n) for n in shown_b)])
     level = f"{round(confidence * 100)}% interval"

@@ -198,6 +198,7 @@ class _Shard:
                     ds.dtype.name,
                     _int_attr(ds.attrs, schema.LAYER_ATTR_ORDER, path),
                     key,
+                    _str_attr(ds.attrs, schema.LAYER_ATTR_ALIAS),  # 1.1; "" in older files
                 )
             )
         layers.sort(key=lambda m: m.order)

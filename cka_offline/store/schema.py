@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 FORMAT_NAME = "cka-offline-activations"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1  # 1.1: the optional layer attribute "alias"
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 
 # --- root attributes -------------------------------------------------------------------------------
@@ -76,6 +76,7 @@ LAYER_ATTR_ORIGINAL_SHAPE = "original_shape"  # int array, per-example shape bef
 LAYER_ATTR_REDUCTION = "reduction"  # str, one of REDUCTIONS
 LAYER_ATTR_DTYPE = "dtype"  # str, stored dtype: one of STORED_DTYPES
 LAYER_ATTR_FEATURES = "features"  # int, number of columns
+LAYER_ATTR_ALIAS = "alias"  # str, optional (1.1): the name the user selected the layer by, for display
 
 REQUIRED_LAYER_ATTRS = (
     LAYER_ATTR_NAME,
@@ -85,6 +86,7 @@ REQUIRED_LAYER_ATTRS = (
     LAYER_ATTR_DTYPE,
     LAYER_ATTR_FEATURES,
 )
+OPTIONAL_LAYER_ATTRS = (LAYER_ATTR_ALIAS,)
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ class StoredLayer:
     reader finds it (with its stored ``dtype``, its position ``order`` and its dataset ``key``, ``L0000``).
 
     Attributes mirror the per-layer attributes above; ``name`` is the model's own spelling, never a path.
+    ``alias`` (1.1) is a shorter display name the layer was selected by (an ONNX tensor's PyTorch module
+    name, ``conv1`` for ``/conv1/Conv_output_0``); ``""`` when there is none or the file predates 1.1.
     """
 
     name: str
@@ -102,6 +106,7 @@ class StoredLayer:
     dtype: str = ""
     order: int = -1
     key: str = ""
+    alias: str = ""
 
 
 # === allowed values: extraction side (activation files) ==============================================

@@ -306,6 +306,8 @@ class ActivationWriter:
                 ds.attrs[schema.LAYER_ATTR_REDUCTION] = spec.reduction
                 ds.attrs[schema.LAYER_ATTR_DTYPE] = self.dtype.name
                 ds.attrs[schema.LAYER_ATTR_FEATURES] = spec.features
+                if spec.alias:  # 1.1: optional, only where there is one
+                    ds.attrs[schema.LAYER_ATTR_ALIAS] = spec.alias
             f.flush()
         except (OSError, RuntimeError) as exc:
             # HDF5 cannot be closed cleanly after a failed write (closing it crashes the process at exit)

@@ -7,6 +7,8 @@ from click.testing import CliRunner
 
 from cka_offline.cli.inspect import inspect
 from cka_offline.errors import FormatError
+from cka_offline.results import schema as result_schema
+from cka_offline.store import schema
 
 from ..store.conftest import make_layers, write_file
 
@@ -19,7 +21,7 @@ def test_inspect_prints_version_provenance_and_layers(tmp_path):
     result = CliRunner().invoke(inspect, [path])
     assert result.exit_code == 0, result.output
     out = result.output
-    assert "cka-offline-activations 1.0" in out
+    assert f"cka-offline-activations {schema.FORMAT_VERSION}" in out
     assert "12 (ids: int64, 0 .. 11)" in out
     assert "pkg.mod:make  (sha256 abababababababab...)" in out
     assert "layers (3):" in out
@@ -63,16 +65,17 @@ def test_inspect_shows_a_saved_result():
         result = CliRunner().invoke(inspect, [_golden(ext)])
         assert result.exit_code == 0, result.output
         out = result.output
-        assert "cka-offline-result 1.2 (computed by cka-offline 0.1.0)" in out
+        assert f"cka-offline-result {result_schema.FORMAT_VERSION} (computed by cka-offline 0.1.0)" in out
         assert "0  a.h5: 2 layers, 40 examples stored  model /models/net_a.onnx" in out
         assert "pairs:      0-1, 0-2, 1-2" in out
         assert "    seed           7" in out and "    shuffle        blocks" in out
         assert "CKA (linear kernel, minibatch estimator), 32 examples" in out  # the summary
         assert "A = a.h5 (net_a.onnx)" in out
+        assert "  block.conv.0  b2" in out  # 1.3: file A's first layer shows as its display alias
     out = CliRunner().invoke(inspect, [_golden("csv")]).output
     assert "cka-offline-result (csv: not recorded)" in out and "b1, constant" in out
     info = json.loads(CliRunner().invoke(inspect, [_golden("json"), "--json"]).output)
-    assert info["format_version"] == "1.2" and info["params"]["batch_size"] == 8
+    assert info["format_version"] == result_schema.FORMAT_VERSION and info["params"]["batch_size"] == 8
     assert [f["layers"] for f in info["files"]][1] == ["b0", "b1, constant", "b2"] and "cka" not in info
 
 

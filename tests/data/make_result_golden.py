@@ -1,6 +1,7 @@
 """Writes tests/data/result_vMAJOR_MINOR.{json,h5,csv}, the frozen examples of the current result format
 (docs/results.md): result_v1_0.* for 1.0, result_v1_1.* for 1.1 (which adds ``params.shuffle``),
-result_v1_2.* for 1.2 (the same content; its ``.h5`` adds the layer-name dimension scales).
+result_v1_2.* for 1.2 (the same content; its ``.h5`` adds the layer-name dimension scales), result_v1_3.*
+for 1.3 (file A's first layer has the display alias ``block.conv.0``; the CSV holds no aliases).
 
 Run once per released result format version; never regenerate an existing golden file (later releases
 must read the bytes as they were written):
@@ -30,7 +31,7 @@ CONSTANT = 3  # stacked index of "b1, constant"
 
 
 def golden_result(version: str = VERSION) -> CKAResult:
-    """The result the golden files of ``version`` (``1_0``, ``1_1``, ``1_2``) hold."""
+    """The result the golden files of ``version`` (``1_0``, ``1_1``, ``1_2``, ``1_3``) hold."""
     size = sum(len(names) for names in LAYERS)
     r, c = np.indices((size, size))
     cka = np.where(r == c, 1.0, (r + c + 1) / 16)
@@ -74,6 +75,8 @@ def golden_result(version: str = VERSION) -> CKAResult:
     }
     if version != "1_0":
         params["shuffle"] = "blocks"
+    if version not in ("1_0", "1_1", "1_2"):
+        files[0].aliases = ["block.conv.0", ""]
     return CKAResult(
         files=files,
         cka=cka,

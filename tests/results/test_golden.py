@@ -46,11 +46,15 @@ def test_the_golden_files_are_small():
         assert os.path.getsize(make_result_golden.golden_path(ext)) < 16_000
 
 
-@pytest.mark.parametrize("version", ["1_0", "1_1", "1_2"])
+@pytest.mark.parametrize("version", ["1_0", "1_1", "1_2", "1_3"])
 @pytest.mark.parametrize("ext", ["json", "h5", "csv"])
 def test_every_released_golden_loads_with_its_values(version, ext):
     r = load_result(os.path.join(DATA, f"result_v{version}.{ext}"))
     assert [f.layers for f in r.files] == LAYERS and r.pairs == [(0, 1), (0, 2), (1, 2)]
+    # 1.3 adds each layer's display alias (file A's first layer only); older results and CSVs have none
+    first = "block.conv.0" if version == "1_3" and ext != "csv" else ""
+    assert [f.aliases for f in r.files] == [[first, ""], ["", "", ""], [""]]
+    assert r.files[0].display_layers == [first or LAYERS[0][0], "fc"]
     np.testing.assert_array_equal(r.pair(0, 1).cka, expected("cka")[0:2, 2:5])
     np.testing.assert_array_equal(r.pair(1, 2).high, expected("high")[2:5, 5:6])
     if ext != "csv":

@@ -25,3 +25,18 @@ def test_golden_v1_0_reads_with_the_values_it_was_written_with():
         assert f.provenance["extractor"] == "golden"
         assert f.provenance["extra"] == {"note": "golden file of format 1.0"}
         assert f.chunk_rows == 8
+    assert [f.layer(n).alias for n in f.layer_names] == ["", ""]  # 1.0 has no aliases: read as ""
+
+
+GOLDEN_V1_1 = os.path.join(os.path.dirname(make_golden.__file__), "golden_v1_1.h5")
+
+
+def test_golden_v1_1_reads_its_values_and_the_alias_of_its_first_layer():
+    with open_activations(GOLDEN_V1_1) as f:
+        assert f.version == (1, 1)
+        assert f.layer_names == [make_golden.CONV, "head"]
+        assert f.layer(make_golden.CONV).alias == "block.conv.0"  # written by make_golden_v1_1.py
+        assert f.layer("head").alias == ""  # no attribute: no alias
+        for name, rows in make_golden.golden_rows().items():
+            np.testing.assert_array_equal(f.read(name, 0, make_golden.N), rows.astype(np.float32))
+        assert f.provenance["extractor"] == "golden"

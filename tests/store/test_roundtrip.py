@@ -14,7 +14,7 @@ from .conftest import make_layers, specs_for, write_file
 def test_round_trip_values_names_and_provenance(small_file):
     path, arrays = small_file
     with open_activations(path) as f:
-        assert f.version == (1, 0)
+        assert f.version == (schema.FORMAT_MAJOR, schema.FORMAT_MINOR)
         assert f.n_examples == 50
         assert f.layer_names == list(arrays)
         np.testing.assert_array_equal(f.ids, np.arange(50))

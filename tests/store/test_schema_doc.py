@@ -28,11 +28,20 @@ def test_required_root_attributes_marked_must():
 def test_layer_attributes_and_reductions_match():
     keys = _table_keys("## `/layers/LNNNN`")
     assert set(schema.REQUIRED_LAYER_ATTRS) <= keys
-    assert keys - set(schema.REQUIRED_LAYER_ATTRS) == set(schema.REDUCTIONS)
+    assert keys - set(schema.REQUIRED_LAYER_ATTRS) - set(schema.OPTIONAL_LAYER_ATTRS) == set(schema.REDUCTIONS)
+
+
+def test_layer_attributes_marked_must_are_the_required_ones():
+    text = open(DOC, encoding="utf-8").read().split("## `/layers/LNNNN`", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\| `([a-z_0-9]+)` \| [^|]+ \| (MUST|SHOULD|MAY) \|", text, flags=re.M))
+    assert {k for k, v in rows.items() if v == "MUST"} == set(schema.REQUIRED_LAYER_ATTRS)
+    assert {k for k, v in rows.items() if v != "MUST"} == set(schema.OPTIONAL_LAYER_ATTRS)
 
 
 def test_names_and_version_match():
     text = open(DOC, encoding="utf-8").read()
     assert f"# The activation file format, version {schema.FORMAT_VERSION}" in text
     assert f"exactly `{schema.FORMAT_NAME}`" in text
+    assert f"this document: `{schema.FORMAT_VERSION}`" in text
+    assert f"`golden_v{schema.FORMAT_VERSION.replace('.', '_')}.h5`" in text
     assert f"`/{schema.IDS_DATASET}`" in text and schema.LAYER_KEY_FORMAT.format(0) in text
