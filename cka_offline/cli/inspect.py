@@ -43,6 +43,25 @@ def describe(f: Any) -> dict[str, Any]:
     }
 
 
+def _options_text(text: str) -> str:
+    """The recorded extraction options on one readable line: a per-layer reduction map (one entry per layer,
+    hundreds for a transformer) is summarised as counts, since the layer table shows each layer's;
+    ``--json`` keeps the whole record."""
+    try:
+        options = json.loads(text)
+    except (TypeError, ValueError):
+        return text
+    if not isinstance(options, dict):
+        return text
+    reductions = options.get("reduction")
+    if isinstance(reductions, dict) and len(reductions) > 3:
+        counts: dict[str, int] = {}
+        for value in reductions.values():
+            counts[str(value)] = counts.get(str(value), 0) + 1
+        options["reduction"] = "per layer (below): " + ", ".join(f"{k} x{v}" for k, v in counts.items())
+    return json.dumps(options, sort_keys=True)
+
+
 def format_text(info: dict[str, Any]) -> str:
     prov = info["provenance"]
     lines = [", ".join(info["paths"])]
@@ -68,7 +87,7 @@ def format_text(info: dict[str, Any]) -> str:
     sha = prov.get("inputs_sha256", "")
     row("inputs", prov.get("inputs", "") + (f"  (sha256 {sha[:16]}...)" if sha else ""))
     row("command", prov.get("command", ""))
-    row("options", prov.get("options", ""))
+    row("options", _options_text(prov.get("options", "")))
     if prov.get("extra"):
         row("extra", json.dumps(prov["extra"], sort_keys=True))
     if prov.get("shards"):

@@ -86,3 +86,15 @@ def test_inspect_a_damaged_result_is_one_line_error(tmp_path):
     assert result.exit_code == FormatError.exit_code != 0  # a data error's exit code (docs/reliability.md)
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cka-inspect: error: ") and "format version 9.0" in lines[0]
+
+
+def test_a_per_layer_reduction_map_is_summarised_and_json_keeps_it(tmp_path):
+    arrays = make_layers(6)
+    reductions = {f"block{k}": "token_mean" for k in range(100)} | {"pooler": "none"}
+    options = json.dumps({"dtype": "float32", "reduction": reductions})
+    path = write_file(tmp_path / "a.h5", arrays, provenance={"options": options})
+    text = CliRunner().invoke(inspect, [path]).output
+    line = next(l for l in text.splitlines() if l.strip().startswith("options"))
+    assert '"reduction": "per layer (below): token_mean x100, none x1"' in line and len(line) < 200
+    info = json.loads(CliRunner().invoke(inspect, [path, "--json"]).output)
+    assert json.loads(info["provenance"]["options"])["reduction"] == reductions
