@@ -18,7 +18,7 @@ ids, and is refused with an error that names the batch.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -71,6 +71,8 @@ class BatchInputs(InputReader):
         ids: which part of each batch holds one id per example (a dict key or tuple index). Default: the
             first of :data:`ID_KEYS` in a dict batch; otherwise the ids are ``0..n-1`` in the loader's order.
         cache_bytes: keep the batches from the first read when they total at most this many bytes.
+        progress: called as ``progress(batches read, batches in all)`` during the first read (the total is
+            ``len(batches)`` where it has one, else the count so far).
     """
 
     name = "batches"
@@ -86,6 +88,7 @@ class BatchInputs(InputReader):
         input: Selector = None,
         ids: str | int | None = None,
         cache_bytes: int = CACHE_BYTES,
+        progress: Callable[[int, int], None] | None = None,
     ) -> None:
         super().__init__(_describe(batches))
         self.batches = batches
@@ -98,7 +101,13 @@ class BatchInputs(InputReader):
         ids_seen: list[np.ndarray] = []
         cached = 0
         from_batches = False
+        try:
+            expected = len(batches)  # type: ignore[arg-type]
+        except TypeError:  # an iterable without a length
+            expected = 0
         for index, batch in enumerate(batches):
+            if progress is not None:
+                progress(index, max(expected, index + 1))
             arrays, batch_ids = self._split(batch, index)
             n = len(next(iter(arrays.values())))
             if (batch_ids is not None) != from_batches and index > 0:
@@ -113,6 +122,8 @@ class BatchInputs(InputReader):
             if self._cache is not None:
                 cached += sum(a.nbytes for a in arrays.values())
                 self._cache = self._cache + [arrays] if cached <= cache_bytes else None
+        if progress is not None and self._sizes:
+            progress(len(self._sizes), len(self._sizes))
         if not self._sizes:
             raise InputError(f"the {self.what} gave no batches; check that its dataset is not empty")
         if self._cache is None and isinstance(batches, Iterator):

@@ -113,6 +113,8 @@ def test_two_live_models_over_a_dataloader_of_dict_batches(tmp_path, capsys):
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith(("extracting", "analyzing"))]
     assert any(line.startswith("extracting") and f"{N}/{N}" in line for line in lines)
+    # the loader's first read (count, ids, fingerprint) has its own bar: 5 batches of 20, 20, 20, 20, 16
+    assert any(line.startswith("reading batches") and "5/5" in line for line in err.splitlines())
     assert "\r" not in err
 
 

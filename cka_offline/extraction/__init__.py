@@ -245,7 +245,9 @@ def extract_with(
     with contextlib.ExitStack() as stack:
         ext = ext_cls(source, device=opts.device, options=dict(opts.options))
         stack.callback(ext.close)
-        reader = _open_inputs(inputs, opts.input_options, ext, pm, allow_external=opts.allow_external)
+        reader = _open_inputs(
+            inputs, opts.input_options, ext, pm, allow_external=opts.allow_external, progress=progress
+        )
         stack.callback(reader.close)
         if (opts.resume or opts.shard) and not getattr(reader, "replayable", True):
             raise InputError(
@@ -451,6 +453,7 @@ def _open_inputs(
     pm: PluginsLike,
     *,
     allow_external: bool = False,
+    progress: Progress | None = None,
 ) -> InputReader:
     if isinstance(inputs, InputReader):
         return inputs
@@ -464,7 +467,15 @@ def _open_inputs(
                 f"input option(s) {', '.join(unknown)} do not apply to a DataLoader or iterable of batches; it takes "
                 "input= (which part of a batch is the model input) and ids= (which part holds the example ids)"
             )
-        return BatchInputs(inputs, input=options.get("input"), ids=options.get("ids"))
+        from ..progress import TqdmProgress
+
+        # the first read of the loader (counting, ids, fingerprint) gets its own bar when extract() draws one
+        bar = TqdmProgress("reading batches", unit="batch") if isinstance(progress, TqdmProgress) else None
+        try:
+            return BatchInputs(inputs, input=options.get("input"), ids=options.get("ids"), progress=bar)
+        finally:
+            if bar is not None:
+                bar.finish()
     if inputs is None:
         reader = ext.default_inputs()
         if reader is None:
