@@ -47,10 +47,15 @@ def is_batch_iterable(inputs: Any) -> bool:
     return isinstance(inputs, Iterable)
 
 
-def _shuffles(loader: Any) -> bool:
-    """True for a DataLoader whose order changes from one pass to the next (a RandomSampler)."""
-    sampler = getattr(loader, "sampler", None)
-    return sampler is not None and type(sampler).__name__ in ("RandomSampler", "SubsetRandomSampler")
+def _order_sampler(loader: Any) -> str:
+    """The name of the sampler that orders a DataLoader's examples when it is not sequential (a random,
+    weighted or custom sampler, also behind a ``batch_sampler``), else ``""``: such an order may change
+    from one read to the next, so the ids ``0..n-1`` would not name the same examples twice."""
+    sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None) or getattr(loader, "sampler", None)
+    if sampler is None:
+        return ""  # not a DataLoader: its replay is checked batch by batch
+    name = type(sampler).__name__
+    return "" if name == "SequentialSampler" else name
 
 
 def _describe(batches: Any) -> str:
@@ -132,12 +137,15 @@ class BatchInputs(InputReader):
                 "would have to be read twice: give a DataLoader or a list, which can be read again"
             )
         #: whether reading the batches again gives them in the same order (resume and shards need that)
-        self.replayable = not _shuffles(batches) and not isinstance(batches, Iterator)
-        if _shuffles(batches) and (not from_batches or self._cache is None):
+        sampler = _order_sampler(batches)
+        self.replayable = not sampler and not isinstance(batches, Iterator)
+        if sampler and (not from_batches or self._cache is None):
             reason = "gives no example ids" if not from_batches else "is too large to keep, so it is read twice"
+            how = "shuffle=True" if sampler == "RandomSampler" else f"sampler {sampler}"
             raise InputError(
-                f"the {self.what} shuffles (shuffle=True) and {reason}: the activations could not be stored under the "
-                "right examples; make it with shuffle=False"
+                f"the {self.what} orders its examples at random ({how}) and {reason}: the activations could not be "
+                "stored under the right examples; make it with shuffle=False and no sampler, or give each example "
+                "an id in the batches"
             )
         self.n = int(sum(self._sizes))
         self._ids = np.concatenate(ids_seen) if from_batches else np.arange(self.n, dtype=np.int64)

@@ -48,8 +48,17 @@ def compare(
         analysis: :class:`~cka_offline.analysis.AnalysisOptions` fields (``batch_size`` is the extraction's:
             give the analysis minibatch size as ``m``).
     """
+    from collections.abc import Iterator
+
     from .analysis import analyze
+    from .errors import InputError
     from .extraction import describe_source, extract
+
+    if isinstance(inputs, Iterator):
+        raise InputError(
+            f"compare() reads the inputs once per model, but a one-shot iterator ({type(inputs).__name__}) is "
+            "empty after the first: give a list of batches or a DataLoader"
+        )
 
     m = analysis.pop("m", 256)
     analysis.setdefault("device", device if device != "mps" else "cpu")

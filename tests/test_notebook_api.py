@@ -166,8 +166,18 @@ def test_the_parts_of_a_batch_can_be_chosen(tmp_path):
 
 def test_loaders_that_cannot_be_replayed_are_refused_clearly(tmp_path):
     shuffled = DataLoader(torch.utils.data.TensorDataset(torch.randn(30, 3, 8, 8)), batch_size=10, shuffle=True)
-    with pytest.raises(InputError, match="shuffles .*gives no example ids.*shuffle=False"):
+    with pytest.raises(InputError, match=r"at random \(shuffle=True\) and gives no example ids.*shuffle=False"):
         ck.extract(small_cnn(0), shuffled, tmp_path / "a.h5", progress=False)
+    # any order that is not sequential: a weighted or custom sampler, also behind a batch_sampler
+    data = torch.utils.data.TensorDataset(torch.randn(30, 3, 8, 8))
+    weighted = torch.utils.data.WeightedRandomSampler(torch.ones(30), 30, replacement=False)
+    batched = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(data), 10, drop_last=False)
+    for loader, name in ((DataLoader(data, sampler=weighted), "WeightedRandomSampler"),
+                         (DataLoader(data, batch_sampler=batched), "RandomSampler")):  # fmt: skip
+        with pytest.raises(InputError, match=f"orders its examples at random .*{name}|shuffle=True"):
+            ck.extract(small_cnn(0), loader, tmp_path / "w.h5", progress=False)
+    with pytest.raises(InputError, match="one-shot iterator"):
+        ck.compare(small_cnn(0), small_cnn(1), (b for b in [torch.randn(8, 3, 8, 8)]), progress=False)
 
     # ids from the batches and small enough to keep: one read, so shuffling is harmless ...
     shuffled_ids = DataLoader(Pictures(30), batch_size=10, shuffle=True)

@@ -252,8 +252,8 @@ def extract_with(
         if (opts.resume or opts.shard) and not getattr(reader, "replayable", True):
             raise InputError(
                 f"cannot {'resume' if opts.resume else 'write shards'} from {reader.fingerprint()['description']}: it "
-                "does not give its batches in the same order each time it is read (shuffle=True, or a one-shot "
-                "iterator); use a DataLoader with shuffle=False"
+                "does not give its batches in the same order each time it is read (shuffle=True, a random sampler, "
+                "or a one-shot iterator); use a DataLoader with shuffle=False and no sampler"
             )
         fingerprint = reader.fingerprint()
         ids, n_inputs, n_used, (lo, hi) = _rows(reader, fingerprint["description"], opts)

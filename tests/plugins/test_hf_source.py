@@ -206,6 +206,8 @@ def test_text_reader_alone_tokenizes_like_transformers(tmp_path, minilm_tokenize
             r"mix integers and strings",
         ),
         ("t.csv", "k,text\n1,a\n1,b\n", {"id_column": "k"}, r"duplicate|unique"),
+        ("t.jsonl", '{"text": "a", "k": 9223372036854775808}\n', {"id_column": "k"}, r"does not fit in 64-bit signed"),
+        ("t.csv", "k,text\n18446744073709551617,a\n", {"id_column": "k"}, r"does not fit in 64-bit signed"),
         ("t.txt", "a\nb\n", {"id_column": "k"}, r"id_column apply to \.jsonl/\.csv inputs"),
         ("t.txt", "a\n", {"max_length": 600}, r"max_length 600 .* exceeds the 512 positions .* -I max_length=512"),
         ("t.txt", "\n  \n", {}, r"holds no text"),

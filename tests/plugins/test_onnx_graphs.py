@@ -389,3 +389,29 @@ def test_inference_session_as_model_source(tmp_path, caplog):
     with open_activations(out) as g, open_activations(by_path) as ref:
         np.testing.assert_array_equal(g.read("y", 0, 4), ref.read("y", 0, 4))
         assert g.provenance["model_sha256"] == "" and "unknown" in g.provenance["extra"]["model_identity"]
+
+
+def test_a_session_whose_file_changed_since_is_refused(tmp_path):
+    """Intermediate tensors come from sessions rebuilt from the session's file: when that file was
+    re-exported since (other weights under the same name), the extraction must not run the new model."""
+    import shutil
+
+    import onnx
+
+    import cka_offline
+    from cka_offline.errors import ModelError
+
+    path = str(tmp_path / "m.onnx")
+    shutil.copy(os.path.join(os.path.dirname(__file__), "..", "..", "sample_data", "cnn_b.onnx"), path)
+    session = ort.InferenceSession(path)
+    model = onnx.load(path)
+    for init_ in model.graph.initializer:
+        if init_.data_type == TensorProto.FLOAT:
+            init_.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init_) * 1.5, init_.name))
+    onnx.save(model, path)
+    x = RNG.normal(size=(8, 1, 8, 8)).astype(np.float32)
+    with pytest.raises(ModelError, match="no longer holds the model of the InferenceSession"):
+        cka_offline.extract(session, x, tmp_path / "a.h5", layers=["conv1", "fc1"], progress=False)
+    assert not (tmp_path / "a.h5").exists()
+    # the session's own outputs come from the session itself, and a fresh session of the file works
+    cka_offline.extract(ort.InferenceSession(path), x, tmp_path / "b.h5", layers=["conv1", "fc1"], progress=False)

@@ -112,6 +112,8 @@ class OnnxExtractor(Extractor):
         super().__init__(origin.label if origin else source, device=device, options=options)
         #: the caller's session (Python API), which runs its own outputs; None for a path
         self._given: Any = source if origin else None
+        #: whether sessions rebuilt from the given session's file or bytes were checked to be its model
+        self._given_checked = False
         values = self.option_values
         self.optimization_level: str = values["optimization_level"]
         self.batch_axis: int = values["batch_axis"]
@@ -268,6 +270,8 @@ class OnnxExtractor(Extractor):
         feeds, batch = self._feeds(inputs)
         wanted = tuple(dict.fromkeys(t + _MEAN_SUFFIX if t in self._early else t for t in tensors.values()))
         session = self._session(wanted)
+        if session is not self._given and self._given is not None and not self._given_checked:
+            self._check_rebuilt_is_given({**feeds, **self._fixed.feeds(batch)})
         if self.fixed_batch_one and batch != 1:
             once = self._fixed.feeds(1)
             parts = [
@@ -291,6 +295,24 @@ class OnnxExtractor(Extractor):
                 )
             out[requested] = arr
         return out
+
+    def _check_rebuilt_is_given(self, feeds: dict[str, np.ndarray]) -> None:
+        """The intermediate tensors of a session come from sessions rebuilt from the file (or bytes) it was
+        made from: refuse when that file now holds another model (re-exported to the same name since), which
+        would extract another network under the session's name. Checked once, on the first batch: the given
+        session's own outputs against a rebuilt session's."""
+        names = [o.name for o in self._given.get_outputs()]
+        theirs = self._run(self._given, names, feeds)
+        ours = self._run(self._build_session(tuple(names)), names, feeds)
+        for name, a, b in zip(names, theirs, ours):
+            a, b = np.asarray(a), np.asarray(b)
+            if a.shape != b.shape or not np.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True):
+                raise ModelError(
+                    f"{self.path} no longer holds the model of the InferenceSession given (its output {name!r} "
+                    "differs on the first batch): the file changed after the session was made; make the session "
+                    "again, or give the model file itself"
+                )
+        self._given_checked = True
 
     def _run(self, session: Any, wanted: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:

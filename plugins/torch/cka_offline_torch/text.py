@@ -289,6 +289,13 @@ def _ids_array(ids: list[Any], path: str) -> np.ndarray:
     kinds = {type(i) for i in ids}
     if len(kinds) > 1:
         raise InputError(f"the ids in {path} mix integers and strings; use one kind for every example")
+    if kinds == {int}:
+        too_big = next((i for i in ids if not -(2**63) <= i < 2**63), None)
+        if too_big is not None:
+            raise InputError(
+                f"example id {too_big} in {path} does not fit in 64-bit signed integers, which activation files "
+                "store; quote the ids so they are read as text, or renumber them"
+            )
     return np.asarray(ids, dtype=np.int64 if kinds == {int} else str)
 
 
