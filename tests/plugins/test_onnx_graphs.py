@@ -415,3 +415,25 @@ def test_a_session_whose_file_changed_since_is_refused(tmp_path):
     assert not (tmp_path / "a.h5").exists()
     # the session's own outputs come from the session itself, and a fresh session of the file works
     cka_offline.extract(ort.InferenceSession(path), x, tmp_path / "b.h5", layers=["conv1", "fc1"], progress=False)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_a_module_called_twice_is_not_offered_as_an_alias(tmp_path, dynamo):
+    """A ResNet block's relu runs twice: its module name would name one of the two tensors only (a silent,
+    incomplete selection), so neither exporter's graph offers it; modules called once keep their alias."""
+    import torch
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "sample_data"))
+    import resnet18
+
+    model = resnet18.resnet18(width=4, num_classes=3).eval()
+    path = str(tmp_path / "rn.onnx")
+    kw: dict[str, Any] = dict(dynamo=True, optimize=False) if dynamo else dict(dynamo=False, do_constant_folding=False)
+    torch.onnx.export(model, (torch.randn(2, 3, 16, 16),), path, input_names=["x"], **kw)
+    aliases = {a for info in OnnxExtractor(path).layers() for a in info.aliases}
+    assert {"layer1.0.conv1", "layer1.0.bn2", "layer1.0", "fc"} <= aliases
+    assert not {a for a in aliases if a.startswith("layer") and ".relu" in a}, sorted(aliases)
+    with pytest.raises(LayerSelectionError, match="layer1.0.relu"):
+        from cka_offline.selection import select_layers
+
+        select_layers(OnnxExtractor(path).layers(), ["layer1.0.relu"])

@@ -219,19 +219,35 @@ def module_aliases(model: onnx.ModelProto, listed: set[str], const: set[str]) ->
     """``{tensor name: module names}``: each module name goes to the first output of the *last* node
     (in graph order) exported from that module, if that output is a listed float tensor.
 
-    For a module called several times that is its last call, which is what a PyTorch forward hook
-    leaves behind when it keeps the latest output. Every module name is a full path (``encoder.layer.0``),
+    A module called several times per forward pass is not offered (its name would name one call only).
+    Every module name is a full path (``encoder.layer.0``),
     so it names one tensor; a name that is already a tensor's name is not offered as an alias.
     """
     torchscript_names = model.producer_name == "pytorch"
     known = weight_modules(model) if torchscript_names else frozenset()
     last: dict[str, onnx.NodeProto] = {}
+    runs: dict[str, int] = {}  # how many separate stretches of nodes each module's scope covers
+    previous: set[str] = set()
     for node in model.graph.node:
         outs = [o for o in node.output if o]
         if not outs or all(o in const for o in outs):
             continue  # Constant nodes and weight arithmetic carry scopes too, but are not module outputs
-        for path in module_scopes(node, torchscript_names=torchscript_names, known=known):
+        scopes = set(module_scopes(node, torchscript_names=torchscript_names, known=known))
+        for path in scopes:
             last[path] = node
+            if path not in previous:
+                runs[path] = runs.get(path, 0) + 1
+        previous = scopes
+    # a module called more than once per forward pass has one tensor per call: a module name would name only
+    # one of them (incomplete), so it is not offered (select the calls' tensors by name). Its calls show as
+    # separate stretches of nodes (the dynamo exporter), or as NAME and NAME_1, NAME_2... (TorchScript's).
+    repeated = {p for p, n in runs.items() if n > 1}
+    for path in list(last):
+        base, _, number = path.rpartition("_")
+        if number.isdigit() and base in last and path not in known:
+            repeated |= {path, base}
+    for path in repeated:
+        last.pop(path, None)
     tensors = {o for node in model.graph.node for o in node.output} | {i.name for i in model.graph.input}
     aliases: dict[str, list[str]] = {}
     for path, node in last.items():
