@@ -568,11 +568,13 @@ def _json_default(value: Any) -> Any:
 
 
 def max_abs(a: np.ndarray, b: np.ndarray) -> float:
-    """max |a - b| (NaN if either has a NaN where the other has a number)."""
+    """max |a - b| over the entries both hold (NaN if either has a NaN where the other has a number, or
+    nothing is compared): the within-file entries a default analysis leaves NaN compare as equal."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
+    if a.shape != b.shape or not np.array_equal(np.isnan(a), np.isnan(b)):
         return float("nan")
-    return float(np.max(np.abs(a - b))) if np.all(np.isfinite(a)) else float("nan")
+    both = ~np.isnan(a)
+    return float(np.max(np.abs(a[both] - b[both]))) if both.any() else float("nan")
 
 
 def common_args(parser: Any) -> None:

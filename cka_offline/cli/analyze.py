@@ -232,6 +232,13 @@ def _check_outputs(
     help="Memory the full estimators may use for their n x n float64 Gram matrices, e.g. 16G or 512M "
     "(default 8G); beyond it the layers go in blocks, each block's Grams rebuilt per block pair.",
 )
+@click.option(
+    "--all-pairs",
+    is_flag=True,
+    default=_DEFAULT.all_pairs,
+    help="With 2+ files, also compute the layer pairs within each file (the result then holds them; by "
+    "default only each file against the others is computed, and the within-file entries are NaN).",
+)
 @quiet_option
 @debug_option
 @version_option
