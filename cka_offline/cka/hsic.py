@@ -226,6 +226,8 @@ def _block_traces(flat: Array, blocks: Blocks) -> Array:
     """``flat @ flat.T`` on ``blocks`` (mirrored) and the diagonal only, NaN elsewhere: ``2 |block| m^2``
     FLOPs per block instead of ``2 L^2 m^2`` for all pairs."""
     n_layers = flat.shape[0]
+    trace: Any
+    idx: Any
     if is_tensor(flat):
         import torch
 
