@@ -168,6 +168,8 @@ def test_hundreds(smoke: dict[str, object]) -> None:
         assert r["seconds"] > 0 and r["floor_s"] > r["floor_f32_s"] > 0 and r["anon_rss_mb"] > 10
     assert d["within_file_not_computed"] is True and d["max_abs_ab_diff"] <= 1e-12
     assert d["memory_quarter"]["n"] == n // 4 and d["memory_quarter"]["anon_rss_mb"] > 10
+    parts = d["breakdown"]
+    assert parts["grams_one_core_s"] > 0 and parts["hsic_requested_s"] >= 0 and parts["hsic_all_pairs_s"] >= 0
 
 
 def test_report(smoke: dict[str, object], tmp_path: Path) -> None:
