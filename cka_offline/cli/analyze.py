@@ -44,7 +44,8 @@ HELP = """Compare the layers of activation files (written by cka-extract) with C
 
 With one FILE its layers are compared with each other; with two, every layer of the first (A)
 with every layer of the second (B); with more (say the checkpoints of one run), every pair, in a
-single pass that computes each file's Gram matrices once per minibatch. A FILE may be a glob or
+single pass that computes each file's Gram matrices once per minibatch (only the pairs across files:
+--all-pairs adds those within each file). A FILE may be a glob or
 shard set ('run/acts-*.h5'). The files must hold the same example ids (in any order), or use
 --intersection. CKA is the unbiased minibatch estimator of Nguyen et al. (2021): seeded uniformly random
 minibatches of -m examples (whatever order the files store their rows in), with jackknife standard
