@@ -22,6 +22,7 @@ in it) of the default run at n and at n / 4 -- bounded independently of n when t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -110,7 +111,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bl.common_args(p)
     p.add_argument("--runs", type=int, default=2, help="timed runs of each variant after the warm-up (best kept)")
+    p.add_argument("--breakdown", nargs=3, metavar=("SIZE", "MINIBATCHES", "REPEATS"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.breakdown:  # the child process of the breakdown: prints it as JSON
+        name, minibatches, repeats = args.breakdown
+        print(json.dumps(breakdown(bl.spec(name), int(minibatches), int(repeats))))
+        return 0
     size = {"full": "H", "quick": "H-quick", "smoke": "H-smoke"}[bl.size_of(args)]
     s = bl.spec(size)
     small = s.with_n(s.n // 4)
@@ -151,7 +157,16 @@ def main() -> int:
     }
     sizes = __import__("cka_offline.analysis", fromlist=["batch_sizes"]).batch_sizes(s.n, s.m)
     work = flops(s, sizes)
-    parts = breakdown(s, len(sizes), 2 if args.smoke else 3)
+    # in a fresh process without torch, as cka-analyze on the CPU runs: torch's idle OpenMP threads (this
+    # process measured its GEMM rate) slow numpy's BLAS threads down many times on a small machine
+    probe = subprocess.run(
+        [sys.executable, __file__, "--breakdown", size, str(len(sizes)), str(2 if args.smoke else 3)],
+        env=bl.child_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    parts = json.loads(probe.stdout.strip().splitlines()[-1])
     print(
         f"in process, for all {len(sizes)} minibatches: Grams {parts['grams_one_core_s']:.2f} s on one core; HSIC "
         f"terms {parts['hsic_requested_s']:.2f} s (reported pairs) / {parts['hsic_all_pairs_s']:.2f} s (all pairs)"
