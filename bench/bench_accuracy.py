@@ -56,7 +56,11 @@ def main() -> int:
         print(f"== {variant}")
         for precision in ("float32", "float64"):
             run, res = bl.run_analyze(
-                files["h5"], str(directory / f"acc-{precision}.json"), m=s.m, precision=precision, extra=["--quiet"]
+                files["h5"],
+                str(directory / f"acc-{precision}.json"),
+                m=s.m,
+                precision=precision,
+                extra=["--quiet", "--all-pairs"],  # err_all: every entry, the within-file pairs too
             )
             want = ref.minibatch_cka(rows_h5, n_layers, bl.analyze_plan(res))
             row = {

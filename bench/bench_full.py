@@ -60,7 +60,9 @@ def main() -> int:
                     out,
                     m=s.n,
                     precision="float64",
-                    extra=["--quiet", "--kernel", kernel, "--estimator", estimator],
+                    # the full estimators compute every pair; the minibatch run does the same work with --all-pairs
+                    extra=["--quiet", "--kernel", kernel, "--estimator", estimator]
+                    + (["--all-pairs"] if estimator == "minibatch" else []),
                 )
                 runs[estimator].append(
                     {

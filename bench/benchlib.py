@@ -49,16 +49,19 @@ class Spec:
     n: int
     m: int = 256
     seed: int = 0
+    #: rescale each example's chain state to unit root mean square after every layer (as a LayerNorm does):
+    #: deep chains (workload H's 150 layers) would otherwise grow by orders of magnitude with depth
+    layer_norm: bool = False
 
     @property
     def total_width(self) -> int:
         return sum(self.widths_a) + sum(self.widths_b)
 
     def with_n(self, n: int) -> Spec:
-        return Spec(self.name, self.widths_a, self.widths_b, n, self.m, self.seed)
+        return Spec(self.name, self.widths_a, self.widths_b, n, self.m, self.seed, self.layer_norm)
 
     def describe(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "n": self.n,
             "m": self.m,
@@ -68,14 +71,30 @@ class Spec:
             "layers": len(self.widths_a) + len(self.widths_b),
             "total_width": self.total_width,
         }
+        if self.layer_norm:  # only then: W's description (and so its files' fingerprint) is unchanged
+            out["layer_norm"] = True
+        return out
 
 
 _W_A = (256, 512, 1024, 2048, 4096, 4096, 2048, 2048, 1024, 1024, 512, 256)  # sum 18,944
 _W_B = (256, 512, 512, 1024, 2048, 4096, 4096, 4096, 2048, 2048, 1024, 256)  # sum 22,016
+# workload H: two deep models of 150 mean-pooled layers each, many narrow early layers and fewer wide late
+# ones (a ResNet-50's blocks pool to 64..2048 channels), n = 16,384; 5.1 GB of float32 in all
+_H_A = (64,) * 60 + (128,) * 40 + (256,) * 25 + (512,) * 15 + (1024,) * 7 + (2048,) * 3  # sum 36,352
+_H_B = (64,) * 50 + (128,) * 40 + (256,) * 30 + (512,) * 18 + (1024,) * 8 + (2048,) * 4  # sum 41,600
 
 
 def spec(size: str, n: int | None = None) -> Spec:
-    """``full``: workload W; ``quick``: W's layers at 1/4 width, n = 2048; ``smoke``: tiny (seconds)."""
+    """``full``: workload W; ``quick``: W's layers at 1/4 width, n = 2048; ``smoke``: tiny (seconds).
+    ``H``, ``H-quick`` (H's layers at 1/4 width, n = 2048), ``H-smoke`` (2 x 12 narrow layers): workload H."""
+    if size == "H":
+        return Spec("H", _H_A, _H_B, 16384 if n is None else n, 256, layer_norm=True)
+    if size == "H-quick":
+        a, b = (tuple(max(16, w // 4) for w in ws) for ws in (_H_A, _H_B))
+        return Spec("H/4 quick", a, b, 2048 if n is None else n, 256, layer_norm=True)
+    if size == "H-smoke":
+        a, b = (8,) * 5 + (16,) * 4 + (32,) * 3, (8,) * 4 + (16,) * 4 + (48,) * 4
+        return Spec("H smoke", a, b, 256 if n is None else n, 32, layer_norm=True)
     if size == "full":
         s = Spec("W", _W_A, _W_B, 8192, 256)
     elif size == "quick":
@@ -136,6 +155,8 @@ class Generator:
         out = []
         for a, p, b in zip(chain, proj, bias):
             z = torch.relu(z @ a) + 0.05 * z  # leaky chain: information flows, with depth-dependent change
+            if self.spec.layer_norm:  # per example, so any row range is still reproducible
+                z = z / z.square().mean(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
             out.append(self._apply(torch.relu(z @ p + b)).to(torch.float32).numpy())
         return out
 
@@ -192,7 +213,7 @@ def materialize(
                 layers=layers,
                 provenance={
                     "extractor": "bench/benchlib.py",
-                    "model": f"W model {'AB'[k]}",
+                    "model": f"{'H' if s.layer_norm else 'W'} model {'AB'[k]}",
                     "options": json.dumps({"transform": transform, **s.describe()}),
                 },
                 dtype="float32",
@@ -568,11 +589,13 @@ def _json_default(value: Any) -> Any:
 
 
 def max_abs(a: np.ndarray, b: np.ndarray) -> float:
-    """max |a - b| (NaN if either has a NaN where the other has a number)."""
+    """max |a - b| over the entries both hold (NaN if either has a NaN where the other has a number, or
+    nothing is compared): the within-file entries a default analysis leaves NaN compare as equal."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
+    if a.shape != b.shape or not np.array_equal(np.isnan(a), np.isnan(b)):
         return float("nan")
-    return float(np.max(np.abs(a - b))) if np.all(np.isfinite(a)) else float("nan")
+    both = ~np.isnan(a)
+    return float(np.max(np.abs(a[both] - b[both]))) if both.any() else float("nan")
 
 
 def common_args(parser: Any) -> None:

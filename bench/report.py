@@ -28,6 +28,7 @@ SCRIPTS = {
     "gpu": "python bench/bench_gpu.py",
     "full": "python bench/bench_full.py",
     "coverage": "python bench/bench_coverage.py",
+    "hundreds": "python bench/bench_hundreds.py",
 }
 
 
@@ -489,6 +490,70 @@ def section_coverage(d: dict[str, Any]) -> str:
     return text
 
 
+def section_hundreds(d: dict[str, Any]) -> str:
+    rates = d["gemm_rates"]
+    rows = [
+        [
+            "reported pairs (default)" if r["variant"] == "requested" else "`--all-pairs`",
+            fmt(r["pair_flops"] / 1e9, 1),
+            fmt(r["floor_s"]),
+            fmt(r["floor_f32_s"]),
+            fmt(r["seconds"]),
+            fmt(r["compute_s"]),
+            fmt(r["ratio"]),
+            fmt(r["ratio_f32"]),
+            fmt(r["anon_rss_mb"], 0),
+        ]
+        for r in d["rows"]
+    ]
+    body = table(
+        [
+            "pairs computed",
+            "pair GFLOP (float64)",
+            "floor s",
+            "floor s, all at float32 rate",
+            "cka-analyze s",
+            "of which loop s",
+            "/ floor",
+            "/ float32 floor",
+            "peak anonymous RSS MiB",
+        ],
+        rows,
+    )
+    req, every = d["rows"][0], d["rows"][1]
+    q = d["memory_quarter"]
+    parts = d.get("breakdown")
+    where = ""
+    if parts:
+        cores = d.get("cores") or 1
+        where = (
+            " Where the loop's time goes (measured in the same run on random data of these shapes, for all "
+            f"{d['minibatches']} minibatches): the Grams take {fmt(parts['grams_one_core_s'])} s on one core "
+            f"({fmt(parts['grams_one_core_s'] / cores)} s spread over {cores} cores, against "
+            f"{fmt(d['gram_flops'] / rates['float32'])} s at the GEMM rate), the HSIC terms {fmt(parts['hsic_requested_s'])} s for the reported "
+            f"pairs and {fmt(parts['hsic_all_pairs_s'])} s for all pairs (the all-pairs product is one symmetric "
+            "rank-k update, which computes half of its L^2 entries; the A-B block is a general product of "
+            "L^2/4 entries, so the saving is at most 2x), the rest is gathering the rows and the pipeline."
+        )
+    return (
+        f"Workload {workload_line(d['workload'])} (per-example normalised chain, so deep models keep their "
+        f"scale), {d['minibatches']} minibatches: {d['gram_flops'] / 1e9:.1f} GFLOP of Grams (general-product "
+        f"count), {d['bytes'] / 1e9:.2f} GB to read. GEMM rate measured in the same run (square "
+        f"{d['square_gemm_n']}^3, best of torch and numpy): {rates['float32'] / 1e9:.1f} GFLOP/s float32, "
+        f"{rates['float64'] / 1e9:.1f} GFLOP/s float64.\n\n{body}\n\n"
+        "Pair FLOPs: `2 m^2` per computed `tr(K~_i K~_j)` entry (A against B and every layer's self term by "
+        "default; all `L^2` with `--all-pairs`) plus the `2 L^2 m` of the row-sum terms. Floor = Gram FLOPs at "
+        "the float32 rate + pair FLOPs at the float64 rate (the pair products are float64); the float32 floor "
+        "takes both at the float32 rate (section 2's convention; the target is against it). cka-analyze "
+        "end to end, best of the timed runs after a warm-up, the two variants interleaved. Peak anonymous RSS "
+        "(`RssAnon`, sampled; the memory-mapped file pages are not in it): "
+        f"{fmt(req['anon_rss_mb'], 0)} MiB at n = {d['workload']['n']}, {fmt(q['anon_rss_mb'], 0)} MiB at "
+        f"n = {q['n']}. The A-B block of both variants agrees to {sci(d['max_abs_ab_diff'])}. All pairs take "
+        f"{fmt(every['seconds'] / req['seconds'])}x the time of the reported pairs here. Target: at most "
+        f"{d['target_ratio']}x the float32 floor: **{'met' if d['target_met'] else 'missed'}**." + where
+    )
+
+
 SECTIONS = [
     ("speed", "1. Analysis speed against the peers", section_speed),
     ("floor", "2. The hardware floor", section_floor),
@@ -498,6 +563,7 @@ SECTIONS = [
     ("gpu", "6. GPU", section_gpu),
     ("full", "7. Exact full-data estimators", section_full),
     ("coverage", "8. Coverage of the intervals", section_coverage),
+    ("hundreds", "9. Workload H: hundreds of layers", section_hundreds),
 ]
 
 INTRO = """# Benchmarks

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Run every benchmark and regenerate docs/benchmarks.md. Extra arguments (e.g. --quick) go to every script.
-# The full run writes about 14 GB of activation files under bench/results/data (git-ignored) and takes
-# roughly 25-35 minutes on 2 cores (bench_full about 1 of them, bench_coverage about 3); --quick takes a few
+# The full run writes about 20 GB of activation files under bench/results/data (git-ignored; workload H's
+# 6.4 GB of them) and takes roughly 35-45 minutes on 2 cores (bench_full about 1 of them, bench_coverage
+# about 3, bench_hundreds about 8); --quick takes a few
 # minutes. The peers need .bench-venv (bash bench/setup_peers.sh); without it their rows are skipped, and
 # bench_gpu.py skips without CUDA.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
-for script in bench_speed bench_floor bench_accuracy bench_memory bench_extract bench_gpu bench_full bench_coverage; do
+for script in bench_speed bench_floor bench_accuracy bench_memory bench_extract bench_gpu bench_full bench_coverage bench_hundreds; do
   echo "== $script $*"
   "$py" "bench/$script.py" "$@"
 done

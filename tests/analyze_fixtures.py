@@ -14,7 +14,7 @@ import numpy as np
 from .activation_files import write_acts
 from .cka import reference
 
-__all__ = ["chain_activations", "ref_full_linear", "ref_hsic1", "ref_minibatch", "write_acts"]
+__all__ = ["chain_activations", "not_computed", "ref_full_linear", "ref_hsic1", "ref_minibatch", "write_acts"]
 
 
 def chain_activations(
@@ -75,3 +75,17 @@ def ref_minibatch(
     loo = np.stack([cka(total - sums[g_]) for g_ in used])
     se = np.sqrt((g - 1) / g * ((loo - loo.mean(0)) ** 2).sum(0))
     return cka(total), se
+
+
+def not_computed(sizes: Sequence[int], all_pairs: bool = False) -> np.ndarray:
+    """``(L, L)`` bool: the entries a minibatch analysis of files of ``sizes`` layers leaves uncomputed (NaN):
+    the off-diagonal entries of each file's own block, for two or more files without ``all_pairs``."""
+    total = sum(sizes)
+    mask = np.zeros((total, total), dtype=bool)
+    if all_pairs or len(sizes) < 2:
+        return mask
+    start = 0
+    for size in sizes:
+        mask[start : start + size, start : start + size] = ~np.eye(size, dtype=bool)
+        start += size
+    return mask

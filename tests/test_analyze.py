@@ -29,7 +29,7 @@ from cka_offline.errors import (
     ResourceError,
 )
 
-from .analyze_fixtures import chain_activations, ref_full_linear, ref_minibatch, write_acts
+from .analyze_fixtures import chain_activations, not_computed, ref_full_linear, ref_minibatch, write_acts
 
 N = 120
 
@@ -60,10 +60,14 @@ def plan_of(result, ids=None):
 
 
 def ref_of(layers, result, sigmas=None, ids=None):
-    """The float64 reference of ``result``: the same minibatches and jackknife groups."""
+    """The float64 reference of ``result``: the same minibatches and jackknife groups; NaN where the result
+    computes nothing (within-file pairs of several files, unless ``params["all_pairs"]``)."""
     plan = plan_of(result, ids)
     batches = plan.minibatches()
-    return ref_minibatch(layers, batches, sigmas=sigmas, groups=[plan.group_of(b) for b in range(len(batches))])
+    cka, se = ref_minibatch(layers, batches, sigmas=sigmas, groups=[plan.group_of(b) for b in range(len(batches))])
+    skipped = not_computed([len(f.layers) for f in result.files], result.params["all_pairs"])
+    cka[skipped] = se[skipped] = np.nan
+    return cka, se
 
 
 # ---------------------------------------------------------------- the plan
@@ -185,6 +189,8 @@ def test_two_files_match_reference(two_files, precision, tol):
     assert len(r.files[0].sha256[0]) == 64
     assert r.n_examples == N and r.n_minibatches == len(plan)
     assert r.params["precision"] == precision and r.params["device"] == "cpu"
+    assert r.params["all_pairs"] is False  # the default: A-A and B-B pairs off the diagonal are not computed
+    assert np.isnan(r.cka[0, 1]) and np.isnan(r.se[3, 4]) and np.isnan(r.low[1, 0]) and np.isnan(r.high[4, 3])
 
 
 @pytest.mark.parametrize("shuffle", ["uniform", "blocks"])
@@ -271,13 +277,64 @@ def test_three_files_in_one_pass_equal_pairwise_runs(tmp_path):
         np.testing.assert_allclose(together.pair(i, j).se, alone.pair(0, 1).se, atol=1e-12)
 
 
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_only_the_reported_pairs_are_computed_unless_all_pairs(tmp_path, monkeypatch, kernel):
+    """Three files: every i < j block and the diagonal are computed, the within-file entries off it are NaN
+    (not computed) in all four matrices; --all-pairs fills them; the computed entries are the same numbers
+    (float64 rounding: the block products sum in another order) on both engines, and match the float64
+    reference."""
+    import cka_offline.cka.accumulator as accumulator
+    from cka_offline.analysis import loop
+
+    data = [chain_activations(80, widths=w, seed=k) for k, w in enumerate([(6, 5, 4), (5, 3), (5, 6, 4, 5)])]
+    paths = [write_acts(tmp_path / f"c{k}.h5", x) for k, x in enumerate(data)]
+    stacked = [x[k] for x in data for k in x]
+    opts = dict(batch_size=16, precision="float64", device="cpu", kernel=kernel)
+    blocks_seen = []
+    real = accumulator.hsic1_matrix
+    monkeypatch.setattr(
+        accumulator, "hsic1_matrix", lambda g, **kw: (blocks_seen.append(kw.get("blocks")), real(g, **kw))[1]
+    )
+    part = analyze(paths, **opts)
+    # each file against all later ones: one product per file, no within-file block
+    assert blocks_seen and all(list(b) == [((0, 3), (3, 9)), ((3, 5), (5, 9))] for b in blocks_seen)
+    blocks_seen.clear()
+    every = analyze(paths, all_pairs=True, **opts)
+    assert blocks_seen and all(b is None for b in blocks_seen)
+    skipped = not_computed([3, 2, 4])
+    assert part.params["all_pairs"] is False and every.params["all_pairs"] is True
+    assert part.pairs == every.pairs == [(0, 1), (0, 2), (1, 2)]
+    for name in ("cka", "se", "low", "high"):
+        got, want = getattr(part, name), getattr(every, name)
+        assert np.isnan(got[skipped]).all() and not np.isnan(want).any(), name
+        np.testing.assert_allclose(got[~skipped], want[~skipped], rtol=0, atol=1e-13, err_msg=name)
+    sigmas = None if kernel == "linear" else _sigmas(every)
+    want_cka, want_se = ref_of(stacked, every, sigmas=sigmas)
+    np.testing.assert_allclose(every.cka, want_cka, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(every.se, want_se, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(part.cka, ref_of(stacked, part, sigmas=sigmas)[0], rtol=0, atol=1e-10)
+    assert np.all(np.diag(part.cka) == pytest.approx(1.0, abs=1e-12))
+    # the loop CUDA uses (torch tensors), on the CPU: the same blocks, the same numbers
+    monkeypatch.setattr(loop, "engine_for", lambda device: "torch")
+    torch_part = analyze(paths, **opts)
+    np.testing.assert_allclose(torch_part.cka, part.cka, rtol=0, atol=1e-12)  # NaN where part is NaN
+    np.testing.assert_allclose(torch_part.se, part.se, rtol=0, atol=1e-12)
+    # what users see comes from the reported pairs only
+    assert "nan" not in part.summary() and part.to_frame()["cka"].notna().all()
+
+
+def test_self_comparison_computes_its_whole_block(two_files):
+    r = analyze([two_files[0]], batch_size=16, precision="float64", device="cpu")
+    assert r.params["all_pairs"] is True and not np.isnan(r.cka).any() and not np.isnan(r.se).any()
+
+
 def test_shards_by_glob_equal_single_file(tmp_path):
     a = chain_activations(70, seed=1)
     whole = write_acts(tmp_path / "whole.h5", a)
     cut = 40
     write_acts(tmp_path / "part-0.h5", {k: v[:cut] for k, v in a.items()}, ids=np.arange(cut), shard=(0, 2, 0))
     write_acts(tmp_path / "part-1.h5", {k: v[cut:] for k, v in a.items()}, ids=np.arange(cut, 70), shard=(1, 2, cut))
-    r1 = analyze([whole, str(tmp_path / "part-*.h5")], batch_size=16, precision="float64", device="cpu")
+    r1 = analyze([whole, str(tmp_path / "part-*.h5")], batch_size=16, precision="float64", device="cpu", all_pairs=True)
     np.testing.assert_allclose(r1.matrix(0, 1), r1.matrix(0, 0), atol=1e-12)
     assert len(r1.files[1].paths) == 2 and len(r1.files[1].sha256) == 2
 

@@ -29,6 +29,7 @@ SCRIPTS = (
     "bench_gpu",
     "bench_full",
     "bench_coverage",
+    "bench_hundreds",
 )
 
 
@@ -152,6 +153,25 @@ def test_coverage(smoke: dict[str, object]) -> None:
     assert all(len(r["bandwidth_ratio"]["mean"]) == 2 for r in d["rows"] if r["kernel"] == "rbf")
 
 
+def test_hundreds(smoke: dict[str, object]) -> None:
+    d = _load(smoke, "hundreds")
+    widths = d["workload"]["widths_a"] + d["workload"]["widths_b"]
+    n_a, n_b, size = len(d["workload"]["widths_a"]), len(d["workload"]["widths_b"]), len(widths)
+    m, n = d["workload"]["m"], d["workload"]["n"]
+    assert math.isclose(d["gram_flops"], (n // m) * 2 * m * m * sum(widths))
+    requested, every = d["rows"]
+    cross = (n // m) * 2 * size**2 * m
+    assert math.isclose(requested["pair_flops"], (n // m) * 2 * m * m * (n_a * n_b + size) + cross)
+    assert math.isclose(every["pair_flops"], (n // m) * 2 * m * m * size**2 + cross)
+    assert requested["variant"] == "requested" and every["variant"] == "all_pairs"
+    for r in d["rows"]:
+        assert r["seconds"] > 0 and r["floor_s"] > 0 and r["floor_f32_s"] > 0 and r["anon_rss_mb"] > 10
+    assert d["within_file_not_computed"] is True and d["max_abs_ab_diff"] <= 1e-12
+    assert d["memory_quarter"]["n"] == n // 4 and d["memory_quarter"]["anon_rss_mb"] > 10
+    parts = d["breakdown"]
+    assert parts["grams_one_core_s"] > 0 and parts["hsic_requested_s"] >= 0 and parts["hsic_all_pairs_s"] >= 0
+
+
 def test_report(smoke: dict[str, object], tmp_path: Path) -> None:
     for name in SCRIPTS:
         _load(smoke, name.removeprefix("bench_"))
@@ -163,7 +183,7 @@ def test_report(smoke: dict[str, object], tmp_path: Path) -> None:
     )
     text = out.read_text()
     titles = ("1. Analysis speed", "2. The hardware floor", "3. Accuracy", "4. Memory", "5. Extraction", "6. GPU")
-    for title in (*titles, "7. Exact full-data estimators", "8. Coverage of the intervals"):
+    for title in (*titles, "7. Exact full-data estimators", "8. Coverage of the intervals", "9. Workload H"):
         assert f"## {title}" in text
     assert "could not be rendered" not in text and "No result yet" not in text
     assert "miss the bandwidth's own sampling variation" in text

@@ -229,6 +229,8 @@ def test_analyze_on_two_ranks_equals_one_process(tmp_path):
         device="cpu",
     )
     assert got["n_minibatches"] == ref.n_minibatches == 45 and got["params"]["world_size"] == 2
+    # the all-reduce sums the computed blocks; the within-file entries are not computed on any rank
+    assert got["params"]["all_pairs"] is False and got["cka"][0][1] is None and np.isnan(ref.cka[0, 1])
     assert [f["sha256"] for f in got["files"]] == [f.sha256 for f in ref.files]  # each rank hashed a share
     bandwidths = [v for per_file in got["params"]["bandwidths"].values() for v in per_file.values()]
     assert bandwidths == pytest.approx([v for f in ref.params["bandwidths"].values() for v in f.values()], rel=1e-12)

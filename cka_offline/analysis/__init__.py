@@ -62,7 +62,9 @@ def analyze(
     """CKA between the layers of one or more activation files.
 
     One file is compared with itself; two or more are compared pairwise in one pass (every file's Grams
-    are computed once per minibatch and shared by all pairs). :mod:`cka_offline.analysis.plan` says
+    are computed once per minibatch and shared by all pairs); only the pairs across files and each layer's
+    self-HSIC are computed then, the within-file entries are NaN unless ``all_pairs=True``
+    (docs/results.md, "Within-file blocks"). :mod:`cka_offline.analysis.plan` says
     exactly what is random; :func:`plan_minibatches` reproduces the minibatches.
 
     Args:

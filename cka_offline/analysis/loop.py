@@ -22,6 +22,7 @@ from .stack import LayerStack
 
 if TYPE_CHECKING:
     from ..cka.accumulator import CKAStats
+    from ..cka.hsic import Blocks
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -39,8 +40,9 @@ FULL_DATA_BYTES = 8 * 2**30
 class LoopSettings:
     """How the minibatch loop runs: the resolved device, Gram dtype, per-layer RBF bandwidths (None:
     linear kernel), jackknife groups, interval level, reader prefetch, ``engine`` (``None``: the
-    device's own, :func:`~cka_offline.analysis.grams.engine_for`; the tests run ``torch`` on the CPU), and
-    where compressed layers are decompressed for uniform minibatches."""
+    device's own, :func:`~cka_offline.analysis.grams.engine_for`; the tests run ``torch`` on the CPU),
+    where compressed layers are decompressed for uniform minibatches, and the blocks of the ``L x L`` matrix
+    whose HSIC terms are computed besides the diagonal (``None``: all; :func:`pair_blocks`)."""
 
     device: str
     gram_dtype: str
@@ -51,6 +53,19 @@ class LoopSettings:
     engine: str | None = None
     scratch_dir: str | None = None
     scales: Sequence[float] | None = None
+    blocks: Blocks | None = None
+
+
+def pair_blocks(sizes: Sequence[int], all_pairs: bool = False) -> Blocks | None:
+    """The blocks of the stacked ``L x L`` matrix whose HSIC terms the reported file pairs need, for files
+    of ``sizes`` layers each: every file against every later one (one block per file, its rows against the
+    columns of all later files: one product each), the diagonal being always computed. ``None`` (every
+    pair) for one file (a self-comparison reports its whole block) or when ``all_pairs`` is asked for."""
+    if all_pairs or len(sizes) < 2:
+        return None
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
+    total = offsets[-1]
+    return [((offsets[k], offsets[k + 1]), (offsets[k + 1], total)) for k in range(len(sizes) - 1)]
 
 
 def layer_statistics(
@@ -132,7 +147,7 @@ def run_minibatch(
     own_total = plan.examples_in(share)
     if not ctx.is_main:
         progress = None
-    acc = MinibatchCKA(n_layers=len(stack), n_groups=settings.n_groups)
+    acc = MinibatchCKA(n_layers=len(stack), n_groups=settings.n_groups, blocks=settings.blocks)
     reader, source, compute = _pipeline(stack, plan, settings, share)
     done = n_batches = 0
     wait = 0.0
@@ -370,6 +385,7 @@ __all__ = [
     "SCALE_SAMPLE",
     "estimate_bandwidths",
     "layer_statistics",
+    "pair_blocks",
     "raise_non_finite",
     "run_full",
     "run_minibatch",

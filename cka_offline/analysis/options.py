@@ -87,6 +87,10 @@ class AnalysisOptions:
             (``cka-analyze --max-memory``): bytes, or a size such as ``"8G"`` or ``"512M"`` (binary units);
             ``None``: 8 GiB (``analysis.loop.FULL_DATA_BYTES``). When all layers' Grams do not fit, the
             layers go in blocks (more Gram builds); below two Grams the analysis is refused.
+        all_pairs: with two or more files, also compute the CKA of every pair of layers *within* each file
+            (the diagonal blocks of the stacked matrix). Default ``False``: the minibatch estimator computes
+            the pairs the result reports (each file against each other) and every layer's self-HSIC, and the
+            within-file entries off the diagonal are NaN ("not computed"). One file: always all pairs.
     """
 
     layers: tuple[str, ...] | None = None
@@ -110,6 +114,7 @@ class AnalysisOptions:
     prefetch: int = 4
     hash_files: bool = True
     full_max_bytes: int | None = None
+    all_pairs: bool = False
 
     def __post_init__(self) -> None:
         for name in ("layers", "layers_a", "layers_b"):
@@ -118,7 +123,7 @@ class AnalysisOptions:
             object.__setattr__(self, name, _integer(getattr(self, name), name))
         if self.buffer_bytes is not None:
             object.__setattr__(self, "buffer_bytes", _integer(self.buffer_bytes, "buffer_bytes"))
-        for name in ("intersect", "allow_external", "hash_files"):
+        for name in ("intersect", "allow_external", "hash_files", "all_pairs"):
             object.__setattr__(self, name, bool(getattr(self, name)))
         object.__setattr__(self, "device", str(parse_device(self.device, allowed=DEVICES)))
         object.__setattr__(self, "full_max_bytes", parse_size(self.full_max_bytes, "full_max_bytes (--max-memory)"))

@@ -28,6 +28,7 @@ from .loop import (
     ProgressCallback,
     estimate_bandwidths,
     layer_statistics,
+    pair_blocks,
     run_full,
     run_minibatch,
 )
@@ -97,6 +98,7 @@ def run_analysis(
                 prefetch=options.prefetch,
                 scratch_dir=options.scratch_dir,
                 scales=scales,
+                blocks=pair_blocks([len(names) for names in stack.selected], options.all_pairs),
             )
             outcome = _minibatch(stack, plan, settings, progress, ctx)
         else:
@@ -140,6 +142,8 @@ def _open(
     stack = LayerStack.build(opened, labels, options)
     cleanup.callback(stack.close)
     params = options.params(device)
+    # within-file pairs are computed for one file, --all-pairs and the full estimators (which compute all)
+    params["all_pairs"] = bool(options.all_pairs or len(stack.files) == 1 or options.estimator != "minibatch")
     if ctx.enabled:
         params["world_size"] = ctx.world_size
     return stack, hasher, params

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from cka_offline.cka.arrays import is_tensor, to_numpy
-from cka_offline.cka.hsic import hsic1_matrix
+from cka_offline.cka.hsic import Blocks, hsic1_matrix
 from cka_offline.cka.stats import student_t_ppf
 from cka_offline.errors import ActivationValueError, InsufficientDataError
 
@@ -86,22 +86,40 @@ class MinibatchCKA:
 
     Multi-process: give each rank distinct ``batch_index`` values, then ``sd = acc.state_dict();
     [dist.all_reduce(torch.from_numpy(a), op=SUM) for a in sd.values()]; acc.load_state_dict(sd)``.
+
+    ``blocks``: when given, only these blocks of the ``L x L`` matrix (``((r0, r1), (c0, c1))`` half-open
+    layer ranges, and their mirror images) and the diagonal are computed per minibatch
+    (:func:`~cka_offline.cka.hsic.hsic1_matrix`); the other entries are never computed: their sums stay zero
+    and :meth:`compute`/:meth:`compute_stats` give NaN there (:attr:`computed` is the mask). Model A
+    (layers ``0..a``) against model B (``a..L``) is ``blocks=[((0, a), (a, L))]``.
     """
 
-    def __init__(self, n_layers: int, n_groups: int = 16) -> None:
+    def __init__(self, n_layers: int, n_groups: int = 16, *, blocks: Blocks | None = None) -> None:
         if not (isinstance(n_layers, int) and n_layers >= 1):
             raise ValueError(f"n_layers must be an int >= 1, got {n_layers!r}")
         if not (isinstance(n_groups, int) and n_groups >= 1):
             raise ValueError(f"n_groups must be an int >= 1, got {n_groups!r}")
         self.n_layers = n_layers
         self.n_groups = n_groups
+        self.blocks = None if blocks is None else _check_blocks(blocks, n_layers)
+        #: ``(L, L)`` bool: the entries that are computed (all of them without ``blocks``)
+        self.computed = np.ones((n_layers, n_layers), dtype=bool)
+        if self.blocks is not None:
+            self.computed[...] = np.eye(n_layers, dtype=bool)
+            for (r0, r1), (c0, c1) in self.blocks:
+                self.computed[r0:r1, c0:c1] = self.computed[c0:c1, r0:r1] = True
         self.hsic_sum = np.zeros((n_groups, n_layers, n_layers), dtype=np.float64)
         self.n_batches = np.zeros(n_groups, dtype=np.int64)
         self.n_examples = np.zeros(n_groups, dtype=np.int64)
 
+    def _shape(self) -> str:
+        blocks = "" if self.blocks is None else f", blocks={self.blocks}"
+        return f"MinibatchCKA(n_layers={self.n_layers}, n_groups={self.n_groups}{blocks})"
+
     def __repr__(self) -> str:
+        blocks = "" if self.blocks is None else f", blocks={self.blocks}"
         return (
-            f"MinibatchCKA(n_layers={self.n_layers}, n_groups={self.n_groups}, "
+            f"MinibatchCKA(n_layers={self.n_layers}, n_groups={self.n_groups}{blocks}, "
             f"batches={int(self.n_batches.sum())}, examples={int(self.n_examples.sum())})"
         )
 
@@ -133,7 +151,9 @@ class MinibatchCKA:
             group = batch_index % self.n_groups
         elif isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < self.n_groups:
             raise ValueError(f"group must be an int in 0..{self.n_groups - 1}, got {group!r}")
-        hsic = to_numpy(hsic1_matrix(grams, overwrite=overwrite))
+        hsic = to_numpy(hsic1_matrix(grams, overwrite=overwrite, blocks=self.blocks))
+        if self.blocks is not None:  # the entries not computed are NaN: they add nothing to the sums
+            hsic = np.where(self.computed, hsic, 0.0)
         finite = np.isfinite(hsic)
         if not finite.all():
             bad = np.flatnonzero(~finite.all(axis=1)).tolist()
@@ -149,10 +169,9 @@ class MinibatchCKA:
         """Add ``other``'s sums into this accumulator (in place) and return ``self``."""
         if not isinstance(other, MinibatchCKA):
             raise TypeError(f"can only merge a MinibatchCKA, got {type(other).__name__}")
-        if (other.n_layers, other.n_groups) != (self.n_layers, self.n_groups):
+        if (other.n_layers, other.n_groups, other.blocks) != (self.n_layers, self.n_groups, self.blocks):
             raise ValueError(
-                f"cannot merge MinibatchCKA(n_layers={other.n_layers}, n_groups={other.n_groups}) into "
-                f"MinibatchCKA(n_layers={self.n_layers}, n_groups={self.n_groups}): both must match"
+                f"cannot merge {other._shape()} into {self._shape()}: the layers, groups and computed blocks must match"
             )
         self.hsic_sum += other.hsic_sum
         self.n_batches += other.n_batches
@@ -212,7 +231,13 @@ class MinibatchCKA:
         [0, 1] by chance. Raises InsufficientDataError when nothing was added.
         """
         self._check_not_empty()
-        return _cka_from_sums(self.hsic_sum.sum(axis=0))
+        return self._mask(_cka_from_sums(self.hsic_sum.sum(axis=0)))
+
+    def _mask(self, values: np.ndarray) -> np.ndarray:
+        """``values`` with NaN where no HSIC term is computed (``blocks``), in place."""
+        if self.blocks is not None:
+            values[..., ~self.computed] = math.nan
+        return values
 
     def compute_stats(self, confidence: float = 0.95) -> CKAStats:
         """CKA with grouped-jackknife standard errors and ``confidence`` intervals (numpy float64 ``(L, L)``).
@@ -239,13 +264,14 @@ class MinibatchCKA:
             loo = _cka_from_sums(totals[None] - self.hsic_sum[used])  # (G, L, L)
             dev = loo - loo.mean(axis=0, keepdims=True)
             se = np.sqrt((n_used - 1) / n_used * (dev * dev).sum(axis=0))
-            unstable = np.isnan(se) & ~np.isnan(theta)
+            unstable = np.isnan(se) & ~np.isnan(theta) & self.computed
             if unstable.any():
                 logger.warning(
                     "jackknife SE is NaN for %d CKA entries: leaving out one group makes a self-HSIC <= 0 "
                     "(too few examples); use more data",
                     int(unstable.sum()),
                 )
+        theta, se = self._mask(theta), self._mask(se)
         half = student_t_ppf(0.5 + confidence / 2.0, n_used - 1) * se if n_used >= 2 else se
         return CKAStats(
             cka=theta,
@@ -256,3 +282,18 @@ class MinibatchCKA:
             confidence=float(confidence),
             n_groups=n_used,
         )
+
+
+def _check_blocks(blocks: Blocks, n_layers: int) -> tuple[tuple[tuple[int, int], tuple[int, int]], ...]:
+    """``blocks`` as a tuple of ``((r0, r1), (c0, c1))`` int ranges within ``0..n_layers``."""
+    out = []
+    for block in blocks:
+        try:
+            (r0, r1), (c0, c1) = block
+            ranges = tuple((int(a), int(b)) for a, b in ((r0, r1), (c0, c1)))
+        except (TypeError, ValueError):
+            raise ValueError(f"a block must be ((r0, r1), (c0, c1)), got {block!r}") from None
+        if not all(0 <= a < b <= n_layers for a, b in ranges):
+            raise ValueError(f"block {block!r} is not within 0..{n_layers} layers (half-open, non-empty ranges)")
+        out.append((ranges[0], ranges[1]))
+    return tuple(out)

@@ -44,7 +44,8 @@ HELP = """Compare the layers of activation files (written by cka-extract) with C
 
 With one FILE its layers are compared with each other; with two, every layer of the first (A)
 with every layer of the second (B); with more (say the checkpoints of one run), every pair, in a
-single pass that computes each file's Gram matrices once per minibatch. A FILE may be a glob or
+single pass that computes each file's Gram matrices once per minibatch (only the pairs across files:
+--all-pairs adds those within each file). A FILE may be a glob or
 shard set ('run/acts-*.h5'). The files must hold the same example ids (in any order), or use
 --intersection. CKA is the unbiased minibatch estimator of Nguyen et al. (2021): seeded uniformly random
 minibatches of -m examples (whatever order the files store their rows in), with jackknife standard
@@ -231,6 +232,13 @@ def _check_outputs(
     default=None,
     help="Memory the full estimators may use for their n x n float64 Gram matrices, e.g. 16G or 512M "
     "(default 8G); beyond it the layers go in blocks, each block's Grams rebuilt per block pair.",
+)
+@click.option(
+    "--all-pairs",
+    is_flag=True,
+    default=_DEFAULT.all_pairs,
+    help="With 2+ files, also compute the layer pairs within each file (the result then holds them; by "
+    "default only each file against the others is computed, and the within-file entries are NaN).",
 )
 @quiet_option
 @debug_option

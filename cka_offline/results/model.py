@@ -109,7 +109,9 @@ class CKAResult:
     Attributes:
         files: the compared files, in order.
         cka: (L, L) float64 CKA over the stacked layers of all files (L = sum of layer counts); NaN where
-            undefined (a constant layer).
+            undefined (a constant layer) or not computed: with two or more files the minibatch estimator
+            computes the reported pairs and the diagonal only, unless ``params["all_pairs"]`` (the pairs
+            within a file, off the diagonal, are then NaN; ``cka-analyze --all-pairs`` computes them).
         se: (L, L) jackknife standard errors over minibatch groups (NaN for the full-data estimators).
         low, high: (L, L) bounds of the ``confidence`` interval.
         pairs: the file pairs (i, j) this result reports; ``[(0, 0)]`` for a self-comparison, else

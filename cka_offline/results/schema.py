@@ -36,7 +36,7 @@ KEY_WARNINGS = "warnings"  # list of str, one sentence each
 KEY_CONFIDENCE = "confidence"  # float, level of the low/high interval
 
 #: the four (L, L) float64 matrices over the stacked layers, in this order everywhere
-MATRIX_CKA = "cka"  # CKA; NaN where undefined (a constant layer)
+MATRIX_CKA = "cka"  # CKA; NaN where undefined (a constant layer) or not computed (params.all_pairs false)
 MATRIX_SE = "se"  # jackknife standard error; NaN for the full-data estimators
 MATRIX_LOW = "low"  # lower bound of the confidence interval
 MATRIX_HIGH = "high"  # upper bound of the confidence interval
@@ -85,6 +85,7 @@ PARAM_KEYS = (
     "block_rows",  # int, rows per read block of the shuffle buffer (shuffle "blocks")
     "buffer_blocks",  # int, blocks in the shuffle buffer (shuffle "blocks")
     "world_size",  # int, processes of a distributed run
+    "all_pairs",  # bool, the within-file blocks were computed (false: NaN there off the diagonal, "not computed")
 )
 
 # --- ``timing``: seconds --------------------------------------------------------------------------------

@@ -39,6 +39,21 @@ def test_success_writes_result_and_plot_and_prints_summary(tmp_path, files):
     assert "wrote" in res.stderr
 
 
+def test_all_pairs_fills_the_within_file_blocks(tmp_path, files):
+    """By default the A-A and B-B pairs off the diagonal are not computed (null in the JSON, params say so);
+    --all-pairs computes them, and the A-B block is the same (float64 rounding)."""
+    run([*files, "-m", "16", "--precision", "float64", "-o", tmp_path / "p.json", "--quiet"])
+    res = run([*files, "-m", "16", "--precision", "float64", "-o", tmp_path / "a.json", "--all-pairs", "--quiet"])
+    assert res.exit_code == 0, res.output
+    part, every = load_result(tmp_path / "p.json"), load_result(tmp_path / "a.json")
+    assert part.params["all_pairs"] is False and every.params["all_pairs"] is True
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert doc["cka"][0][1] is None and doc["cka"][0][0] == pytest.approx(1.0)
+    assert np.isnan(part.matrix(0, 0)[0, 1]) and not np.isnan(every.cka).any()
+    np.testing.assert_allclose(part.matrix(0, 1), every.matrix(0, 1), rtol=0, atol=1e-13)
+    assert "--all-pairs" in run(["--help"]).stdout
+
+
 def test_hash_recorded_unless_no_hash(tmp_path, files):
     import hashlib
 
