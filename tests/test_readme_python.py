@@ -14,11 +14,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def python_blocks(section: str) -> list[str]:
+def code_blocks(section: str, language: str = "python") -> list[str]:
+    """The ``language`` code blocks of the README section whose heading starts with ``section``."""
     text = (ROOT / "README.md").read_text()
-    start = text.index(f"## {section}\n")
+    start = text.index(f"## {section}")
     end = text.find("\n## ", start + 1)
-    return re.findall(r"```python\n(.*?)```", text[start : end if end > 0 else None], flags=re.S)
+    return re.findall(rf"```{language}\n(.*?)```", text[start : end if end > 0 else None], flags=re.S)
+
+
+def python_blocks(section: str) -> list[str]:
+    return code_blocks(section, "python")
 
 
 @pytest.mark.slow
@@ -39,10 +44,7 @@ def test_the_python_api_section_runs_as_printed(tmp_path):
 
 
 def bash_blocks(section: str) -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    start = text.index(f"## {section}")
-    end = text.find("\n## ", start + 1)
-    return re.findall(r"```bash\n(.*?)```", text[start : end if end > 0 else None], flags=re.S)
+    return code_blocks(section, "bash")
 
 
 @pytest.mark.slow

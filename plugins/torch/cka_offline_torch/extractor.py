@@ -203,6 +203,13 @@ class TorchExtractor(Extractor):
                 model = load_pickle(spec.path, self.allow_pickle)
                 self._model_file = spec.path
             self._signature = module_signature(model)
+        model = self._on_device(model)
+        log.debug("loaded %s (%s) on %s", self.source, type(model).__name__, self._device)
+        return model
+
+    def _on_device(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` moved to the device (its code may run: one line if it fails or exits), in eval mode,
+        kept as the loaded model."""
         try:
             with user_code(f"the model of {self.source!r}, when moved to {self._device},", self.source):
                 model = model.to(self._device)
@@ -212,7 +219,6 @@ class TorchExtractor(Extractor):
             ) from exc
         model.eval()
         self._model = model
-        log.debug("loaded %s (%s) on %s", self.source, type(model).__name__, self._device)
         return model
 
     def _load_live(self) -> torch.nn.Module:

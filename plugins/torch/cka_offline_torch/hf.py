@@ -315,14 +315,7 @@ class HFExtractor(TorchExtractor):
         self._loaded = loaded
         model = loaded.model
         self._signature = module_signature(model)
-        try:
-            model = model.to(self._device)
-        except Exception as exc:
-            raise ModelError(
-                f"cannot move the model of {self.source!r} to {self._device}: {type(exc).__name__}: {exc}"
-            ) from exc
-        model.eval()
-        self._model = model
+        model = self._on_device(model)
         log.debug("loaded %s (%s) from %s on %s", self.source, type(model).__name__, loaded.where.folder, self._device)
         return model
 
