@@ -83,7 +83,7 @@ def test_the_result_carries_shows_and_round_trips_the_aliases(demo_files, tmp_pa
         back = load_result(r.save(tmp_path / f"r.{ext}"))
         assert [f.aliases for f in back.files] == [["", ""], ["conv1", "fc1"]], ext
     doc = json.load(open(tmp_path / "r.json", encoding="utf-8"))
-    assert doc["format_version"] == "1.3" and doc["files"][1]["aliases"] == ["conv1", "fc1"]
+    assert doc["format_version"] == "1.4" and doc["files"][1]["aliases"] == ["conv1", "fc1"]
     assert [f.aliases for f in load_result(r.save(tmp_path / "r.csv")).files] == [["", ""], ["", ""]]  # CSV: none
 
     fig = plot_heatmap(r)

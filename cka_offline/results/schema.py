@@ -12,7 +12,7 @@ from __future__ import annotations
 
 FORMAT_NAME = "cka-offline-result"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 3
+FORMAT_MINOR = 4
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 
 # --- the serialisations --------------------------------------------------------------------------------
@@ -85,7 +85,7 @@ PARAM_KEYS = (
     "block_rows",  # int, rows per read block of the shuffle buffer (shuffle "blocks")
     "buffer_blocks",  # int, blocks in the shuffle buffer (shuffle "blocks")
     "world_size",  # int, processes of a distributed run
-    "all_pairs",  # bool, the within-file blocks were computed (false: NaN there off the diagonal, "not computed")
+    "all_pairs",  # bool (1.4), the within-file blocks were computed (false: NaN there off the diagonal, "not computed")
 )
 
 # --- ``timing``: seconds --------------------------------------------------------------------------------

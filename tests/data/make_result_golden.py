@@ -1,7 +1,8 @@
 """Writes tests/data/result_vMAJOR_MINOR.{json,h5,csv}, the frozen examples of the current result format
 (docs/results.md): result_v1_0.* for 1.0, result_v1_1.* for 1.1 (which adds ``params.shuffle``),
 result_v1_2.* for 1.2 (the same content; its ``.h5`` adds the layer-name dimension scales), result_v1_3.*
-for 1.3 (file A's first layer has the display alias ``block.conv.0``; the CSV holds no aliases).
+for 1.3 (file A's first layer has the display alias ``block.conv.0``; the CSV holds no aliases), result_v1_4.*
+for 1.4 (``params.all_pairs`` false: the within-file blocks' off-diagonal entries are NaN, "not computed").
 
 Run once per released result format version; never regenerate an existing golden file (later releases
 must read the bytes as they were written):
@@ -31,7 +32,7 @@ CONSTANT = 3  # stacked index of "b1, constant"
 
 
 def golden_result(version: str = VERSION) -> CKAResult:
-    """The result the golden files of ``version`` (``1_0``, ``1_1``, ``1_2``, ``1_3``) hold."""
+    """The result the golden files of ``version`` (``1_0`` to ``1_4``) hold."""
     size = sum(len(names) for names in LAYERS)
     r, c = np.indices((size, size))
     cka = np.where(r == c, 1.0, (r + c + 1) / 16)
@@ -39,6 +40,15 @@ def golden_result(version: str = VERSION) -> CKAResult:
     low, high = cka - 2 * se, cka + 2 * se
     for m in (cka, se, low, high):
         m[CONSTANT, :] = m[:, CONSTANT] = np.nan
+    if version not in ("1_0", "1_1", "1_2", "1_3"):  # 1.4: the within-file blocks were not computed
+        start = 0
+        for names in LAYERS:
+            block = np.s_[start : start + len(names)]
+            for m in (cka, se, low, high):
+                diagonal = np.diag(m).copy()
+                m[block, block] = np.nan
+                np.fill_diagonal(m, diagonal)
+            start += len(names)
     files = [
         FileInfo(
             label="a.h5",
@@ -77,6 +87,8 @@ def golden_result(version: str = VERSION) -> CKAResult:
         params["shuffle"] = "blocks"
     if version not in ("1_0", "1_1", "1_2"):
         files[0].aliases = ["block.conv.0", ""]
+    if version not in ("1_0", "1_1", "1_2", "1_3"):
+        params["all_pairs"] = False
     return CKAResult(
         files=files,
         cka=cka,

@@ -24,14 +24,20 @@ LAYERS = [["/block/conv.0/Relu_output_0", "fc"], ["b0", "b1, constant", "b2"], [
 NAN = 3  # stacked index of the constant layer "b1, constant"
 
 
-def expected(name: str) -> np.ndarray:
-    """The 6 x 6 matrix ``name`` of the golden result."""
+FILE_OF = [0, 0, 1, 1, 1, 2]  # the file of each stacked layer
+
+
+def expected(name: str, version: str = "1_0") -> np.ndarray:
+    """The 6 x 6 matrix ``name`` of the golden result of ``version``: from 1.4 (``params.all_pairs`` false)
+    the off-diagonal entries within a file are NaN, not computed."""
     out = np.empty((6, 6))
     for r in range(6):
         for c in range(6):
             cka = 1.0 if r == c else (r + c + 1) / 16
             se = (1 + abs(r - c)) / 256
             out[r, c] = {"cka": cka, "se": se, "low": cka - 2 * se, "high": cka + 2 * se}[name]
+            if version >= "1_4" and r != c and FILE_OF[r] == FILE_OF[c]:
+                out[r, c] = np.nan
     out[NAN, :] = out[:, NAN] = np.nan
     return out
 
@@ -46,19 +52,23 @@ def test_the_golden_files_are_small():
         assert os.path.getsize(make_result_golden.golden_path(ext)) < 16_000
 
 
-@pytest.mark.parametrize("version", ["1_0", "1_1", "1_2", "1_3"])
+@pytest.mark.parametrize("version", ["1_0", "1_1", "1_2", "1_3", "1_4"])
 @pytest.mark.parametrize("ext", ["json", "h5", "csv"])
 def test_every_released_golden_loads_with_its_values(version, ext):
     r = load_result(os.path.join(DATA, f"result_v{version}.{ext}"))
     assert [f.layers for f in r.files] == LAYERS and r.pairs == [(0, 1), (0, 2), (1, 2)]
     # 1.3 adds each layer's display alias (file A's first layer only); older results and CSVs have none
-    first = "block.conv.0" if version == "1_3" and ext != "csv" else ""
+    first = "block.conv.0" if version >= "1_3" and ext != "csv" else ""
     assert [f.aliases for f in r.files] == [[first, ""], ["", "", ""], [""]]
     assert r.files[0].display_layers == [first or LAYERS[0][0], "fc"]
     np.testing.assert_array_equal(r.pair(0, 1).cka, expected("cka")[0:2, 2:5])
     np.testing.assert_array_equal(r.pair(1, 2).high, expected("high")[2:5, 5:6])
     if ext != "csv":
         assert r.params.get("shuffle") == (None if version == "1_0" else "blocks")
+        # 1.4 records whether the within-file blocks were computed; older results computed every entry
+        assert r.params.get("all_pairs", True) is (version < "1_4")
+        for name in ("cka", "se", "low", "high"):
+            np.testing.assert_array_equal(getattr(r, name), expected(name, version))
 
 
 @pytest.mark.parametrize("ext", ["json", "h5"])
@@ -138,7 +148,7 @@ def test_the_writer_still_writes_the_golden_bytes(tmp_path, ext):
 def test_the_current_golden_files_load_with_their_values(ext):
     r = load_result(make_result_golden.golden_path(ext))
     for name in ("cka", "se", "low", "high"):
-        np.testing.assert_array_equal(getattr(r, name), expected(name))
+        np.testing.assert_array_equal(getattr(r, name), expected(name, make_result_golden.VERSION))
     assert r.params["shuffle"] == "blocks" and r.params["n_groups"] == 4
 
 
