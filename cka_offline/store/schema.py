@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 FORMAT_NAME = "cka-offline-activations"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 1  # 1.1: the optional layer attribute "alias"
+FORMAT_MINOR = 2  # 1.1: the optional layer attribute "alias"; 1.2: the optional dataset /checksums
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 
 # --- root attributes -------------------------------------------------------------------------------
@@ -67,6 +67,8 @@ OPTIONAL_ROOT_ATTRS = (
 # --- datasets and groups ---------------------------------------------------------------------------
 IDS_DATASET = "ids"  # 1-D, int64 or UTF-8 variable-length str, unique, one per row in row order
 LAYERS_GROUP = "layers"  # group of one 2-D dataset per layer
+#: optional (1.2): uint32 (chunks, layers), the CRC-32 (zlib.crc32) of each chunk's stored rows of each layer
+CHECKSUMS_DATASET = "checksums"
 LAYER_KEY_FORMAT = "L{:04d}"  # dataset names inside /layers: L0000, L0001, ... (never model names)
 
 # --- per-layer dataset attributes ------------------------------------------------------------------

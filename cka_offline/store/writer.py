@@ -16,8 +16,8 @@ that it reads back complete, and renames it to ``path``. A file at the final pat
 complete.
 
 ``resume=True`` continues a ``.partial`` left by an interrupted run when its ``resume_key`` matches: the
-rows it counts as written are read back chunk by chunk (every chunk must be stored and decompress) into a
-fresh copy, and the run continues after the last row that reads back. A ``.partial`` that cannot be
+rows it counts as written are read back chunk by chunk (every chunk must be stored, decompress and match its
+checksum) into a fresh copy, and the run continues after the last row that reads back as written. A ``.partial`` that cannot be
 resumed is refused with the reason, never silently started over.
 """
 
@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import sys
+import zlib
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, NoReturn
@@ -245,7 +246,10 @@ class ActivationWriter:
         self._broken = False
         self._inode: tuple[int, int] | None = None
         self._datasets: list[h5py.Dataset] | None = None
+        self._checksums: h5py.Dataset | None = None
         self._file: h5py.File | None = None
+        #: the CRC-32 of every chunk's rows stored so far, per layer (``/checksums``; made by _build)
+        self._crc = np.zeros((0, len(self.layers)), dtype=np.uint32)
         self._lock = OutputLock(self.path)
         self._lock.acquire()  # before any file is touched: a second writer never changes the first one's file
         try:
@@ -289,6 +293,8 @@ class ActivationWriter:
                 f.create_dataset(schema.IDS_DATASET, data=self.ids.astype(object), dtype=h5py.string_dtype("utf-8"))
             else:
                 f.create_dataset(schema.IDS_DATASET, data=self.ids)
+            self._crc = np.zeros((-(-self.n // self.chunk_rows), len(self.layers)), dtype=np.uint32)
+            f.create_dataset(schema.CHECKSUMS_DATASET, data=self._crc)  # allocated now: rewritten in place
             group = f.create_group(schema.LAYERS_GROUP)
             for order, spec in enumerate(self.layers):
                 ds = group.create_dataset(
@@ -353,6 +359,7 @@ class ActivationWriter:
                 self.chunk_rows = int(attrs[schema.ATTR_CHUNK_ROWS])
                 counted = int(attrs[schema.ATTR_ROWS_COMPLETE])
                 olds = [old[schema.LAYERS_GROUP][schema.layer_key(i)] for i in range(len(self.layers))]
+                written = self._stored_checksums(old)
             except ResumeError:
                 raise
             except (*H5_ERRORS, AttributeError) as exc:
@@ -364,7 +371,7 @@ class ActivationWriter:
             attrs[schema.ATTR_COMPLETE] = False
             new = self._build(attrs, comp)
             try:
-                rows = self._copy_readable(olds, new, min(max(counted, 0), self.n))
+                rows = self._copy_readable(olds, new, min(max(counted, 0), self.n), written)
                 new.attrs.modify(schema.ATTR_ROWS_COMPLETE, rows)
             except (OSError, RuntimeError) as exc:
                 remove_quietly(self.scratch_path)
@@ -409,28 +416,53 @@ class ActivationWriter:
                 "rerun with the same inputs and options to resume, or pass --overwrite to start over"
             )
 
-    def _copy_readable(self, olds: Sequence[h5py.Dataset], new: h5py.File, counted: int) -> int:
+    def _stored_checksums(self, old: h5py.File) -> np.ndarray | None:
+        """The ``/checksums`` of the partial file ``old`` (None: a file from before format 1.2, unchecked)."""
+        ds = old.get(schema.CHECKSUMS_DATASET)
+        if ds is None:
+            return None
+        if ds.shape != self._crc_shape() or ds.dtype != np.uint32:
+            raise KeyError(f"/{schema.CHECKSUMS_DATASET} has shape {ds.shape}, expected {self._crc_shape()}")
+        return np.asarray(ds[()])
+
+    def _crc_shape(self) -> tuple[int, int]:
+        return (-(-self.n // self.chunk_rows), len(self.layers))
+
+    def _copy_readable(
+        self, olds: Sequence[h5py.Dataset], new: h5py.File, counted: int, written: np.ndarray | None
+    ) -> int:
         """Copy rows ``0:counted`` of every layer, a chunk at a time, into ``new``; stop at the first chunk
-        that is not stored or does not decompress (the rows from there on are extracted again). Returns
-        the rows copied. With compression only whole chunks are kept, so none is ever rewritten."""
+        that is not stored, does not decompress or does not match the checksum ``written`` recorded for it
+        (the rows from there on are extracted again). Returns the rows copied. With compression only whole
+        chunks are kept, so none is ever rewritten."""
         limit = counted if counted == self.n or not self._whole_chunks else counted - counted % self.chunk_rows
         news = [new[schema.LAYERS_GROUP][schema.layer_key(i)] for i in range(len(self.layers))]
+        copied = 0
         for start in range(0, limit, self.chunk_rows):
             stop = min(start + self.chunk_rows, limit)
+            chunk = start // self.chunk_rows
             try:
                 blocks = [partial.read_stored(ds, start, stop) for ds in olds]
+                crcs = [zlib.crc32(block.data) for block in blocks]
+                if written is not None and crcs != written[chunk].tolist():
+                    # a chunk counted in part has a checksum of more rows when the run was killed after
+                    # flushing the rows and before counting them: those few rows are extracted again too
+                    raise partial.NotStored(f"chunk at row {start} does not match the checksum written with it")
             except (*H5_ERRORS, partial.NotStored) as exc:
                 log.warning(
-                    "%s: rows %d-%d do not read back (%s); extracting them again",
+                    "%s: rows %d-%d do not read back as written (%s); extracting them again",
                     self.tmp_path,
                     start,
                     limit,
                     partial.short(exc),
                 )
-                return start
+                break
             for ds, block in zip(news, blocks):
                 ds.write_direct(block, dest_sel=np.s_[start:stop])
-        return limit
+            self._crc[chunk] = crcs
+            copied = stop
+        new[schema.CHECKSUMS_DATASET].write_direct(self._crc)
+        return copied
 
     # -- writing ----------------------------------------------------------------------------------------
     def write(self, arrays: Mapping[str, np.ndarray]) -> None:
@@ -470,12 +502,16 @@ class ActivationWriter:
         if self._datasets is None:  # looked up once: h5py's name lookups cost more than small writes
             group = f[schema.LAYERS_GROUP]
             self._datasets = [group[schema.layer_key(order)] for order in range(len(self.layers))]
+            self._checksums = f[schema.CHECKSUMS_DATASET]
         pending = self._pending
         blocks = pending[0] if len(pending) == 1 else [np.concatenate(parts) for parts in zip(*pending)]
         k = end - start
+        chunks, checksums = self._checksum(blocks, start, end), self._checksums
+        assert checksums is not None
         try:
             for ds, rows in zip(self._datasets, blocks):
                 ds.write_direct(rows[:k], dest_sel=np.s_[start:end])  # a row slice: still C-contiguous
+            checksums.write_direct(self._crc[chunks], dest_sel=chunks)
             f.flush()
             f.attrs.modify(schema.ATTR_ROWS_COMPLETE, end)  # in place: never deleted, never moved
             f.flush()
@@ -484,6 +520,18 @@ class ActivationWriter:
             raise partial.disk_error(self.path, self.tmp_path, exc) from exc
         self.rows_stored = end
         self._pending = [[rows[k:] for rows in blocks]] if k < len(blocks[0]) else []
+
+    def _checksum(self, blocks: Sequence[np.ndarray], start: int, end: int) -> slice:
+        """Extend the CRC-32 of the chunks holding rows ``start:end`` (``blocks`` begin at row ``start``)
+        with those rows; returns the chunks touched."""
+        rows = self.chunk_rows
+        first, last = start // rows, (end - 1) // rows
+        for chunk in range(first, last + 1):
+            lo, hi = max(start, chunk * rows) - start, min(end, (chunk + 1) * rows) - start
+            crc = self._crc[chunk]
+            for i, block in enumerate(blocks):
+                crc[i] = zlib.crc32(block[lo:hi].data, int(crc[i]))
+        return slice(first, last + 1)
 
     def _new_chunk_bytes(self, start: int, stop: int) -> int:
         """Bytes rows ``start:stop`` add to the file at most: HDF5 allocates a whole chunk when its first

@@ -160,12 +160,34 @@ def kill_once(folder: Path, case: Case, sig: str, delay: float) -> tuple[str, st
         return "refused", f"{where}: {r.stderr.strip()}", notes
     if r.returncode != 0:
         return "FAILED", f"{where}: --resume exited with {r.returncode}: {r.stderr[-600:]}", notes
-    if full_content(str(final)) != case.reference:
-        return "FAILED", f"{where}: the resumed file differs from an uninterrupted run's", notes
+    resumed = full_content(str(final))
+    if resumed != case.reference:
+        return (
+            "FAILED",
+            f"{where}: the resumed file differs from an uninterrupted run's: {difference(resumed, case.reference)}",
+            notes,
+        )
     left = sorted(p.name for p in folder.iterdir() if p.name != "out.h5")
     if left:
         return "FAILED", f"{where}: left behind after the resume: {left}", notes
     return "resumed", "", notes
+
+
+def difference(content: dict[str, Any], reference: dict[str, Any]) -> str:
+    """Where two ``full_content`` dicts differ first: the object, and for a dataset's values the first row."""
+    import numpy as np
+
+    for name in sorted(set(content) | set(reference)):
+        got, want = content.get(name), reference.get(name)
+        if got == want:
+            continue
+        if isinstance(got, tuple) and isinstance(want, tuple) and got[1:] == want[1:] and isinstance(got[0], bytes):
+            a = np.frombuffer(got[0], dtype=got[1]).reshape(got[2])
+            b = np.frombuffer(want[0], dtype=want[1]).reshape(want[2])
+            rows = np.flatnonzero((a != b).reshape(len(a), -1).any(axis=1))
+            return f"{name}: {len(rows)} rows differ, the first {rows[0]}, the last {rows[-1]}"
+        return f"{name}: {str(got)[:200]} != {str(want)[:200]}"
+    return "nothing"
 
 
 def _same(path: str, reference: dict[str, Any], *, command: bool = True) -> bool:

@@ -43,6 +43,56 @@ def test_kills_at_random_moments_then_resume(tmp_path):
     assert total["mid-write"] >= KILLS * 9 // 3, report.table()  # the random moments do land mid-write
 
 
+def _damage_counted_chunk(partial: Path, how: str) -> None:
+    """Leave rows that ``partial`` counts as written readable but wrong, as a torn write or a chunk index
+    pointing at the wrong place would: chunk 1 of layer L0001 gets other bytes (``garbage``) or those of
+    chunk 3 (``another chunk``). HDF5 reads both without an error (no filter checks uncompressed chunks)."""
+    with h5py.File(partial, "r") as h:
+        ds = h["layers/L0001"]
+        target = ds.id.get_chunk_info_by_coord((64, 0))
+        source = ds.id.get_chunk_info_by_coord((3 * 64, 0))
+    with open(partial, "r+b") as f:
+        if how == "garbage":
+            data = np.random.default_rng(1).random(target.size // 4, dtype=np.float32).tobytes()
+        else:
+            f.seek(source.byte_offset)
+            data = f.read(source.size)
+        f.seek(target.byte_offset)
+        f.write(data)
+
+
+@pytest.mark.parametrize("how", ["garbage", "another chunk", "no checksums (a 1.1 partial)"])
+def test_counted_rows_that_read_back_wrong_are_extracted_again(tmp_path, how):
+    """--resume keeps only the counted rows that read back as they were written (their /checksums entry):
+    a damaged chunk and everything after it is extracted again, and the file equals an uninterrupted run's.
+    A partial from a writer without checksums (format 1.1) is resumed as before, and gets them."""
+    from .builders import full_content
+
+    npy_folder(tmp_path / "acts", n=600, widths=(16, 8))
+    cmd = [str(BIN / "cka-extract"), "../acts", "-o", "out.h5", "-b", "10", "--chunk-rows", "64", "-q"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    ref.mkdir(), run.mkdir()
+    subprocess.run(cmd, cwd=ref, check=True)
+    reference = full_content(str(ref / "out.h5"))
+    partial = run / "out.h5.partial"
+    partial.write_bytes((ref / "out.h5").read_bytes())
+    with h5py.File(partial, "r+") as h:  # an interrupted run's partial: 450 rows counted
+        h.attrs.modify("rows_complete", 450)
+        h.attrs.modify("complete", False)
+        if how.startswith("no checksums"):
+            del h["checksums"]
+    if not how.startswith("no checksums"):
+        _damage_counted_chunk(partial, how)
+    r = subprocess.run([*cmd, "--resume"], cwd=run, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    if how.startswith("no checksums"):
+        assert r.stderr == ""
+    else:
+        assert "rows 64-450 do not read back as written" in r.stderr and "checksum" in r.stderr
+    assert full_content(str(run / "out.h5")) == reference
+    assert sorted(os.listdir(run)) == ["out.h5"]
+
+
 @pytest.fixture
 def writer_running(tmp_path):
     """A cka-extract process in the middle of writing ``out.h5.partial`` (one flush per 5 rows)."""

@@ -40,3 +40,24 @@ def test_golden_v1_1_reads_its_values_and_the_alias_of_its_first_layer():
         for name, rows in make_golden.golden_rows().items():
             np.testing.assert_array_equal(f.read(name, 0, make_golden.N), rows.astype(np.float32))
         assert f.provenance["extractor"] == "golden"
+
+
+GOLDEN_V1_2 = os.path.join(os.path.dirname(make_golden.__file__), "golden_v1_2.h5")
+
+
+def test_golden_v1_2_reads_and_its_checksums_are_the_crc32_of_each_chunk():
+    """1.2 adds /checksums: entry [c, k] is zlib.crc32 of chunk c's rows of layer k as stored (float32 bytes);
+    computed here from the formula values, not by the writer."""
+    import zlib
+
+    import h5py
+
+    with open_activations(GOLDEN_V1_2) as f:
+        assert f.version == (1, 2) and f.chunk_rows == 8
+        assert f.layer(make_golden.CONV).alias == "block.conv.0"
+        for name, rows in make_golden.golden_rows().items():
+            np.testing.assert_array_equal(f.read(name, 0, make_golden.N), rows.astype(np.float32))
+    rows = list(make_golden.golden_rows().values())  # in layer order: L0000, L0001
+    expected = [[zlib.crc32(r[c : c + 8].astype("<f4").tobytes()) for r in rows] for c in range(0, make_golden.N, 8)]
+    with h5py.File(GOLDEN_V1_2, "r") as h:
+        assert h["checksums"].dtype == np.uint32 and h["checksums"][()].tolist() == expected
