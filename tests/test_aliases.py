@@ -141,3 +141,20 @@ def test_in_memory_activations_have_no_aliases():
     rng = np.random.default_rng(0)
     r = analyze([{"x": rng.normal(size=(16, 3)), "y": rng.normal(size=(16, 2))}], batch_size=8, progress=False)
     assert r.files[0].aliases == ["", ""] and r.files[0].display_layers == ["x", "y"]
+
+
+def test_cka_analyze_selects_layers_by_their_stored_alias(demo_files, tmp_path):
+    """An ONNX file's layers are picked in cka-analyze by the module names they were extracted by, as in
+    cka-extract (B holds /conv1/Conv_output_0 and logits, aliases conv1 and fc2): --layers-b conv1 selects
+    the tensor; a name that is neither a layer nor an alias still fails, naming the file."""
+    out = tmp_path / "r.json"
+    _cli("cka-analyze", demo_files["a"], demo_files["b_tensors"], "--layers-b", "conv1", "-o", str(out), "-q")
+    doc = json.loads(out.read_text())
+    assert doc["files"][1]["layers"] == ["/conv1/Conv_output_0"] and doc["files"][1]["aliases"] == ["conv1"]
+    run = subprocess.run(
+        [os.path.join(BIN, "cka-analyze"), demo_files["a"], demo_files["b_tensors"], "--layers-b", "conv9"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode != 0 and "conv9" in run.stderr and "b_tensors.h5" in run.stderr
+    assert run.stderr.count("\n") == 1

@@ -12,12 +12,13 @@ import mmap
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import ActivationValueError, InsufficientDataError, ResourceError
+from ..extractor import LayerInfo
 from .align import Alignment, align_ids
 from .options import MIN_BATCH, AnalysisOptions
 
@@ -78,7 +79,7 @@ class LayerStack:
         selected = [
             list(
                 select_layers(
-                    f.layer_names,
+                    stored_layers(f),
                     options.patterns_for(k),
                     what="layer",
                     where=labels[k],
@@ -281,6 +282,18 @@ class LayerStack:
         versions = tuple((f.n_examples, str(f.provenance.get("created", ""))) for f in self.files)
         blocks = (params.get("block_rows"), params.get("buffer_blocks"))
         return digest.hexdigest(), layers, versions, blocks
+
+
+def stored_layers(f: ActivationFile) -> list[LayerInfo]:
+    """The layers of ``f`` as selection sees them: each by its name, by the display alias it was extracted
+    by (an ONNX tensor's module path), and a call ``NAME:N`` also by its module ``NAME``."""
+    from ..selection import as_layer_info
+
+    out = []
+    for name in f.layer_names:
+        info, alias = as_layer_info(name), getattr(f.layer(name), "alias", "")  # in-memory layers have none
+        out.append(replace(info, aliases=(alias,)) if alias and alias != name else info)
+    return out
 
 
 def _size_text(size: float) -> str:

@@ -165,7 +165,10 @@ def _check_outputs(
     "-l",
     multiple=True,
     metavar="PATTERN",
-    help="Layers of every file: names or globs; repeatable and comma-separated. Default: all.",
+    help=(
+        "Layers of every file: names, the aliases they were extracted by (an ONNX tensor's module, as cka-inspect "
+        "shows), or globs (* within a dotted or / component, ** across); repeatable and comma-separated. Default: all."
+    ),
 )
 @click.option("--layers-a", multiple=True, metavar="PATTERN", help="Layers of the first file (overrides --layers).")
 @click.option("--layers-b", multiple=True, metavar="PATTERN", help="Layers of the other files (overrides --layers).")
