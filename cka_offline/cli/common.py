@@ -28,17 +28,36 @@ from ..progress import TqdmProgress
 F = TypeVar("F", bound=Callable[..., Any])
 
 INTERRUPTED_EXIT_CODE = 130
+#: 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
+TERMINATED_EXIT_CODE = 143
 
-#: set by Ctrl-C inside cli_errors; the progress callback re-raises it (see _on_sigint)
+#: set by Ctrl-C (or SIGTERM) inside cli_errors; the progress callback re-raises it (see _on_sigint)
 _interrupted = threading.Event()
+_terminated = threading.Event()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: a batch scheduler's time limit or preemption (Slurm, Kubernetes), ``kill PID``. Handled as
+    Ctrl-C is -- the output is closed cleanly, an interrupted extraction's partial file kept for
+    ``--resume`` -- and the command exits with 143."""
 
 
 def _on_sigint(signum: int, frame: Any) -> None:
-    """Ctrl-C: raise KeyboardInterrupt now, and remember it. Python drops an exception raised while a
-    finalizer or weakref callback runs (h5py has many), so a Ctrl-C landing there would be lost and the
-    run would finish as if nothing happened; the next progress callback raises it again."""
+    """Ctrl-C (and SIGTERM): raise KeyboardInterrupt (Terminated) now, and remember it. Python drops an
+    exception raised while a finalizer or weakref callback runs (h5py has many), so a Ctrl-C landing there
+    would be lost and the run would finish as if nothing happened; the next progress callback raises it
+    again."""
     _interrupted.set()
+    if signum == signal.SIGTERM:
+        _terminated.set()
+        raise Terminated
     raise KeyboardInterrupt
+
+
+def raise_interrupt() -> None:
+    """Raise the Ctrl-C or SIGTERM that a finalizer swallowed, if one came (see _on_sigint)."""
+    if _interrupted.is_set():
+        raise Terminated if _terminated.is_set() else KeyboardInterrupt
 
 
 def _quiet_unraisable(previous: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -160,12 +179,15 @@ def fail(prog: str, message: str, code: int = 2) -> None:
 def cli_errors(prog: str, debug: bool = False, *, interrupted: str | Callable[[], str] | None = None) -> Iterator[None]:
     """Inside it, a known error becomes one line ``prog: error: message`` on stderr and its exit code
     (``--debug``: the traceback too); Ctrl-C prints ``interrupted`` (a text or a function giving it) and
-    exits with 130. Bugs (other exceptions) keep their traceback."""
+    exits with 130; SIGTERM is handled the same way, says "terminated (SIGTERM)" and exits with 143. Bugs
+    (other exceptions) keep their traceback."""
     _interrupted.clear()
+    _terminated.clear()
     try:
         previous = signal.signal(signal.SIGINT, _on_sigint)
-    except ValueError:  # not the main thread: keep Python's default handler
-        previous = None
+        previous_term = signal.signal(signal.SIGTERM, _on_sigint)
+    except ValueError:  # not the main thread: keep Python's default handlers
+        previous = previous_term = None
     unraisable_hook = sys.unraisablehook
     sys.unraisablehook = _quiet_unraisable(unraisable_hook)
     # Python warnings of any thread (numpy, matplotlib, h5py, threadpoolctl, a plugin's framework) are held:
@@ -189,11 +211,14 @@ def cli_errors(prog: str, debug: bool = False, *, interrupted: str | Callable[[]
             sys.stderr.flush()
             os._exit(exc.exit_code)
         fail(prog, str(exc), exc.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         show_warnings = False
         if debug:
             traceback.print_exc(file=sys.stderr)
         text = interrupted() if callable(interrupted) else interrupted or "interrupted"
+        if isinstance(exc, Terminated) or _terminated.is_set():
+            click.echo(f"{prog}: {text.replace('interrupted', 'terminated (SIGTERM)', 1)}", err=True)
+            sys.exit(TERMINATED_EXIT_CODE)
         click.echo(f"{prog}: {text}", err=True)
         sys.exit(INTERRUPTED_EXIT_CODE)
     finally:
@@ -203,6 +228,8 @@ def cli_errors(prog: str, debug: bool = False, *, interrupted: str | Callable[[]
         sys.unraisablehook = unraisable_hook
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
 
 
 def _print_warnings(prog: str, records: list[warnings.WarningMessage]) -> None:
@@ -318,8 +345,7 @@ class ProgressBar(TqdmProgress):
         super().__init__(label, enabled=enabled, stream=stream)
 
     def __call__(self, done: int, total: int) -> None:
-        if _interrupted.is_set():  # a Ctrl-C that a finalizer swallowed (see _on_sigint)
-            raise KeyboardInterrupt
+        raise_interrupt()  # a Ctrl-C or SIGTERM that a finalizer swallowed (see _on_sigint)
         super().__call__(done, total)
 
     def abandon(self) -> None:

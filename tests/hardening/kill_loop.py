@@ -138,11 +138,13 @@ def kill_once(folder: Path, case: Case, sig: str, delay: float) -> tuple[str, st
     if "Traceback" in err or "Exception ignored" in err:
         return "FAILED", f"{where}: the interrupted run printed a traceback: {err[-600:]}", []
     final, partial = folder / "out.h5", folder / "out.h5.partial"
-    # a Ctrl-C after the command has finished its work (the final file is written) ends Python's exit by
-    # SIGINT (-2 here, 130 in a shell) without a message: allowed then, and only then
-    late = proc.returncode == -signal.SIGINT and final.exists()
+    # a Ctrl-C or SIGTERM after the command has finished its work (the final file is written) ends Python's
+    # exit by the signal (-2 or -15 here, 130 or 143 in a shell) without a message: allowed then, and only then
+    late = proc.returncode == -SIGNALS[sig] and final.exists()
     if sig == "INT" and proc.returncode not in (0, 130) and not late:
         return "FAILED", f"{where}: Ctrl-C exited with {proc.returncode}: {err[-300:]}", []
+    if sig == "TERM" and proc.returncode not in (0, 143) and not late:  # handled as Ctrl-C, with 128 + 15
+        return "FAILED", f"{where}: SIGTERM exited with {proc.returncode}: {err[-300:]}", []
     if final.exists():
         if partial.exists():
             return "FAILED", f"{where}: both out.h5 and out.h5.partial exist", []

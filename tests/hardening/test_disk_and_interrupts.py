@@ -207,3 +207,30 @@ def test_real_sigint_during_extraction(tmp_path):
     )
     assert "Exception ignored" not in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_sigterm_during_extraction_keeps_the_partial_then_resume(tmp_path):
+    """SIGTERM (a Slurm time limit, `kill PID`) is handled as Ctrl-C: the partial file is closed cleanly and
+    kept, one line says so, the exit status is 143 (128 + SIGTERM), and --resume finishes it to the file an
+    uninterrupted run writes."""
+    npy_folder(tmp_path / "acts", n=20_000, widths=(32,))
+    cmd = [str(BIN / "cka-extract"), "../acts", "-o", "out.h5", "-b", "5"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    ref.mkdir(), run.mkdir()
+    subprocess.run([*cmd, "-q"], cwd=ref, check=True)
+    proc = subprocess.Popen([*cmd, "-q"], cwd=run, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (run / "out.h5.partial").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err == (
+        "cka-extract: terminated (SIGTERM); the partial file out.h5.partial was kept: run the same "
+        "command with --resume to continue\n"
+    )
+    assert sorted(os.listdir(run)) == ["out.h5.partial"]
+    r = subprocess.run([*cmd, "-q", "--resume"], cwd=run, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert full_content(str(run / "out.h5")) == full_content(str(ref / "out.h5"))
