@@ -58,10 +58,15 @@ def _header(result: CKAResult) -> str:
     return ", ".join(parts)
 
 
-def best_matches(p: CKAPair) -> list[int | None]:
-    """For each layer of A, the index of the B layer with the highest CKA (None if the row is all NaN)."""
+def best_matches(p: CKAPair, *, others: bool = False) -> list[int | None]:
+    """For each layer of A, the index of the B layer with the highest CKA (None if the row is all NaN).
+    ``others``: a file against itself -- each layer's most similar *other* layer (its own CKA, 1, is left
+    out)."""
     out: list[int | None] = []
-    for row in p.cka:
+    for a, row in enumerate(p.cka):
+        if others:
+            row = row.copy()
+            row[a] = np.nan
         out.append(None if np.all(np.isnan(row)) else int(np.nanargmax(row)))
     return out
 
@@ -95,16 +100,20 @@ def _title(p: CKAPair, which: str) -> str:
 
 
 def _pair_detail(p: CKAPair, confidence: float) -> list[str]:
-    lines = [f"A = {_title(p, 'A')}", f"B = {_title(p, 'B')}" + ("  (self-comparison)" if p.i == p.j else "")]
+    self_pair = p.i == p.j
+    lines = [f"A = {_title(p, 'A')}", f"B = {_title(p, 'B')}" + ("  (self-comparison)" if self_pair else "")]
     shown_a, shown_b = display_names(p.display_a, NAME_WIDTH), display_names(p.display_b, NAME_WIDTH)
+    # against itself every layer's best match is itself (CKA 1): show its most similar other layer instead
+    column = "most similar other layer" if self_pair else "best layer of B"
     width_a = max([len("layer of A"), *(len(n) for n in shown_a)])
-    width_b = max([len("best layer of B"), *(len(n) for n in shown_b)])
+    width_b = max([len(column), *(len(n) for n in shown_b)])
     level = f"{round(confidence * 100)}% interval"
-    lines.append(f"  {'layer of A':<{width_a}}  {'best layer of B':<{width_b}}     CKA  {level}")
-    for a, b in enumerate(best_matches(p)):
+    lines.append(f"  {'layer of A':<{width_a}}  {column:<{width_b}}     CKA  {level}")
+    for a, b in enumerate(best_matches(p, others=self_pair)):
         name_a = shown_a[a]
         if b is None:
-            lines.append(f"  {name_a:<{width_a}}  {'-':<{width_b}}     nan  (undefined: constant layer)")
+            why = "no other layer" if self_pair and len(p.layers_b) == 1 else "undefined: constant layer"
+            lines.append(f"  {name_a:<{width_a}}  {'-':<{width_b}}     nan  ({why})")
             continue
         name_b = shown_b[b]
         lines.append(f"  {name_a:<{width_a}}  {name_b:<{width_b}}  {p.cka[a, b]:6.3f}  {_interval(p, a, b)}")
@@ -119,7 +128,7 @@ def _pair_detail(p: CKAPair, confidence: float) -> list[str]:
 
 
 def _pair_line(p: CKAPair) -> str:
-    best = [p.cka[a, b] for a, b in enumerate(best_matches(p)) if b is not None]
+    best = [p.cka[a, b] for a, b in enumerate(best_matches(p, others=p.i == p.j)) if b is not None]
     mean = f"{np.mean(best):.3f}" if best else "nan"
     ident = layer_identification(p)
     ident_text = f"; {ident[0]}/{ident[2]} same depth, {ident[1]}/{ident[2]} within one" if ident else ""

@@ -191,3 +191,22 @@ def test_a_quoted_glob_of_whole_files_says_how_to_compare_them(tmp_path):
     assert "pass them as separate files (unquoted on the command line, e.g. cka-analyze r18_s*.h5" in lines[0]
     res = run([*sorted(tmp_path.glob("r18_s*.h5")), "-m", "8", "-q"])  # what the shell gives unquoted
     assert res.exit_code == 0, res.output
+
+
+def test_a_self_comparison_shows_each_layers_most_similar_other_layer(tmp_path, files):
+    """Against itself every layer's best match is itself (CKA 1): the summary names the most similar *other*
+    layer instead, taken here from the saved matrix with the diagonal left out."""
+    out = tmp_path / "self.json"
+    res = run([files[0], "-m", "16", "-o", out])
+    assert res.exit_code == 0, res.output
+    r = load_result(out)
+    cka = r.pair(0, 0).cka.copy()
+    np.fill_diagonal(cka, -np.inf)
+    names = r.files[0].layers
+    lines = res.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if "most similar other layer" in line)
+    for a, line in enumerate(lines[header + 1 : header + 1 + len(names)]):
+        layer_a, layer_b, value = line.split()[:3]
+        assert layer_a == names[a] and layer_b == names[int(np.argmax(cka[a]))] != layer_a
+        assert float(value) == pytest.approx(cka[a].max(), abs=5e-4)
+    assert "best layer of B" not in res.stdout
