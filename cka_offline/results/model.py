@@ -63,8 +63,13 @@ class FileInfo:
 
     @property
     def model_name(self) -> str:
-        """A short human name: the provenance ``model`` (its basename) or the label."""
+        """A short human name: the provenance ``model`` (its basename) or the label. A Hugging Face model
+        (``hf:``) keeps its last two components: the hub's ``org/name``, or a local folder with its parent
+        (such folders are often called ``model`` or ``checkpoint``)."""
         model = str(self.provenance.get("model") or "")
+        if model.startswith("hf:"):
+            parts = [part for part in model[3:].replace("\\", "/").split("/") if part]
+            return "/".join(parts[-2:]) or model
         if model:
             return os.path.basename(model.rstrip("/")) or model
         return self.label

