@@ -22,8 +22,8 @@ Every function takes numpy arrays or torch tensors and computes with the library
 device) of its input, returning the same kind. numpy on the CPU is what ``cka-analyze --device cpu`` uses:
 it needs no torch import (about a second of start-up), and a Gram ``X X^T`` costs about half the
 multiply-adds of a general product (:mod:`cka_offline.cka.products`: one syrk, or GEMM tiles of the upper
-triangle). Torch tensors are for CUDA (or for callers who hold tensors already); torch is imported only when one is passed. Dtype arguments accept a name
-(``"float32"``), a numpy dtype or a torch dtype.
+triangle). Torch tensors are for CUDA (or for callers who hold tensors already); torch is imported only
+when one is passed. Dtype arguments accept a name (``"float32"``), a numpy dtype or a torch dtype.
 """
 
 from __future__ import annotations
@@ -117,8 +117,8 @@ def gram_linear(x: Array, dtype: Any = "float32", *, inplace: bool = False, out:
     Centring first changes no HSIC_1 value (Song et al. 2012: HSIC_1 is invariant to a constant shift
     of the features) but keeps the float32 product accurate. ``dtype`` selects the Gram precision
     (float32 default, float64 on request); ``x`` may be float16/bfloat16/float32/float64, a numpy array
-    (the product is then :func:`~cka_offline.cka.products.symmetric_product`: the upper triangle in GEMM
-    tiles, or a syrk, whichever was measured faster) or a tensor on any device (the Gram is computed there).
+    (the product is then :func:`~cka_offline.cka.products.symmetric_product`: one syrk, measured faster
+    than GEMM tiles of the upper triangle in the engine) or a tensor on any device (the Gram is computed there).
     The result is exactly symmetric. On CUDA, float32 Grams are only as accurate as stated if TF32 matmuls
     stay off (PyTorch's default; ``set_float32_matmul_precision("high")`` would round the factors to 10-bit
     mantissas). ``inplace=True`` allows centring ``x`` in place (see :func:`center_columns`). ``out``: an
