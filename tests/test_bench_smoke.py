@@ -97,6 +97,11 @@ def test_floor(smoke: dict[str, object]) -> None:
     widths = d["workload"]["widths_a"] + d["workload"]["widths_b"]
     m, n = d["workload"]["m"], d["workload"]["n"]
     assert math.isclose(d["gram_flops"], (n // m) * 2 * m * m * sum(widths))
+    assert math.isclose(d["symmetric_gram_flops"], (n // m) * m * (m + 1) * sum(widths))
+    f32 = d["floors"]["float32"]
+    assert f32["floor_symmetric_s"] < f32["floor_peak_s"] and d["target_ratio"] == 1.0
+    assert d["target_met"] == (f32["ratio_end_to_end_vs_peak"] <= 1.0)
+    assert all(v > 0 for v in d["gram_methods_s"]["float64"].values())
     assert d["bytes"] == 4 * n * sum(widths)
 
 

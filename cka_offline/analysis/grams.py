@@ -69,7 +69,7 @@ def gram_into(
         return
     x = _scaled(x, scale)
     if bandwidths is None:
-        grams[i] = gram_linear(x, dtype=gram_dtype, inplace=True)
+        gram_linear(x, dtype=gram_dtype, inplace=True, out=grams[i])
     else:
         grams[i] = gram_rbf(x, bandwidths[i] * scale, dtype=gram_dtype)
 
@@ -128,9 +128,10 @@ class GramJob:
 
 
 class NumpyGrams:
-    """CPU Grams of one minibatch: one task per layer (gather, centre, syrk) on a pool of one thread per
-    core, each with single-threaded BLAS (``threadpoolctl``); the largest layers go first. With fewer
-    layers than cores, the spare cores go to BLAS threads instead. Buffers are allocated once and reused.
+    """CPU Grams of one minibatch: one task per layer (gather, centre, product:
+    :func:`~cka_offline.cka.products.symmetric_product`) on a pool of one thread per core, each with
+    single-threaded BLAS (``threadpoolctl``); the largest layers go first. With fewer layers than cores, the
+    spare cores go to BLAS threads instead. Buffers are allocated once and reused.
     Each new shuffle buffer unmaps the pages read from the files so far, so resident memory stays flat
     however large the files are."""
 

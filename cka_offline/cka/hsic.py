@@ -20,10 +20,10 @@ activations with a large mean (after ReLU, or shifted by +50) loses the whole si
 
 Every function takes numpy arrays or torch tensors and computes with the library (and, for torch, on the
 device) of its input, returning the same kind. numpy on the CPU is what ``cka-analyze --device cpu`` uses:
-it needs no torch import (about a second of start-up), and numpy's BLAS computes ``X @ X.T`` as a symmetric
-rank-k update (syrk), half the multiply-adds of a general product. Torch tensors are for CUDA (or for callers
-who hold tensors already); torch is imported only when one is passed. Dtype arguments accept a name
-(``"float32"``), a numpy dtype or a torch dtype.
+it needs no torch import (about a second of start-up), and a Gram ``X X^T`` costs about half the
+multiply-adds of a general product (:mod:`cka_offline.cka.products`: one syrk, or GEMM tiles of the upper
+triangle). Torch tensors are for CUDA (or for callers who hold tensors already); torch is imported only
+when one is passed. Dtype arguments accept a name (``"float32"``), a numpy dtype or a torch dtype.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from cka_offline.cka.arrays import FLOAT_NAMES, astype, dtype_name, is_tensor, name_of, to_numpy, wider
+from cka_offline.cka.products import scratch, symmetric_product
 from cka_offline.errors import ActivationValueError, AlignmentError, InsufficientDataError, ResourceError
 
 __all__ = [
@@ -110,29 +111,42 @@ def center_columns(x: Array, dtype: Any = None, *, inplace: bool = False) -> Arr
     return astype(xw, out)
 
 
-def gram_linear(x: Array, dtype: Any = "float32", *, inplace: bool = False) -> Array:
+def gram_linear(x: Array, dtype: Any = "float32", *, inplace: bool = False, out: Array | None = None) -> Array:
     """Linear Gram matrix of the column-centred minibatch: ``K = Xc Xc^T``, ``(m, d)`` -> ``(m, m)``.
 
     Centring first changes no HSIC_1 value (Song et al. 2012: HSIC_1 is invariant to a constant shift
     of the features) but keeps the float32 product accurate. ``dtype`` selects the Gram precision
     (float32 default, float64 on request); ``x`` may be float16/bfloat16/float32/float64, a numpy array
-    (numpy's BLAS then runs a syrk) or a tensor on any device (the Gram is computed there). The result is
-    exactly symmetric. On CUDA, float32 Grams are only as accurate as stated if TF32 matmuls stay off
-    (PyTorch's default; ``set_float32_matmul_precision("high")`` would round the factors to 10-bit
-    mantissas). ``inplace=True`` allows centring ``x`` in place (see :func:`center_columns`).
+    (the product is then :func:`~cka_offline.cka.products.symmetric_product`: one syrk, measured faster
+    than GEMM tiles of the upper triangle in the engine) or a tensor on any device (the Gram is computed there).
+    The result is exactly symmetric. On CUDA, float32 Grams are only as accurate as stated if TF32 matmuls
+    stay off (PyTorch's default; ``set_float32_matmul_precision("high")`` would round the factors to 10-bit
+    mantissas). ``inplace=True`` allows centring ``x`` in place (see :func:`center_columns`). ``out``: an
+    ``(m, m)`` array (numpy: unit stride along its rows) or tensor of ``x``'s kind to write the Gram into,
+    converted to its dtype (a float64 buffer takes a float32 Gram without a temporary); it is returned.
     """
     name = _gram_name(dtype)
+    if isinstance(x, np.ndarray) and inplace:
+        _check_matrix(x, "x")
+        work = wider(name_of(x), name, "float32")
+        if name_of(x) != work:  # widened into this thread's scratch, not a new array per minibatch
+            wide = scratch(x.shape, work, "gram_linear")
+            np.copyto(wide, x)
+            x = wide
     xc = center_columns(x, name, inplace=inplace)
-    gram = xc @ xc.T
-    if isinstance(gram, np.ndarray) and (xc.flags.c_contiguous or xc.flags.f_contiguous):
-        return gram  # numpy ran a syrk, which mirrors one triangle: exactly symmetric already
-    return _symmetrize(gram)
+    if isinstance(xc, np.ndarray):
+        return symmetric_product(xc, out)
+    gram = _symmetrize(xc @ xc.T)
+    if out is None:
+        return gram
+    out.copy_(gram)
+    return out
 
 
 def _sq_distances(x: Array, dtype: str) -> Array:
     """Squared Euclidean distances ``||x_i - x_j||^2``, ``(m, d)`` -> ``(m, m)``, exact zeros on the diagonal."""
     xc = center_columns(x, dtype)  # distances are shift invariant; centring keeps the norms small
-    gram = _symmetrize(xc @ xc.T)
+    gram = symmetric_product(xc) if isinstance(xc, np.ndarray) else _symmetrize(xc @ xc.T)
     if is_tensor(gram):
         sq_norms = gram.diagonal()
     else:
