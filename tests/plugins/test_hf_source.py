@@ -154,6 +154,19 @@ def test_csv_with_an_id_column(tmp_path, minilm_tokenizer):
         np.testing.assert_array_equal(got[key], want[key])
 
 
+@pytest.mark.parametrize(
+    ("column", "ids"),
+    [(["3", "10", "-2"], [3, 10, -2]), (["007", "7", "x"], ["007", "7", "x"]), (["007", "8"], ["007", "8"])],
+)
+def test_csv_ids_are_the_ids_the_file_holds(tmp_path, minilm_tokenizer, column, ids):
+    """Integer ids of a CSV are read as integers only when each is written as an integer is: "007" is not 7
+    (and "007" and "7" would become one id), so then every id stays text."""
+    path = tmp_path / "t.csv"
+    path.write_text("k,text\n" + "".join(f"{k},t{n}\n" for n, k in enumerate(column)), encoding="utf-8")
+    reader = TextInputs(str(path), tokenizer_object=minilm_tokenizer, id_column="k", max_length=MAX_LENGTH)
+    assert reader.ids().tolist() == ids
+
+
 def test_fingerprint_sees_every_tokenization_setting(tmp_path, minilm_tokenizer):
     path = tmp_path / "t.txt"
     path.write_text("\n".join(sentences(8)) + "\n", encoding="utf-8")
@@ -197,8 +210,9 @@ def test_text_reader_alone_tokenizes_like_transformers(tmp_path, minilm_tokenize
             {},
             r"t\.csv has no column 'text' \(columns: id, sentence\); name it with -I text_column",
         ),
-        ("t.jsonl", '{"text": "a"}\n{oops\n', {}, r"line 1 of .*t\.jsonl is not valid JSON"),
-        ("t.jsonl", '{"text": "a"}\n{"txt": "b"}\n', {}, r"line 1 of .*t\.jsonl has no 'text' \(keys: txt\)"),
+        # lines counted from 1, as editors do (the id of line 2 is 1)
+        ("t.jsonl", '{"text": "a"}\n{oops\n', {}, r"line 2 of .*t\.jsonl is not valid JSON"),
+        ("t.jsonl", '{"text": "a"}\n{"txt": "b"}\n', {}, r"line 2 of .*t\.jsonl has no 'text' \(keys: txt\)"),
         (
             "t.jsonl",
             '{"text": "a", "k": 1}\n{"text": "b", "k": "x"}\n',
@@ -211,7 +225,7 @@ def test_text_reader_alone_tokenizes_like_transformers(tmp_path, minilm_tokenize
         ("t.txt", "a\nb\n", {"id_column": "k"}, r"id_column apply to \.jsonl/\.csv inputs"),
         ("t.txt", "a\n", {"max_length": 600}, r"max_length 600 .* exceeds the 512 positions .* -I max_length=512"),
         ("t.txt", "\n  \n", {}, r"holds no text"),
-        ("t.txt", b"ok\n\xff\xfe\n", {}, r"line 1 of .*t\.txt is not UTF-8"),
+        ("t.txt", b"ok\n\xff\xfe\n", {}, r"line 2 of .*t\.txt is not UTF-8"),
     ],
 )
 def test_bad_text_inputs_say_where_and_how(tmp_path, name, content, options, match):

@@ -135,16 +135,17 @@ class TextInputs(InputReader):
                     "per line (ids: 0-based line numbers)"
                 )
             rows = [(n, line) for n, line in enumerate(_lines(path)) if line.strip()]
-            self._warn_blank(path, rows)
+            self._warn_blank(path, rows, line_ids=True)
             return [t for _, t in rows], np.asarray([n for n, _ in rows], dtype=np.int64)
         if lower.endswith(JSONL_SUFFIXES):
             return self._read_jsonl(path, text_column, id_column)
         return self._read_table(path, text_column, id_column, "\t" if lower.endswith(".tsv") else ",")
 
-    def _warn_blank(self, path: str, rows: list[tuple[int, Any]]) -> None:
+    def _warn_blank(self, path: str, rows: list[tuple[int, Any]], *, line_ids: bool) -> None:
         total = rows[-1][0] + 1 if rows else 0
         if len(rows) < total:
-            log.warning("%s: skipped %d blank line(s); ids are the 0-based line numbers", path, total - len(rows))
+            ids = "; the ids of the others are their 0-based line numbers" if line_ids else ""
+            log.warning("%s: skipped %d blank line(s)%s", path, total - len(rows), ids)
         if not rows:
             raise InputError(f"{path} holds no text (every line is blank)")
 
@@ -155,18 +156,17 @@ class TextInputs(InputReader):
         for n, line in enumerate(_lines(path)):
             if not line.strip():
                 continue
+            where = f"line {n + 1} of {path}"  # as editors count lines; the id of line n + 1 is n
             try:
                 record = json.loads(line)
             except ValueError as exc:
-                raise InputError(
-                    f"line {n} of {path} is not valid JSON ({exc}); write one JSON object per line"
-                ) from None
+                raise InputError(f"{where} is not valid JSON ({exc}); write one JSON object per line") from None
             if not isinstance(record, dict):
-                raise InputError(f"line {n} of {path} is a JSON {type(record).__name__}, not an object")
-            texts.append(_text(record, text_column, f"line {n} of {path}", sorted(record)))
-            ids.append(_id(record, id_column, f"line {n} of {path}", sorted(record)) if id_column else n)
+                raise InputError(f"{where} is a JSON {type(record).__name__}, not an object")
+            texts.append(_text(record, text_column, where, sorted(record)))
+            ids.append(_id(record, id_column, where, sorted(record)) if id_column else n)
             numbers.append((n, None))
-        self._warn_blank(path, numbers)
+        self._warn_blank(path, numbers, line_ids=not id_column)
         return texts, _ids_array(ids, path)
 
     def _read_table(
@@ -194,8 +194,11 @@ class TextInputs(InputReader):
             raise InputError(f"{path} is not a readable {kind} file: {exc}") from None
         if not texts:
             raise InputError(f"{path} has a header but no records")
-        if id_column and all(isinstance(i, str) and _INT.match(i) for i in ids):
-            ids = [int(i) for i in ids]  # integer ids in a CSV are read as integers, as in .npz ids
+        if id_column and all(isinstance(i, str) and _INT.match(i) and str(int(i)) == i for i in ids):
+            # integer ids in a CSV are read as integers, as in .npz ids -- only when every one is written as
+            # Python writes it: "007" or "+7" as 7 would not be the id the file holds (and "7" and "007" would
+            # become one id), so then every id stays text
+            ids = [int(i) for i in ids]
         return texts, _ids_array(ids, path)
 
     def _longest(self) -> int:
@@ -254,7 +257,7 @@ def _lines(path: str) -> list[str]:
     except OSError as exc:
         raise InputError(f"cannot read text inputs {path}: {exc}") from None
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n")
+        line = raw[: exc.start].count(b"\n") + 1  # as editors count lines
         raise InputError(f"line {line} of {path} is not UTF-8 text ({exc.reason}); save the file as UTF-8") from None
     lines = data.split("\n")
     if lines and lines[-1] == "":
