@@ -336,3 +336,7 @@ def test_missing_folder_and_wrong_extractor(tmp_path):
     from cka_offline.registry import find_extractor
 
     assert find_extractor(SOURCE) is HFExtractor  # the torch extractor does not claim hf: sources
+    from cka_offline_torch.extractor import TorchExtractor
+
+    with pytest.raises(ModelError, match=r"is a Hugging Face model, .* give --extractor hf, or leave --extractor out"):
+        TorchExtractor(SOURCE)  # --extractor torch hf:...

@@ -151,6 +151,11 @@ class TorchExtractor(Extractor):
             raise ModelError(
                 f"{source!r} is not a torch model source; give 'pkg.module:factory', 'file.py:factory' or a .pt2 file"
             )
+        if spec.kind == "hf" and type(self) is TorchExtractor:
+            raise ModelError(
+                f"{source!r} is a Hugging Face model, which the hf extractor loads (with its tokenizer): give "
+                "--extractor hf, or leave --extractor out"
+            )
         self.spec: SourceSpec = spec
         values = self.option_values
         self.model_args = parse_model_args(values["model_args"])
