@@ -511,8 +511,9 @@ class ActivationWriter:
         try:
             for ds, rows in zip(self._datasets, blocks):
                 ds.write_direct(rows[:k], dest_sel=np.s_[start:end])  # a row slice: still C-contiguous
-            checksums.write_direct(self._crc[chunks], dest_sel=chunks)
             f.flush()
+            # the checksums with the counter, in the second flush: a kill before it leaves both as they were
+            checksums.write_direct(self._crc[chunks], dest_sel=chunks)
             f.attrs.modify(schema.ATTR_ROWS_COMPLETE, end)  # in place: never deleted, never moved
             f.flush()
         except (OSError, RuntimeError) as exc:
