@@ -8,7 +8,9 @@ The file is built in a hidden scratch name, renamed to ``<path>.partial`` once i
 and filled row block by row block. Rows are flushed before the ``rows_complete`` counter that counts them
 is updated, and every attribute is written once, when the file is made, and later updated in place
 (``attrs.modify``: h5py's ``attrs[key] = value`` deletes and recreates an attribute, which a kill can
-interrupt halfway). Compressed layers are written in whole chunks only, so a chunk is compressed and
+interrupt halfway). With the counter the writer stores each chunk's CRC-32 per layer (``/checksums``), so
+the rows a resume copies are checked against what was written, not only against what reads without an
+error. Compressed layers are written in whole chunks only, so a chunk is compressed and
 allocated once and never moved (a rewritten compressed chunk moves, and the space it leaves can be reused
 by the next one before the chunk index points away from it). Only when every row is written is
 ``complete`` set; the writer then reopens the file, checks that it is the file it wrote (same inode) and
