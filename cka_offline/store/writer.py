@@ -45,7 +45,7 @@ from ..files import (
     scratch_path,
 )
 from ..untrusted import shown
-from . import partial, schema
+from . import partial, rawio, schema
 from .damage import H5_ERRORS
 from .filters import load_plugins, require_filters
 from .partial import check_target
@@ -470,12 +470,13 @@ class ActivationWriter:
         if self._datasets is None:  # looked up once: h5py's name lookups cost more than small writes
             group = f[schema.LAYERS_GROUP]
             self._datasets = [group[schema.layer_key(order)] for order in range(len(self.layers))]
+            self._direct = [rawio.unfiltered(ds) for ds in self._datasets]  # whole chunks: write_direct_chunk
         pending = self._pending
         blocks = pending[0] if len(pending) == 1 else [np.concatenate(parts) for parts in zip(*pending)]
         k = end - start
         try:
-            for ds, rows in zip(self._datasets, blocks):
-                ds.write_direct(rows[:k], dest_sel=np.s_[start:end])  # a row slice: still C-contiguous
+            for ds, rows, direct in zip(self._datasets, blocks, self._direct):
+                rawio.write_rows(ds, rows[:k], start, direct)  # a row slice: still C-contiguous
             f.flush()
             f.attrs.modify(schema.ATTR_ROWS_COMPLETE, end)  # in place: never deleted, never moved
             f.flush()
@@ -483,6 +484,7 @@ class ActivationWriter:
             self._broken = True
             raise partial.disk_error(self.path, self.tmp_path, exc) from exc
         self.rows_stored = end
+        rawio.start_writeback(self.tmp_path)  # the disk writes these rows while the next batches run
         self._pending = [[rows[k:] for rows in blocks]] if k < len(blocks[0]) else []
 
     def _new_chunk_bytes(self, start: int, stop: int) -> int:
