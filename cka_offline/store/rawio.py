@@ -9,7 +9,7 @@ section 5).
   the file's content is unchanged. Rows that only partly cover a chunk (the first rows of a resumed run,
   a batch size that is not a multiple of the chunk rows, the dataset's last, short chunk) keep the normal
   path.
-- :func:`start_writeback`: asks the kernel to start writing the file's dirty pages to the disk now
+- :func:`start_writeback` (every 16 MiB stored, :class:`Writeback`): asks the kernel to start writing the file's dirty pages to the disk now
   (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, Linux only; it does not wait for them), so the disk works
   while the next batches run instead of all at once in the fsync of ``close()``. It changes nothing a
   reader sees and only makes rows durable sooner; it is no part of the crash-safety order (data flushed,
@@ -62,6 +62,25 @@ def _write_chunk(ds: h5py.Dataset, row: int, rows: np.ndarray) -> None:
     ds.id.write_direct_chunk((row, *([0] * (ds.ndim - 1))), rows)
 
 
+#: start the write-back once this many bytes were stored since the last start (small layers' files would
+#: otherwise send their few changed metadata blocks to the disk after every batch)
+WRITEBACK_BYTES = 16 << 20
+
+
+class Writeback:
+    """Counts the bytes stored in ``path`` and starts their write-back every :data:`WRITEBACK_BYTES`."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.pending = 0
+
+    def stored(self, nbytes: int) -> None:
+        self.pending += nbytes
+        if self.pending >= WRITEBACK_BYTES:
+            self.pending = 0
+            start_writeback(self.path)
+
+
 def start_writeback(path: str) -> None:
     """Start writing ``path``'s dirty pages to the disk without waiting for them (Linux; elsewhere nothing)."""
     global _sync_file_range
@@ -94,4 +113,4 @@ def _load_sync_file_range() -> Any:
     return fn
 
 
-__all__ = ["start_writeback", "unfiltered", "write_rows"]
+__all__ = ["Writeback", "start_writeback", "unfiltered", "write_rows"]

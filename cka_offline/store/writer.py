@@ -471,6 +471,7 @@ class ActivationWriter:
             group = f[schema.LAYERS_GROUP]
             self._datasets = [group[schema.layer_key(order)] for order in range(len(self.layers))]
             self._direct = [rawio.unfiltered(ds) for ds in self._datasets]  # whole chunks: write_direct_chunk
+            self._writeback = rawio.Writeback(self.tmp_path)
         pending = self._pending
         blocks = pending[0] if len(pending) == 1 else [np.concatenate(parts) for parts in zip(*pending)]
         k = end - start
@@ -484,7 +485,7 @@ class ActivationWriter:
             self._broken = True
             raise partial.disk_error(self.path, self.tmp_path, exc) from exc
         self.rows_stored = end
-        rawio.start_writeback(self.tmp_path)  # the disk writes these rows while the next batches run
+        self._writeback.stored(sum(rows[:k].nbytes for rows in blocks))  # the disk writes them as the next batches run
         self._pending = [[rows[k:] for rows in blocks]] if k < len(blocks[0]) else []
 
     def _new_chunk_bytes(self, start: int, stop: int) -> int:

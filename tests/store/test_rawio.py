@@ -63,3 +63,14 @@ def test_start_writeback_is_harmless(tmp_path):
     rawio.start_writeback(str(path))
     rawio.start_writeback(str(tmp_path / "missing"))  # a missing file: nothing, no error
     assert path.read_bytes() == b"x" * 100_000
+
+
+def test_writer_starts_write_back_every_16_mib(tmp_path, monkeypatch):
+    kicks = []
+    monkeypatch.setattr(rawio, "start_writeback", kicks.append)
+    rows = np.random.default_rng(1).normal(size=(96, 1 << 16)).astype(np.float32)  # 256 KiB a row, 24 MiB
+    out = write_file(tmp_path / "big.h5", {"wide": rows}, chunk_rows=16, batch=16)  # 4 MiB a store
+    assert kicks == [out + ".partial"] * (96 * (1 << 18) // rawio.WRITEBACK_BYTES)
+    kicks.clear()
+    write_file(tmp_path / "small.h5", make_layers(200), chunk_rows=8, batch=8)  # a few KiB: never
+    assert kicks == []
