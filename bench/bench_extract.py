@@ -311,7 +311,9 @@ def main() -> int:
                 f"{row['end_to_end_ratio']:.2f}x)"
             )
     disk = flatten_vs_disk(rows, bare_by_plugin["torch"], models["torch"], inputs, layers, repeats, directory)
-    same_process = in_process(models["torch"], inputs, reductions, layers, 1 if args.smoke else 5, directory)
+    same_process = in_process(
+        models["torch"], inputs, reductions, layers, {"smoke": 1, "quick": 3}.get(size, 5), directory
+    )
     bl.write_result(
         "extract",
         {
