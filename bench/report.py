@@ -358,18 +358,20 @@ reshape, `np.ascontiguousarray` copies nothing (the rows are C-contiguous float3
 rows are stored every batch, so no `np.concatenate` runs; the finiteness check is one pass (about 0.1 s CPU
 per 1,024 inputs). Two costs were not the disk's. (1) HDF5 2.0 caches chunks up to 8 MiB, so
 `Dataset.write_direct` copied every 2-4 MB chunk into a freshly allocated chunk-cache buffer and wrote it
-only in the first of the store's two flushes: a second pass over every byte and a fresh 2-4 MB buffer per
-chunk. Whole chunks of uncompressed layers now go to the file with `write_direct_chunk`
+only in the first of the store's two flushes: a second pass over every byte, and (strace) a 2-4 MB buffer
+per chunk allocated and freed every batch. Whole chunks of uncompressed layers now go to the file with `write_direct_chunk`
 straight from the captured array (`cka_offline/store/rawio.py`; partial chunks keep the normal path; the file
-content is the same, `tests/store/test_rawio.py`): writing and flushing 768 MB took 0.29 s CPU against 0.54 s
+content is the same, `tests/store/test_rawio.py`): writing and flushing the same 805 MB (a micro-benchmark of 8 such layers) took 0.29 s CPU against 0.54 s
 (0.47 s with the chunk cache turned off, `rdcc_nbytes=0`, which is why the cache setting was not the fix), the
 flush after the data now writes only metadata (about 20 KB, 1 ms), and the two flushes per store stay (data
 flushed before `rows_complete` counts it). (2) Nothing reached the disk before `close()`'s fsync: dirty pages
 below the kernel's background threshold (10% of RAM here) wait 30 s, so the whole file was written after the
 last batch (1.4-1.6 s per 805 MB in close). The writer now starts the write-back (`sync_file_range`, Linux,
 no waiting) every 16 MiB stored, so the disk works while the next batches run: the fsync in `close()` fell
-to 0.17 s, and the extraction of 1,024 inputs from 12.3 s to 10.7 s median wall (4.8 s against 5.3 s CPU;
-bare forward loop 6.1 s in the same loaded runs). The floor uses the fsync'ed bandwidth because `close()`
+to 0.17-0.19 s. Both changes against neither, 5 interleaved extractions of 1,024 inputs each, in two runs:
+median CPU 5.3 -> 4.8 s and 5.1 -> 4.5 s, median wall 12.3 -> 10.7 s (load 10-19) and 6.9 -> 7.2 s (load 4-5;
+bare loop 3.7 s): the CPU saving is steady, the wall change is within this shared machine's noise, and the
+table above, from a quiet run, is the measure. The floor uses the fsync'ed bandwidth because `close()`
 fsyncs before the rename: the command's time includes every byte reaching the disk. The allocator: with the
 chunk-cache copies gone, glibc's default thresholds give the bare loop no page faults at all and the
 extraction between about 50 and 40,000 per 1,024 inputs, varying from run to run (at most about 160 MB
