@@ -13,6 +13,14 @@ the marginal costs (time(2N) - time(N)): start-up and imports cancel out. End-to
 too. Then, for PyTorch, the same marginal comparison in this one process, the bare loop and
 ``cka_offline.extract`` alternated five times (medians): steadier than separate processes here.
 
+Flattened maps against the disk (issue 18): ``flatten`` writes 768 KiB per input, so its floor is the
+disk, not the forward passes. In the same run the output folder's sequential write bandwidth is measured
+(a file the size of the 2N extraction's output, 4 MiB writes of incompressible bytes, then ``fsync``; and
+the page-cache rate, the same without ``fsync``), and PyTorch ``cka-extract --reduction flatten``'s
+marginal seconds are compared with max(bare forward passes, marginal bytes written / fsync'ed bandwidth).
+The fsync'ed rate is the floor because ``ActivationWriter.close()`` fsyncs the file before renaming it: the
+command does not return before every byte is on the disk. Target: at most 1.25x that floor.
+
     python bench/bench_extract.py [--quick | --smoke] [--reductions mean,flatten]
     python bench/bench_extract.py --bare torch|onnx --model M --inputs x.npz   (the bare loop, used internally)
 """
@@ -29,6 +37,8 @@ import benchlib as bl
 
 BENCH = Path(__file__).resolve().parent
 BATCH = 64
+#: flatten's target: at most this many times max(bare forward passes, bytes written / disk bandwidth)
+TARGET_DISK_RATIO = 1.25
 
 
 def bare(kind: str, model: str, inputs: str) -> None:
@@ -57,6 +67,109 @@ def bare(kind: str, model: str, inputs: str) -> None:
             session.run(None, {"x": x[start : start + BATCH]})
     t2 = time.perf_counter()
     print(json.dumps({"load_s": t1 - t0, "loop_s": t2 - t1}))
+
+
+def extract_command(model: str, inputs: str, out: str, layers: str, reduction: str) -> list[str]:
+    return [
+        *bl.cli("cka-extract"),
+        model,
+        "-i",
+        inputs,
+        "-o",
+        out,
+        "--layers",
+        layers,
+        "--reduction",
+        reduction,
+        "--batch-size",
+        str(BATCH),
+        "--overwrite",
+        "--quiet",
+    ]
+
+
+def disk_bandwidth(directory: Path, size: int, *, sync: bool) -> float:
+    """Bytes per second of writing ``size`` bytes to a new file in ``directory`` with 4 MiB sequential
+    writes of incompressible bytes, then (``sync``) ``fsync`` -- the data on the disk -- or not (the
+    page cache only). The file is removed."""
+    import os
+
+    import numpy as np
+
+    block = np.random.default_rng(0).integers(0, 256, 4 << 20, dtype=np.uint8).tobytes()
+    path = directory / "disk-bandwidth.bin"
+    t = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        written = 0
+        while written < size:
+            written += os.write(fd, block[: min(len(block), size - written)])
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - t
+    path.unlink()
+    return written / seconds
+
+
+def flatten_vs_disk(
+    rows: list[dict],
+    bare_runs: dict[int, bl.Run],
+    model: str,
+    inputs: dict[int, str],
+    layers: str,
+    repeats: int,
+    directory: Path,
+) -> dict:
+    """PyTorch ``--reduction flatten`` against max(bare forward passes, bytes written / disk bandwidth),
+    all measured in this run (the torch flatten row of ``rows`` when there is one, else measured here)."""
+    n1, n2 = sorted(inputs)
+    row = next((r for r in rows if r["plugin"] == "torch" and r["reduction"] == "flatten"), None)
+    if row is None:
+        ext, sizes = {}, {}
+        for n in inputs:
+            out = str(directory / f"torch-flatten-{n}.h5")
+            ext[n] = min(
+                (bl.run(extract_command(model, inputs[n], out, layers, "flatten")) for _ in range(repeats)),
+                key=lambda r: r.seconds,
+            )
+            sizes[n] = Path(out).stat().st_size
+            Path(out).unlink(missing_ok=True)
+        extract_s, file_bytes = [ext[n].seconds for n in (n1, n2)], [sizes[n] for n in (n1, n2)]
+    else:
+        extract_s, file_bytes = row["extract_s"], row["file_bytes"]
+    # the disk after the extractions (their write-back is done: each one fsyncs before it returns)
+    synced = max(disk_bandwidth(directory, file_bytes[1], sync=True) for _ in range(repeats))
+    cached = max(disk_bandwidth(directory, file_bytes[1], sync=False) for _ in range(repeats))
+    marginal_bytes = file_bytes[1] - file_bytes[0]
+    marginal_extract = extract_s[1] - extract_s[0]
+    marginal_bare = bare_runs[n2].seconds - bare_runs[n1].seconds
+    disk_s = marginal_bytes / synced
+    floor = max(marginal_bare, disk_s)
+    ratio = marginal_extract / floor if floor > 0 else float("nan")
+    result = {
+        "n": [n1, n2],
+        "file_bytes": file_bytes,
+        "marginal_bytes": marginal_bytes,
+        "disk_fsync_bytes_per_s": synced,
+        "disk_page_cache_bytes_per_s": cached,
+        "marginal_disk_s": disk_s,
+        "marginal_page_cache_s": marginal_bytes / cached,
+        "marginal_bare_s": marginal_bare,
+        "marginal_extract_s": marginal_extract,
+        "floor_s": floor,
+        "ratio": ratio,
+        "target_ratio": TARGET_DISK_RATIO,
+        "target_met": bool(ratio <= TARGET_DISK_RATIO),
+    }
+    print(
+        f"torch flatten vs disk: per {n1} inputs {marginal_bytes / 1e9:.2f} GB, cka-extract {marginal_extract:.2f} s, "
+        f"bare {marginal_bare:.2f} s, disk {disk_s:.2f} s ({synced / 1e6:.0f} MB/s fsync'ed, {cached / 1e6:.0f} MB/s "
+        f"page cache) -> {ratio:.2f}x the floor (target {TARGET_DISK_RATIO}x: "
+        f"{'met' if result['target_met'] else 'missed'})"
+    )
+    return result
 
 
 def in_process(
@@ -155,35 +268,21 @@ def main() -> int:
     def best(cmd: list[str]) -> bl.Run:
         return min((bl.run(cmd) for _ in range(repeats)), key=lambda r: r.seconds)
 
-    rows = []
+    rows: list[dict] = []
+    bare_by_plugin: dict[str, dict[int, bl.Run]] = {}
     for plugin, model in models.items():
         bare_runs = {
             n: best([sys.executable, __file__, "--bare", plugin, "--model", model, "--inputs", inputs[n]])
             for n in inputs
         }
         bare_loop = {n: json.loads(r.stdout.strip().splitlines()[-1])["loop_s"] for n, r in bare_runs.items()}
+        bare_by_plugin[plugin] = bare_runs
         for reduction in reductions:
-            ext = {}
+            ext, sizes = {}, {}
             for n in inputs:
                 out = str(directory / f"{plugin}-{reduction}-{n}.h5")
-                ext[n] = best(
-                    [
-                        *bl.cli("cka-extract"),
-                        model,
-                        "-i",
-                        inputs[n],
-                        "-o",
-                        out,
-                        "--layers",
-                        layers,
-                        "--reduction",
-                        reduction,
-                        "--batch-size",
-                        str(BATCH),
-                        "--overwrite",
-                        "--quiet",
-                    ]
-                )
+                ext[n] = best(extract_command(model, inputs[n], out, layers, reduction))
+                sizes[n] = Path(out).stat().st_size
                 Path(out).unlink(missing_ok=True)
             marginal_ext = ext[2 * n1].seconds - ext[n1].seconds
             marginal_bare = bare_runs[2 * n1].seconds - bare_runs[n1].seconds
@@ -202,6 +301,7 @@ def main() -> int:
                 else float("nan"),
                 "end_to_end_ratio": ext[2 * n1].seconds / bare_runs[2 * n1].seconds,
                 "extract_max_rss_mb": ext[2 * n1].max_rss_mb,
+                "file_bytes": [sizes[n] for n in inputs],
                 "bare_max_rss_mb": bare_runs[2 * n1].max_rss_mb,
             }
             rows.append(row)
@@ -210,7 +310,10 @@ def main() -> int:
                 f"{marginal_bare:6.2f} s -> {row['overhead_ratio']:.2f}x (end to end at {2 * n1}: "
                 f"{row['end_to_end_ratio']:.2f}x)"
             )
-    same_process = in_process(models["torch"], inputs, reductions, layers, 1 if args.smoke else 5, directory)
+    disk = flatten_vs_disk(rows, bare_by_plugin["torch"], models["torch"], inputs, layers, repeats, directory)
+    same_process = in_process(
+        models["torch"], inputs, reductions, layers, {"smoke": 1, "quick": 3}.get(size, 5), directory
+    )
     bl.write_result(
         "extract",
         {
@@ -220,6 +323,7 @@ def main() -> int:
             "rows": rows,
             "in_process": same_process,
             "target_ratio": 1.15,
+            "flatten_vs_disk": disk,
         },
         args.results_dir,
     )

@@ -116,6 +116,14 @@ def test_extract(smoke: dict[str, object]) -> None:
     d = _load(smoke, "extract")
     assert {(r["plugin"], r["reduction"]) for r in d["rows"]} == {("torch", "mean"), ("onnx", "mean")}
     assert all(r["extract_s"][0] > 0 and r["bare_s"][0] > 0 for r in d["rows"])
+    # flatten against the disk: 128 more inputs of 196,608 float32 values each, and the floor it is held to
+    disk = d["flatten_vs_disk"]
+    assert disk["n"] == [128, 256] and disk["file_bytes"][1] - disk["file_bytes"][0] == disk["marginal_bytes"]
+    assert abs(disk["marginal_bytes"] / (128 * 196_608 * 4) - 1) < 0.01
+    assert disk["disk_fsync_bytes_per_s"] > 0 and disk["disk_page_cache_bytes_per_s"] > 0
+    assert disk["floor_s"] == max(disk["marginal_bare_s"], disk["marginal_bytes"] / disk["disk_fsync_bytes_per_s"])
+    assert disk["ratio"] == disk["marginal_extract_s"] / disk["floor_s"]
+    assert disk["target_met"] == (disk["ratio"] <= disk["target_ratio"] == 1.25)
 
 
 def test_gpu(smoke: dict[str, object]) -> None:
@@ -192,6 +200,7 @@ def test_report(smoke: dict[str, object], tmp_path: Path) -> None:
         assert f"## {title}" in text
     assert "could not be rendered" not in text and "No result yet" not in text
     assert "miss the bandwidth's own sampling variation" in text
+    assert "**Flattened maps against the disk.**" in text and "| GB written per 128 inputs |" in text
 
 
 def test_report_single_section_and_missing(smoke: dict[str, object], tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ from ..files import (
     scratch_path,
 )
 from ..untrusted import shown
-from . import partial, schema
+from . import partial, rawio, schema
 from .damage import H5_ERRORS
 from .filters import load_plugins, require_filters
 from .partial import check_target
@@ -505,14 +505,16 @@ class ActivationWriter:
             group = f[schema.LAYERS_GROUP]
             self._datasets = [group[schema.layer_key(order)] for order in range(len(self.layers))]
             self._checksums = f[schema.CHECKSUMS_DATASET]
+            self._direct = [rawio.unfiltered(ds) for ds in self._datasets]  # whole chunks: write_direct_chunk
+            self._writeback = rawio.Writeback(self.tmp_path)
         pending = self._pending
         blocks = pending[0] if len(pending) == 1 else [np.concatenate(parts) for parts in zip(*pending)]
         k = end - start
         chunks, checksums = self._checksum(blocks, start, end), self._checksums
         assert checksums is not None
         try:
-            for ds, rows in zip(self._datasets, blocks):
-                ds.write_direct(rows[:k], dest_sel=np.s_[start:end])  # a row slice: still C-contiguous
+            for ds, rows, direct in zip(self._datasets, blocks, self._direct):
+                rawio.write_rows(ds, rows[:k], start, direct)  # a row slice: still C-contiguous
             f.flush()
             # the checksums with the counter, in the second flush: a kill before it leaves both as they were
             checksums.write_direct(self._crc[chunks], dest_sel=chunks)
@@ -522,6 +524,7 @@ class ActivationWriter:
             self._broken = True
             raise partial.disk_error(self.path, self.tmp_path, exc) from exc
         self.rows_stored = end
+        self._writeback.stored(sum(rows[:k].nbytes for rows in blocks))  # the disk writes them as the next batches run
         self._pending = [[rows[k:] for rows in blocks]] if k < len(blocks[0]) else []
 
     def _checksum(self, blocks: Sequence[np.ndarray], start: int, end: int) -> slice:
