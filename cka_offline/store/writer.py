@@ -31,6 +31,7 @@ import os
 import sys
 import zlib
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, NoReturn
 
@@ -54,6 +55,9 @@ from .filters import load_plugins, require_filters
 from .partial import check_target
 
 log = logging.getLogger(__name__)
+
+#: a store of at least this many bytes computes its chunks' CRC-32 on a thread while the rows are written
+CRC_THREAD_BYTES = 4 << 20
 
 #: bytes kept free beyond a batch's chunks for HDF5 metadata (chunk index nodes, attributes, the final
 #: flush): this much, plus SPACE_MARGIN_PER_LAYER for each layer
@@ -252,6 +256,7 @@ class ActivationWriter:
         self._file: h5py.File | None = None
         #: the CRC-32 of every chunk's rows stored so far, per layer (``/checksums``; made by _build)
         self._crc = np.zeros((0, len(self.layers)), dtype=np.uint32)
+        self._crc_thread: ThreadPoolExecutor | None = None  # large stores: the CRCs beside the writes
         self._lock = OutputLock(self.path)
         self._lock.acquire()  # before any file is touched: a second writer never changes the first one's file
         try:
@@ -510,12 +515,21 @@ class ActivationWriter:
         pending = self._pending
         blocks = pending[0] if len(pending) == 1 else [np.concatenate(parts) for parts in zip(*pending)]
         k = end - start
-        chunks, checksums = self._checksum(blocks, start, end), self._checksums
+        checksums = self._checksums
         assert checksums is not None
+        nbytes = sum(rows[:k].nbytes for rows in blocks)
+        if nbytes >= CRC_THREAD_BYTES:  # zlib releases the GIL: the CRCs run on another core beside the writes
+            if self._crc_thread is None:
+                self._crc_thread = ThreadPoolExecutor(1, thread_name_prefix="cka-crc")
+            pending_crc = self._crc_thread.submit(self._checksum, blocks, start, end)
+        else:
+            chunks = self._checksum(blocks, start, end)
         try:
             for ds, rows, direct in zip(self._datasets, blocks, self._direct):
                 rawio.write_rows(ds, rows[:k], start, direct)  # a row slice: still C-contiguous
             f.flush()
+            if nbytes >= CRC_THREAD_BYTES:
+                chunks = pending_crc.result()
             # the checksums with the counter, in the second flush: a kill before it leaves both as they were
             checksums.write_direct(self._crc[chunks], dest_sel=chunks)
             f.attrs.modify(schema.ATTR_ROWS_COMPLETE, end)  # in place: never deleted, never moved
@@ -524,7 +538,7 @@ class ActivationWriter:
             self._broken = True
             raise partial.disk_error(self.path, self.tmp_path, exc) from exc
         self.rows_stored = end
-        self._writeback.stored(sum(rows[:k].nbytes for rows in blocks))  # the disk writes them as the next batches run
+        self._writeback.stored(nbytes)  # the disk writes them as the next batches run
         self._pending = [[rows[k:] for rows in blocks]] if k < len(blocks[0]) else []
 
     def _checksum(self, blocks: Sequence[np.ndarray], start: int, end: int) -> slice:
@@ -587,6 +601,7 @@ class ActivationWriter:
                 f"{self.path}: only {self.rows_done} of {self.n} rows were written; the partial file is kept "
                 f"at {self.tmp_path} for --resume"
             )
+        self._stop_crc_thread()
         try:
             try:
                 self._file.attrs.modify(schema.ATTR_COMPLETE, True)
@@ -658,6 +673,7 @@ class ActivationWriter:
             return
         self._closed = True
         self._pending = []
+        self._stop_crc_thread()
         try:
             if self._file is not None and not self._broken:  # closing after a failed write crashes HDF5
                 try:
@@ -666,6 +682,12 @@ class ActivationWriter:
                     log.warning("closing %s failed: %s", self.tmp_path, exc)
         finally:
             self._lock.release()
+
+    def _stop_crc_thread(self) -> None:
+        """End the CRC thread (not waiting for it: after an interrupt it may still be summing a block)."""
+        if self._crc_thread is not None:
+            self._crc_thread.shutdown(wait=False)
+            self._crc_thread = None
 
     def __enter__(self) -> ActivationWriter:
         return self
