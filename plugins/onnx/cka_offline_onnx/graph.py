@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 from onnx import TensorProto
 
@@ -321,6 +322,78 @@ def mean_layouts(model: onnx.ModelProto, types: dict[str, TensorType]) -> dict[s
 def _rank(types: dict[str, TensorType], name: str) -> int | None:
     t = types.get(name)
     return None if t is None or t.dims is None else len(t.dims)
+
+
+# --- the graph a session runs --------------------------------------------------------------------------
+
+
+def add_means(model: onnx.ModelProto, tensors: dict[str, tuple[int, np.dtype]], suffix: str) -> None:
+    """Append nodes computing ``<tensor><suffix>``, the mean over axes 2.. of each tensor, ``(batch, C)``.
+
+    ``tensors``: ``{name: (rank, dtype)}`` as fetched. A float32 or float16 tensor is averaged by
+    ``GlobalAveragePool`` (after a Cast to float32 for float16) and a ``Flatten``: onnxruntime runs it in the
+    blocked NCHWc layout its convolutions use on x86, so only the ``(batch, C)`` result is converted back,
+    never the whole tensor, and a Conv + Relu fused node stays fused (its output is not a graph output).
+    A ``ReduceMean`` there would need the whole tensor reordered to NCHW first (measured in
+    bench/bench_onnx.py). A float64 tensor is averaged by ``ReduceMean`` in float64 (onnxruntime's CPU
+    pooling kernels are float32 only).
+    """
+    from onnx import helper
+
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    for i, (tensor, (rank, dtype)) in enumerate(tensors.items()):
+        out = tensor + suffix
+        if dtype != np.float64:
+            source = tensor
+            if dtype != np.float32:
+                source = f"{tensor}::cka_cast"  # float16: pooled in float32
+                graph.node.append(
+                    helper.make_node("Cast", [tensor], [source], to=TensorProto.FLOAT, name=f"cka_cast_{i}")
+                )
+            pooled = f"{tensor}::cka_pool"
+            graph.node.append(helper.make_node("GlobalAveragePool", [source], [pooled], name=f"cka_pool_{i}"))
+            graph.node.append(helper.make_node("Flatten", [pooled], [out], axis=1, name=f"cka_mean_{i}"))
+            continue
+        axes = list(range(2, rank))
+        if opset >= 18:  # axes became an input in opset 18
+            graph.initializer.append(
+                onnx.numpy_helper.from_array(np.array(axes, dtype=np.int64), f"{tensor}::cka_axes")
+            )
+            node = helper.make_node(
+                "ReduceMean", [tensor, f"{tensor}::cka_axes"], [out], keepdims=0, name=f"cka_mean_{i}"
+            )
+        else:
+            node = helper.make_node("ReduceMean", [tensor], [out], axes=axes, keepdims=0, name=f"cka_mean_{i}")
+        graph.node.append(node)
+
+
+def keep_needed(graph: onnx.GraphProto) -> None:
+    """Drop the nodes the graph's outputs do not depend on (the rest of the network after the last chosen
+    tensor): onnxruntime runs every node of a graph, used or not. A node that owns subgraphs needs every
+    tensor its bodies read, which may come from the outer graph."""
+    needed = {o.name for o in graph.output}
+    kept: list[onnx.NodeProto] = []
+    for node in reversed(graph.node):
+        if not any(o in needed for o in node.output if o):
+            continue
+        kept.append(node)
+        needed.update(i for i in node.input if i)
+        for sub in _subgraphs(node):
+            needed.update(_names_read(sub))
+    if len(kept) < len(graph.node):
+        kept.reverse()
+        del graph.node[:]
+        graph.node.extend(kept)
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(i for i in node.input if i)
+        for sub in _subgraphs(node):
+            names |= _names_read(sub)
+    return names
 
 
 # --- the listing -----------------------------------------------------------------------------------------
