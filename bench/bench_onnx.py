@@ -210,7 +210,7 @@ def main() -> int:
         bare(args.model, args.inputs)
         return 0
     size = bl.size_of(args)
-    n1 = args.n or {"full": 2048, "quick": 512, "smoke": 64}[size]
+    n1 = args.n or {"full": 2048, "quick": 256, "smoke": 64}[size]
     repeats = args.repeats or {"full": 2, "quick": 1, "smoke": 1}[size]
     in_repeats = args.in_process_repeats or {"full": 5, "quick": 3, "smoke": 1}[size]
     reductions = ["mean"] if args.smoke else ["mean", "flatten"]

@@ -3,7 +3,10 @@
 How a batch is extracted: the graph is loaded *without* its weights (``load_external_data=False``, so
 models over 2 GB and external-data models stay cheap), the chosen tensors become the graph's outputs,
 the modified graph is serialized and handed to onnxruntime, which reads the weights from the model's
-folder. One session is built per set of chosen tensors and kept (a few at most).
+folder. One session is built per set of chosen tensors and kept (a few at most). Its graph keeps only the
+nodes the chosen tensors need, and takes ``--reduction mean`` itself (:func:`~cka_offline_onnx.graph.add_means`:
+pooled in onnxruntime's NCHWc layout, so a fused Conv + Relu stays fused and only ``(batch, C)`` is
+converted back); the listing always reads the graph as written.
 
 Graph optimisation is on (``all``, onnxruntime's own default) unless ``optimization_level`` says
 otherwise: onnxruntime never fuses away a node whose output is a graph output, so every chosen tensor
@@ -225,8 +228,9 @@ class OnnxExtractor(Extractor):
     # --- running ---------------------------------------------------------------------------------------
 
     def reduce_early(self, reductions: Mapping[str, str]) -> list[str]:
-        """Take ``mean`` in the graph: a ReduceMean node per tensor (after a Cast to float32, or float64 for
-        float64 tensors), so onnxruntime returns ``(batch, channels)``. Only with the batch on axis 0 and a
+        """Take ``mean`` in the graph: GlobalAveragePool + Flatten per tensor (float16 cast to float32 first;
+        ReduceMean for float64; :func:`~cka_offline_onnx.graph.add_means`), so onnxruntime returns
+        ``(batch, channels)``. Only with the batch on axis 0 and a
         batch dimension that is not fixed at 1, for tensors already fetched once (their rank is known)."""
         tensors = self._resolve([name for name, r in reductions.items() if r == "mean"])
         self._check_mean_layouts(tensors)
