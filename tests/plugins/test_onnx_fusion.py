@@ -20,7 +20,7 @@ from torch import nn  # noqa: E402
 from cka_offline.store.reader import open_activations  # noqa: E402
 from cka_offline_onnx import extractor as onnx_extractor  # noqa: E402
 from cka_offline_onnx.extractor import OnnxExtractor  # noqa: E402
-from cka_offline_onnx.graph import keep_needed  # noqa: E402
+from cka_offline_onnx.graph import POOL_MAX_POSITIONS, keep_needed  # noqa: E402
 
 from ..hardening.builders import invoke  # noqa: E402
 
@@ -183,11 +183,18 @@ def test_listing_is_the_graph_as_written_after_sessions_ran(cnn):
 
 @pytest.mark.parametrize(
     ("shape", "dtype"),
-    [((4, 7), np.float32), ((4, 3, 2, 5), np.float32), ((4, 3, 5), np.float16), ((4, 3, 5), np.float64)],
+    [
+        ((4, 7), np.float32),
+        ((4, 3, 2, 5), np.float32),
+        ((4, 3, 5), np.float16),
+        ((4, 3, 5), np.float64),
+        ((2, 130, 130), np.float32),
+    ],
 )
 def test_mean_in_the_graph_for_other_ranks_and_types(tmp_path, shape, dtype):
-    """(C, L) and (C, D, H, W) tensors are pooled too; float16 is pooled in float32 (as before); float64 is
-    reduced in float64. Against the float64 mean of the full tensor."""
+    """(C, L) and (C, D, H, W) tensors are pooled too; float16 is pooled in float32 (as before); float64, and
+    maps of more than 128 x 128 positions (where float32 pooling drifts), are reduced by ReduceMean. Against
+    the float64 mean of the full tensor."""
     elem = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}[dtype]
     dims = ["N", *shape]
     graph = helper.make_graph(
@@ -206,6 +213,10 @@ def test_mean_in_the_graph_for_other_ranks_and_types(tmp_path, shape, dtype):
     full = ex.run({"x": x}, ["m", "a"])
     assert sorted(ex.reduce_early({"m": "mean", "a": "mean"})) == ["a", "m"]
     reduced = ex.run({"x": x}, ["m", "a"])
+    session_graph = onnx.load_from_string(ex._graph_bytes(("a::cka_mean", "m::cka_mean"))).graph
+    pooled = dtype != np.float64 and int(np.prod(shape[1:])) <= POOL_MAX_POSITIONS
+    ops = [n.op_type for n in session_graph.node]
+    assert ops.count("GlobalAveragePool" if pooled else "ReduceMean") == 2, ops
     for name in ("m", "a"):
         expected = full[name].astype(np.float64).mean(axis=tuple(range(2, len(shape) + 1)))
         assert reduced[name].dtype == (np.float64 if dtype == np.float64 else np.float32)
@@ -239,3 +250,17 @@ def test_keep_needed_keeps_what_a_subgraph_reads():
     graph.output.append(helper.make_empty_tensor_value_info("m"))
     keep_needed(graph)
     assert [n.name for n in graph.node] == ["m"]
+
+
+def test_keep_needed_follows_names_in_a_graph_out_of_order():
+    """onnxruntime sorts the nodes itself, so a graph listed out of order loads; its producers are kept."""
+    nodes = [
+        helper.make_node("Exp", ["b"], ["c"], name="c"),
+        helper.make_node("Neg", ["x"], ["unused"], name="unused"),
+        helper.make_node("Relu", ["a"], ["b"], name="b"),
+        helper.make_node("Abs", ["x"], ["a"], name="a"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])], [])
+    graph.output.append(helper.make_empty_tensor_value_info("c"))
+    keep_needed(graph)
+    assert [n.name for n in graph.node] == ["c", "b", "a"]

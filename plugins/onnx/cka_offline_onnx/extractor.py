@@ -138,8 +138,8 @@ class OnnxExtractor(Extractor):
         self._sessions: OrderedDict[tuple[str, ...], onnxruntime.InferenceSession] = OrderedDict()
         self._inputs = input_specs(self._model) if self._model is not None else session_inputs(self._given)
         self._fixed = FixedInputs(values["fixed_inputs"], self._inputs, self.path)
-        #: rank and dtype of every tensor fetched so far, and the tensors whose spatial mean the graph takes
-        self._seen: dict[str, tuple[int, np.dtype]] = {}
+        #: rank, dtype and spatial positions of every tensor fetched so far, and those whose mean the graph takes
+        self._seen: dict[str, tuple[int, np.dtype, int]] = {}  # rank, dtype, positions (axes 2..)
         self._early: set[str] = set()
         # a graph traced at batch 1 often bakes the 1 into Reshape constants: only example-by-example is safe
         self.fixed_batch_one = any(s.dims and s.dims[0] == 1 for s in self._per_example())
@@ -291,7 +291,7 @@ class OnnxExtractor(Extractor):
         for requested, tensor in tensors.items():
             arr = arrays[tensor + _MEAN_SUFFIX if tensor in self._early else tensor]
             if tensor not in self._early:
-                self._seen[tensor] = (arr.ndim, arr.dtype)
+                self._seen[tensor] = (arr.ndim, arr.dtype, int(np.prod(arr.shape[2:], dtype=np.int64)))
             if arr.shape[0] != batch:
                 raise ModelError(
                     f"{self.path}: tensor {tensor!r} has shape {arr.shape} for a batch of {batch}: its axis "
