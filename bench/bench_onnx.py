@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -226,6 +227,7 @@ def main() -> int:
         inputs[n] = str(directory / f"x{n}.npz")
         if not Path(inputs[n]).exists():
             cnn.write_inputs(inputs[n], n)
+    load_before = os.getloadavg()
     command_rows = through_command(model, inputs, repeats, directory, reductions)
     process_rows = in_process(model, inputs, in_repeats, directory, reductions)
     post_mean = next(r for r in process_rows if r["selection"] == "post-activation" and r["reduction"] == "mean")
@@ -237,6 +239,7 @@ def main() -> int:
             "selections": {k: list(v) for k, v in SELECTIONS.items()},
             "through_command": command_rows,
             "in_process": process_rows,
+            "load_average": {"before": load_before, "after": os.getloadavg()},
             "target_ratio": TARGET,
             "target_met": post_mean["ratio"] <= TARGET,
         },

@@ -405,8 +405,18 @@ def section_onnx(d: dict[str, Any]) -> str:
         "onnxruntime optimised for the extractor's session: Convs carrying their Relu / Relu nodes left alone; "
         "whole tensors / pooled (batch, C) results converted out of the blocked NCHWc layout.\n\n"
         f"{body}\n\nTarget: post-activation `mean` at most {d['target_ratio']}x the bare session (in one "
-        f"process): {verdict}.\n\n{ONNX_NOTE}"
+        f"process): {verdict}. The extractor's session skips the nodes after the last chosen tensor (here the "
+        "last pooling and the classifier, a small part), so a ratio a little below 1 can be real; far below 1, "
+        f"or negative, in the `cka-extract` columns is the machine's noise.{_load(d)}\n\n{ONNX_NOTE}"
     )
+
+
+def _load(d: dict[str, Any]) -> str:
+    load = d.get("load_average")
+    if not load:
+        return ""
+    before, after = (", ".join(fmt(x) for x in load[k]) for k in ("before", "after"))
+    return f" Load average (1, 5, 15 min) before the run {before}, after it {after}."
 
 
 ONNX_NOTE = (
