@@ -230,8 +230,8 @@ class OnnxExtractor(Extractor):
     def reduce_early(self, reductions: Mapping[str, str]) -> list[str]:
         """Take ``mean`` in the graph: GlobalAveragePool + Flatten per tensor (float16 cast to float32 first;
         ReduceMean for float64; :func:`~cka_offline_onnx.graph.add_means`), so onnxruntime returns
-        ``(batch, channels)``. Only with the batch on axis 0 and a
-        batch dimension that is not fixed at 1, for tensors already fetched once (their rank is known)."""
+        ``(batch, channels)``. Only with the batch on axis 0 and a batch dimension that is not fixed at 1,
+        for tensors already fetched once (their rank is known)."""
         tensors = self._resolve([name for name, r in reductions.items() if r == "mean"])
         self._check_mean_layouts(tensors)
         if self.batch_axis != 0 or self.fixed_batch_one or self._model is None:
