@@ -25,6 +25,7 @@ SCRIPTS = {
     "accuracy": "python bench/bench_accuracy.py",
     "memory": "python bench/bench_memory.py",
     "extract": "python bench/bench_extract.py",
+    "onnx": "python bench/bench_onnx.py",
     "gpu": "python bench/bench_gpu.py",
     "full": "python bench/bench_full.py",
     "coverage": "python bench/bench_coverage.py",
@@ -459,6 +460,101 @@ def _in_process(d: dict[str, Any]) -> str:
     )
 
 
+def section_onnx(d: dict[str, Any]) -> str:
+    def graph(g: dict[str, int]) -> str:
+        return (
+            f"{g['fused_conv_relu']} fused / {g['relu_alone']} alone; "
+            f"{g['reorder_whole']} whole, {g['reorder_pooled']} pooled"
+        )
+
+    cmd = {(r["selection"], r["reduction"]): r for r in d["through_command"]}
+    proc = d["in_process"]
+    n = proc[0]["n"] if proc else 0
+
+    def command_cells(r: dict[str, Any]) -> list[str]:
+        c = cmd.get((r["selection"], r["reduction"]))
+        if c is None:
+            return ["-", "-"]
+        ok = c["marginal_extract_s"] > 0 and c["marginal_bare_s"] > 0
+        return [fmt(c["marginal_extract_s"]), fmt(c["ratio"]) if ok else "noise (negative marginal)"]
+
+    rows = [
+        [
+            r["selection"],
+            r["reduction"],
+            fmt(r["marginal_extract_s"]),
+            fmt(r["plugin_run_s"]),
+            fmt(r["bare_s"]),
+            f"**{fmt(r['ratio'])}**",
+            fmt(r["plugin_ratio"]),
+            *command_cells(r),
+            graph(r["graph"]),
+        ]
+        for r in proc
+    ]
+    body = table(
+        [
+            "selection",
+            "reduction",
+            f"extract s per {n:,} inputs (median)",
+            "plugin run s",
+            "bare session s",
+            "ratio",
+            "plugin ratio",
+            "cka-extract s (marginal)",
+            "cka-extract ratio",
+            "optimised graph: Conv+Relu; tensors reordered",
+        ],
+        rows,
+    )
+    sel = d["selections"]
+    post = next((r for r in proc if r["selection"] == "post-activation" and r["reduction"] == "mean"), None)
+    verdict = (
+        f"{fmt(post['ratio'])}x: **{'met' if d['target_met'] else 'missed'}**" if post is not None else "not measured"
+    )
+    return (
+        f"The bench CNN (bench/cnn.py) exported to ONNX; batch {d['batch_size']}, CPU. Post-activation: "
+        f"{', '.join(sel['post-activation'])} (Conv + Relu pairs onnxruntime fuses); pre-activation: "
+        f"{', '.join(sel['pre-activation'])} (a chosen Conv output cannot be fused with its Relu). The bare "
+        "session is what a user runs: `onnxruntime.InferenceSession(cnn.onnx)` with default options (every "
+        "optimisation on) and `run(None, ...)`, the whole network to its logits. In one process, alternated "
+        f"{proc[0]['repeats'] if proc else '?'} times (medians): the bare loop on {n:,} inputs, the extractor's "
+        "own `run` over the same batches (plugin run: the session it builds, no file), and `cka_offline.extract` "
+        f"marginal between {n:,} and {2 * n:,} inputs (the whole pipeline, HDF5 file included; the ratio column). "
+        "`cka-extract` columns: the installed command and the bare loop as subprocesses, marginal between the "
+        "same input counts (best of runs; start-up cancels out, noisier). The last column reads the graph "
+        "onnxruntime optimised for the extractor's session: Convs carrying their Relu / Relu nodes left alone; "
+        "whole tensors / pooled (batch, C) results converted out of the blocked NCHWc layout.\n\n"
+        f"{body}\n\nTarget: post-activation `mean` at most {d['target_ratio']}x the bare session (in one "
+        f"process): {verdict}. The extractor's session skips the nodes after the last chosen tensor (here the "
+        "last pooling and the classifier, a small part), so a ratio a little below 1 can be real; far below 1, "
+        f"or negative, in the `cka-extract` columns is the machine's noise.{_load(d)}\n\n{ONNX_NOTE}"
+    )
+
+
+def _load(d: dict[str, Any]) -> str:
+    load = d.get("load_average")
+    if not load:
+        return ""
+    before, after = (", ".join(fmt(x) for x in load[k]) for k in ("before", "after"))
+    return f" Load average (1, 5, 15 min) before the run {before}, after it {after}."
+
+
+ONNX_NOTE = (
+    "*Hand-written note (what was measured and why).* Exposing a Relu's output as a graph output never blocked "
+    "onnxruntime's Conv + Relu fusion: the fused node keeps the Relu's output name (the graph column shows it). "
+    "What exposing cost was layout: on x86 the convolutions run in the blocked NCHWc layout, and every graph "
+    "output, and every input of an op without an NCHWc kernel such as `ReduceMean`, is first converted back to "
+    "NCHW whole (`ReorderOutput`). The in-graph mean is now `GlobalAveragePool` + `Flatten`, which onnxruntime "
+    "runs in NCHWc, so only the (batch, C) means are converted back; and the session's graph keeps only the "
+    "nodes the chosen tensors need (onnxruntime runs unused nodes too). A pre-activation selection keeps the "
+    "Relu as its own node, and `flatten` must convert every value back to NCHW and hand it to the core: both "
+    "are reported apart. The plugin-run column separates the session from the rest of the pipeline (reduction "
+    "bookkeeping, the HDF5 writer): where the ratio misses, compare it with the plugin ratio to see which side "
+    "the time is on. Lower levels than `all` (`-X optimization_level=extended`) drop NCHWc and run slower."
+)
+
+
 def section_gpu(d: dict[str, Any]) -> str:
     if d.get("skipped"):
         return f"Skipped on this machine: {d['skipped']}."
@@ -681,6 +777,7 @@ SECTIONS = [
     ("accuracy", "3. Accuracy against a float64 reference", section_accuracy),
     ("memory", "4. Memory", section_memory),
     ("extract", "5. Extraction overhead", section_extract),
+    ("onnx", "5b. ONNX extraction", section_onnx),
     ("gpu", "6. GPU", section_gpu),
     ("full", "7. Exact full-data estimators", section_full),
     ("coverage", "8. Coverage of the intervals", section_coverage),

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
-for script in bench_speed bench_floor bench_accuracy bench_memory bench_extract bench_gpu bench_full bench_coverage bench_hundreds; do
+for script in bench_speed bench_floor bench_accuracy bench_memory bench_extract bench_onnx bench_gpu bench_full bench_coverage bench_hundreds; do
   echo "== $script $*"
   "$py" "bench/$script.py" "$@"
 done

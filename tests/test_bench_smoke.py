@@ -26,6 +26,7 @@ SCRIPTS = (
     "bench_accuracy",
     "bench_memory",
     "bench_extract",
+    "bench_onnx",
     "bench_gpu",
     "bench_full",
     "bench_coverage",
@@ -126,6 +127,17 @@ def test_extract(smoke: dict[str, object]) -> None:
     assert disk["target_met"] == (disk["ratio"] <= disk["target_ratio"] == 1.25)
 
 
+def test_onnx(smoke: dict[str, object]) -> None:
+    d = _load(smoke, "onnx")
+    rows = {(r["selection"], r["reduction"]): r for r in d["in_process"]}
+    assert set(rows) == {("post-activation", "mean"), ("pre-activation", "mean")}
+    assert all(r["bare_s"] > 0 and r["plugin_run_s"] > 0 for r in rows.values())
+    # the graph facts the section reports: post-activation Convs keep their Relu, pre-activation ones cannot
+    assert rows["post-activation", "mean"]["graph"]["fused_conv_relu"] == 4
+    assert rows["pre-activation", "mean"]["graph"]["relu_alone"] == 3
+    assert all(r["graph"]["reorder_whole"] == 0 for r in rows.values())
+
+
 def test_gpu(smoke: dict[str, object]) -> None:
     d = _load(smoke, "gpu")
     if d.get("skipped"):
@@ -196,7 +208,13 @@ def test_report(smoke: dict[str, object], tmp_path: Path) -> None:
     )
     text = out.read_text()
     titles = ("1. Analysis speed", "2. The hardware floor", "3. Accuracy", "4. Memory", "5. Extraction", "6. GPU")
-    for title in (*titles, "7. Exact full-data estimators", "8. Coverage of the intervals", "9. Workload H"):
+    for title in (
+        *titles,
+        "5b. ONNX extraction",
+        "7. Exact full-data estimators",
+        "8. Coverage of the intervals",
+        "9. Workload H",
+    ):
         assert f"## {title}" in text
     assert "could not be rendered" not in text and "No result yet" not in text
     assert "miss the bandwidth's own sampling variation" in text

@@ -3,7 +3,10 @@
 How a batch is extracted: the graph is loaded *without* its weights (``load_external_data=False``, so
 models over 2 GB and external-data models stay cheap), the chosen tensors become the graph's outputs,
 the modified graph is serialized and handed to onnxruntime, which reads the weights from the model's
-folder. One session is built per set of chosen tensors and kept (a few at most).
+folder. One session is built per set of chosen tensors and kept (a few at most). Its graph keeps only the
+nodes the chosen tensors need, and takes ``--reduction mean`` itself (:func:`~cka_offline_onnx.graph.add_means`:
+pooled in onnxruntime's NCHWc layout, so a fused Conv + Relu stays fused and only ``(batch, C)`` is
+converted back); the listing always reads the graph as written.
 
 Graph optimisation is on (``all``, onnxruntime's own default) unless ``optimization_level`` says
 otherwise: onnxruntime never fuses away a node whose output is a graph output, so every chosen tensor
@@ -45,10 +48,10 @@ OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 DEFAULT_OPTIMIZATION_LEVEL = "all"
 #: sessions kept per extractor; each holds the weights once more, so keep few
 MAX_SESSIONS = 2
-#: output name of a tensor's spatial mean taken in the graph (Extractor.reduce_early)
-_MEAN_SUFFIX = "::cka_mean"
 #: onnxruntime >= 1.20 resolves external data of a model given as bytes against this folder
 EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+#: output name of a tensor's spatial mean taken in the graph (Extractor.reduce_early; graph.add_means)
+_MEAN_SUFFIX = "::cka_mean"
 
 
 class OnnxExtractor(Extractor):
@@ -135,8 +138,8 @@ class OnnxExtractor(Extractor):
         self._sessions: OrderedDict[tuple[str, ...], onnxruntime.InferenceSession] = OrderedDict()
         self._inputs = input_specs(self._model) if self._model is not None else session_inputs(self._given)
         self._fixed = FixedInputs(values["fixed_inputs"], self._inputs, self.path)
-        #: rank and dtype of every tensor fetched so far, and the tensors whose spatial mean the graph takes
-        self._seen: dict[str, tuple[int, np.dtype]] = {}
+        #: rank, dtype and spatial positions of every tensor fetched so far, and those whose mean the graph takes
+        self._seen: dict[str, tuple[int, np.dtype, int]] = {}  # rank, dtype, positions (axes 2..)
         self._early: set[str] = set()
         # a graph traced at batch 1 often bakes the 1 into Reshape constants: only example-by-example is safe
         self.fixed_batch_one = any(s.dims and s.dims[0] == 1 for s in self._per_example())
@@ -225,9 +228,10 @@ class OnnxExtractor(Extractor):
     # --- running ---------------------------------------------------------------------------------------
 
     def reduce_early(self, reductions: Mapping[str, str]) -> list[str]:
-        """Take ``mean`` in the graph: a ReduceMean node per tensor (after a Cast to float32, or float64 for
-        float64 tensors), so onnxruntime returns ``(batch, channels)``. Only with the batch on axis 0 and a
-        batch dimension that is not fixed at 1, for tensors already fetched once (their rank is known)."""
+        """Take ``mean`` in the graph: GlobalAveragePool + Flatten per tensor (float16 cast to float32 first;
+        ReduceMean for float64; :func:`~cka_offline_onnx.graph.add_means`), so onnxruntime returns
+        ``(batch, channels)``. Only with the batch on axis 0 and a batch dimension that is not fixed at 1,
+        for tensors already fetched once (their rank is known)."""
         tensors = self._resolve([name for name, r in reductions.items() if r == "mean"])
         self._check_mean_layouts(tensors)
         if self.batch_axis != 0 or self.fixed_batch_one or self._model is None:
@@ -287,7 +291,7 @@ class OnnxExtractor(Extractor):
         for requested, tensor in tensors.items():
             arr = arrays[tensor + _MEAN_SUFFIX if tensor in self._early else tensor]
             if tensor not in self._early:
-                self._seen[tensor] = (arr.ndim, arr.dtype)
+                self._seen[tensor] = (arr.ndim, arr.dtype, int(np.prod(arr.shape[2:], dtype=np.int64)))
             if arr.shape[0] != batch:
                 raise ModelError(
                     f"{self.path}: tensor {tensor!r} has shape {arr.shape} for a batch of {batch}: its axis "
@@ -446,24 +450,49 @@ class OnnxExtractor(Extractor):
         return session
 
     def _build_session(self, tensors: tuple[str, ...]) -> onnxruntime.InferenceSession:
+        model_bytes = self._graph_bytes(tensors)
+        opts = self._session_options()
+        folder = os.path.dirname(self.path)
+        try:
+            session = _new_session(model_bytes, opts, self._providers)
+        except Exception as exc:
+            if not self._external_files:
+                raise ModelError(f"{self.path}: onnxruntime cannot load the model: {exc}") from exc
+            # older onnxruntime ignores the folder key: save the graph next to its weights instead
+            log.info("loading %s from bytes failed (%s); using a temporary file beside it", self.path, exc)
+            session = self._session_via_file(model_bytes, opts, folder)
+        self._check_session(session, tensors)
+        return session
+
+    def _graph_bytes(self, tensors: tuple[str, ...]) -> bytes:
+        """The serialized graph a session for ``tensors`` runs: the model with exactly these outputs (a
+        ``<tensor>::cka_mean`` one computed by appended nodes, :func:`~cka_offline_onnx.graph.add_means`) and
+        only the nodes they depend on. The listing (names, aliases, layouts) always reads the model as written."""
         import onnx
-        import onnxruntime as ort
+
+        from .graph import add_means, keep_needed
 
         assert self._model is not None  # without a graph only the given session's outputs are listed
         graph = self._model.graph
         kept = list(graph.output)
-        nodes, inits = len(graph.node), len(graph.initializer)
+        nodes, inits = list(graph.node), len(graph.initializer)
         try:
             # only the chosen tensors are outputs: nothing else is kept alive or copied back
             del graph.output[:]
             graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors)
-            self._add_means(graph, [t[: -len(_MEAN_SUFFIX)] for t in tensors if t.endswith(_MEAN_SUFFIX)])
-            model_bytes = self._model.SerializeToString()
+            means = [t[: -len(_MEAN_SUFFIX)] for t in tensors if t.endswith(_MEAN_SUFFIX)]
+            add_means(self._model, {t: self._seen[t] for t in means}, _MEAN_SUFFIX)
+            keep_needed(graph)
+            return self._model.SerializeToString()
         finally:
             del graph.output[:]
             graph.output.extend(kept)
-            del graph.node[nodes:]
+            del graph.node[:]
+            graph.node.extend(nodes)
             del graph.initializer[inits:]
+
+    def _session_options(self) -> onnxruntime.SessionOptions:
+        import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = {
@@ -478,48 +507,9 @@ class OnnxExtractor(Extractor):
         opts.log_severity_level = ort_log_severity()
         if self.threads:
             opts.intra_op_num_threads = self.threads
-        folder = os.path.dirname(self.path)
         if self._external_files:
-            opts.add_session_config_entry(EXTERNAL_FOLDER_KEY, folder)
-        try:
-            session = _new_session(model_bytes, opts, self._providers)
-        except Exception as exc:
-            if not self._external_files:
-                raise ModelError(f"{self.path}: onnxruntime cannot load the model: {exc}") from exc
-            # older onnxruntime ignores the folder key: save the graph next to its weights instead
-            log.info("loading %s from bytes failed (%s); using a temporary file beside it", self.path, exc)
-            session = self._session_via_file(model_bytes, opts, folder)
-        self._check_session(session, tensors)
-        return session
-
-    def _add_means(self, graph: Any, tensors: list[str]) -> None:
-        """Append Cast + ReduceMean nodes computing ``<tensor>::cka_mean`` = mean over axes 2.. of each tensor."""
-        import onnx
-        from onnx import TensorProto, helper
-
-        assert self._model is not None
-        opset = next((o.version for o in self._model.opset_import if o.domain in ("", "ai.onnx")), 13)
-        for i, tensor in enumerate(tensors):
-            rank, dtype = self._seen[tensor]
-            work = TensorProto.DOUBLE if dtype == np.float64 else TensorProto.FLOAT
-            cast, axes = f"{tensor}::cka_cast", list(range(2, rank))
-            graph.node.append(helper.make_node("Cast", [tensor], [cast], to=work, name=f"cka_cast_{i}"))
-            if opset >= 18:  # axes became an input in opset 18
-                graph.initializer.append(
-                    onnx.numpy_helper.from_array(np.array(axes, dtype=np.int64), f"{tensor}::cka_axes")
-                )
-                node = helper.make_node(
-                    "ReduceMean",
-                    [cast, f"{tensor}::cka_axes"],
-                    [tensor + _MEAN_SUFFIX],
-                    keepdims=0,
-                    name=f"cka_mean_{i}",
-                )
-            else:
-                node = helper.make_node(
-                    "ReduceMean", [cast], [tensor + _MEAN_SUFFIX], axes=axes, keepdims=0, name=f"cka_mean_{i}"
-                )
-            graph.node.append(node)
+            opts.add_session_config_entry(EXTERNAL_FOLDER_KEY, os.path.dirname(self.path))
+        return opts
 
     def _session_via_file(self, model_bytes: bytes, opts: Any, folder: str) -> onnxruntime.InferenceSession:
         try:

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 from onnx import TensorProto
 
@@ -321,6 +322,92 @@ def mean_layouts(model: onnx.ModelProto, types: dict[str, TensorType]) -> dict[s
 def _rank(types: dict[str, TensorType], name: str) -> int | None:
     t = types.get(name)
     return None if t is None or t.dims is None else len(t.dims)
+
+
+# --- the graph a session runs --------------------------------------------------------------------------
+
+
+#: spatial positions up to which a float32 mean is pooled in the graph (GlobalAveragePool); beyond, ReduceMean.
+#: onnxruntime's NCHWc pooling sums positions one after another in float32: measured relative error 9e-7 at
+#: 32 x 32, 5e-6 at 128 x 128, 8e-6 at 224 x 224 (ReduceMean: 2e-7 to 8e-7), against the 1e-5 that
+#: ``cka_offline.testing.check_extractor`` allows.
+POOL_MAX_POSITIONS = 128 * 128
+
+
+def add_means(model: onnx.ModelProto, tensors: dict[str, tuple[int, np.dtype, int]], suffix: str) -> None:
+    """Append nodes computing ``<tensor><suffix>``, the mean over axes 2.. of each tensor, ``(batch, C)``.
+
+    ``tensors``: ``{name: (rank, dtype, positions)}`` as fetched (positions: the product of axes 2..).
+    A float32 or float16 tensor (float16 cast to float32 first) of at most :data:`POOL_MAX_POSITIONS`
+    positions is averaged by ``GlobalAveragePool`` and a ``Flatten``: onnxruntime runs the pooling in the
+    blocked NCHWc layout its convolutions use on x86, so only the ``(batch, C)`` result is converted back,
+    never the whole tensor, and a Conv + Relu fused node stays fused (its output is not a graph output).
+    A ``ReduceMean`` needs the whole tensor reordered to NCHW first (measured in bench/bench_onnx.py); it
+    averages the larger tensors (more accurate there) and float64 ones, in float64 (onnxruntime's CPU
+    pooling is float32 only).
+    """
+    from onnx import helper
+
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    for i, (tensor, (rank, dtype, positions)) in enumerate(tensors.items()):
+        out, source = tensor + suffix, tensor
+        if dtype not in (np.float32, np.float64):
+            source = f"{tensor}::cka_cast"  # float16: averaged in float32
+            graph.node.append(helper.make_node("Cast", [tensor], [source], to=TensorProto.FLOAT, name=f"cka_cast_{i}"))
+        if dtype != np.float64 and positions <= POOL_MAX_POSITIONS:
+            pooled = f"{tensor}::cka_pool"
+            graph.node.append(helper.make_node("GlobalAveragePool", [source], [pooled], name=f"cka_pool_{i}"))
+            graph.node.append(helper.make_node("Flatten", [pooled], [out], axis=1, name=f"cka_mean_{i}"))
+            continue
+        axes = list(range(2, rank))
+        if opset >= 18:  # axes became an input in opset 18
+            graph.initializer.append(
+                onnx.numpy_helper.from_array(np.array(axes, dtype=np.int64), f"{tensor}::cka_axes")
+            )
+            node = helper.make_node(
+                "ReduceMean", [source, f"{tensor}::cka_axes"], [out], keepdims=0, name=f"cka_mean_{i}"
+            )
+        else:
+            node = helper.make_node("ReduceMean", [source], [out], axes=axes, keepdims=0, name=f"cka_mean_{i}")
+        graph.node.append(node)
+
+
+def keep_needed(graph: onnx.GraphProto) -> None:
+    """Drop the nodes the graph's outputs do not depend on (the rest of the network after the last chosen
+    tensor): onnxruntime runs every node of a graph, used or not. A node that owns subgraphs needs every
+    tensor its bodies read, which may come from the outer graph. Node order is kept (and need not be
+    topological: the dependencies are followed by name)."""
+    producer = {o: i for i, node in enumerate(graph.node) for o in node.output if o}
+    todo = [o.name for o in graph.output]
+    seen: set[str] = set()
+    kept: set[int] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        index = producer.get(name)
+        if index is None or index in kept:
+            continue
+        kept.add(index)
+        node = graph.node[index]
+        todo.extend(i for i in node.input if i)
+        for sub in _subgraphs(node):
+            todo.extend(_names_read(sub))
+    if len(kept) < len(graph.node):
+        nodes = [node for i, node in enumerate(graph.node) if i in kept]
+        del graph.node[:]
+        graph.node.extend(nodes)
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(i for i in node.input if i)
+        for sub in _subgraphs(node):
+            names |= _names_read(sub)
+    return names
 
 
 # --- the listing -----------------------------------------------------------------------------------------
