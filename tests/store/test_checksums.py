@@ -60,3 +60,16 @@ def test_large_stores_use_the_crc_thread_and_small_ones_do_not(tmp_path, monkeyp
                 w.write({"x": x[start : start + batch]})
         assert len(threads) == made
         assert all(t._shutdown for t in threads)
+
+
+def test_the_checksum_example_in_docs_format_runs(tmp_path, monkeypatch):
+    """The h5py example of docs/format.md's /checksums section, run on the 1.2 golden file."""
+    import os
+    import shutil
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    doc = open(os.path.join(root, "docs", "format.md"), encoding="utf-8").read()
+    code = doc.split("## `/checksums`", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    shutil.copy(os.path.join(root, "tests", "data", "golden_v1_2.h5"), tmp_path / "acts.h5")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/format.md", "exec"), {})
