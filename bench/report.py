@@ -777,7 +777,8 @@ def section_hundreds(d: dict[str, Any]) -> str:
         f"{fmt(req['anon_rss_mb'], 0)} MiB at n = {d['workload']['n']}, {fmt(q['anon_rss_mb'], 0)} MiB at "
         f"n = {q['n']}. The A-B block of both variants agrees to {sci(d['max_abs_ab_diff'])}. All pairs take "
         f"{fmt(every['seconds'] / req['seconds'])}x the time of the reported pairs here. Target: at most "
-        f"{d['target_ratio']}x the float32 floor: **{'met' if d['target_met'] else 'missed'}**." + where
+        f"{d['target_ratio']}x the float32 floor: **{'met' if d['target_met'] else 'missed'}**."
+        + where
         + _notes("HUNDREDS.md")
     )
 
