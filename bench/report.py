@@ -304,7 +304,7 @@ def section_memory(d: dict[str, Any]) -> str:
     return (
         f"`cka-analyze` on {workload_line(d['workload'])} (n varied):\n\n{a}\n\nPeak RSS ratio large/small n: "
         f"{verdict}.\n\n`cka-extract` (PyTorch plugin, bench/cnn.py, 8 layers, `--reduction mean`):\n\n{e}\n\n"
-        f"Peak RSS ratio largest/smallest: {d['extract_rss_ratio']:.3f}."
+        f"Peak RSS ratio largest/smallest: {d['extract_rss_ratio']:.3f}." + _notes("MEMORY.md")
     )
 
 
