@@ -255,13 +255,7 @@ def main() -> int:
     sys.path.insert(0, str(BENCH))
     import cnn
 
-    onnx_path = str(directory / "cnn.onnx")
-    cnn.export_onnx(onnx_path)
-    inputs = {}
-    for n in (n1, 2 * n1):
-        inputs[n] = str(directory / f"x{n}.npz")
-        if not Path(inputs[n]).exists():
-            cnn.write_inputs(inputs[n], n)
+    onnx_path, inputs = cnn.prepare(str(directory), (n1, 2 * n1))
     models = {"torch": f"{BENCH / 'cnn.py'}:make_model", "onnx": onnx_path}
     layers = ",".join(cnn.LAYERS)
 

@@ -220,13 +220,7 @@ def main() -> int:
     sys.path.insert(0, str(BENCH))
     import cnn
 
-    model = str(directory / "cnn.onnx")
-    cnn.export_onnx(model)
-    inputs = {}
-    for n in (n1, 2 * n1):
-        inputs[n] = str(directory / f"x{n}.npz")
-        if not Path(inputs[n]).exists():
-            cnn.write_inputs(inputs[n], n)
+    model, inputs = cnn.prepare(str(directory), (n1, 2 * n1))
     load_before = os.getloadavg()
     command_rows = through_command(model, inputs, repeats, directory, reductions)
     process_rows = in_process(model, inputs, in_repeats, directory, reductions)

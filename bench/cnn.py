@@ -75,3 +75,18 @@ def write_inputs(path: str, n: int, seed: int = 0) -> None:
         x[start : start + b] = np.repeat(np.repeat(coarse, 4, axis=2), 4, axis=3)
         x[start : start + b] += 0.3 * rng.standard_normal((b, 3, 32, 32)).astype(np.float32)
     np.savez(path, x=x, ids=np.arange(n, dtype=np.int64))
+
+
+def prepare(directory: str, counts: tuple[int, ...]) -> tuple[str, dict[int, str]]:
+    """The CNN's ONNX export (``directory/cnn.onnx``) and inputs of each of ``counts`` examples
+    (``directory/x<n>.npz``, made once): what the extraction benchmarks run."""
+    import os
+
+    model = os.path.join(directory, "cnn.onnx")
+    export_onnx(model)
+    inputs = {}
+    for n in counts:
+        inputs[n] = os.path.join(directory, f"x{n}.npz")
+        if not os.path.exists(inputs[n]):
+            write_inputs(inputs[n], n)
+    return model, inputs

@@ -112,14 +112,25 @@ def check_output(
             )
     if os.path.isdir(text):
         raise OutputError(f"{option} {text} is a folder; give a file name ({option} {os.path.join(text, 'NAME')})")
-    folder = os.path.dirname(os.path.abspath(text))
-    if not os.path.exists(folder):
+    folder, problem = output_folder(text)
+    if problem == "missing":
         raise OutputError(f"cannot write {text}: folder {folder} does not exist; create it first")
-    if not os.path.isdir(folder):
+    if problem == "not a folder":
         raise OutputError(f"cannot write {text}: {folder} is not a folder; choose another {option}")
-    if not writable_folder(folder):
+    if problem == "not writable":
         raise OutputError(f"{text}: folder {folder} is not writable; choose another {option}")
     refuse_existing(text, overwrite=overwrite, hint=hint or f"choose another {option}")
+
+
+def output_folder(path: str) -> tuple[str, str]:
+    """The folder ``path`` would be written in, and what stops that: ``""`` (nothing), ``"missing"``,
+    ``"not a folder"`` or ``"not writable"`` (the checks both commands make before any work)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(folder):
+        return folder, "missing"
+    if not os.path.isdir(folder):
+        return folder, "not a folder"
+    return folder, "" if writable_folder(folder) else "not writable"
 
 
 def writable_folder(folder: str) -> bool:
@@ -238,10 +249,10 @@ def check_output_path(path: str | os.PathLike[str], *, option: str = "-o") -> No
             )
     if os.path.isdir(path):
         raise OutputError(f"{path} is a folder; give a file name inside it, such as {os.path.join(path, 'acts.h5')}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
+    folder, problem = output_folder(path)
+    if problem in ("missing", "not a folder"):
         raise OutputError(f"{path}: folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK):
+    if problem == "not writable":
         raise OutputError(f"{path}: folder {folder} is not writable; choose another {option}")
 
 

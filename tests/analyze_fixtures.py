@@ -11,10 +11,21 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cka_offline.analysis import MinibatchPlan
+from cka_offline.analysis.plan import canonical_order
+
 from .activation_files import write_acts
 from .cka import reference
 
-__all__ = ["chain_activations", "not_computed", "ref_full_linear", "ref_hsic1", "ref_minibatch", "write_acts"]
+__all__ = [
+    "chain_activations",
+    "not_computed",
+    "plan_of",
+    "ref_full_linear",
+    "ref_hsic1",
+    "ref_minibatch",
+    "write_acts",
+]
 
 
 def chain_activations(
@@ -89,3 +100,21 @@ def not_computed(sizes: Sequence[int], all_pairs: bool = False) -> np.ndarray:
         mask[start : start + size, start : start + size] = ~np.eye(size, dtype=bool)
         start += size
     return mask
+
+
+def plan_of(result, ids=None):
+    """The MinibatchPlan a result used, rebuilt from its recorded parameters (``ids``: the aligned ids,
+    which fix the ranks; default 0..n-1, as the test files hold)."""
+    p = result.params
+    ids = np.arange(result.n_examples) if ids is None else ids
+    return MinibatchPlan(
+        result.n_examples,
+        p["batch_size"],
+        seed=p["seed"],
+        epochs=p["epochs"],
+        n_groups=p["n_groups"],
+        shuffle=p["shuffle"],
+        block_rows=p.get("block_rows", 1024),
+        buffer_blocks=p.get("buffer_blocks", 8),
+        canonical=canonical_order(ids),
+    )

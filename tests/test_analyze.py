@@ -19,7 +19,6 @@ from cka_offline.analysis import (
     plan_minibatches,
     resolve_device,
 )
-from cka_offline.analysis.plan import canonical_order
 from cka_offline.errors import (
     ActivationValueError,
     AlignmentError,
@@ -29,7 +28,7 @@ from cka_offline.errors import (
     ResourceError,
 )
 
-from .analyze_fixtures import chain_activations, not_computed, ref_full_linear, ref_minibatch, write_acts
+from .analyze_fixtures import chain_activations, not_computed, plan_of, ref_full_linear, ref_minibatch, write_acts
 
 N = 120
 
@@ -39,24 +38,6 @@ def two_files(tmp_path):
     a = chain_activations(N, seed=1)
     b = chain_activations(N, widths=(5, 3), seed=2)
     return write_acts(tmp_path / "a.h5", a), write_acts(tmp_path / "b.h5", b, model="other"), a, b
-
-
-def plan_of(result, ids=None):
-    """The MinibatchPlan a result used, rebuilt from its recorded parameters (``ids``: the aligned ids,
-    which fix the ranks; default 0..n-1, as the test files hold)."""
-    p = result.params
-    ids = np.arange(result.n_examples) if ids is None else ids
-    return MinibatchPlan(
-        result.n_examples,
-        p["batch_size"],
-        seed=p["seed"],
-        epochs=p["epochs"],
-        n_groups=p["n_groups"],
-        shuffle=p["shuffle"],
-        block_rows=p.get("block_rows", 1024),
-        buffer_blocks=p.get("buffer_blocks", 8),
-        canonical=canonical_order(ids),
-    )
 
 
 def ref_of(layers, result, sigmas=None, ids=None):

@@ -30,7 +30,7 @@ import logging
 import os
 import sys
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, NoReturn
@@ -300,7 +300,7 @@ class ActivationWriter:
                 f.create_dataset(schema.IDS_DATASET, data=self.ids.astype(object), dtype=h5py.string_dtype("utf-8"))
             else:
                 f.create_dataset(schema.IDS_DATASET, data=self.ids)
-            self._crc = np.zeros((-(-self.n // self.chunk_rows), len(self.layers)), dtype=np.uint32)
+            self._crc = np.zeros(self._crc_shape(), dtype=np.uint32)
             f.create_dataset(schema.CHECKSUMS_DATASET, data=self._crc)  # allocated now: rewritten in place
             group = f.create_group(schema.LAYERS_GROUP)
             for order, spec in enumerate(self.layers):
@@ -518,18 +518,12 @@ class ActivationWriter:
         checksums = self._checksums
         assert checksums is not None
         nbytes = sum(rows[:k].nbytes for rows in blocks)
-        if nbytes >= CRC_THREAD_BYTES:  # zlib releases the GIL: the CRCs run on another core beside the writes
-            if self._crc_thread is None:
-                self._crc_thread = ThreadPoolExecutor(1, thread_name_prefix="cka-crc")
-            pending_crc = self._crc_thread.submit(self._checksum, blocks, start, end)
-        else:
-            chunks = self._checksum(blocks, start, end)
+        touched = self._checksums_of(blocks, start, end, nbytes)
         try:
             for ds, rows, direct in zip(self._datasets, blocks, self._direct):
                 rawio.write_rows(ds, rows[:k], start, direct)  # a row slice: still C-contiguous
             f.flush()
-            if nbytes >= CRC_THREAD_BYTES:
-                chunks = pending_crc.result()
+            chunks = touched()
             # the checksums with the counter, in the second flush: a kill before it leaves both as they were
             checksums.write_direct(self._crc[chunks], dest_sel=chunks)
             f.attrs.modify(schema.ATTR_ROWS_COMPLETE, end)  # in place: never deleted, never moved
@@ -540,6 +534,17 @@ class ActivationWriter:
         self.rows_stored = end
         self._writeback.stored(nbytes)  # the disk writes them as the next batches run
         self._pending = [[rows[k:] for rows in blocks]] if k < len(blocks[0]) else []
+
+    def _checksums_of(self, blocks: Sequence[np.ndarray], start: int, end: int, nbytes: int) -> Callable[[], slice]:
+        """Start extending the CRC-32 of rows ``start:end`` (:meth:`_checksum`); the function returned waits
+        for it and gives the chunks touched. A store of CRC_THREAD_BYTES or more runs on the CRC thread,
+        beside the writes (zlib releases the GIL); a smaller one now (a hand-over would cost more)."""
+        if nbytes < CRC_THREAD_BYTES:
+            chunks = self._checksum(blocks, start, end)
+            return lambda: chunks
+        if self._crc_thread is None:
+            self._crc_thread = ThreadPoolExecutor(1, thread_name_prefix="cka-crc")
+        return self._crc_thread.submit(self._checksum, blocks, start, end).result
 
     def _checksum(self, blocks: Sequence[np.ndarray], start: int, end: int) -> slice:
         """Extend the CRC-32 of the chunks holding rows ``start:end`` (``blocks`` begin at row ``start``)

@@ -8,14 +8,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cka_offline.analysis import MinibatchPlan
-from cka_offline.analysis.plan import canonical_order
 from cka_offline.cka import gram_linear, gram_rbf, products
 from cka_offline.cka.products import symmetric_product
 from cka_offline.cli.analyze import main
 from cka_offline.results import load_result
 
-from ..analyze_fixtures import chain_activations, write_acts
+from ..analyze_fixtures import chain_activations, plan_of, write_acts
 from . import reference as ref
 
 
@@ -129,18 +127,7 @@ def test_cka_analyze_matches_the_float64_reference(tmp_path, monkeypatch, rows, 
     res = CliRunner().invoke(main, [str(v) for v in args], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     r = load_result(out)
-    p = r.params  # the plan rebuilt from the recorded parameters (ids 0..n-1: ranks are positions)
-    batches = MinibatchPlan(
-        r.n_examples,
-        p["batch_size"],
-        seed=p["seed"],
-        epochs=p["epochs"],
-        n_groups=p["n_groups"],
-        shuffle=p["shuffle"],
-        block_rows=p.get("block_rows", 1024),
-        buffer_blocks=p.get("buffer_blocks", 8),
-        canonical=canonical_order(np.arange(r.n_examples)),
-    ).minibatches()
+    batches = plan_of(r).minibatches()  # the plan rebuilt from the recorded parameters
     assert sorted(len(x) for x in batches)[0] >= 37 and r.n_minibatches == len(batches)
     layers = [*a.values(), *b.values()]
     la = len(a)

@@ -269,9 +269,9 @@ def test_writer_errors(tmp_path):
 
 
 def test_unwritable_folder_root(tmp_path, monkeypatch):
-    import cka_offline.store.writer as writer
+    import cka_offline.files as files
 
-    monkeypatch.setattr(writer.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(files, "writable_folder", lambda folder: False)  # the probe both commands use
     with pytest.raises(OutputError, match="not writable"):
         ActivationWriter(tmp_path / "a.h5", ids=np.arange(3), layers=specs_for(make_layers(3)), provenance={})
 
